@@ -1,0 +1,7 @@
+"""jaxal: deep active learning in JAX/Flax.
+
+Gradient-norm (exp-gn, ent-gn, EGL, LPLgrad) and influence-based (ISAL) query strategies, the
+baselines they are compared with, and diagnostics of how tight the gradient-norm theory's bounds are.
+"""
+
+__version__ = "0.1.0"

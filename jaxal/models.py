@@ -1,0 +1,187 @@
+"""Flax models: MLP, a small CNN, ResNet-18 (CIFAR stem), VGG-16, and the LL4AL loss-prediction module.
+
+Every classifier returns a `ModelOutput`: the logits, the penultimate features (what coreset and BADGE
+embed) and the intermediate block outputs (what the loss-prediction module reads). Under jit the
+outputs a caller does not use are dead code, so one return type serves training, scoring and features.
+
+Modes: `train=True` uses batch statistics and updates the BatchNorm running averages (pass
+`mutable=["batch_stats"]`) and enables dropout; `train=False` is inference mode (running averages,
+no dropout), the mode every scoring function uses. `mc_dropout=True` turns dropout on while
+BatchNorm stays in inference mode (MC-dropout BALD).
+
+The final classifier layer is always named `head`, so "last layer" parameter subsets find it by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # (batch, num_classes)
+    features: jax.Array  # (batch, d): penultimate representation, input of `head`
+    blocks: tuple[jax.Array, ...]  # intermediate outputs, (batch, H, W, C) or (batch, C)
+
+
+def _dropout(rate: float, train: bool, mc_dropout: bool) -> nn.Dropout:
+    return nn.Dropout(rate, deterministic=not (train or mc_dropout))
+
+
+class MLP(nn.Module):
+    num_classes: int
+    hidden: Sequence[int] = (256, 128)
+    dropout_rate: float = 0.25
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False) -> ModelOutput:
+        h = x.reshape((x.shape[0], -1))
+        blocks = []
+        for width in self.hidden:
+            h = nn.relu(nn.Dense(width)(h))
+            blocks.append(h)
+        features = h
+        h = _dropout(self.dropout_rate, train, mc_dropout)(features)
+        return ModelOutput(nn.Dense(self.num_classes, name="head")(h), features, tuple(blocks))
+
+
+class SmallCNN(nn.Module):
+    """Two 3x3 convolutions, a max-pool and a dense layer: the default for 8x8 digits and 28x28 MNIST."""
+
+    num_classes: int
+    channels: Sequence[int] = (32, 64)
+    hidden: int = 128
+    dropout_rate: float = 0.25
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False) -> ModelOutput:
+        blocks = []
+        h = x
+        for width in self.channels:
+            h = nn.relu(nn.Conv(width, (3, 3))(h))
+            blocks.append(h)
+        h = nn.max_pool(h, (2, 2), strides=(2, 2))
+        h = nn.relu(nn.Dense(self.hidden)(h.reshape((h.shape[0], -1))))
+        blocks.append(h)
+        features = h
+        h = _dropout(self.dropout_rate, train, mc_dropout)(features)
+        return ModelOutput(nn.Dense(self.num_classes, name="head")(h), features, tuple(blocks))
+
+
+def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+    # momentum 0.9 in Flax is PyTorch's momentum 0.1, the reference codes' default.
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class BasicBlock(nn.Module):
+    filters: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = lambda f, s, k, name: nn.Conv(f, (k, k), (s, s), padding=((k // 2, k // 2),) * 2,
+                                             use_bias=False, name=name)
+        h = nn.relu(_batch_norm(train, "bn1")(conv(self.filters, self.strides, 3, "conv1")(x)))
+        h = _batch_norm(train, "bn2")(conv(self.filters, 1, 3, "conv2")(h))
+        if self.strides != 1 or x.shape[-1] != self.filters:
+            x = _batch_norm(train, "shortcut_bn")(conv(self.filters, self.strides, 1, "shortcut")(x))
+        return nn.relu(h + x)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), as in kuangliu/pytorch-cifar and the
+    reference codes of Wang et al., LL4AL, LPLgrad and ISAL."""
+
+    num_classes: int
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    width: int = 64
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False) -> ModelOutput:
+        h = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem")(x)
+        h = nn.relu(_batch_norm(train, "stem_bn")(h))
+        blocks = []
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for block in range(num_blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                h = BasicBlock(self.width * 2**stage, strides, name=f"stage{stage}_block{block}")(h, train)
+            blocks.append(h)
+        features = jnp.mean(h, axis=(1, 2))
+        h = _dropout(self.dropout_rate, train, mc_dropout)(features)
+        return ModelOutput(nn.Dense(self.num_classes, name="head")(h), features, tuple(blocks))
+
+
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16(nn.Module):
+    """VGG-16 with BatchNorm and a single linear classifier (the CIFAR variant of the LL4AL code)."""
+
+    num_classes: int
+    layout: Sequence[Any] = VGG16_LAYOUT
+    dropout_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False) -> ModelOutput:
+        h, blocks = x, []
+        for item in self.layout:
+            if item == "M":
+                h = nn.max_pool(h, (2, 2), strides=(2, 2))
+                blocks.append(h)
+            else:
+                h = nn.Conv(item, (3, 3), padding=((1, 1), (1, 1)))(h)
+                h = nn.relu(_batch_norm(train)(h))
+        features = jnp.mean(h, axis=(1, 2))
+        h = _dropout(self.dropout_rate, train, mc_dropout)(features)
+        # LL4AL reads the last four pooled stages.
+        return ModelOutput(nn.Dense(self.num_classes, name="head")(h), features, tuple(blocks[-4:]))
+
+
+class LossNet(nn.Module):
+    """Loss-prediction module of Yoo & Kweon (LL4AL): per block, global average pool and a dense layer
+    of `width` with ReLU; concatenate; a linear layer to one predicted loss per example."""
+
+    width: int = 128
+
+    @nn.compact
+    def __call__(self, blocks: Sequence[jax.Array]) -> jax.Array:
+        pooled = [b if b.ndim == 2 else jnp.mean(b, axis=tuple(range(1, b.ndim - 1))) for b in blocks]
+        hidden = [nn.relu(nn.Dense(self.width, name=f"fc{i}")(p)) for i, p in enumerate(pooled)]
+        return nn.Dense(1, name="out")(jnp.concatenate(hidden, axis=-1))[:, 0]
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "cnn": SmallCNN,
+    "resnet18": ResNet18,
+    "vgg16": VGG16,
+}
+
+
+def create_model(name: str, num_classes: int, dropout_rate: float | None = None) -> nn.Module:
+    """The model registered as `name`; `dropout_rate=None` keeps the architecture's default."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    kwargs = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
+    return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> dict:
+    """{'params': ..., 'batch_stats': ...} for one example of `input_shape` (H, W, C).
+    `batch_stats` is an empty dict for models without BatchNorm."""
+    variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, *input_shape), jnp.float32), train=False))(rng)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def inference_apply(model: nn.Module, batch_stats) -> Callable[[Any, jax.Array], ModelOutput]:
+    """`apply(params, xs) -> ModelOutput` in inference mode with the BatchNorm averages fixed.
+    The scoring engines differentiate this with respect to `params` only."""
+
+    def apply(params, xs):
+        return model.apply({"params": params, "batch_stats": batch_stats}, xs, train=False)
+
+    return apply
