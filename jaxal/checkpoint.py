@@ -1,0 +1,97 @@
+"""Per-cycle checkpoints with orbax-checkpoint: everything a run needs to continue where it stopped.
+
+One `CheckpointManager` per (strategy, trial), one step per finished cycle, holding the train state
+(model, BatchNorm and optimizer state), the labelled and validation indices, the trial's RNG key,
+the cycle number and the records so far. The records travel with the state, so what a resumed run
+reports can never disagree with the state it resumed from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or one that does not belong to this run."""
+
+
+class CycleCheckpoint(NamedTuple):
+    cycle: int  # the last finished cycle
+    state: Any  # TrainState after that cycle's training
+    labeled: np.ndarray  # training labelled indices for the next cycle
+    val: np.ndarray  # validation indices (held out of the initial set)
+    rng_key_data: np.ndarray  # jax.random.key_data of the trial key
+    records: list  # the trial's records, cycles 0..cycle
+
+
+def manager(directory: Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, ckpt: CycleCheckpoint) -> None:
+    # Index sets and the key are small (and may be empty, which orbax's array handler refuses): JSON.
+    meta = {"cycle": ckpt.cycle, "records": ckpt.records, "labeled": np.asarray(ckpt.labeled).tolist(),
+            "val": np.asarray(ckpt.val).tolist(), "rng": np.asarray(ckpt.rng_key_data).tolist()}
+    mngr.save(ckpt.cycle, args=ocp.args.Composite(arrays=ocp.args.StandardSave({"state": ckpt.state}),
+                                                  meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+
+
+def restore_latest(mngr: ocp.CheckpointManager, template_state: Any) -> Optional[CycleCheckpoint]:
+    """The latest checkpoint, or None if there is none. Array shapes and structure come from the
+    checkpoint's own metadata, then are checked against `template_state` (a freshly initialised
+    state of this run's model): a checkpoint of another model fails here with a clear message."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(),
+                                                              meta=ocp.args.JsonRestore()))
+        arrays, meta = restored["arrays"], restored["meta"]
+        state = _match_template(template_state, arrays["state"])
+    except CheckpointError:
+        raise
+    except Exception as error:  # orbax raises many types for unreadable files
+        raise CheckpointError(f"checkpoint {mngr.directory}/{step} cannot be read ({type(error).__name__}: "
+                              f"{error}); delete it or choose another --workdir") from error
+    if meta.get("cycle") != step:
+        raise CheckpointError(f"checkpoint {mngr.directory}/{step} is inconsistent: it says cycle {meta.get('cycle')}")
+    return CycleCheckpoint(step, state, np.asarray(meta["labeled"], np.int64), np.asarray(meta["val"], np.int64),
+                           np.asarray(meta["rng"], np.uint32), list(meta["records"]))
+
+
+def _match_template(template: Any, restored: Any) -> Any:
+    """`restored` (nested dicts from orbax) rebuilt into the structure of `template`, shapes checked."""
+    leaves_t, treedef = jax.tree.flatten(template)
+    try:
+        leaves_r = treedef.flatten_up_to(_as_structure(template, restored))
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"checkpoint does not match this run's model/optimizer structure: {error}") from error
+    for t, r in zip(leaves_t, leaves_r):
+        if np.shape(t) != np.shape(r) or np.asarray(r).dtype != np.asarray(t).dtype:
+            raise CheckpointError(f"checkpoint does not match this run's model: array of shape {np.shape(r)} "
+                                  f"{np.asarray(r).dtype} where {np.shape(t)} {np.asarray(t).dtype} is expected")
+    return jax.tree.unflatten(treedef, [jax.numpy.asarray(r) for r in leaves_r])
+
+
+def _as_structure(template: Any, restored: Any) -> Any:
+    """Orbax restores custom nodes (dataclasses, NamedTuples) as dicts or lists; map them back by
+    walking the template's own key paths."""
+    paths, _ = jax.tree_util.tree_flatten_with_path(template)
+    values = []
+    for path, _ in paths:
+        node = restored
+        for key in path:
+            name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+            if isinstance(node, dict):
+                node = node[name] if name in node else node[str(name)]
+            else:
+                node = node[name]
+        values.append(node)
+    return jax.tree.unflatten(jax.tree.structure(template), values)

@@ -1,0 +1,192 @@
+"""One frozen config for a whole experiment, and named presets.
+
+Every field can be overridden from the command line: top-level fields as `--field value`, fields of a
+section as `--section.field value` (e.g. `--influence.depth 100`). `python -m jaxal.run --help`
+lists them all with their defaults.
+
+Presets (`--preset NAME`) reproduce published protocols (DESIGN.md, "Reference protocols"); each
+docstring line below names its source. The default preset, `digits_quick`, runs on a laptop CPU in
+about a minute on the embedded digits data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+
+@dataclasses.dataclass(frozen=True)
+class GradNormOptions:
+    """Per-example gradient-norm scoring (exp_gn, ent_gn, egl, lplgrad)."""
+
+    norm: str = "layer_sum"  # "layer_sum": sum of per-tensor L2 norms (the reference codes); "global"
+    params: str = "all"  # parameter subset: "all" (reference), "weights" (rank > 1), "last_layer"
+    chunk_size: int = 256  # examples per compiled chunk: bounds memory, never changes the result
+
+
+@dataclasses.dataclass(frozen=True)
+class InfluenceOptions:
+    """Influence scoring (isal, grad_sim); defaults reproduce ISAL (Liu et al., ICCV 2021)."""
+
+    solver: str = "lissa"  # "lissa", "cg" or "exact" (dense, small models only)
+    reference: str = "val"  # reference set R: "val", "initial" (ISAL_v2), "labeled" (ISAL_v3), "test"
+    depth: int = 250  # LiSSA steps per chain
+    repeats: int = 4  # independent LiSSA chains, averaged
+    damping: float = 0.01  # LiSSA converges to (H + damping * scale * I)^-1 v
+    scale: float = 1e4  # must exceed the largest Hessian eigenvalue, or LiSSA diverges
+    batch_size: int = 1  # labelled samples per Hessian-vector product
+    cg_maxiter: int = 100
+    top_k_classes: int = 1  # 1: pseudo-label = arg-max class; K > 1: expected gradient over the top K
+    params: str = "weights"  # ISAL differentiates every parameter of rank > 1
+    chunk_size: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class LossNetOptions:
+    """The loss-prediction module of LL4AL (Yoo & Kweon), also trained by LPLgrad."""
+
+    margin: float = 1.0
+    weight: float = 1.0  # weight of the ranking loss in the joint objective
+    detach_epoch: int = 120  # from this epoch on, block features are detached (120 of 200 epochs)
+    width: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # What to run.
+    strategy: str = "exp_gn"  # one strategy or several separated by commas, e.g. "entropy,random"
+    dataset: str = "digits"  # embedded "digits", a tensorflow-datasets name, or a path to an .npz
+    data_dir: Optional[str] = None  # tensorflow-datasets data directory
+    model: Optional[str] = None  # None: the dataset's default model
+    dropout: Optional[float] = None  # None: the model's default dropout rate
+    # Active-learning protocol.
+    initial_size: int = 100  # initial random labelled set (includes the validation split)
+    budget: int = 50  # samples labelled per cycle
+    cycles: int = 6  # train/evaluate rounds; a selection follows every round but the last
+    subset_size: Optional[int] = None  # random pool subset scored per cycle; None: whole pool
+    val_size: int = 0  # labelled validation split held out of the initial set (ISAL's reference)
+    trials: int = 1
+    seed: int = 0
+    # Training.
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: tuple[int, ...] = (30,)  # epochs at which the learning rate is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    warm_start: bool = False  # continue from the previous cycle's model instead of retraining from scratch
+    eval_batch_size: int = 512
+    # Strategy options.
+    gradnorm: GradNormOptions = GradNormOptions()
+    influence: InfluenceOptions = InfluenceOptions()
+    lossnet: LossNetOptions = LossNetOptions()
+    bald_samples: int = 20  # MC-dropout forward passes for BALD
+    # Output.
+    workdir: Optional[str] = None  # None: runs/<dataset>-<strategy>-<preset>
+    progress: bool = True
+
+    @property
+    def strategies(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.strategy.split(",") if s.strip())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def from_dict(data: dict) -> Config:
+    """Inverse of `Config.to_dict` (for configs read back from a run directory)."""
+    hints = get_type_hints(Config)
+    kwargs = {}
+    for key, value in data.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = kind(**value)
+        elif get_origin(kind) is tuple:
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return Config(**kwargs)
+
+
+# Presets. Training settings of all four reference codes: SGD lr 0.1, momentum 0.9, weight decay
+# 5e-4, x0.1 at epoch 160 of 200, batch 128.
+_REFERENCE_TRAINING = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                           lr_milestones=(160,), lr_gamma=0.1, eval_batch_size=1000)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Quick default on the embedded digits: about a minute on 2 CPU cores.
+    "digits_quick": {},
+    # Wang et al., AAAI 2022, CIFAR-10 as in their code: 5000 initial, +2500 per cycle, 7 cycles,
+    # 3 trials, a random 25000 of the pool scored per cycle, model kept across cycles.
+    "wang2022_cifar10_code": dict(dataset="cifar10", model="resnet18", initial_size=5000, budget=2500,
+                                  cycles=7, trials=3, subset_size=25000, warm_start=True,
+                                  **_REFERENCE_TRAINING),
+    # Wang et al., AAAI 2022, CIFAR-10 as in the paper's text: 10% initial, +5% per cycle, up to 40%,
+    # the whole pool scored.
+    "wang2022_cifar10_paper": dict(dataset="cifar10", model="resnet18", initial_size=5000, budget=2500,
+                                   cycles=7, trials=3, subset_size=None, warm_start=True,
+                                   **_REFERENCE_TRAINING),
+    # LPLgrad: ResNet-18 + LossNet, 1000 initial, +1000 per cycle, 10 cycles, 5 trials, 10000 scored.
+    "lplgrad_cifar10": dict(strategy="lplgrad", dataset="cifar10", model="resnet18", initial_size=1000,
+                            budget=1000, cycles=10, trials=5, subset_size=10000, warm_start=True,
+                            **_REFERENCE_TRAINING),
+    # ISAL (Liu et al., ICCV 2021), classification: retrained from scratch each step, whole pool scored.
+    "isal2021_cifar10": dict(strategy="isal", dataset="cifar10", model="resnet18", initial_size=1000,
+                             budget=1000, cycles=10, trials=5, subset_size=None, warm_start=False,
+                             val_size=100, **_REFERENCE_TRAINING),
+    # LL4AL (Yoo & Kweon, CVPR 2019): 1000 initial, +1000 per cycle, 10 cycles, 3 trials, 10000 scored.
+    "yoo2019_ll4al_cifar10": dict(strategy="ll4al", dataset="cifar10", model="resnet18", initial_size=1000,
+                                  budget=1000, cycles=10, trials=3, subset_size=10000, warm_start=True,
+                                  **_REFERENCE_TRAINING),
+}
+
+
+def build_config(preset: str = "digits_quick", **overrides) -> Config:
+    """The preset's config with `overrides` applied; sections may be given as dicts of fields."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    fields = {**PRESETS[preset], **overrides}
+    base = Config()
+    for name, value in list(fields.items()):
+        current = getattr(base, name, None)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            fields[name] = dataclasses.replace(current, **value)
+    return dataclasses.replace(base, **fields)
+
+
+def flat_fields() -> list[tuple[str, type, Any, str]]:
+    """(dotted name, type, default, section) for every overridable field, sections expanded."""
+    rows = []
+    base = Config()
+    for field in dataclasses.fields(Config):
+        value = getattr(base, field.name)
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                hint = get_type_hints(type(value))[sub.name]
+                rows.append((f"{field.name}.{sub.name}", hint, getattr(value, sub.name), field.name))
+        else:
+            rows.append((field.name, get_type_hints(Config)[field.name], value, ""))
+    return rows
+
+
+def parse_value(text: str, kind) -> Any:
+    """Command-line text to a field's type: Optional[...] accepts 'none', tuples take commas."""
+    if get_origin(kind) is Optional or (get_origin(kind) is not None and type(None) in get_args(kind)):
+        if text.lower() in ("none", "null", ""):
+            return None
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    if get_origin(kind) is tuple:
+        inner = get_args(kind)[0]
+        return tuple(inner(v) for v in text.split(",") if v.strip())
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    return kind(text)

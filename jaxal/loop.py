@@ -1,0 +1,265 @@
+"""The active-learning cycle: train -> score -> select -> label, checkpointed once per cycle.
+
+`run_experiment(config)` is the library entry point (the CLI and the notebooks call it). The loop
+owns all state (labelled indices, RNG, cycle); strategies are pure functions of a context.
+
+Everything is validated before the run directory is touched, so bad input leaves nothing behind.
+Running the same config again in the same directory resumes at the first unfinished cycle, and a
+resumed run ends with the same results as an uninterrupted one: every random choice of cycle c is
+derived from (seed, trial, cycle), never from how many cycles this process has run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxal import checkpoint, results
+from jaxal.config import Config
+from jaxal.data import Dataset, load_dataset
+from jaxal.models import LossNet, create_model
+from jaxal.strategies import StrategyContext, get_strategy
+from jaxal.train import TrainOptions, accuracy, create_train_state, model_variables, train_model
+
+# Fields that may differ between a run and its resumption: they change no result.
+RESUME_FREE_FIELDS = ("progress", "workdir")
+
+
+class RunError(ValueError):
+    """Bad input to a run: the message says what is wrong and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    config: Config
+    dataset: Dataset
+    model: object
+    workdir: Path
+
+
+def default_workdir(config: Config) -> Path:
+    dataset = Path(config.dataset).stem if config.dataset.endswith(".npz") else config.dataset
+    return Path("runs") / f"{dataset}-{config.strategy.replace(',', '+')}"
+
+
+def validate(config: Config, dataset: Dataset) -> None:
+    """Raise RunError for any config that cannot run to the end on `dataset`."""
+    if not config.strategies:
+        raise RunError("no strategy given")
+    for name in config.strategies:
+        try:
+            strategy = get_strategy(name)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+        if strategy.check is not None:
+            try:
+                strategy.check(config)
+            except ValueError as error:
+                raise RunError(f"{name}: {error}") from None
+    pool = dataset.x_train.shape[0]
+    positive = ("initial_size", "budget", "cycles", "trials", "epochs", "batch_size", "eval_batch_size")
+    for field in positive:
+        if getattr(config, field) < 1:
+            raise RunError(f"--{field} must be at least 1, got {getattr(config, field)}")
+    if not 0 <= config.val_size < config.initial_size:
+        raise RunError(f"--val_size ({config.val_size}) must be in [0, initial_size={config.initial_size})")
+    if config.initial_size > pool:
+        raise RunError(f"--initial_size {config.initial_size} is larger than the {pool} training samples "
+                       f"of {dataset.name}")
+    needed = config.initial_size + config.budget * (config.cycles - 1)
+    if needed > pool:
+        raise RunError(f"the budget is larger than the pool: initial_size + budget * (cycles - 1) = "
+                       f"{config.initial_size} + {config.budget} * {config.cycles - 1} = {needed} samples, "
+                       f"but {dataset.name} has {pool}; lower --budget or --cycles")
+    if config.subset_size is not None and config.subset_size < config.budget:
+        raise RunError(f"--subset_size ({config.subset_size}) must be at least --budget ({config.budget})")
+    if not np.all(np.isfinite(dataset.x_train)) or not np.all(np.isfinite(dataset.x_test)):
+        raise RunError(f"dataset {dataset.name} contains non-finite values")
+
+
+def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
+    """Load and validate everything a run needs, touching nothing on disk."""
+    try:
+        dataset = load_dataset(config.dataset, data_dir=config.data_dir)
+        model_name = config.model or dataset.default_model
+        model = create_model(model_name, dataset.num_classes, config.dropout)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # RuntimeError: tfds data not prepared
+        raise RunError(str(error)) from None
+    config = dataclasses.replace(config, model=model_name)
+    validate(config, dataset)
+    for name in config.strategies:
+        if get_strategy(name).needs_dropout and getattr(model, "dropout_rate", 0.0) <= 0.0:
+            raise RunError(f"strategy {name} needs MC dropout but model {model_name} has dropout rate 0; "
+                           "pass --dropout 0.25 (or another positive rate)")
+    workdir = Path(workdir or config.workdir or default_workdir(config))
+    return Experiment(dataclasses.replace(config, workdir=str(workdir)), dataset, model, workdir)
+
+
+def open_workdir(exp: Experiment, overwrite: bool) -> None:
+    """Create the run directory, or check that the one there belongs to this config (resume)."""
+    config_path = exp.workdir / "config.json"
+    if overwrite and exp.workdir.exists():
+        shutil.rmtree(exp.workdir)
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        current = exp.config.to_dict()
+        differing = sorted(k for k in set(saved) | set(current)
+                           if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k))
+        if differing:
+            details = ", ".join(f"{k}: {saved.get(k)!r} there vs {current.get(k)!r} now" for k in differing[:5])
+            raise RunError(f"{exp.workdir} holds a run with another config ({details}); resume it with the "
+                           "same flags, pass --overwrite to start again, or choose another --workdir")
+        return
+    if exp.workdir.exists() and any(exp.workdir.iterdir()):
+        raise RunError(f"{exp.workdir} exists and is not a jaxal run directory; choose another --workdir")
+    exp.workdir.mkdir(parents=True, exist_ok=True)
+    results.write_atomic(config_path, exp.config.to_json())
+
+
+def initial_split(config: Config, trial: int, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training labelled indices, validation indices): the same for every strategy of a trial."""
+    rng = np.random.default_rng([config.seed, trial])
+    initial = rng.choice(pool_size, config.initial_size, replace=False)
+    return np.sort(initial[config.val_size:]), np.sort(initial[: config.val_size])
+
+
+def reference_sets(config: Config, data: Dataset, labeled, val, initial) -> dict:
+    """The labelled sets an influence strategy may use as its reference set R."""
+    sets = {"labeled": (data.x_train[labeled], data.y_train[labeled]),
+            "initial": (data.x_train[initial], data.y_train[initial]),
+            "test": (data.x_test, data.y_test)}
+    if len(val):
+        sets["val"] = (data.x_train[val], data.y_train[val])
+    return sets
+
+
+def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: np.ndarray, val: np.ndarray,
+              initial: np.ndarray, images, labels, lossnet) -> tuple[object, np.ndarray, dict]:
+    """Train on `labeled`, evaluate, and (except in the last cycle) select the next batch."""
+    config, data = exp.config, exp.dataset
+    cycle_key = jax.random.fold_in(trial_key, cycle)
+    init_key, strategy_key = jax.random.split(cycle_key)
+    host_seed = [config.seed, int(jax.random.randint(cycle_key, (), 0, 2**31 - 1))]
+    options = TrainOptions(config.momentum, config.weight_decay, data.augmentation, data.crop_padding,
+                           config.lossnet.margin, config.lossnet.weight)
+    if state is None or not config.warm_start:
+        state = create_train_state(exp.model, lossnet, init_key, data.image_shape, options)
+    start = time.perf_counter()
+    state, train_metrics = train_model(state, images, labels, labeled, model=exp.model, lossnet=lossnet,
+                                       options=options, epochs=config.epochs, batch_size=config.batch_size,
+                                       lr=config.lr, lr_milestones=config.lr_milestones, lr_gamma=config.lr_gamma,
+                                       detach_epoch=config.lossnet.detach_epoch, seed=host_seed[1])
+    jax.block_until_ready(state)
+    train_seconds = time.perf_counter() - start
+    variables = model_variables(state)
+    record = {"strategy": strategy.name, "trial": None, "cycle": cycle,
+              "num_labeled": int(len(labeled) + len(val)),
+              "test_accuracy": accuracy(exp.model, variables, data.x_test, data.y_test, config.eval_batch_size),
+              "train_accuracy": accuracy(exp.model, variables, data.x_train[labeled], data.y_train[labeled],
+                                         config.eval_batch_size),
+              "train_loss": train_metrics.get("loss"), "train_seconds": train_seconds,
+              "selection_seconds": 0.0, "num_scored": 0, "selected": []}
+    if cycle < config.cycles - 1:
+        unlabeled = np.setdiff1d(np.arange(data.x_train.shape[0]), np.concatenate([labeled, val]))
+        subset_rng = np.random.default_rng(host_seed)
+        if config.subset_size is not None and config.subset_size < len(unlabeled):
+            unlabeled = np.sort(subset_rng.choice(unlabeled, config.subset_size, replace=False))
+        ctx = StrategyContext(model=exp.model, variables=variables, pool_x=images[unlabeled],
+                              labeled_x=images[labeled], labeled_y=labels[labeled], num_classes=data.num_classes,
+                              config=config, rng=strategy_key, lossnet=lossnet,
+                              lossnet_params=state.params["lossnet"],
+                              reference_sets=reference_sets(config, data, labeled, val, initial))
+        start = time.perf_counter()
+        chosen = np.asarray(strategy.select(ctx, config.budget))
+        record["selection_seconds"] = time.perf_counter() - start
+        if len(np.unique(chosen)) != config.budget or chosen.min() < 0 or chosen.max() >= len(unlabeled):
+            raise RuntimeError(f"strategy {strategy.name} returned invalid indices {chosen[:10]}...")
+        selected = unlabeled[chosen]
+        record.update(num_scored=int(len(unlabeled)), selected=[int(i) for i in selected])
+        labeled = np.sort(np.concatenate([labeled, selected]))
+    return state, labeled, record
+
+
+def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
+              on_cycle: Callable[[list], None]) -> list[dict]:
+    config, data = exp.config, exp.dataset
+    strategy = get_strategy(strategy_name)
+    lossnet = LossNet(config.lossnet.width) if strategy.needs_lossnet else None
+    trial_key = jax.random.fold_in(jax.random.key(config.seed), trial)
+    labeled, val = initial_split(config, trial, data.x_train.shape[0])
+    initial = labeled.copy()
+    mngr = checkpoint.manager(exp.workdir / "checkpoints" / strategy_name / f"trial_{trial}")
+    template = create_train_state(exp.model, lossnet, jax.random.key(0), data.image_shape, TrainOptions())
+    resumed = checkpoint.restore_latest(mngr, template)
+    state, records, first_cycle = None, [], 0
+    if resumed is not None:
+        if not np.array_equal(resumed.val, val) or not np.array_equal(resumed.rng_key_data,
+                                                                       jax.random.key_data(trial_key)):
+            raise checkpoint.CheckpointError(f"checkpoint in {mngr.directory} belongs to another seed or split")
+        state, labeled, records, first_cycle = resumed.state, resumed.labeled, resumed.records, resumed.cycle + 1
+        on_cycle(records)
+    for cycle in range(first_cycle, config.cycles):
+        state, labeled, record = run_cycle(exp, strategy, trial_key, cycle, state, labeled, val, initial,
+                                           images, labels, lossnet)
+        record["trial"] = trial
+        records = records + [record]
+        checkpoint.save(mngr, checkpoint.CycleCheckpoint(cycle, state, labeled, val,
+                                                         np.asarray(jax.random.key_data(trial_key)), records))
+        on_cycle(records)
+    mngr.close()
+    return records
+
+
+def describe(exp: Experiment) -> str:
+    config, data = exp.config, exp.dataset
+    devices = jax.devices()
+    return (f"jaxal: {config.strategy} on {data.name} ({data.x_train.shape[0]} train / {data.x_test.shape[0]} test, "
+            f"{data.num_classes} classes), model {config.model}, {config.cycles} cycles x {config.trials} trials, "
+            f"{config.initial_size} initial + {config.budget} per cycle; "
+            f"{len(devices)} {devices[0].platform} device(s); workdir {exp.workdir}")
+
+
+def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, overwrite: bool = False,
+                   log: Callable[[str], None] = print) -> list[dict]:
+    """Run (or resume) every strategy and trial of `config`; returns all per-cycle records."""
+    exp = prepare(config, workdir)
+    open_workdir(exp, overwrite)
+    log(describe(exp))
+    images, labels = jnp.asarray(exp.dataset.x_train), jnp.asarray(exp.dataset.y_train)
+    finished: dict[tuple, list] = {}
+    title = f"{exp.dataset.name}, {config.model}"
+    progress = _progress_bar(config, exp)
+
+    for strategy_name in config.strategies:
+        for trial in range(config.trials):
+            def on_cycle(trial_records, key=(strategy_name, trial)):
+                done_before = len(finished.get(key, []))
+                finished[key] = trial_records
+                results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title)
+                if trial_records:
+                    last = trial_records[-1]
+                    progress.update(len(trial_records) - done_before)
+                    progress.set_postfix(strategy=last["strategy"], trial=last["trial"], cycle=last["cycle"],
+                                         labeled=last["num_labeled"], acc=f"{last['test_accuracy']:.4f}")
+
+            run_trial(exp, strategy_name, trial, images, labels, on_cycle)
+    progress.close()
+    records = [r for rs in finished.values() for r in rs]
+    log(results.summary_table(records))
+    log(f"results: {exp.workdir / 'results.csv'}, {exp.workdir / 'learning_curve.png'}")
+    return records
+
+
+def _progress_bar(config: Config, exp: Experiment):
+    from tqdm.auto import tqdm
+
+    total = len(config.strategies) * config.trials * config.cycles
+    return tqdm(total=total, desc="cycles", unit="cycle", disable=not config.progress, dynamic_ncols=True)

@@ -1,0 +1,107 @@
+"""Run outputs: one JSON line per cycle, a CSV table and a PNG learning curve.
+
+Files are rewritten whole from the records (via a temporary file and a rename), so a run killed
+at any moment leaves either the previous version or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+CSV_COLUMNS = ("strategy", "trial", "cycle", "num_labeled", "test_accuracy", "train_accuracy",
+               "train_loss", "train_seconds", "selection_seconds", "num_scored")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_csv(path: Path, records: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    write_atomic(path, buffer.getvalue())
+
+
+def learning_curves(records: list[dict]) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """strategy -> trial -> [(num_labeled, test_accuracy)] in cycle order."""
+    curves: dict = defaultdict(lambda: defaultdict(list))
+    for r in sorted(records, key=lambda r: (r["strategy"], r["trial"], r["cycle"])):
+        curves[r["strategy"]][r["trial"]].append((r["num_labeled"], r["test_accuracy"]))
+    return curves
+
+
+def plot_learning_curve(path: Path, records: list[dict], title: str = "") -> None:
+    """Test accuracy vs labelled samples: a thin line per trial, and with several trials the mean
+    with a +-1 standard deviation band, one colour per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for color, (strategy, trials) in zip(plt.cm.tab10.colors * 3, sorted(learning_curves(records).items())):
+        for trial, points in sorted(trials.items()):
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, color=color, alpha=0.35 if len(trials) > 1 else 1.0, lw=1,
+                    marker="o", ms=3, label=None if len(trials) > 1 else strategy)
+        if len(trials) > 1:
+            length = min(len(p) for p in trials.values())  # trials still running are shorter
+            xs = [x for x, _ in next(iter(trials.values()))[:length]]
+            acc = np.array([[y for _, y in p[:length]] for p in trials.values()])
+            mean, std = acc.mean(0), acc.std(0)
+            ax.plot(xs, mean, color=color, lw=2, label=f"{strategy} (mean of {len(trials)})")
+            ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.15)
+    ax.set_xlabel("labelled samples")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
+def write_results(workdir: Path, records: list[dict], title: str = "") -> None:
+    write_jsonl(workdir / "results.jsonl", records)
+    write_csv(workdir / "results.csv", records)
+    if records:
+        plot_learning_curve(workdir / "learning_curve.png", records, title)
+
+
+def summary_table(records: list[dict]) -> str:
+    """Final test accuracy per strategy: mean +- std over trials, as printed at the end of a run."""
+    finals: dict = defaultdict(dict)
+    for r in records:
+        previous = finals[r["strategy"]].get(r["trial"])
+        if previous is None or r["cycle"] > previous["cycle"]:
+            finals[r["strategy"]][r["trial"]] = r
+    lines = [f"{'strategy':<20} {'labeled':>8} {'test acc':>16}"]
+    for strategy, by_trial in sorted(finals.items()):
+        acc = np.array([r["test_accuracy"] for r in by_trial.values()])
+        labeled = max(r["num_labeled"] for r in by_trial.values())
+        spread = f" +- {acc.std():.4f}" if len(acc) > 1 else ""
+        lines.append(f"{strategy:<20} {labeled:>8} {acc.mean():>8.4f}{spread}")
+    return "\n".join(lines)

@@ -1,0 +1,4 @@
+"""Query strategies: importing this package registers every strategy in `STRATEGIES`."""
+
+from jaxal.strategies import baselines  # noqa: F401  (registers)
+from jaxal.strategies.base import STRATEGIES, Strategy, StrategyContext, get_strategy, top_k  # noqa: F401

@@ -1,0 +1,97 @@
+"""The strategy contract and registry.
+
+A strategy is a pure function of a `StrategyContext` (the trained model, the candidate pool, the
+labelled data, the config and an RNG) and the budget k; it returns k distinct indices into
+`ctx.pool_x`. Most strategies are scores with "take the k largest": register those with
+`register_scorer`, which wraps them with `top_k`. Set-valued strategies (coreset, BADGE) register
+the selection itself with `register_selector`. The loop owns every piece of state; strategies never
+mutate anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jaxal.config import Config
+from jaxal.models import LossNet
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyContext:
+    model: nn.Module
+    variables: dict  # {"params", "batch_stats"} of the trained classifier
+    pool_x: Any  # (n_pool, H, W, C): the candidates scored this cycle
+    labeled_x: Any  # the training labelled set
+    labeled_y: Any
+    num_classes: int
+    config: Config
+    rng: jax.Array
+    lossnet: Optional[LossNet] = None
+    lossnet_params: Any = None
+    # Reference sets for influence-based strategies (ISAL): name -> (x, y). "val", "initial",
+    # "labeled", "test"; a missing one is absent from the mapping.
+    reference_sets: dict = dataclasses.field(default_factory=dict)
+    mesh: Any = None  # a jax.sharding.Mesh when scoring is spread over devices, else None
+
+
+Selector = Callable[[StrategyContext, int], np.ndarray]
+
+
+class Strategy(NamedTuple):
+    name: str
+    select: Selector
+    needs_lossnet: bool  # the loop trains the LL4AL loss-prediction module jointly
+    needs_dropout: bool  # the model must have a non-zero dropout rate (MC dropout)
+    description: str
+    check: Optional[Callable[[Config], None]] = None  # raises ValueError for settings it cannot run with
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def top_k(scores, k: int) -> np.ndarray:
+    """Indices of the k largest scores, ties broken by the lower index; never a non-finite score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.all(np.isfinite(scores)):
+        bad = int(np.sum(~np.isfinite(scores)))
+        raise FloatingPointError(f"{bad} of {scores.size} scores are not finite (NaN or inf); "
+                                 "the model or the strategy's settings are numerically broken")
+    if k > scores.size:
+        raise ValueError(f"cannot select {k} samples from a pool of {scores.size}")
+    return np.argsort(-scores, kind="stable")[:k]
+
+
+def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
+                      check: Optional[Callable[[Config], None]] = None):
+    def decorate(select: Selector) -> Selector:
+        description = (select.__doc__ or "").strip().splitlines()[0] if select.__doc__ else ""
+        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check)
+        return select
+
+    return decorate
+
+
+def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
+                    check: Optional[Callable[[Config], None]] = None):
+    """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
+
+    def decorate(score: Callable[[StrategyContext], Any]):
+        def select(ctx: StrategyContext, k: int) -> np.ndarray:
+            return top_k(score(ctx), k)
+
+        select.__doc__ = score.__doc__
+        register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check)(select)
+        return score
+
+    return decorate
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name]

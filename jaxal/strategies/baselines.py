@@ -1,0 +1,104 @@
+"""Baselines the papers compare against: random, uncertainty (entropy, margin, least confidence) and
+coreset (greedy k-center of Sener & Savarese on penultimate features)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxal.strategies.base import StrategyContext, register_scorer, register_selector
+from jaxal.train import predict
+
+
+def pool_probabilities(ctx: StrategyContext) -> jax.Array:
+    logits, _ = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size)
+    return jax.nn.softmax(logits)
+
+
+def entropy_of(probs: jax.Array) -> jax.Array:
+    return -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-12)), axis=-1)
+
+
+def margin_of(probs: jax.Array) -> jax.Array:
+    """Gap between the two largest class probabilities."""
+    top2 = jax.lax.top_k(probs, 2)[0]
+    return top2[:, 0] - top2[:, 1]
+
+
+@register_scorer("random")
+def random_scores(ctx: StrategyContext):
+    """Uniformly random samples."""
+    return jax.random.uniform(ctx.rng, (ctx.pool_x.shape[0],))
+
+
+@register_scorer("entropy")
+def entropy_scores(ctx: StrategyContext):
+    """Highest predictive entropy."""
+    return entropy_of(pool_probabilities(ctx))
+
+
+@register_scorer("margin")
+def margin_scores(ctx: StrategyContext):
+    """Smallest gap between the two most probable classes."""
+    return -margin_of(pool_probabilities(ctx))
+
+
+@register_scorer("least_confidence")
+def least_confidence_scores(ctx: StrategyContext):
+    """Lowest probability of the predicted class."""
+    return -jnp.max(pool_probabilities(ctx), axis=-1)
+
+
+# ---- coreset -------------------------------------------------------------------------------------
+
+
+def _squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
+    sq = jnp.sum(a * a, -1)[:, None] + jnp.sum(b * b, -1)[None, :] - 2.0 * a @ b.T
+    return jnp.maximum(sq, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def min_squared_distances(points: jax.Array, centers: jax.Array, chunk_size: int = 512) -> jax.Array:
+    """For every point, the squared distance to its nearest center, scanning the centers in chunks so
+    that at most (n_points x chunk_size) distances exist at once (never n x n)."""
+    num_chunks = -(-centers.shape[0] // chunk_size)
+    # Padding repeats the first center, which changes no minimum.
+    padded = jnp.concatenate([centers, jnp.broadcast_to(centers[:1], (num_chunks * chunk_size - centers.shape[0],
+                                                                       centers.shape[1]))])
+
+    def body(best, chunk):
+        return jnp.minimum(best, jnp.min(_squared_distances(points, chunk), axis=1)), None
+
+    init = jnp.full((points.shape[0],), jnp.inf, points.dtype)
+    best, _ = jax.lax.scan(body, init, padded.reshape(num_chunks, chunk_size, -1))
+    return best
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def greedy_k_center(pool_features: jax.Array, labeled_features: jax.Array, k: int) -> jax.Array:
+    """Sener & Savarese's greedy 2-approximation: repeatedly take the pool point farthest from every
+    labelled or already chosen point. One jitted loop over k; O(n_pool * d) per pick."""
+    if labeled_features.shape[0]:
+        distances = min_squared_distances(pool_features, labeled_features)
+    else:
+        distances = jnp.full((pool_features.shape[0],), jnp.inf)
+
+    def pick(i, carry):
+        distances, chosen = carry
+        j = jnp.argmax(distances)
+        new = jnp.sum((pool_features - pool_features[j]) ** 2, axis=-1)
+        return jnp.minimum(distances, new).at[j].set(-1.0), chosen.at[i].set(j)
+
+    _, chosen = jax.lax.fori_loop(0, k, pick, (distances, jnp.zeros((k,), jnp.int32)))
+    return chosen
+
+
+@register_selector("coreset")
+def coreset_select(ctx: StrategyContext, k: int) -> np.ndarray:
+    """Greedy k-center on penultimate features (Sener & Savarese)."""
+    _, pool_features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size)
+    _, labeled_features = predict(ctx.model, ctx.variables, ctx.labeled_x, ctx.config.eval_batch_size)
+    return np.asarray(greedy_k_center(pool_features, labeled_features, k))

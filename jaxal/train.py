@@ -1,0 +1,224 @@
+"""Training: one train-state pytree, a jitted SGD step with on-device augmentation, jitted evaluation.
+
+The optimizer is PyTorch's SGD as the reference codes use it: weight decay added to the gradient,
+heavy-ball momentum, then the learning rate. The learning rate is an argument of the step rather
+than a schedule baked into it, so one compiled step serves every cycle whatever the size of the
+labelled set (a multi-step schedule in epochs is evaluated on the host once per epoch).
+
+With a loss-prediction module (LL4AL, LPLgrad) the step trains it jointly: target loss + weight *
+ranking loss of the predicted losses, the block features detached after `detach_epoch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxal.models import LossNet, ModelOutput, init_variables
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict  # {"model": classifier parameters, "lossnet": loss-prediction module ({} if none)}
+    batch_stats: Any
+    opt_state: Any
+
+
+@flax.struct.dataclass
+class TrainOptions:
+    """Everything the compiled step depends on; hashable, so it is a static argument."""
+
+    momentum: float = flax.struct.field(pytree_node=False, default=0.9)
+    weight_decay: float = flax.struct.field(pytree_node=False, default=5e-4)
+    augmentation: str = flax.struct.field(pytree_node=False, default="none")
+    crop_padding: int = flax.struct.field(pytree_node=False, default=4)
+    lossnet_margin: float = flax.struct.field(pytree_node=False, default=1.0)
+    lossnet_weight: float = flax.struct.field(pytree_node=False, default=1.0)
+
+
+def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    """SGD without the learning rate: g + wd * p, then momentum (torch.optim.SGD's order)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum))
+
+
+def create_train_state(model: nn.Module, lossnet: Optional[LossNet], rng: jax.Array, input_shape,
+                       options: TrainOptions) -> TrainState:
+    model_rng, lossnet_rng = jax.random.split(rng)
+    variables = init_variables(model, model_rng, input_shape)
+    params = {"model": variables["params"], "lossnet": {}}
+    if lossnet is not None:
+        blocks = model.apply(variables, jnp.zeros((1, *input_shape)), train=False).blocks
+        params["lossnet"] = lossnet.init(lossnet_rng, blocks)["params"]
+    opt_state = sgd(options.momentum, options.weight_decay).init(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], opt_state)
+
+
+def multistep_lr(base_lr: float, milestones, gamma: float, epoch: int) -> float:
+    """Learning rate of `epoch` (0-based) under torch's MultiStepLR."""
+    return base_lr * gamma ** sum(epoch >= m for m in milestones)
+
+
+# ---- augmentation ---------------------------------------------------------------------------------
+
+
+def _random_crop(rng, image, padding: int):
+    height, width = image.shape[:2]
+    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    dy, dx = jax.random.randint(rng, (2,), 0, 2 * padding + 1)
+    return jax.lax.dynamic_slice(padded, (dy, dx, 0), (height, width, image.shape[2]))
+
+
+def _random_flip(rng, image):
+    return jnp.where(jax.random.bernoulli(rng), image[:, ::-1], image)
+
+
+def augment(rng: jax.Array, images: jax.Array, mode: str, padding: int) -> jax.Array:
+    """On-device augmentation, independent per example: "none", "crop" or "crop_flip"."""
+    if mode == "none":
+        return images
+    crop_rngs, flip_rngs = jnp.split(jax.random.split(rng, 2 * images.shape[0]), 2)
+    images = jax.vmap(functools.partial(_random_crop, padding=padding))(crop_rngs, images)
+    if mode == "crop_flip":
+        images = jax.vmap(_random_flip)(flip_rngs, images)
+    elif mode != "crop":
+        raise ValueError(f"unknown augmentation {mode!r}; choose none, crop or crop_flip")
+    return images
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example cross-entropy."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+
+
+def loss_prediction_loss(predicted: jax.Array, target: jax.Array, margin: float) -> jax.Array:
+    """LL4AL's pairwise margin ranking loss (`LossPredLoss` of the reference code).
+
+    Example i is paired with example n-1-i (the batch against its reverse). The reference asserts an
+    even batch; with an odd batch the middle example has no partner and is left out of the pairs,
+    so any batch of two or more works. The target losses are never differentiated.
+    """
+    half = predicted.shape[0] // 2
+    predicted_diff = (predicted - predicted[::-1])[:half]
+    target_diff = jax.lax.stop_gradient((target - target[::-1])[:half])
+    sign = jnp.where(target_diff > 0, 1.0, -1.0)  # 2 * sign(clamp(target, min=0)) - 1
+    return jnp.sum(jnp.maximum(margin - sign * predicted_diff, 0.0)) / max(half, 1)
+
+
+# ---- steps ----------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("model", "lossnet", "options"), donate_argnames=("state",))
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, rng: jax.Array,
+               lr: jax.Array, detach_features: jax.Array, *, model: nn.Module, lossnet: Optional[LossNet],
+               options: TrainOptions) -> tuple[TrainState, dict]:
+    """One SGD step on the examples `indices` of the (device-resident) labelled pool."""
+    augment_rng, dropout_rng = jax.random.split(rng)
+    x = augment(augment_rng, images[indices], options.augmentation, options.crop_padding)
+    y = labels[indices]
+
+    def loss_fn(params):
+        output, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, x,
+                                      train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        per_example = cross_entropy(output.logits, y)
+        loss = jnp.mean(per_example)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(output.logits, -1) == y)}
+        if lossnet is not None:
+            blocks = [jnp.where(detach_features, jax.lax.stop_gradient(b), b) for b in output.blocks]
+            predicted = lossnet.apply({"params": params["lossnet"]}, blocks)
+            ranking = loss_prediction_loss(predicted, per_example, options.lossnet_margin)
+            loss = loss + options.lossnet_weight * ranking
+            metrics["ranking_loss"] = ranking
+        return loss, (updates["batch_stats"], metrics)
+
+    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = sgd(options.momentum, options.weight_decay).update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+    return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+
+def epoch_batches(rng: np.random.Generator, labeled: np.ndarray, batch_size: int) -> np.ndarray:
+    """(num_batches, batch) indices covering a shuffled labelled set once.
+
+    Like a PyTorch DataLoader without drop_last, every example is seen once per epoch; the last
+    batch is filled up from the start of the permutation so that every batch has the same shape
+    and the step compiles once.
+    """
+    order = rng.permutation(labeled)
+    batch = min(batch_size, len(order))
+    num_batches = -(-len(order) // batch)
+    padded = np.concatenate([order, order[: num_batches * batch - len(order)]])
+    return padded.reshape(num_batches, batch).astype(np.int32)
+
+
+def train_model(state: TrainState, images: jax.Array, labels: jax.Array, labeled: np.ndarray, *,
+                model: nn.Module, lossnet: Optional[LossNet], options: TrainOptions, epochs: int,
+                batch_size: int, lr: float, lr_milestones, lr_gamma: float, detach_epoch: int,
+                seed: int) -> tuple[TrainState, dict]:
+    """Train for `epochs` over the labelled indices; returns the state and the last epoch's metrics."""
+    host_rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    metrics = {}
+    for epoch in range(epochs):
+        epoch_lr = jnp.float32(multistep_lr(lr, lr_milestones, lr_gamma, epoch))
+        detach = jnp.asarray(epoch > detach_epoch)  # the reference's `epoch > epoch_loss`
+        sums = {}
+        batches = epoch_batches(host_rng, labeled, batch_size)
+        for batch in batches:
+            key, step_key = jax.random.split(key)
+            state, step_metrics = train_step(state, images, labels, batch, step_key, epoch_lr, detach,
+                                             model=model, lossnet=lossnet, options=options)
+            sums = {k: sums.get(k, 0.0) + v for k, v in step_metrics.items()}
+        metrics = {k: float(v) / len(batches) for k, v in sums.items()}
+    return state, metrics
+
+
+# ---- inference ------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _predict_chunk(variables, xs, *, model: nn.Module) -> ModelOutput:
+    return model.apply(variables, xs, train=False)
+
+
+def predict(model: nn.Module, variables: dict, xs, batch_size: int = 512) -> tuple[jax.Array, jax.Array]:
+    """(logits, penultimate features) in inference mode, in fixed-size chunks (one compilation;
+    the last chunk is padded and the padding dropped)."""
+    n = xs.shape[0]
+    logits, features = [], []
+    for start in range(0, n, batch_size):
+        chunk = jnp.asarray(xs[start:start + batch_size])
+        real = chunk.shape[0]
+        if real < batch_size and n > batch_size:
+            chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - real, *chunk.shape[1:]), chunk.dtype)])
+        output = _predict_chunk(variables, chunk, model=model)
+        logits.append(output.logits[:real])
+        features.append(output.features[:real])
+    return jnp.concatenate(logits), jnp.concatenate(features)
+
+
+def accuracy(model: nn.Module, variables: dict, xs, ys, batch_size: int = 512) -> float:
+    logits, _ = predict(model, variables, xs, batch_size)
+    return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(ys)))
+
+
+def model_variables(state: TrainState) -> dict:
+    return {"params": state.params["model"], "batch_stats": state.batch_stats}
+
+
+def timed(fn: Callable, *args, **kwargs):
+    """(result, seconds), waiting for device work to finish."""
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(*args, **kwargs))
+    return result, time.perf_counter() - start
