@@ -231,6 +231,7 @@ def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, over
                    log: Callable[[str], None] = print) -> list[dict]:
     """Run (or resume) every strategy and trial of `config`; returns all per-cycle records."""
     exp = prepare(config, workdir)
+    config = exp.config
     open_workdir(exp, overwrite)
     log(describe(exp))
     images, labels = jnp.asarray(exp.dataset.x_train), jnp.asarray(exp.dataset.y_train)
