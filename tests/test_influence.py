@@ -1,0 +1,256 @@
+"""The influence engine against independent references: `jax.hessian` and dense solves in float64,
+a Python loop of per-example gradients, and trace counters for the jitted loops."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxal import influence
+from jaxal.models import MLP, ResNet18, SmallCNN, inference_apply, init_variables
+from jaxal.pytree import restrict, tree_dot
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def to64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def random_like(seed, tree):
+    return influence._normal_like(jax.random.key(seed), tree)
+
+
+def model_problem(model, input_shape, n=6, num_classes=3, subset="all", seed=0):
+    """A mean-CE loss of `model` in inference mode, its (subset of) float64 parameters and a batch."""
+    variables = to64(init_variables(model, jax.random.key(seed), input_shape))
+    apply = inference_apply(model, variables["batch_stats"])
+    rng = np.random.default_rng(seed)
+    xs = jnp.asarray(rng.normal(size=(n, *input_shape)))
+    ys = jnp.asarray(rng.integers(0, num_classes, size=n))
+    loss_fn = influence.mean_loss(influence.example_loss(apply))
+    loss_fn, params = restrict(loss_fn, variables["params"], subset)
+    return loss_fn, params, (xs, ys), apply
+
+
+def softmax_regression(n=40, d=5, num_classes=3, l2=0.1, seed=0):
+    """A strongly convex problem: L2-regularised softmax regression at random parameters."""
+    rng = np.random.default_rng(seed)
+    xs = jnp.asarray(rng.normal(size=(n, d)))
+    ys = jnp.asarray(rng.integers(0, num_classes, size=n))
+    params = {"w": jnp.asarray(0.5 * rng.normal(size=(d, num_classes))), "b": jnp.asarray(0.1 * rng.normal(size=num_classes))}
+
+    def example_loss_fn(p, example):
+        x, y = example
+        return influence.cross_entropy(x @ p["w"] + p["b"], y) + 0.5 * l2 * (jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2))
+
+    return example_loss_fn, influence.mean_loss(example_loss_fn), params, (xs, ys)
+
+
+def dense_reference(loss_fn, params, batch):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)), unravel
+
+
+def flat(tree):
+    return np.asarray(ravel_pytree(tree)[0])
+
+
+# ----------------------------------------------------------------------------- hvp
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet_bn_weights"])
+def test_hvp_matches_dense_hessian_and_is_symmetric(name):
+    if name == "mlp":
+        problem = model_problem(MLP(3, hidden=(6, 5)), (4,))
+    elif name == "cnn":
+        problem = model_problem(SmallCNN(3, channels=(2, 3), hidden=8), (4, 4, 1))
+    else:  # BatchNorm in inference mode, differentiated w.r.t. the rank > 1 weights only (ISAL's subset)
+        model = ResNet18(3, stage_sizes=(1, 1), width=2)
+        problem = model_problem(model, (4, 4, 3), subset="weights")
+    loss_fn, params, batch, _ = problem
+    hessian, _ = dense_reference(loss_fn, params, batch)
+    u, v = random_like(1, params), random_like(2, params)
+    hv = jax.jit(influence.hvp, static_argnums=0)(loss_fn, params, batch, v)
+    hu = jax.jit(influence.hvp, static_argnums=0)(loss_fn, params, batch, u)
+    np.testing.assert_allclose(flat(hv), hessian @ flat(v), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(float(tree_dot(u, hv)), float(tree_dot(v, hu)), rtol=1e-8)
+    assert abs(float(tree_dot(u, hv))) > 1e-8  # not trivially symmetric
+
+
+def test_power_iteration_finds_largest_eigenvalue():
+    _, loss_fn, params, batch = softmax_regression()
+    hessian, _ = dense_reference(loss_fn, params, batch)
+    eig = np.linalg.eigvalsh(hessian)
+    estimate = float(influence.power_iteration(loss_fn, params, batch, rng=jax.random.key(0), iters=300))
+    np.testing.assert_allclose(estimate, eig[-1], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- solvers
+
+
+def test_exact_and_cg_match_dense_solve():
+    _, loss_fn, params, batch = softmax_regression()
+    hessian, _ = dense_reference(loss_fn, params, batch)
+    v = random_like(3, params)
+    for damping in (0.0, 0.3):
+        expected = np.linalg.solve(hessian + damping * np.eye(len(hessian)), flat(v))
+        exact = influence.exact_inverse_hvp(loss_fn, params, batch, v, damping=damping)
+        result = influence.cg(loss_fn, params, batch, v, damping=damping, tol=1e-12, maxiter=200,
+                              return_diagnostics=True)
+        np.testing.assert_allclose(flat(exact), expected, rtol=1e-9)
+        np.testing.assert_allclose(flat(result.solution), expected, rtol=1e-8)
+        assert bool(result.converged) and int(result.iterations) <= len(hessian) + 5
+
+
+def test_cg_rejects_indefinite_and_exact_rejects_large():
+    concave = lambda p, batch: -jnp.sum(p["w"] ** 2)
+    params = {"w": jnp.ones(4)}
+    with pytest.raises(ValueError, match="not positive definite"):
+        influence.cg(concave, params, None, params, damping=1.0)
+    big = {"w": jnp.zeros(influence.MAX_EXACT_PARAMS + 1)}
+    with pytest.raises(ValueError, match=f"P <= {influence.MAX_EXACT_PARAMS}"):
+        influence.exact_inverse_hvp(lambda p, b: jnp.sum(p["w"] ** 2), big, None, big)
+
+
+def test_lissa_full_batch_converges_to_damped_solve():
+    """Deterministic recursion (batch_size=None): the error vs (H + d*s*I)^-1 v falls geometrically
+    with depth at the predicted rate max|1 - d - lambda/s|."""
+    _, loss_fn, params, batch = softmax_regression()
+    hessian, _ = dense_reference(loss_fn, params, batch)
+    eig = np.linalg.eigvalsh(hessian)
+    damping, scale = 0.05, 2.0 * eig[-1]
+    v = random_like(4, params)
+    expected = np.linalg.solve(hessian + damping * scale * np.eye(len(hessian)), flat(v))
+    errors = []
+    for depth in (10, 50, 200):
+        estimate = influence.lissa(loss_fn, params, batch, v, rng=jax.random.key(0), depth=depth, repeats=1,
+                                   damping=damping, scale=scale, batch_size=None)
+        errors.append(np.linalg.norm(flat(estimate) - expected) / np.linalg.norm(expected))
+    rate = np.max(np.abs(1 - damping - eig / scale))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-4 and errors[2] <= 2 * rate ** 200
+
+
+def test_lissa_minibatch_converges_to_damped_solve():
+    """Stochastic minibatch Hessians, averaged over chains: the expectation is the same fixed point."""
+    _, loss_fn, params, batch = softmax_regression()
+    hessian, _ = dense_reference(loss_fn, params, batch)
+    damping, scale = 0.05, 20.0  # scale above every single-example Hessian's lambda_max here
+    v = random_like(5, params)
+    expected = np.linalg.solve(hessian + damping * scale * np.eye(len(hessian)), flat(v))
+    errors = []
+    for depth in (5, 300):
+        result = influence.lissa(loss_fn, params, batch, v, rng=jax.random.key(1), depth=depth, repeats=32,
+                                 damping=damping, scale=scale, batch_size=8, return_diagnostics=True)
+        errors.append(np.linalg.norm(flat(result.inverse_hvp) - expected) / np.linalg.norm(expected))
+    assert result.norms.shape == (32, 301)
+    assert errors[1] < 0.05 < errors[0]
+    np.testing.assert_allclose(float(result.cosine_to_v), flat(result.inverse_hvp) @ flat(v) / (
+        np.linalg.norm(flat(result.inverse_hvp)) * np.linalg.norm(flat(v))), rtol=1e-8)
+
+
+def test_lissa_isal_defaults_solve_hessian_plus_100():
+    """With damping=0.01, scale=1e4 the fixed point is (H + 100 I)^-1 v, not H^-1 v; depth 250 reaches
+    1 - 0.99^251 ~ 92% of it, as documented."""
+    _, loss_fn, params, batch = softmax_regression()
+    hessian, _ = dense_reference(loss_fn, params, batch)
+    v = random_like(6, params)
+    eye = np.eye(len(hessian))
+    damped = np.linalg.solve(hessian + 100.0 * eye, flat(v))
+    deep = influence.lissa(loss_fn, params, batch, v, rng=jax.random.key(0), depth=2000, repeats=1, batch_size=None)
+    np.testing.assert_allclose(flat(deep), damped, rtol=1e-6)
+    assert np.linalg.norm(flat(deep) - np.linalg.solve(hessian, flat(v))) > 0.5 * np.linalg.norm(np.linalg.solve(hessian, flat(v)))
+    default = influence.lissa(loss_fn, params, batch, v, rng=jax.random.key(0), batch_size=None, repeats=1)
+    reached = flat(default) @ damped / (damped @ damped)
+    np.testing.assert_allclose(reached, 1 - 0.99 ** 251, atol=5e-3)
+    cosine = flat(default) @ flat(v) / (np.linalg.norm(flat(default)) * np.linalg.norm(flat(v)))
+    assert cosine > 0.999  # ISAL's defaults: s_test is nearly a multiple of v here
+
+
+def test_solve_methods_agree():
+    _, loss_fn, params, batch = softmax_regression()
+    v = random_like(7, params)
+    kwargs = dict(damping=0.05, scale=20.0)
+    exact = influence.solve("exact", loss_fn, params, batch, v, **kwargs)
+    conj = influence.solve("cg", loss_fn, params, batch, v, tol=1e-10, **kwargs)
+    stochastic = influence.solve("lissa", loss_fn, params, batch, v, rng=jax.random.key(2), depth=300,
+                                 repeats=8, batch_size=None, **kwargs)
+    np.testing.assert_allclose(flat(conj), flat(exact), rtol=1e-7)
+    np.testing.assert_allclose(flat(stochastic), flat(exact), rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown influence solver"):
+        influence.solve("newton", loss_fn, params, batch, v)
+
+
+def test_lissa_small_scale_raises_divergence_with_advice():
+    _, loss_fn, params, batch = softmax_regression()
+    hessian, _ = dense_reference(loss_fn, params, batch)
+    lam_max = np.linalg.eigvalsh(hessian)[-1]
+    v = random_like(8, params)
+    with pytest.raises(influence.LissaDivergenceError, match="diverged") as info:
+        influence.lissa(loss_fn, params, batch, v, rng=jax.random.key(0), depth=100, repeats=2,
+                        scale=lam_max / 4, batch_size=4)
+    message = str(info.value)
+    assert "scale must exceed" in message or "converges only if scale exceeds" in message
+    suggested = float(re.search(r"try scale >= ([0-9.e+-]+)", message).group(1))
+    assert suggested > lam_max
+    # The suggested scale works.
+    influence.lissa(loss_fn, params, batch, v, rng=jax.random.key(0), depth=100, repeats=2, scale=suggested,
+                    batch_size=4)
+    assert issubclass(influence.LissaDivergenceError, RuntimeError)
+
+
+def test_lissa_compiles_once_and_chain_modes_agree():
+    _, loss_fn, params, batch = softmax_regression()
+    counted = chex.assert_max_traces(loss_fn, n=1)
+    kwargs = dict(depth=20, repeats=3, damping=0.05, scale=20.0, batch_size=4)
+    a = influence.lissa(counted, params, batch, random_like(9, params), rng=jax.random.key(0), **kwargs)
+    b = influence.lissa(counted, params, batch, random_like(10, params), rng=jax.random.key(1), **kwargs)
+    assert not np.allclose(flat(a), flat(b))
+    parallel = influence.lissa(loss_fn, params, batch, random_like(10, params), rng=jax.random.key(1),
+                               parallel_chains=True, **kwargs)
+    np.testing.assert_allclose(flat(parallel), flat(b), rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- influence scores
+
+
+def test_influence_scores_match_per_example_gradient_loop():
+    loss_fn, params, batch, apply = model_problem(SmallCNN(3, channels=(2, 3), hidden=8), (4, 4, 1), n=11)
+    example_loss_fn = influence.example_loss(apply)
+    s = random_like(11, params)
+    grad = jax.jit(jax.grad(example_loss_fn))
+    expected = np.array([float(tree_dot(s, grad(params, jax.tree.map(lambda a: a[i], batch)))) for i in range(11)])
+    counted = chex.assert_max_traces(example_loss_fn, n=1)
+    chunked = influence.influence_scores(counted, params, batch, s, chunk_size=4)  # 3 chunks, last padded
+    again = influence.influence_scores(counted, params, jax.tree.map(lambda a: a[:6], batch), s, chunk_size=4)
+    whole = influence.influence_scores(example_loss_fn, params, batch, s)
+    assert chunked.shape == (11,) and again.shape == (6,)
+    np.testing.assert_allclose(np.asarray(whole), expected, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(again), np.asarray(whole[:6]), rtol=1e-10, atol=1e-14)
+
+
+def test_pseudo_label_loss_and_mean_gradient():
+    loss_fn, params, batch, apply = model_problem(MLP(3, hidden=(6,)), (4,), n=9)
+    xs, _ = batch
+    pseudo = influence.example_loss(apply, pseudo_label=True)
+    argmax = jnp.argmax(apply(params, xs).logits, axis=-1)
+    true_at_argmax = influence.example_loss(apply)
+    for i in range(3):
+        np.testing.assert_allclose(float(pseudo(params, xs[i])), float(true_at_argmax(params, (xs[i], argmax[i]))))
+        np.testing.assert_allclose(flat(jax.grad(pseudo)(params, xs[i])),
+                                   flat(jax.grad(true_at_argmax)(params, (xs[i], argmax[i]))), rtol=1e-12)
+    expected = flat(jax.grad(loss_fn)(params, batch))
+    example_loss_fn = influence.example_loss(apply)
+    np.testing.assert_allclose(flat(influence.mean_gradient(example_loss_fn, params, batch)), expected, rtol=1e-10)
+    np.testing.assert_allclose(flat(influence.mean_gradient(example_loss_fn, params, batch, chunk_size=4)), expected,
+                               rtol=1e-10)
