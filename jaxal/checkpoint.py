@@ -45,8 +45,8 @@ def save(mngr: ocp.CheckpointManager, ckpt: CycleCheckpoint) -> None:
 
 def restore_latest(mngr: ocp.CheckpointManager, template_state: Any) -> Optional[CycleCheckpoint]:
     """The latest checkpoint, or None if there is none. Array shapes and structure come from the
-    checkpoint's own metadata, then are checked against `template_state` (a freshly initialised
-    state of this run's model): a checkpoint of another model fails here with a clear message."""
+    checkpoint's own metadata, then are checked against `template_state` (this run's state as
+    `jax.eval_shape` gives it): a checkpoint of another model fails here with a clear message."""
     step = mngr.latest_step()
     if step is None:
         return None
@@ -74,9 +74,9 @@ def _match_template(template: Any, restored: Any) -> Any:
     except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"checkpoint does not match this run's model/optimizer structure: {error}") from error
     for t, r in zip(leaves_t, leaves_r):
-        if np.shape(t) != np.shape(r) or np.asarray(r).dtype != np.asarray(t).dtype:
+        if tuple(t.shape) != tuple(np.shape(r)) or np.dtype(t.dtype) != np.asarray(r).dtype:
             raise CheckpointError(f"checkpoint does not match this run's model: array of shape {np.shape(r)} "
-                                  f"{np.asarray(r).dtype} where {np.shape(t)} {np.asarray(t).dtype} is expected")
+                                  f"{np.asarray(r).dtype} where {tuple(t.shape)} {t.dtype} is expected")
     return jax.tree.unflatten(treedef, [jax.numpy.asarray(r) for r in leaves_r])
 
 

@@ -110,7 +110,7 @@ def open_workdir(exp: Experiment, overwrite: bool) -> None:
         shutil.rmtree(exp.workdir)
     if config_path.exists():
         saved = json.loads(config_path.read_text())
-        current = exp.config.to_dict()
+        current = json.loads(exp.config.to_json())  # tuples become lists, as in the saved file
         differing = sorted(k for k in set(saved) | set(current)
                            if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k))
         if differing:
@@ -141,6 +141,33 @@ def reference_sets(config: Config, data: Dataset, labeled, val, initial) -> dict
     return sets
 
 
+def candidate_pool(pool_size: int, labeled: np.ndarray, val: np.ndarray, subset_size: Optional[int],
+                   rng: np.random.Generator) -> np.ndarray:
+    """Sorted unlabelled indices to score this cycle: all of them, or a random `subset_size` of them
+    (the reference codes score a random 10000 or 25000 of the pool, not the whole pool)."""
+    unlabeled = np.setdiff1d(np.arange(pool_size), np.concatenate([labeled, val]))
+    if subset_size is not None and subset_size < len(unlabeled):
+        unlabeled = np.sort(rng.choice(unlabeled, subset_size, replace=False))
+    return unlabeled
+
+
+def add_selection(labeled: np.ndarray, candidates: np.ndarray, chosen: np.ndarray, budget: int,
+                  strategy: str) -> tuple[np.ndarray, np.ndarray]:
+    """(new labelled set, newly labelled indices) after `chosen` (positions in `candidates`)."""
+    chosen = np.asarray(chosen).reshape(-1)
+    if (len(chosen) != budget or len(np.unique(chosen)) != budget or chosen.min() < 0
+            or chosen.max() >= len(candidates)):
+        raise RuntimeError(f"strategy {strategy} must return {budget} distinct positions in [0, {len(candidates)}), "
+                           f"got {len(chosen)} ({len(np.unique(chosen))} distinct)")
+    selected = candidates[chosen]
+    return np.sort(np.concatenate([labeled, selected])), selected
+
+
+def train_options(config: Config, data: Dataset) -> TrainOptions:
+    return TrainOptions(config.momentum, config.weight_decay, data.augmentation, data.crop_padding,
+                        config.lossnet.margin, config.lossnet.weight)
+
+
 def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: np.ndarray, val: np.ndarray,
               initial: np.ndarray, images, labels, lossnet) -> tuple[object, np.ndarray, dict]:
     """Train on `labeled`, evaluate, and (except in the last cycle) select the next batch."""
@@ -148,8 +175,7 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
     cycle_key = jax.random.fold_in(trial_key, cycle)
     init_key, strategy_key = jax.random.split(cycle_key)
     host_seed = [config.seed, int(jax.random.randint(cycle_key, (), 0, 2**31 - 1))]
-    options = TrainOptions(config.momentum, config.weight_decay, data.augmentation, data.crop_padding,
-                           config.lossnet.margin, config.lossnet.weight)
+    options = train_options(config, data)
     if state is None or not config.warm_start:
         state = create_train_state(exp.model, lossnet, init_key, data.image_shape, options)
     start = time.perf_counter()
@@ -168,11 +194,9 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
               "train_loss": train_metrics.get("loss"), "train_seconds": train_seconds,
               "selection_seconds": 0.0, "num_scored": 0, "selected": []}
     if cycle < config.cycles - 1:
-        unlabeled = np.setdiff1d(np.arange(data.x_train.shape[0]), np.concatenate([labeled, val]))
-        subset_rng = np.random.default_rng(host_seed)
-        if config.subset_size is not None and config.subset_size < len(unlabeled):
-            unlabeled = np.sort(subset_rng.choice(unlabeled, config.subset_size, replace=False))
-        ctx = StrategyContext(model=exp.model, variables=variables, pool_x=images[unlabeled],
+        candidates = candidate_pool(data.x_train.shape[0], labeled, val, config.subset_size,
+                                    np.random.default_rng(host_seed))
+        ctx = StrategyContext(model=exp.model, variables=variables, pool_x=images[candidates],
                               labeled_x=images[labeled], labeled_y=labels[labeled], num_classes=data.num_classes,
                               config=config, rng=strategy_key, lossnet=lossnet,
                               lossnet_params=state.params["lossnet"],
@@ -180,11 +204,8 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
         start = time.perf_counter()
         chosen = np.asarray(strategy.select(ctx, config.budget))
         record["selection_seconds"] = time.perf_counter() - start
-        if len(np.unique(chosen)) != config.budget or chosen.min() < 0 or chosen.max() >= len(unlabeled):
-            raise RuntimeError(f"strategy {strategy.name} returned invalid indices {chosen[:10]}...")
-        selected = unlabeled[chosen]
-        record.update(num_scored=int(len(unlabeled)), selected=[int(i) for i in selected])
-        labeled = np.sort(np.concatenate([labeled, selected]))
+        labeled, selected = add_selection(labeled, candidates, chosen, config.budget, strategy.name)
+        record.update(num_scored=int(len(candidates)), selected=[int(i) for i in selected])
     return state, labeled, record
 
 
@@ -197,7 +218,8 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
     labeled, val = initial_split(config, trial, data.x_train.shape[0])
     initial = labeled.copy()
     mngr = checkpoint.manager(exp.workdir / "checkpoints" / strategy_name / f"trial_{trial}")
-    template = create_train_state(exp.model, lossnet, jax.random.key(0), data.image_shape, TrainOptions())
+    template = jax.eval_shape(lambda key: create_train_state(exp.model, lossnet, key, data.image_shape,
+                                                             train_options(config, data)), jax.random.key(0))
     resumed = checkpoint.restore_latest(mngr, template)
     state, records, first_cycle = None, [], 0
     if resumed is not None:

@@ -14,6 +14,7 @@ The final classifier layer is always named `head`, so "last layer" parameter sub
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -170,10 +171,15 @@ def create_model(name: str, num_classes: int, dropout_rate: float | None = None)
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "input_shape"))
+def _init(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:
+    return model.init(rng, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+
+
 def init_variables(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> dict:
     """{'params': ..., 'batch_stats': ...} for one example of `input_shape` (H, W, C).
-    `batch_stats` is an empty dict for models without BatchNorm."""
-    variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, *input_shape), jnp.float32), train=False))(rng)
+    `batch_stats` is an empty dict for models without BatchNorm. Compiled once per model and shape."""
+    variables = _init(model, rng, tuple(input_shape))
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 

@@ -52,6 +52,12 @@ def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
 
 def create_train_state(model: nn.Module, lossnet: Optional[LossNet], rng: jax.Array, input_shape,
                        options: TrainOptions) -> TrainState:
+    """A freshly initialised state; compiled once per (model, loss module, shape, options)."""
+    return _create_train_state(model, lossnet, rng, tuple(input_shape), options)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "lossnet", "input_shape", "options"))
+def _create_train_state(model, lossnet, rng, input_shape, options) -> TrainState:
     model_rng, lossnet_rng = jax.random.split(rng)
     variables = init_variables(model, model_rng, input_shape)
     params = {"model": variables["params"], "lossnet": {}}
@@ -196,6 +202,9 @@ def predict(model: nn.Module, variables: dict, xs, batch_size: int = 512) -> tup
     """(logits, penultimate features) in inference mode, in fixed-size chunks (one compilation;
     the last chunk is padded and the padding dropped)."""
     n = xs.shape[0]
+    if n == 0:
+        shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1, *xs.shape[1:])))
+        return jnp.zeros((0, *shapes.logits.shape[1:])), jnp.zeros((0, *shapes.features.shape[1:]))
     logits, features = [], []
     for start in range(0, n, batch_size):
         chunk = jnp.asarray(xs[start:start + batch_size])

@@ -89,7 +89,7 @@ def greedy_k_center(pool_features: jax.Array, labeled_features: jax.Array, k: in
     def pick(i, carry):
         distances, chosen = carry
         j = jnp.argmax(distances)
-        new = jnp.sum((pool_features - pool_features[j]) ** 2, axis=-1)
+        new = jnp.sum((pool_features - pool_features[j][None, :]) ** 2, axis=-1)
         return jnp.minimum(distances, new).at[j].set(-1.0), chosen.at[i].set(j)
 
     _, chosen = jax.lax.fori_loop(0, k, pick, (distances, jnp.zeros((k,), jnp.int32)))
