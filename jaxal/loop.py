@@ -27,6 +27,7 @@ from jaxal.config import Config
 from jaxal.data import Dataset, load_dataset
 from jaxal.models import LossNet, create_model
 from jaxal.strategies import StrategyContext, get_strategy
+from jaxal.strategies.base import split_info
 from jaxal.train import TrainOptions, accuracy, create_train_state, model_variables, train_model
 
 # Fields that may differ between a run and its resumption: they change no result.
@@ -202,8 +203,10 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
                               lossnet_params=state.params["lossnet"],
                               reference_sets=reference_sets(config, data, labeled, val, initial))
         start = time.perf_counter()
-        chosen = np.asarray(strategy.select(ctx, config.budget))
+        chosen, info = split_info(strategy.select(ctx, config.budget))
         record["selection_seconds"] = time.perf_counter() - start
+        if info is not None:
+            record["strategy_info"] = info
         labeled, selected = add_selection(labeled, candidates, chosen, config.budget, strategy.name)
         record.update(num_scored=int(len(candidates)), selected=[int(i) for i in selected])
     return state, labeled, record

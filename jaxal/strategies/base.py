@@ -2,7 +2,8 @@
 
 A strategy is a pure function of a `StrategyContext` (the trained model, the candidate pool, the
 labelled data, the config and an RNG) and the budget k; it returns k distinct indices into
-`ctx.pool_x`. Most strategies are scores with "take the k largest": register those with
+`ctx.pool_x`, or `(indices, info)` where `info` is a dict of JSON-able diagnostics that the loop
+stores in the cycle's record under "strategy_info" (a scorer may likewise return `(scores, info)`). Most strategies are scores with "take the k largest": register those with
 `register_scorer`, which wraps them with `top_k`. Set-valued strategies (coreset, BADGE) register
 the selection itself with `register_selector`. The loop owns every piece of state; strategies never
 mutate anything.
@@ -81,14 +82,23 @@ def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bo
     """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
 
     def decorate(score: Callable[[StrategyContext], Any]):
-        def select(ctx: StrategyContext, k: int) -> np.ndarray:
-            return top_k(score(ctx), k)
+        def select(ctx: StrategyContext, k: int):
+            scores, info = split_info(score(ctx))
+            chosen = top_k(scores, k)
+            return chosen if info is None else (chosen, info)
 
         select.__doc__ = score.__doc__
         register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check)(select)
         return score
 
     return decorate
+
+
+def split_info(result) -> tuple[Any, Optional[dict]]:
+    """(value, info) from a strategy's `value` or `(value, info)` result."""
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
+        return result
+    return result, None
 
 
 def get_strategy(name: str) -> Strategy:
