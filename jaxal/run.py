@@ -61,12 +61,13 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from jaxal.checkpoint import CheckpointError
+    from jaxal.influence import LissaDivergenceError
     from jaxal.loop import run_experiment
 
     try:
         config = config_from_args(args)
         run_experiment(config, overwrite=args.overwrite)
-    except (ValueError, CheckpointError, FloatingPointError) as error:
+    except (ValueError, CheckpointError, FloatingPointError, LissaDivergenceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
