@@ -213,7 +213,10 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
 
 
 def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
-              on_cycle: Callable[[list], None]) -> list[dict]:
+              on_cycle: Callable[[list], None], observer: Optional[Callable] = None) -> list[dict]:
+    """Run (or resume) one trial of one strategy. `observer(exp, cycle, state, labeled, record)` is
+    called after every cycle run by this process, with the trained state and the labelled set it was
+    trained on (the diagnostics use it to compare the models of consecutive cycles)."""
     config, data = exp.config, exp.dataset
     strategy = get_strategy(strategy_name)
     lossnet = LossNet(config.lossnet.width) if strategy.needs_lossnet else None
@@ -232,9 +235,12 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
         state, labeled, records, first_cycle = resumed.state, resumed.labeled, resumed.records, resumed.cycle + 1
         on_cycle(records)
     for cycle in range(first_cycle, config.cycles):
+        trained_on = labeled
         state, labeled, record = run_cycle(exp, strategy, trial_key, cycle, state, labeled, val, initial,
                                            images, labels, lossnet)
         record["trial"] = trial
+        if observer is not None:
+            observer(exp, cycle, state, trained_on, record)
         records = records + [record]
         checkpoint.save(mngr, checkpoint.CycleCheckpoint(cycle, state, labeled, val,
                                                          np.asarray(jax.random.key_data(trial_key)), records))
@@ -253,8 +259,9 @@ def describe(exp: Experiment) -> str:
 
 
 def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, overwrite: bool = False,
-                   log: Callable[[str], None] = print) -> list[dict]:
-    """Run (or resume) every strategy and trial of `config`; returns all per-cycle records."""
+                   log: Callable[[str], None] = print, observer: Optional[Callable] = None) -> list[dict]:
+    """Run (or resume) every strategy and trial of `config`; returns all per-cycle records.
+    `observer`, if given, is called after every cycle (see `run_trial`)."""
     exp = prepare(config, workdir)
     config = exp.config
     open_workdir(exp, overwrite)
@@ -276,7 +283,7 @@ def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, over
                     progress.set_postfix(strategy=last["strategy"], trial=last["trial"], cycle=last["cycle"],
                                          labeled=last["num_labeled"], acc=f"{last['test_accuracy']:.4f}")
 
-            run_trial(exp, strategy_name, trial, images, labels, on_cycle)
+            run_trial(exp, strategy_name, trial, images, labels, on_cycle, observer)
     progress.close()
     records = [r for rs in finished.values() for r in rs]
     log(results.summary_table(records))
