@@ -1,0 +1,95 @@
+"""BADGE: Batch Active learning by Diverse Gradient Embeddings (Ash et al., ICLR 2020).
+
+Each pool example is embedded by the gradient of the cross-entropy at its pseudo-label
+y^ = argmax p with respect to the weight of the last layer (`head`):
+
+    g_i = a_i (x) h_i,    a_i = p_i - e_{y^_i} (C,),    h_i = penultimate features (d,),
+
+(the reference code stores -g_i, which changes no distance). As in the reference code only the weight
+is used; `include_bias=True` appends 1 to h_i, which adds the bias gradient a_i to the embedding.
+The batch is the k-means++ seeding of the g_i, exactly as the reference's `init_centers`: the first
+center is the embedding of largest norm, each next one is drawn with probability proportional to
+D(x)^2, its squared distance to the nearest chosen center, and no point is chosen twice.
+
+The C*d-dimensional embeddings are never built: squared distances factorise as
+    ||g_i - g_j||^2 = ||a_i||^2 ||h_i||^2 + ||a_j||^2 ||h_j||^2 - 2 (a_i . a_j)(h_i . h_j),
+so each pick costs O(n (C + d)). The seeding is one jitted `fori_loop` over k on device, sampling with
+`jax.random.categorical` on log D^2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxal.strategies.base import StrategyContext, register_selector
+from jaxal.train import predict
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def gradient_embedding_factors(logits: jax.Array, features: jax.Array, include_bias: bool = False
+                               ) -> tuple[jax.Array, jax.Array]:
+    """(a, h) with g_i = a_i (x) h_i the last-layer gradient at the arg-max pseudo-label."""
+    probs = jax.nn.softmax(logits)
+    a = probs - jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=probs.dtype)
+    h = features
+    if include_bias:
+        h = jnp.concatenate([h, jnp.ones((h.shape[0], 1), h.dtype)], axis=-1)
+    return a, h
+
+
+def factorised_squared_distances(a: jax.Array, h: jax.Array, center_a: jax.Array, center_h: jax.Array) -> jax.Array:
+    """(n, m) squared distances between the embeddings a_i (x) h_i and center_a_j (x) center_h_j,
+    without building any embedding. Clamped at 0 against rounding."""
+    sq_a = jnp.sum(a * a, -1) * jnp.sum(h * h, -1)
+    sq_c = jnp.sum(center_a * center_a, -1) * jnp.sum(center_h * center_h, -1)
+    cross = jnp.dot(a, center_a.T, precision=_HIGHEST) * jnp.dot(h, center_h.T, precision=_HIGHEST)
+    return jnp.maximum(sq_a[:, None] + sq_c[None, :] - 2.0 * cross, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def kmeans_pp_seeding(a: jax.Array, h: jax.Array, k: int, rng: jax.Array) -> jax.Array:
+    """k distinct indices: k-means++ seeding of the embeddings a_i (x) h_i, first the largest norm.
+
+    If every unchosen point lies on a chosen center (D^2 = 0 everywhere, e.g. duplicates), the next
+    center is drawn uniformly from the unchosen points (where the reference would loop forever)."""
+    n = a.shape[0]
+    norms = jnp.sum(a * a, -1) * jnp.sum(h * h, -1)
+    first = jnp.argmax(norms)
+
+    def distances_to(j):
+        return factorised_squared_distances(a, h, a[j][None], h[j][None])[:, 0]
+
+    def pick(i, carry):
+        min_d2, chosen, indices, key = carry
+        key, sub = jax.random.split(key)
+        d2 = jnp.where(chosen, 0.0, min_d2)
+        positive = jnp.sum(d2) > 0
+        logits = jnp.where(chosen, -jnp.inf,
+                           jnp.where(positive, jnp.log(jnp.where(d2 > 0, d2, 0.0)), 0.0))
+        j = jax.random.categorical(sub, logits)
+        return (jnp.minimum(min_d2, distances_to(j)), chosen.at[j].set(True), indices.at[i].set(j), key)
+
+    init = (distances_to(first), jnp.zeros((n,), bool).at[first].set(True),
+            jnp.zeros((k,), jnp.int32).at[0].set(first.astype(jnp.int32)), rng)
+    _, _, indices, _ = jax.lax.fori_loop(1, k, pick, init)
+    return indices
+
+
+def badge_select_from_outputs(logits: jax.Array, features: jax.Array, k: int, rng: jax.Array,
+                              include_bias: bool = False) -> np.ndarray:
+    if k > logits.shape[0]:
+        raise ValueError(f"cannot select {k} samples from a pool of {logits.shape[0]}")
+    a, h = gradient_embedding_factors(logits, features, include_bias)
+    return np.asarray(kmeans_pp_seeding(a, h, k, rng))
+
+
+@register_selector("badge")
+def badge(ctx: StrategyContext, k: int) -> np.ndarray:
+    """k-means++ seeding on last-layer gradient embeddings at the pseudo-label (BADGE, Ash et al. 2020)."""
+    logits, features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size)
+    return badge_select_from_outputs(logits, features, k, ctx.rng)
