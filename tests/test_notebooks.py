@@ -1,0 +1,100 @@
+"""The notebooks in colab/ run end to end.
+
+Each notebook listed in `NOTEBOOKS` is executed with nbclient on the `python3` kernel of this
+environment, in a temporary working directory, with `JAXAL_NOTEBOOK_QUICK=1` (the notebooks' parameters
+cell then picks a tiny run). The test fails if any cell raises; the notebook's check function then
+inspects what the run left on disk and the executed notebook. Adding a notebook is one line:
+`(file name, check function)` in `NOTEBOOKS`.
+
+Every notebook in colab/ must also be valid nbformat v4 and be committed without outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable
+
+import nbformat
+import pytest
+
+COLAB = Path(__file__).resolve().parent.parent / "colab"
+KERNEL = "python3"
+CELL_TIMEOUT_S = 300  # generous for one cell on a loaded 2-core machine; a quick run takes far less
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---- checks, one per notebook ---------------------------------------------------------------------
+
+
+def outputs_of(nb) -> list[dict]:
+    return [out for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
+
+
+def check_quickstart(cwd: Path, nb) -> None:
+    workdir = cwd / "runs" / "quickstart"
+    with open(workdir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    # QUICK: entropy and random, 2 cycles each, 50 initial + 20 per cycle.
+    assert sorted((r["strategy"], int(r["cycle"])) for r in rows) == [
+        ("entropy", 0), ("entropy", 1), ("random", 0), ("random", 1)]
+    assert {int(r["num_labeled"]) for r in rows} == {50, 70}
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+    assert (workdir / "learning_curve.png").read_bytes().startswith(PNG_MAGIC)
+    # The curve is shown inline and the table printed.
+    assert any("image/png" in out.get("data", {}) for out in outputs_of(nb))
+    printed = "".join(out.get("text", "") for out in outputs_of(nb) if out.output_type == "stream")
+    assert "entropy" in printed and "random" in printed
+    # jaxal is importable here, so the install cell must not have run pip (it prints nothing).
+    install = next(c for c in nb.cells if c.cell_type == "code" and "%pip install" in c.source)
+    assert install.outputs == []
+
+
+NOTEBOOKS: list[tuple[str, Callable[[Path, nbformat.NotebookNode], None]]] = [
+    ("quickstart.ipynb", check_quickstart),
+]
+
+
+# ---- machinery ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_name(tmp_path_factory, monkeypatch) -> str:
+    """The `python3` kernel of this environment. jupyter_client normally finds the spec that
+    ipykernel installs into the virtualenv (and runs it with this interpreter); if it does not,
+    install one into a temporary prefix and put that on JUPYTER_PATH."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if KERNEL not in KernelSpecManager().find_kernel_specs():
+        from ipykernel.kernelspec import install
+
+        prefix = tmp_path_factory.mktemp("jupyter")
+        install(kernel_name=KERNEL, prefix=str(prefix))
+        monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    return KERNEL
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in COLAB.glob("*.ipynb")) or ["(none)"])
+def test_notebook_is_committed_clean(name):
+    if name == "(none)":
+        pytest.skip("no notebooks in colab/")
+    nb = nbformat.read(COLAB / name, as_version=nbformat.NO_CONVERT)
+    assert nb.nbformat == 4
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: commit it without outputs"
+
+
+@pytest.mark.parametrize("name,check", NOTEBOOKS, ids=[n for n, _ in NOTEBOOKS])
+def test_notebook_runs(name, check, kernel_name, tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("JAXAL_NOTEBOOK_QUICK", "1")
+    nb = nbformat.read(COLAB / name, as_version=4)
+    client = NotebookClient(nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT_S, allow_errors=False,
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()  # raises CellExecutionError, with the traceback, if a cell fails
+    errors = [out for out in outputs_of(nb) if out.output_type == "error"]
+    assert not errors, errors
+    check(tmp_path, nb)
