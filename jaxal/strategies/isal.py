@@ -1,0 +1,248 @@
+"""Influence-based selection: ISAL (Liu et al., ICCV 2021) and the gradient-similarity baseline.
+
+ISAL scores an unlabelled point z by its influence on the loss of a labelled reference set R,
+
+    I(z, R) = -grad L(R)^T H^-1 G_z,
+
+and labels the MOST NEGATIVE I (the points whose addition lowers L(R) most; see the sign convention
+in `jaxal.influence`). Here
+
+- H is the Hessian of the mean true-label cross-entropy on the TRAINING labelled set
+  (`ctx.labeled_x/y`), the model in inference mode (BatchNorm running averages, no dropout), with
+  respect to the parameter subset `config.influence.params` (default "weights": every tensor of rank
+  > 1, as ISAL). `s_test = (H + damping*scale*I)^-1 grad L(R)` comes from
+  `config.influence.solver`: "lissa" (ISAL's: `depth` steps x `repeats` chains, `batch_size` labelled
+  examples per Hessian-vector product, `damping`, `scale`), "cg" or "exact" (full-batch Hessian of
+  the labelled set, the same shifted system);
+- v = grad L(R) is the mean true-label CE gradient over the reference set
+  `ctx.reference_sets[reference]`;
+- G_z is the gradient of CE at the pseudo-label, the arg-max class. With `top_k_classes = K > 1` it
+  is the expected gradient over the K most probable classes (the paper's Table 1 variant),
+  `G_z = sum_{k in top-K} q_k(z) grad CE(z, k)`, `q_k = p_k / sum_{j in top-K} p_j`: the probabilities
+  are RENORMALISED over the top K and detached (constants of the differentiation). Renormalised,
+  K = 1 is exactly the pseudo-label gradient, and G_z is the expected gradient of the label
+  conditioned on being among the top K. (Unnormalised weights would scale every G_z by the top-K
+  mass, which reorders the pool; and with all C classes both versions vanish identically, since
+  `sum_k p_k (p - e_k) = 0` at the logits — so K must stay below the number of classes.)
+
+Sign: the score registered (highest selected) is `-I(z, R) = s_test . G_z`, computed for the whole
+pool by `jaxal.influence.influence_scores` (one forward-mode product per chunk, never per-example
+gradients; the top-K loss is one per-example weighted loss, so it is also ONE jvp, not K).
+
+Strategies
+----------
+- `isal`: R = `config.influence.reference` ("val" by default: the validation split held out of the
+  initial set, `--val_size N`; "initial", "labeled" or "test" can be chosen).
+- `isal_v2`: R = the initial labelled set (its training part, without the validation split: the
+  labelled set of cycle 0), whatever `config.influence.reference` says.
+- `isal_v3`: R = the current training labelled set (the data the model was trained on, so the
+  reference loss is a training loss).
+  In cycle 0 the labelled set IS the initial set, so isal_v2 and isal_v3 coincide until cycle 1.
+- `grad_sim`: H = I, i.e. `s = v` and the score `grad L(R) . G_z` (the paper's Table 2 baseline); R as
+  for `isal`.
+Reference "test" is what ISAL's released code does; it uses the TEST LABELS to choose the training
+data, so test accuracy is no longer an unbiased estimate: a UserWarning says so whenever it is used.
+
+Diagnostics (the cycle record's "strategy_info")
+------------------------------------------------
+`cosine_s_test_v` (cosine between s_test and v; 1 means ISAL ranks exactly like grad_sim),
+`spearman_vs_grad_sim` (Spearman rank correlation of the scores with grad_sim's on the same pool,
+one more jvp pass with s = v; None if either is constant), `solver`, `reference`, the norms of v and
+s_test and the solver's own numbers (LiSSA's `lissa_final_norm`, the mean over chains of
+||h_depth||, and `lissa_max_norm`; CG's iterations and residual). With ISAL's defaults the LiSSA
+fixed point is `(H + 100 I)^-1 v`, near `v / 100` unless H has eigenvalues of order 100, so expect
+`cosine_s_test_v` near 1 and ISAL to rank close to grad_sim (DESIGN.md, point 5).
+The loss functions close over the trained model's non-differentiated parameters (biases, BatchNorm
+averages), so the engines compile once per scoring call (per cycle), not once per run.
+A diverging LiSSA raises `jaxal.influence.LissaDivergenceError` with a suggested scale.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from jaxal import influence
+from jaxal.config import Config
+from jaxal.models import inference_apply
+from jaxal.pytree import PARAM_SUBSETS, restrict, tree_dot, tree_norm, tree_size
+from jaxal.strategies.base import StrategyContext, register_scorer
+
+REFERENCES = ("val", "initial", "labeled", "test")
+VAL_NEEDED = ("needs a validation split: pass --val_size N (held out of the initial set) or "
+              "--influence.reference labeled")
+TEST_REFERENCE_WARNING = ("influence reference set 'test' (as in ISAL's released code) selects training data "
+                          "with the TEST LABELS: test accuracy is then no longer an unbiased estimate; use "
+                          "'val', 'initial' or 'labeled' for an honest evaluation")
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def top_k_expected_cross_entropy(logits: jax.Array, k: int) -> jax.Array:
+    """`sum_{j in top-k} q_j CE(logits, j)` for ONE example, `q` the softmax probabilities of the k most
+    probable classes renormalised to sum to 1 and detached. Its gradient is G_z of ISAL's
+    expected-gradient variant; k = 1 equals `influence.pseudo_label_cross_entropy`."""
+    probs = jax.lax.stop_gradient(jax.nn.softmax(logits))
+    top, classes = jax.lax.top_k(probs, k)
+    weights = top / jnp.sum(top)
+    return jax.nn.logsumexp(logits) - jnp.sum(weights * jnp.take(logits, classes))
+
+
+def unlabeled_example_loss(apply_fn: Callable, top_k_classes: int = 1) -> Callable:
+    """`example_loss_fn(params, x)` whose gradient is G_z: CE at the arg-max class (k = 1) or the
+    top-k expected CE (k > 1)."""
+    if top_k_classes == 1:
+        return influence.example_loss(apply_fn, pseudo_label=True)
+
+    def loss(params, x):
+        return top_k_expected_cross_entropy(apply_fn(params, x[None]).logits[0], top_k_classes)
+
+    return loss
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_common(config: Config) -> None:
+    opts = config.influence
+    if opts.solver not in influence.SOLVERS:
+        raise ValueError(f"unknown influence solver {opts.solver!r}; choose one of: {', '.join(influence.SOLVERS)}")
+    if opts.params not in PARAM_SUBSETS:
+        raise ValueError(f"unknown influence parameter subset {opts.params!r}; choose one of: "
+                         f"{', '.join(PARAM_SUBSETS)}")
+    for name in ("depth", "repeats", "batch_size", "cg_maxiter", "top_k_classes", "chunk_size"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--influence.{name} must be at least 1, got {getattr(opts, name)}")
+    if not 0 <= opts.damping < 1:
+        raise ValueError(f"--influence.damping must be in [0, 1), got {opts.damping}")
+    if not opts.scale > 0:
+        raise ValueError(f"--influence.scale must be positive, got {opts.scale}")
+
+
+def _check_reference(config: Config, reference: str) -> None:
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown influence reference set {reference!r}; choose one of: {', '.join(REFERENCES)}")
+    if reference == "val" and config.val_size == 0:
+        raise ValueError(f"influence reference 'val' {VAL_NEEDED}")
+
+
+def check_configured_reference(config: Config) -> None:
+    _check_common(config)
+    _check_reference(config, config.influence.reference)
+
+
+def check_fixed_reference(config: Config) -> None:
+    _check_common(config)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def spearman(a, b) -> Optional[float]:
+    """Spearman rank correlation (ties averaged), or None where undefined (a constant input)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return None
+    value = float(stats.spearmanr(a, b).statistic)
+    return value if math.isfinite(value) else None
+
+
+def _float(x) -> Optional[float]:
+    value = float(x)
+    return value if math.isfinite(value) else None
+
+
+def _reference_set(ctx: StrategyContext, reference: str):
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown influence reference set {reference!r}; choose one of: {', '.join(REFERENCES)}")
+    if reference == "test":
+        warnings.warn(TEST_REFERENCE_WARNING, UserWarning, stacklevel=3)
+    if reference not in ctx.reference_sets:
+        if reference == "val":
+            raise ValueError(f"influence reference 'val' {VAL_NEEDED}")
+        raise ValueError(f"reference set {reference!r} is not available this cycle "
+                         f"(have: {', '.join(sorted(ctx.reference_sets))})")
+    return ctx.reference_sets[reference]
+
+
+def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian: bool = True):
+    """`(scores, info)`: `scores = -I(z, R) = s . G_z` for every pool point (highest = most negative
+    influence = selected), with `s = s_test` (`hessian=True`, ISAL) or `s = v` (`hessian=False`,
+    grad_sim); `info` holds JSON-able diagnostics (see the module docstring)."""
+    config = ctx.config
+    opts = config.influence
+    _check_common(config)
+    ref_x, ref_y = _reference_set(ctx, reference)
+    if opts.top_k_classes >= ctx.num_classes:
+        raise ValueError(f"--influence.top_k_classes ({opts.top_k_classes}) must be below the number of classes "
+                         f"({ctx.num_classes}): the expected gradient over all classes is identically zero")
+    params = ctx.variables["params"]
+    apply = inference_apply(ctx.model, ctx.variables.get("batch_stats", {}))
+    # Built once per call: the engines jit these as static arguments.
+    labeled_loss, subset = restrict(influence.example_loss(apply), params, opts.params)
+    pool_loss, _ = restrict(unlabeled_example_loss(apply, opts.top_k_classes), params, opts.params)
+
+    v = influence.mean_gradient(labeled_loss, subset, (ref_x, ref_y), chunk_size=opts.chunk_size)
+    v_norm = tree_norm(v)
+    info = {"solver": opts.solver if hessian else "identity", "reference": reference,
+            "reference_size": int(ref_y.shape[0]), "num_params": int(tree_size(subset)),
+            "top_k_classes": int(opts.top_k_classes), "v_norm": _float(v_norm)}
+    grad_sim = influence.influence_scores(pool_loss, subset, ctx.pool_x, v, chunk_size=opts.chunk_size)
+    if not hessian:
+        info.update(cosine_s_test_v=1.0, spearman_vs_grad_sim=1.0)
+        return grad_sim, info
+
+    data = (ctx.labeled_x, ctx.labeled_y)
+    if opts.solver == "lissa":  # `solve("lissa")` with the diagnostics kept
+        result = influence.lissa(influence.mean_loss(labeled_loss), subset, data, v, rng=ctx.rng,
+                                 depth=opts.depth, repeats=opts.repeats, damping=opts.damping, scale=opts.scale,
+                                 batch_size=opts.batch_size, return_diagnostics=True)
+        s_test = result.inverse_hvp
+        norms = np.asarray(result.norms, np.float64)
+        info.update(lissa_final_norm=_float(norms[:, -1].mean()), lissa_max_norm=_float(norms.max()),
+                    lissa_depth=int(opts.depth), lissa_repeats=int(opts.repeats))
+    elif opts.solver == "cg":  # `solve("cg")` with the diagnostics kept
+        result = influence.cg(influence.mean_loss(labeled_loss), subset, data, v, damping=opts.damping * opts.scale,
+                              maxiter=opts.cg_maxiter, return_diagnostics=True)
+        s_test = result.solution
+        info.update(cg_iterations=int(result.iterations), cg_residual_norm=_float(result.residual_norm))
+    else:
+        s_test = influence.solve(opts.solver, influence.mean_loss(labeled_loss), subset, data, v,
+                                 damping=opts.damping, scale=opts.scale)
+    s_norm = tree_norm(s_test)
+    scores = influence.influence_scores(pool_loss, subset, ctx.pool_x, s_test, chunk_size=opts.chunk_size)
+    cosine = jnp.clip(tree_dot(s_test, v) / (s_norm * v_norm), -1.0, 1.0)  # float32 rounding can pass 1
+    info.update(cosine_s_test_v=_float(cosine), s_test_norm=_float(s_norm),
+                spearman_vs_grad_sim=spearman(scores, grad_sim))
+    return scores, info
+
+
+@register_scorer("isal", check=check_configured_reference)
+def isal_scores(ctx: StrategyContext):
+    """ISAL: most negative influence -grad L(R)^T H^-1 G_z on the reference set --influence.reference."""
+    return influence_selection_scores(ctx, ctx.config.influence.reference)
+
+
+@register_scorer("isal_v2", check=check_fixed_reference)
+def isal_v2_scores(ctx: StrategyContext):
+    """ISAL with the initial (cycle-0) training labelled set as reference set."""
+    return influence_selection_scores(ctx, "initial")
+
+
+@register_scorer("isal_v3", check=check_fixed_reference)
+def isal_v3_scores(ctx: StrategyContext):
+    """ISAL with the current training labelled set as reference set."""
+    return influence_selection_scores(ctx, "labeled")
+
+
+@register_scorer("grad_sim", check=check_configured_reference)
+def grad_sim_scores(ctx: StrategyContext):
+    """Gradient similarity grad L(R) . G_z (ISAL with H = I) on the reference set --influence.reference."""
+    return influence_selection_scores(ctx, ctx.config.influence.reference, hessian=False)

@@ -1,0 +1,276 @@
+"""ISAL and grad_sim against independent references: a Python loop of per-example `jax.grad`s dotted
+with a dense `jnp.linalg.solve` of the `jax.hessian` of the labelled loss (float64), an explicit loop
+over classes for the top-K expected gradient; LiSSA and CG rankings against the exact solve; the
+config checks, the test-reference warning, divergence; and every variant end to end on digits."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxal import influence
+from jaxal.config import build_config
+from jaxal.loop import run_experiment
+from jaxal.models import MLP, ModelOutput, init_variables
+from jaxal.strategies import StrategyContext, get_strategy
+from jaxal.strategies import isal
+
+NUM_CLASSES = 3
+
+
+class TinyBN(nn.Module):
+    """Dense -> BatchNorm -> relu -> head: BatchNorm must be in inference mode and its scale/offset
+    (rank 1) outside the "weights" subset."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False):
+        h = nn.Dense(4)(x.reshape((x.shape[0], -1)))
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
+        return ModelOutput(nn.Dense(NUM_CLASSES, name="head")(h), h, (h,))
+
+
+def to64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def make_context(model, variables, *, n_labeled=12, n_pool=9, n_ref=7, input_shape=(2, 2, 1), seed=0,
+                 reference="val", **influence_options):
+    rng = np.random.default_rng(seed)
+    draw_x = lambda n: jnp.asarray(rng.normal(size=(n, *input_shape)))
+    draw_y = lambda n: jnp.asarray(rng.integers(0, NUM_CLASSES, size=n))
+    labeled_x, labeled_y = draw_x(n_labeled), draw_y(n_labeled)
+    ref = (draw_x(n_ref), draw_y(n_ref))
+    config = build_config(strategy="isal", val_size=5,
+                          influence=dict(reference=reference, chunk_size=4, **influence_options))
+    return StrategyContext(model=model, variables=variables, pool_x=draw_x(n_pool), labeled_x=labeled_x,
+                           labeled_y=labeled_y, num_classes=NUM_CLASSES, config=config, rng=jax.random.key(seed),
+                           reference_sets={"val": ref, "labeled": (labeled_x, labeled_y),
+                                           "initial": ref, "test": ref})
+
+
+def tiny_bn_problem(seed=0):
+    model = TinyBN()
+    variables = to64(init_variables(model, jax.random.key(seed), (2, 2, 1)))
+    rng = np.random.default_rng(seed + 100)  # non-trivial running averages
+    stats = variables["batch_stats"]["BatchNorm_0"]
+    variables["batch_stats"] = {"BatchNorm_0": {"mean": jnp.asarray(0.3 * rng.normal(size=stats["mean"].shape)),
+                                                "var": jnp.asarray(rng.uniform(0.5, 2.0, size=stats["var"].shape))}}
+    params = variables["params"]
+    variables["params"] = {**params, "BatchNorm_0": {"scale": jnp.asarray(rng.uniform(0.5, 1.5, size=4)),
+                                                     "bias": jnp.asarray(0.2 * rng.normal(size=4))}}
+    return model, variables
+
+
+class Reference:
+    """Independent per-example quantities on the flattened rank > 1 weights (built by hand, without
+    `jaxal.pytree.restrict` or `jaxal.influence`)."""
+
+    def __init__(self, model, variables):
+        params = variables["params"]
+        weights = {"Dense_0": params["Dense_0"]["kernel"], "head": params["head"]["kernel"]}
+        self.flat, self.unravel = ravel_pytree(weights)
+
+        def logits(flat, x):
+            w = self.unravel(flat)
+            full = {**params, "Dense_0": {**params["Dense_0"], "kernel": w["Dense_0"]},
+                    "head": {**params["head"], "kernel": w["head"]}}
+            return model.apply({"params": full, "batch_stats": variables["batch_stats"]}, x[None], train=False).logits[0]
+
+        self.logits = logits
+        self.ce = lambda flat, x, y: -jax.nn.log_softmax(logits(flat, x))[y]
+        self._grad = jax.jit(jax.grad(self.ce))  # one example at a time, compiled once
+
+    def mean_loss(self, flat, xs, ys):
+        return jnp.mean(jax.vmap(self.ce, (None, 0, 0))(flat, xs, ys))
+
+    def hessian(self, xs, ys):
+        return np.asarray(jax.jit(jax.hessian(self.mean_loss))(self.flat, xs, ys))
+
+    def v(self, xs, ys):
+        return np.asarray(jax.jit(jax.grad(self.mean_loss))(self.flat, xs, ys))
+
+    def grad(self, x, y):
+        return np.asarray(self._grad(self.flat, x, int(y)))
+
+    def probs(self, x):
+        return np.asarray(jax.nn.softmax(self.logits(self.flat, x)))
+
+    def pseudo_label_gradients(self, xs):
+        return np.stack([self.grad(x, np.argmax(self.probs(x))) for x in xs])
+
+    def top_k_gradients(self, xs, k):
+        rows = []
+        for x in xs:
+            p = self.probs(x)
+            top = np.argsort(-p)[:k]
+            q = p[top] / p[top].sum()
+            rows.append(sum(q_j * self.grad(x, j) for q_j, j in zip(q, top)))
+        return np.stack(rows)
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+# ----------------------------------------------------------------------------- exact references
+
+
+@pytest.mark.usefixtures("x64")
+def test_exact_isal_grad_sim_and_top_k_equal_explicit_loops_and_select_most_negative_influence():
+    model, variables = tiny_bn_problem()
+    damping, scale = 0.01, 10.0
+    ctx = make_context(model, variables, solver="exact", damping=damping, scale=scale)
+    ref = Reference(model, variables)
+    hessian = ref.hessian(ctx.labeled_x, ctx.labeled_y)
+    v = ref.v(*ctx.reference_sets["val"])
+    s_test = np.asarray(jnp.linalg.solve(hessian + damping * scale * np.eye(len(v)), v))
+    gradients = ref.pseudo_label_gradients(ctx.pool_x)
+    influence_values = -gradients @ s_test  # I(z, R) = -grad L(R)^T H^-1 G_z
+
+    scores, info = isal.isal_scores(ctx)
+    np.testing.assert_allclose(np.asarray(scores), -influence_values, rtol=1e-5)
+    assert info["num_params"] == len(v) == 4 * 4 + 4 * NUM_CLASSES  # kernels only, no bias / BN scale
+    np.testing.assert_allclose(info["cosine_s_test_v"], s_test @ v / np.linalg.norm(s_test) / np.linalg.norm(v),
+                               rtol=1e-8)
+    assert info["cosine_s_test_v"] < 0.999  # the Hessian matters here: not a trivial check
+
+    # The selected points are those of the most negative influence.
+    chosen, _ = get_strategy("isal").select(ctx, 3)
+    np.testing.assert_array_equal(np.sort(chosen), np.sort(np.argsort(influence_values)[:3]))
+
+    grad_sim, grad_sim_info = isal.grad_sim_scores(ctx)
+    np.testing.assert_allclose(np.asarray(grad_sim), gradients @ v, rtol=1e-5)
+    assert grad_sim_info["cosine_s_test_v"] == 1.0
+    np.testing.assert_allclose(info["spearman_vs_grad_sim"], isal.spearman(-influence_values, gradients @ v))
+
+    top2 = dataclasses.replace(ctx, config=build_config(strategy="isal", val_size=5, influence=dict(
+        solver="exact", damping=damping, scale=scale, top_k_classes=2, chunk_size=4)))
+    expected = ref.top_k_gradients(ctx.pool_x, 2) @ s_test
+    scores2, info2 = isal.isal_scores(top2)
+    np.testing.assert_allclose(np.asarray(scores2), expected, rtol=1e-5)
+    assert info2["top_k_classes"] == 2
+    assert not np.allclose(expected, -influence_values)  # the variant differs from the pseudo-label
+
+
+@pytest.mark.usefixtures("x64")
+def test_top_k_loss_is_one_jvp_of_renormalised_detached_weights():
+    logits = jnp.asarray([2.0, 0.5, -1.0, 1.0])
+    np.testing.assert_allclose(isal.top_k_expected_cross_entropy(logits, 1),
+                               influence.pseudo_label_cross_entropy(logits), rtol=1e-12)
+    p = np.asarray(jax.nn.softmax(logits))
+    top = [0, 3]
+    q = p[top] / p[top].sum()
+    expected_grad = p - np.bincount(top, weights=q, minlength=4)  # sum_k q_k (p - e_k)
+    np.testing.assert_allclose(jax.grad(isal.top_k_expected_cross_entropy)(logits, 2), expected_grad, rtol=1e-10)
+    # Over all classes the expected gradient vanishes, so K must stay below C.
+    np.testing.assert_allclose(jax.grad(isal.top_k_expected_cross_entropy)(logits, 4), 0.0, atol=1e-12)
+    model, variables = tiny_bn_problem()
+    ctx = make_context(model, variables, top_k_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="top_k_classes"):
+        isal.isal_scores(ctx)
+
+
+@pytest.mark.usefixtures("x64")
+def test_lissa_and_cg_rank_like_exact_on_a_convex_problem():
+    # Softmax regression (an MLP without hidden layers): a convex loss, PSD Hessian.
+    model = MLP(NUM_CLASSES, hidden=(), dropout_rate=0.0)
+    rng = np.random.default_rng(3)
+    variables = to64(init_variables(model, jax.random.key(3), (6,)))
+    variables["params"] = {"head": {"kernel": jnp.asarray(rng.normal(size=(6, NUM_CLASSES))),
+                                    "bias": jnp.zeros(NUM_CLASSES)}}
+    base = make_context(model, variables, n_labeled=40, n_pool=60, n_ref=15, input_shape=(6,), seed=3)
+    # Anisotropic inputs, so that H^-1 reorders the pool.
+    stretch = jnp.asarray([[3.0, 2.0, 1.0, 0.5, 0.3, 0.2]])
+    ctx = dataclasses.replace(base, labeled_x=base.labeled_x * stretch, pool_x=base.pool_x * stretch,
+                              reference_sets={"val": (base.reference_sets["val"][0] * stretch,
+                                                      base.reference_sets["val"][1])})
+    loss_fn, params = influence.mean_loss(influence.example_loss(lambda p, x: model.apply({"params": p}, x))), \
+        variables["params"]
+    lam_max = float(influence.power_iteration(loss_fn, params, (ctx.labeled_x, ctx.labeled_y),
+                                              rng=jax.random.key(0), iters=200))
+    settings = dict(damping=0.02, scale=2.0 * lam_max, chunk_size=16)  # shift 0.04 lambda_max
+
+    def run(**options):
+        config = build_config(strategy="isal", val_size=5, influence={**settings, **options})
+        return isal.isal_scores(dataclasses.replace(ctx, config=config))
+
+    exact, exact_info = run(solver="exact")
+    cg, cg_info = run(solver="cg", cg_maxiter=200)
+    lissa, lissa_info = run(solver="lissa", depth=300, repeats=8, batch_size=8)  # 0.98^300 ~ 0.2%
+    exact, cg, lissa = map(np.asarray, (exact, cg, lissa))
+    assert exact_info["spearman_vs_grad_sim"] < 0.95  # the Hessian changes the ranking
+    np.testing.assert_allclose(cg, exact, rtol=1e-4, atol=1e-6 * np.abs(exact).max())
+    assert isal.spearman(cg, exact) > 0.999
+    assert isal.spearman(lissa, exact) > 0.95, isal.spearman(lissa, exact)
+    assert cg_info["cg_iterations"] > 0 and lissa_info["lissa_final_norm"] > 0
+    assert abs(lissa_info["cosine_s_test_v"] - exact_info["cosine_s_test_v"]) < 0.05
+
+
+# ----------------------------------------------------------------------------- checks, warnings, errors
+
+
+def test_check_rejects_missing_validation_split_and_unknown_names():
+    strategy = get_strategy("isal")
+    with pytest.raises(ValueError, match=r"needs a validation split: pass --val_size N .* --influence.reference labeled"):
+        strategy.check(build_config(strategy="isal", val_size=0))
+    get_strategy("grad_sim").check(build_config(val_size=0, influence=dict(reference="labeled")))
+    for name in ("isal_v2", "isal_v3"):  # their reference set is fixed, not the validation split
+        get_strategy(name).check(build_config(val_size=0))
+    cases = [(dict(reference="train"), "val, initial, labeled, test"), (dict(solver="newton"), "lissa, cg, exact"),
+             (dict(params="biases"), "all, weights, last_layer"), (dict(depth=0), "depth"),
+             (dict(damping=1.5), "damping"), (dict(scale=0.0), "scale")]
+    for options, listed in cases:
+        for name in ("isal", "isal_v2", "grad_sim"):
+            if name == "isal_v2" and "reference" in options:
+                continue
+            with pytest.raises(ValueError, match=listed):
+                get_strategy(name).check(build_config(val_size=5, influence=options))
+
+
+def test_test_reference_warns_and_lissa_divergence_propagates():
+    model = MLP(NUM_CLASSES, hidden=(5,), dropout_rate=0.0)
+    variables = init_variables(model, jax.random.key(0), (2, 2, 1))
+    ctx = make_context(model, variables, reference="test", depth=10, repeats=1)
+    ctx = dataclasses.replace(ctx, labeled_x=ctx.labeled_x.astype(jnp.float32),
+                              pool_x=ctx.pool_x.astype(jnp.float32),
+                              reference_sets={k: (x.astype(jnp.float32), y) for k, (x, y) in ctx.reference_sets.items()})
+    with pytest.warns(UserWarning, match="TEST LABELS"):
+        get_strategy("isal").select(ctx, 2)
+    diverging = dataclasses.replace(ctx, config=build_config(strategy="isal", val_size=5, influence=dict(
+        depth=200, repeats=1, scale=1e-3, damping=0.0)))
+    with pytest.raises(influence.LissaDivergenceError, match="LiSSA diverged"):
+        get_strategy("isal").select(diverging, 2)
+    no_val = dataclasses.replace(ctx, reference_sets={k: v for k, v in ctx.reference_sets.items() if k != "val"},
+                                 config=build_config(strategy="isal", val_size=5))
+    with pytest.raises(ValueError, match="needs a validation split"):
+        get_strategy("isal").select(no_val, 2)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_every_variant_runs_in_the_loop_on_digits(tmp_path):
+    names = ("isal", "isal_v2", "isal_v3", "grad_sim")
+    config = build_config(strategy=",".join(names), initial_size=30, val_size=5, budget=10, cycles=2, epochs=2,
+                          progress=False, influence=dict(depth=20, repeats=2))
+    records = run_experiment(config, workdir=tmp_path / "run", log=lambda *_: None)
+    expected_reference = {"isal": "val", "isal_v2": "initial", "isal_v3": "labeled", "grad_sim": "val"}
+    for name in names:
+        mine = [r for r in records if r["strategy"] == name]
+        assert [r["cycle"] for r in mine] == [0, 1]
+        first, last = mine
+        assert len(set(first["selected"])) == 10 and first["num_scored"] > 0
+        assert "strategy_info" not in last and last["num_labeled"] == 40
+        info = first["strategy_info"]
+        assert info["reference"] == expected_reference[name]
+        assert -1.0 <= info["cosine_s_test_v"] <= 1.0
+        assert info["spearman_vs_grad_sim"] is None or -1.0 <= info["spearman_vs_grad_sim"] <= 1.0
+        assert info["solver"] == ("identity" if name == "grad_sim" else "lissa")
+    assert {r["strategy_info"]["reference_size"] for r in records if r["strategy"] in ("isal", "grad_sim")
+            and r["cycle"] == 0} == {5}
