@@ -84,6 +84,15 @@ def test_hvp_matches_dense_hessian_and_is_symmetric(name):
     np.testing.assert_allclose(flat(hv), hessian @ flat(v), rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(float(tree_dot(u, hv)), float(tree_dot(v, hu)), rtol=1e-8)
     assert abs(float(tree_dot(u, hv))) > 1e-8  # not trivially symmetric
+    # The loop-body HVP (convolutions rewritten to NHWC/HWIO for XLA:CPU) is the same function.
+    loop_hvp = influence._loop_hvp(loss_fn)
+    np.testing.assert_allclose(flat(jax.jit(loop_hvp)(params, batch, v)), flat(hv), rtol=1e-12, atol=1e-14)
+    if name != "mlp":
+        convs = lambda f: [e.params for e in jax.make_jaxpr(f)(params, batch, v).jaxpr.eqns
+                           if e.primitive is jax.lax.conv_general_dilated_p]
+        plain = convs(lambda p, b, w: influence.hvp(loss_fn, p, b, w))
+        assert any(not influence._is_canonical_conv(c) for c in plain)
+        assert convs(loop_hvp) and all(influence._is_canonical_conv(c) for c in convs(loop_hvp))
 
 
 def test_power_iteration_finds_largest_eigenvalue():
@@ -138,6 +147,23 @@ def test_lissa_full_batch_converges_to_damped_solve():
     rate = np.max(np.abs(1 - damping - eig / scale))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-4 and errors[2] <= 2 * rate ** 200
+
+
+def test_lissa_cnn_matches_dense_solve():
+    """A network with convolutions (whose loop-body HVP is rewritten on CPU), deterministic recursion."""
+    loss_fn, params, batch, _ = model_problem(SmallCNN(3, channels=(2, 3), hidden=8), (4, 4, 1))
+    hessian, _ = dense_reference(loss_fn, params, batch)
+    eig = np.linalg.eigvalsh(hessian)
+    damping, scale = 0.2, 2.0 * np.max(np.abs(eig))  # damping*scale > -lambda_min: a contraction
+    assert damping * scale > -eig[0]
+    v = random_like(12, params)
+    expected = np.linalg.solve(hessian + damping * scale * np.eye(len(hessian)), flat(v))
+    depth = 1000
+    estimate = influence.lissa(loss_fn, params, batch, v, rng=jax.random.key(0), depth=depth, repeats=1,
+                               damping=damping, scale=scale, batch_size=None)
+    rate = np.max(np.abs(1 - damping - eig / scale))
+    assert rate ** depth < 1e-15  # so the recursion has converged to rounding
+    np.testing.assert_allclose(flat(estimate), expected, rtol=1e-9, atol=1e-12 * np.max(np.abs(expected)))
 
 
 def test_lissa_minibatch_converges_to_damped_solve():
