@@ -170,8 +170,9 @@ def train_options(config: Config, data: Dataset) -> TrainOptions:
 
 
 def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: np.ndarray, val: np.ndarray,
-              initial: np.ndarray, images, labels, lossnet) -> tuple[object, np.ndarray, dict]:
-    """Train on `labeled`, evaluate, and (except in the last cycle) select the next batch."""
+              initial: np.ndarray, images, labels, lossnet) -> tuple[object, np.ndarray, dict, np.ndarray]:
+    """Train on `labeled`, evaluate, and (except in the last cycle) select the next batch.
+    Returns (state, next labelled set, record, the candidates scored: empty in the last cycle)."""
     config, data = exp.config, exp.dataset
     cycle_key = jax.random.fold_in(trial_key, cycle)
     init_key, strategy_key = jax.random.split(cycle_key)
@@ -194,6 +195,7 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
                                          config.eval_batch_size),
               "train_loss": train_metrics.get("loss"), "train_seconds": train_seconds,
               "selection_seconds": 0.0, "num_scored": 0, "selected": []}
+    candidates = np.zeros((0,), np.int64)
     if cycle < config.cycles - 1:
         candidates = candidate_pool(data.x_train.shape[0], labeled, val, config.subset_size,
                                     np.random.default_rng(host_seed))
@@ -209,14 +211,15 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
             record["strategy_info"] = info
         labeled, selected = add_selection(labeled, candidates, chosen, config.budget, strategy.name)
         record.update(num_scored=int(len(candidates)), selected=[int(i) for i in selected])
-    return state, labeled, record
+    return state, labeled, record, candidates
 
 
 def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
               on_cycle: Callable[[list], None], observer: Optional[Callable] = None) -> list[dict]:
-    """Run (or resume) one trial of one strategy. `observer(exp, cycle, state, labeled, record)` is
-    called after every cycle run by this process, with the trained state and the labelled set it was
-    trained on (the diagnostics use it to compare the models of consecutive cycles)."""
+    """Run (or resume) one trial of one strategy. `observer(exp, cycle, state, labeled, record,
+    candidates)` is called after every cycle run by this process, with the trained state, the
+    labelled set it was trained on and the candidate indices it scored (the diagnostics use it to
+    compare the models of consecutive cycles)."""
     config, data = exp.config, exp.dataset
     strategy = get_strategy(strategy_name)
     lossnet = LossNet(config.lossnet.width) if strategy.needs_lossnet else None
@@ -236,11 +239,11 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
         on_cycle(records)
     for cycle in range(first_cycle, config.cycles):
         trained_on = labeled
-        state, labeled, record = run_cycle(exp, strategy, trial_key, cycle, state, labeled, val, initial,
-                                           images, labels, lossnet)
+        state, labeled, record, candidates = run_cycle(exp, strategy, trial_key, cycle, state, labeled, val,
+                                                       initial, images, labels, lossnet)
         record["trial"] = trial
         if observer is not None:
-            observer(exp, cycle, state, trained_on, record)
+            observer(exp, cycle, state, trained_on, record, candidates)
         records = records + [record]
         checkpoint.save(mngr, checkpoint.CycleCheckpoint(cycle, state, labeled, val,
                                                          np.asarray(jax.random.key_data(trial_key)), records))
