@@ -23,6 +23,9 @@ class GradNormOptions:
     norm: str = "layer_sum"  # "layer_sum": sum of per-tensor L2 norms (the reference codes); "global"
     params: str = "all"  # parameter subset: "all" (reference), "weights" (rank > 1), "last_layer"
     chunk_size: int = 256  # examples per compiled chunk: bounds memory, never changes the result
+    # "ghost": per-layer norms from layer inputs and output gradients, no per-example gradient is
+    # materialised (Dense/Conv/BatchNorm models); "vmap": jax.vmap(jax.grad), any model. Same norms.
+    method: str = "ghost"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,97 @@
+"""Gradient-norm strategies: exp_gn, ent_gn (Wang et al., AAAI 2022), lplgrad, and egl (Settles et al.).
+
+Each scores an unlabelled x by the norm of `grad_theta L(x)` of a loss that needs no label, with the
+model in inference mode; the largest norms are selected.
+  - ent_gn: L = the entropy of the prediction.
+  - exp_gn: L = the expected loss `sum_i p_i CE(x, i)` with the posterior differentiated, as in the
+    reference code. That is exactly the entropy, so exp_gn ranks exactly as ent_gn (see README).
+  - lplgrad: ent_gn on a model trained jointly with the LL4AL loss-prediction module; the predicted
+    loss itself is not used for selection.
+  - egl: expected gradient length `sum_i p_i ||grad CE(x, i)||`: what "expected gradient norm" means
+    when the norm is taken inside the expectation.
+Norm ("layer_sum", the reference codes' choice, or "global"), parameter subset and the engine method
+come from `config.gradnorm`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxal import gradnorm
+from jaxal.config import Config
+from jaxal.models import inference_apply
+from jaxal.parallel import map_chunks
+from jaxal.pytree import PARAM_SUBSETS
+from jaxal.strategies.base import StrategyContext, register_scorer
+
+QUERY_LOSSES = {"exp_gn": gradnorm.expected_loss, "ent_gn": gradnorm.entropy_loss}
+
+
+def check_options(config: Config) -> None:
+    options = config.gradnorm
+    if options.norm not in gradnorm.NORMS:
+        raise ValueError(f"unknown --gradnorm.norm {options.norm!r}; choose one of: {', '.join(gradnorm.NORMS)}")
+    if options.params not in PARAM_SUBSETS:
+        raise ValueError(f"unknown --gradnorm.params {options.params!r}; choose one of: {', '.join(PARAM_SUBSETS)}")
+    if options.method not in gradnorm.METHODS:
+        raise ValueError(f"unknown --gradnorm.method {options.method!r}; choose one of: "
+                         f"{', '.join(gradnorm.METHODS)}")
+    if options.chunk_size < 1:
+        raise ValueError("--gradnorm.chunk_size must be at least 1")
+
+
+def _query_norms(static, variables, xs):
+    model, loss_name, norm, subset, method = static
+    loss = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]), QUERY_LOSSES[loss_name])
+    return gradnorm.per_example_grad_norms(loss, variables["params"], xs, norm=norm, params_filter=subset,
+                                           method=method)
+
+
+def _expected_gradient_length(static, variables, xs):
+    """sum_c p_c ||grad CE(x, c)||: every (example, class) pair is scored as a labelled example, so the
+    memory stays that of C ordinary per-example norms (no C x |theta| gradients per example)."""
+    model, norm, subset, method = static
+    apply_fn = inference_apply(model, variables["batch_stats"])
+    probs = jax.nn.softmax(apply_fn(variables["params"], xs).logits)
+    n, num_classes = probs.shape
+    pairs = (jnp.repeat(xs, num_classes, axis=0), jnp.tile(jnp.arange(num_classes), n))
+    loss = gradnorm.example_loss(apply_fn, gradnorm.cross_entropy, labelled=True)
+    norms = gradnorm.per_example_grad_norms(loss, variables["params"], pairs, norm=norm, params_filter=subset,
+                                            method=method)
+    return jnp.sum(probs * norms.reshape(n, num_classes), axis=1)
+
+
+def query_gradient_norms(ctx: StrategyContext, loss_name: str) -> jax.Array:
+    options = ctx.config.gradnorm
+    static = (ctx.model, loss_name, options.norm, options.params, options.method)
+    return map_chunks(_query_norms, static, ctx.variables, ctx.pool_x, chunk_size=options.chunk_size,
+                      mesh=ctx.mesh)
+
+
+@register_scorer("exp_gn", check=check_options)
+def exp_gn_scores(ctx: StrategyContext):
+    """Largest gradient norm of the expected loss (Wang et al.; equals ent_gn, see README)."""
+    return query_gradient_norms(ctx, "exp_gn")
+
+
+@register_scorer("ent_gn", check=check_options)
+def ent_gn_scores(ctx: StrategyContext):
+    """Largest gradient norm of the prediction entropy (Wang et al.)."""
+    return query_gradient_norms(ctx, "ent_gn")
+
+
+@register_scorer("lplgrad", needs_lossnet=True, check=check_options)
+def lplgrad_scores(ctx: StrategyContext):
+    """Entropy gradient norm of a model trained jointly with the LL4AL loss-prediction module."""
+    return query_gradient_norms(ctx, "ent_gn")
+
+
+@register_scorer("egl", check=check_options)
+def egl_scores(ctx: StrategyContext):
+    """Largest expected gradient length sum_i p_i ||grad CE(x, i)|| (Settles et al.)."""
+    options = ctx.config.gradnorm
+    static = (ctx.model, options.norm, options.params, options.method)
+    # C labelled pairs per example: keep a chunk of pairs as large as a chunk of examples.
+    chunk = max(1, options.chunk_size // ctx.num_classes)
+    return map_chunks(_expected_gradient_length, static, ctx.variables, ctx.pool_x, chunk_size=chunk, mesh=ctx.mesh)
