@@ -1,0 +1,625 @@
+"""Bound-tightness diagnostics of the gradient-norm theory (Wang et al., AAAI 2022, Fig. 3 and Tables 1-3).
+
+Command (a whole active-learning run, with the diagnostics computed after every cycle):
+
+    python -m jaxal.diagnostics --dataset digits --strategy entropy,random --cycles 6
+
+Every flag of `python -m jaxal.run` works (they configure the experiment), plus the `--diag.*` flags of
+`DiagnosticsOptions`. Library use: `run_diagnostics(config, options, workdir=...)`, or
+`cycle_bounds(...)` for one pair of models.
+
+What is computed, for the models T^c and T^{c+1} of consecutive cycles c, c+1 (DESIGN.md, point 6)
+-------------------------------------------------------------------------------------------------
+Notation: `theta` the parameter subset `--diag.params` ("last_layer" by default), `g_m(x)` the gradient
+with respect to theta of the loss L of one example under the model of cycle m, `x_j` the test samples,
+`U` the unlabelled pool of cycle c (the candidates the strategy scored in cycle c, including the ones it
+then selected).
+
+- H: the Hessian, with respect to theta, of the TRAINING objective of model c+1: the mean true-label
+  cross-entropy over the labelled set model c+1 was trained on, plus `mu * I` with mu = `--diag.damping`
+  (default: the config's weight decay, because SGD with weight decay wd minimises CE + wd/2 ||theta||^2,
+  whose Hessian is H_CE + wd I). The shift also makes H invertible: the CE Hessian of a softmax head is
+  singular along "add the same vector to every class", a direction every gradient is orthogonal to.
+- v = sum_j g_{c+1}(x_j), a SUM over the test set (as in the paper; a mean would only rescale everything
+  by 1/n_test). Which loss the test gradients use (`--diag.test_loss`):
+    "theory" (default): the same L as the pool gradients (L_exp in the L_exp column, L_ent in the L_ent
+    column): the theory's test loss, which needs no test labels;
+    "true": the true-label cross-entropy of the test samples (test labels used for the measurement only);
+    then v, s and ||s|| are the same for both columns.
+- s = H^-1 v: ONE solve per cycle and loss, by `--diag.solver` ("exact": dense, for <= 5000 parameters,
+  the default on the last layer; "cg"; "lissa", with `--diag.lissa_*`), see `jaxal.influence`.
+- Target(x) = s . g_{c+1}(x) = sum_j g_{c+1}(x_j)^T H^-1 g_{c+1}(x), for the whole pool by
+  `jaxal.influence.influence_scores` (one jvp per chunk, no per-example gradient).
+- Approx-1(x) = |Target(x)|.
+- Approx-2(x) = ||g_{c+1}(x)|| * ||s||  (>= Approx-1 by Cauchy-Schwarz, sample by sample).
+- Approx-3(x) = ||g_c(x)||     * ||s||  (the gradient from the model of cycle c: what a strategy can
+  compute when it selects; this is the paper's Eq. 5, ranking by the gradient norm).
+  Norms are global L2 norms over theta from `jaxal.gradnorm.per_example_grad_norms(norm="global")`.
+- L: L_exp = sum_i p_i CE(x, i) with the posterior differentiated (exp-gn as in the reference code) and
+  L_ent = -sum_i p_i log p_i (ent-gn). These are the SAME function (DESIGN.md, point 2), so the two
+  columns agree to rounding: the diagnostics show it rather than hide it.
+
+Sign convention (Koh & Liang, as in `jaxal.influence`): `I(x, test) = -grad L(test)^T H^-1 g(x) =
+-Target(x)`, and adding x to the n labelled samples changes the test loss by about `I/n = -Target(x)/n`.
+So the MOST BENEFICIAL samples (largest decrease of the test loss) have the LARGEST Target; the top-K by
+Eq. 3 are the K largest Target values.
+
+Tables (K = `--diag.k`, default the budget):
+- Table 1: for each strategy, how many of the K samples it selected in cycle c are among the K of largest
+  TRUE-label gradient norm on the same pool under model c (labels revealed only for this measurement;
+  norm `--diag.table1_norm`, "global" by default, over `--diag.table1_params`, "all" by default).
+- Table 2: |top-K by Target (Eq. 3) intersect top-K by Approx-3 (Eq. 5)|, per loss. Also reported:
+  the overlap of top-K |Target| (Approx-1) with top-K Approx-3.
+- Table 3: train accuracy (on the labelled training set) minus test accuracy, per cycle and strategy.
+
+Outputs, next to the experiment's own results in the run directory (`--workdir`, default
+`runs/diagnostics-<dataset>-<strategies>`): `diagnostics.jsonl` and `diagnostics.csv` (one row per
+strategy, trial and cycle, rewritten after every cycle; the last cycle has only the accuracy gap),
+`diagnostics_fig3.png` (the paper's Fig. 3: the four averages over cycles, one panel per loss, a row per
+strategy), `diagnostics_tables.txt` (the printed tables) and `diagnostics_samples/<strategy>_trial<t>_
+cycle<c>.npz` (per sample: candidate indices, selected mask, true-label gradient norm, and per loss the
+Target, Approx-1/2/3 arrays, both gradient norms and ||s||).
+
+A resumed run keeps the rows already written; the pair that straddles the interruption cannot be
+computed (the model of the earlier cycle is not in memory) and is reported as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional, get_type_hints
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxal import gradnorm, influence, results
+from jaxal.config import Config, parse_value
+from jaxal.models import inference_apply
+from jaxal.pytree import PARAM_SUBSETS, restrict, subset_mask, tree_norm, tree_scale, tree_size
+
+LOSSES: dict[str, Callable] = {"exp": gradnorm.expected_loss, "ent": gradnorm.entropy_loss}
+LOSS_LABELS = {"exp": "L_exp (expected loss)", "ent": "L_ent (entropy)"}
+TEST_LOSSES = ("theory", "true")
+QUANTITIES = ("target", "approx1", "approx2", "approx3")
+QUANTITY_LABELS = {"target": "Target", "approx1": "Approx-1", "approx2": "Approx-2", "approx3": "Approx-3"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnosticsOptions:
+    """The `--diag.*` flags."""
+
+    solver: str = "exact"  # H^-1: "exact" (dense, <= 5000 parameters), "cg" or "lissa"
+    params: str = "last_layer"  # parameter subset theta: "last_layer", "weights" or "all"
+    test_loss: str = "theory"  # test gradients: "theory" (the column's L, no labels) or "true" (true-label CE)
+    k: Optional[int] = None  # top-K of Tables 1-2; None: the budget
+    damping: Optional[float] = None  # mu of (H + mu I); None: the config's weight decay
+    cg_maxiter: int = 200
+    cg_tol: float = 1e-6
+    lissa_scale: float = 10.0  # must exceed the largest Hessian eigenvalue (LiSSA solves (H + mu I) too)
+    lissa_depth: int = 1000
+    lissa_repeats: int = 1
+    lissa_batch_size: Optional[int] = None  # None: the whole labelled set per step (deterministic)
+    table1_params: str = "all"  # parameter subset of Table 1's true-label gradient norm
+    table1_norm: str = "global"  # "global" or "layer_sum"
+    chunk_size: int = 256  # examples per compiled chunk (memory only; never changes a result)
+    seed: int = 0  # LiSSA's minibatches
+    save_samples: bool = True  # the per-sample .npz files
+
+
+def check_options(options: DiagnosticsOptions) -> None:
+    if options.solver not in influence.SOLVERS:
+        raise ValueError(f"--diag.solver: unknown solver {options.solver!r}; choose one of: "
+                         f"{', '.join(influence.SOLVERS)}")
+    for name in ("params", "table1_params"):
+        if getattr(options, name) not in PARAM_SUBSETS:
+            raise ValueError(f"--diag.{name}: unknown parameter subset {getattr(options, name)!r}; choose one "
+                             f"of: {', '.join(PARAM_SUBSETS)}")
+    if options.test_loss not in TEST_LOSSES:
+        raise ValueError(f"--diag.test_loss must be one of {', '.join(TEST_LOSSES)}, got {options.test_loss!r}")
+    if options.table1_norm not in gradnorm.NORMS:
+        raise ValueError(f"--diag.table1_norm must be one of {', '.join(gradnorm.NORMS)}, "
+                         f"got {options.table1_norm!r}")
+    if options.k is not None and options.k < 1:
+        raise ValueError(f"--diag.k must be at least 1, got {options.k}")
+    if options.damping is not None and options.damping < 0:
+        raise ValueError(f"--diag.damping must be >= 0, got {options.damping}")
+    if options.solver == "lissa" and not 0 <= (options.damping or 0.0) < options.lissa_scale:
+        raise ValueError("--diag.damping must be below --diag.lissa_scale (LiSSA's relative damping "
+                         "damping/scale must be < 1)")
+
+
+# ----------------------------------------------------------------------------- the quantities
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """Per-sample arrays over the pool, for one loss L (all float64 numpy arrays of shape (n_pool,))."""
+
+    target: np.ndarray  # s . g_{c+1}(x)
+    approx1: np.ndarray  # |target|
+    approx2: np.ndarray  # ||g_{c+1}(x)|| ||s||
+    approx3: np.ndarray  # ||g_c(x)|| ||s||
+    grad_norm_next: np.ndarray  # ||g_{c+1}(x)||
+    grad_norm_prev: np.ndarray  # ||g_c(x)||
+    s_norm: float  # ||H^-1 sum_j g_{c+1}(x_j)||
+
+
+def inverse_hvp(options: DiagnosticsOptions, train_loss, params, train_data, v, *, damping: float, rng):
+    """`(H + damping*I)^-1 v` by the chosen solver (damping is the ABSOLUTE shift for every solver)."""
+    if options.solver == "lissa":
+        scale = options.lissa_scale
+        return influence.solve("lissa", train_loss, params, train_data, v, rng=rng, damping=damping / scale,
+                               scale=scale, depth=options.lissa_depth, repeats=options.lissa_repeats,
+                               batch_size=options.lissa_batch_size)
+    return influence.solve(options.solver, train_loss, params, train_data, v, damping=damping, scale=1.0,
+                           maxiter=options.cg_maxiter, tol=options.cg_tol)
+
+
+def cycle_bounds(model, prev_variables: dict, next_variables: dict, pool_x, train_data, test_data, *,
+                 options: DiagnosticsOptions = DiagnosticsOptions(), damping: float = 0.0,
+                 rng: Optional[jax.Array] = None, losses: Optional[dict[str, Callable]] = None) -> dict[str, Bounds]:
+    """{loss name: Bounds} for the models of cycles c (`prev_variables`) and c+1 (`next_variables`), the
+    pool `pool_x`, the labelled training set `train_data = (x, y)` model c+1 was trained on, and the test
+    set `test_data = (x, y)` (its labels are used only with `options.test_loss == "true"`).
+    See the module docstring for the definitions; `damping` is the absolute shift mu of H + mu I.
+
+    Cost per loss: one solve, one jvp pass over the pool (Target), two per-example gradient-norm passes
+    (models c and c+1), and one gradient of the test loss (skipped for the second loss with true labels).
+    """
+    losses = LOSSES if losses is None else losses
+    rng = jax.random.key(options.seed) if rng is None else rng
+    chunk = options.chunk_size
+    apply_prev = inference_apply(model, prev_variables["batch_stats"])
+    apply_next = inference_apply(model, next_variables["batch_stats"])
+    restricted = lambda loss, variables: restrict(loss, variables["params"], options.params)  # noqa: E731
+
+    # Built once per call and reused by every engine below (they jit the loss as a static argument).
+    ce_next, theta_next = restricted(gradnorm.example_loss(apply_next, gradnorm.cross_entropy, labelled=True),
+                                     next_variables)
+    train_loss = influence.mean_loss(ce_next)
+    test_x, test_y = test_data
+    n_test = int(test_x.shape[0])
+
+    def solve_for(example_loss_fn, data):
+        v = tree_scale(influence.mean_gradient(example_loss_fn, theta_next, data, chunk_size=chunk), n_test)
+        return inverse_hvp(options, train_loss, theta_next, train_data, v, damping=damping, rng=rng)
+
+    s_true = solve_for(ce_next, (test_x, test_y)) if options.test_loss == "true" else None
+    out = {}
+    for name, loss_of_logits in losses.items():
+        loss_next, _ = restricted(gradnorm.example_loss(apply_next, loss_of_logits), next_variables)
+        loss_prev, theta_prev = restricted(gradnorm.example_loss(apply_prev, loss_of_logits), prev_variables)
+        s = s_true if s_true is not None else solve_for(loss_next, test_x)
+        s_norm = float(tree_norm(s))
+        target = np.asarray(influence.influence_scores(loss_next, theta_next, pool_x, s, chunk_size=chunk),
+                            np.float64)
+        norm_next = np.asarray(gradnorm.per_example_grad_norms(loss_next, theta_next, pool_x, norm="global",
+                                                               chunk_size=chunk), np.float64)
+        norm_prev = np.asarray(gradnorm.per_example_grad_norms(loss_prev, theta_prev, pool_x, norm="global",
+                                                               chunk_size=chunk), np.float64)
+        out[name] = Bounds(target, np.abs(target), norm_next * s_norm, norm_prev * s_norm, norm_next, norm_prev,
+                           s_norm)
+    return out
+
+
+def true_label_grad_norms(model, variables: dict, pool_x, pool_y, *, norm: str = "global",
+                          params_filter: str = "all", chunk_size: Optional[int] = None) -> np.ndarray:
+    """(n_pool,) norms of the true-label CE gradient under `variables` (Table 1's reference ranking)."""
+    loss = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]), gradnorm.cross_entropy,
+                                 labelled=True)
+    return np.asarray(gradnorm.per_example_grad_norms(loss, variables["params"], (pool_x, pool_y), norm=norm,
+                                                      params_filter=params_filter, chunk_size=chunk_size),
+                      np.float64)
+
+
+def top_k(scores, k: int) -> np.ndarray:
+    """Positions of the k largest scores, ties broken by the lower position (as the strategies do)."""
+    scores = np.asarray(scores, np.float64)
+    if k > scores.size:
+        raise ValueError(f"cannot take the top {k} of {scores.size} scores")
+    return np.argsort(-scores, kind="stable")[:k]
+
+
+def top_k_overlap(scores_a, scores_b, k: int) -> int:
+    """|top-k of a intersect top-k of b| (positions into the same pool)."""
+    return int(np.intersect1d(top_k(scores_a, k), top_k(scores_b, k)).size)
+
+
+def selection_overlap(selected_positions, scores, k: Optional[int] = None) -> int:
+    """How many of the selected positions are among the k (default: as many as selected) largest scores."""
+    selected_positions = np.asarray(selected_positions).reshape(-1)
+    k = selected_positions.size if k is None else k
+    return int(np.intersect1d(selected_positions, top_k(scores, k)).size)
+
+
+def summarise(bounds: dict[str, Bounds], k: int) -> dict:
+    """The per-cycle row: averages over the pool, ratios, Table 2 overlaps, and Cauchy-Schwarz checks."""
+    row = {}
+    for name, b in bounds.items():
+        means = {q: float(np.mean(getattr(b, q))) for q in QUANTITIES}
+        row.update({f"{name}_{q}_mean": means[q] for q in QUANTITIES})
+        row[f"{name}_s_norm"] = b.s_norm
+        row[f"{name}_grad_norm_next_mean"] = float(np.mean(b.grad_norm_next))
+        row[f"{name}_grad_norm_prev_mean"] = float(np.mean(b.grad_norm_prev))
+        row[f"{name}_ratio_approx3_target"] = _ratio(means["approx3"], means["target"])
+        row[f"{name}_ratio_approx3_approx1"] = _ratio(means["approx3"], means["approx1"])
+        row[f"{name}_ratio_approx2_approx1"] = _ratio(means["approx2"], means["approx1"])
+        row[f"{name}_target_negative_fraction"] = float(np.mean(b.target < 0))
+        row[f"{name}_overlap_target_approx3"] = top_k_overlap(b.target, b.approx3, k)
+        row[f"{name}_overlap_abs_target_approx3"] = top_k_overlap(b.approx1, b.approx3, k)
+        # Cauchy-Schwarz, sample by sample, with a relative rounding allowance.
+        row[f"{name}_cauchy_schwarz_violations"] = int(np.sum(b.approx2 < b.approx1 * (1 - 1e-4) - 1e-12))
+    return row
+
+
+def _ratio(a: float, b: float) -> Optional[float]:
+    return float(a / b) if b != 0 else None
+
+
+# ----------------------------------------------------------------------------- the observer
+
+
+@dataclasses.dataclass
+class _Previous:
+    cycle: int
+    variables: dict
+    candidates: np.ndarray
+    selected: np.ndarray
+
+
+class DiagnosticsObserver:
+    """`observer(exp, cycle, state, trained_on, record, candidates)` for `jaxal.loop.run_experiment`:
+    keeps the previous cycle's model per (strategy, trial) and, when cycle c+1 arrives, computes the row of
+    cycle c. `rows[(strategy, trial, cycle)]` holds every row; `on_update(rows)` runs after every cycle."""
+
+    def __init__(self, options: DiagnosticsOptions, *, rows: Optional[dict] = None,
+                 on_update: Optional[Callable[[dict], None]] = None, log: Callable[[str], None] = print):
+        check_options(options)
+        self.options = options
+        self.rows: dict[tuple, dict] = dict(rows or {})
+        self.on_update = on_update
+        self.log = log
+        self.samples: dict[tuple, dict] = {}  # (strategy, trial, cycle) -> per-sample arrays (last ones only)
+        self._previous: dict[tuple, _Previous] = {}
+
+    def __call__(self, exp, cycle: int, state, trained_on, record: dict, candidates) -> None:
+        from jaxal.train import model_variables
+
+        key = (record["strategy"], record["trial"])
+        # Copies: a warm-started next cycle may donate the state's buffers to its training step.
+        variables = jax.tree.map(jnp.copy, model_variables(state))
+        row = dict(self.rows.get((*key, cycle), {}))
+        row.update(strategy=key[0], trial=key[1], cycle=cycle, num_labeled=record["num_labeled"],
+                   train_accuracy=record["train_accuracy"], test_accuracy=record["test_accuracy"],
+                   gap=record["train_accuracy"] - record["test_accuracy"])
+        self.rows[(*key, cycle)] = row
+        previous = self._previous.pop(key, None)
+        if previous is not None and previous.cycle == cycle - 1:
+            self.rows[(*key, cycle - 1)].update(self._pair(exp, key, previous, variables, trained_on))
+        elif cycle > 0 and "table2_k" not in self.rows.get((*key, cycle - 1), {}):
+            self.log(f"diagnostics: {key[0]} trial {key[1]}: the model of cycle {cycle - 1} ran in an earlier "
+                     f"process (resumed run); the pair ({cycle - 1}, {cycle}) is missing")
+        if len(candidates):
+            self._previous[key] = _Previous(cycle, variables, np.asarray(candidates),
+                                            np.asarray(record["selected"], np.int64))
+        if self.on_update is not None:
+            self.on_update(self.rows)
+
+    def _pair(self, exp, key, previous: _Previous, variables: dict, trained_on) -> dict:
+        options, config, data = self.options, exp.config, exp.dataset
+        start = time.perf_counter()
+        strategy, trial = key
+        candidates = previous.candidates
+        pool_x = jnp.asarray(data.x_train[candidates])
+        trained_on = np.asarray(trained_on)
+        train_data = (jnp.asarray(data.x_train[trained_on]), jnp.asarray(data.y_train[trained_on]))
+        test_data = (jnp.asarray(data.x_test), jnp.asarray(data.y_test))
+        damping = config.weight_decay if options.damping is None else options.damping
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(options.seed), trial), previous.cycle)
+        bounds = cycle_bounds(exp.model, previous.variables, variables, pool_x, train_data, test_data,
+                              options=options, damping=damping, rng=rng)
+        k = options.k or config.budget
+        k = min(k, len(candidates))
+        row = summarise(bounds, k)
+        # Table 1: the strategy's K selected samples vs the K of largest true-label gradient norm, model c.
+        true_norms = true_label_grad_norms(exp.model, previous.variables, pool_x,
+                                           jnp.asarray(data.y_train[candidates]), norm=options.table1_norm,
+                                           params_filter=options.table1_params, chunk_size=options.chunk_size)
+        selected_positions = np.searchsorted(candidates, previous.selected)
+        if not np.array_equal(candidates[np.minimum(selected_positions, len(candidates) - 1)], previous.selected):
+            raise RuntimeError("the selected samples are not among the candidates of their cycle")
+        row.update(table1_overlap=selection_overlap(selected_positions, true_norms),
+                   table1_k=int(selected_positions.size), table2_k=k, num_pool=int(len(candidates)),
+                   num_test=int(data.x_test.shape[0]), num_train=int(len(trained_on)), solver=options.solver,
+                   params=options.params, num_params=int(tree_size(_subset(variables["params"], options.params))),
+                   test_loss=options.test_loss, damping=float(damping), diagnostics_seconds=0.0)
+        row["diagnostics_seconds"] = time.perf_counter() - start
+        selected_mask = np.zeros(len(candidates), bool)
+        selected_mask[selected_positions] = True
+        arrays = {"candidates": candidates, "selected": selected_mask, "true_label_grad_norm": true_norms}
+        for name, b in bounds.items():
+            for field in ("target", "approx1", "approx2", "approx3", "grad_norm_next", "grad_norm_prev"):
+                arrays[f"{name}_{field}"] = getattr(b, field)
+            arrays[f"{name}_s_norm"] = np.asarray(b.s_norm)
+        self.samples = {(strategy, trial, previous.cycle): arrays}
+        return row
+
+
+def _subset(params, subset: str):
+    return [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(subset_mask(params, subset))) if m]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+CSV_FIRST = ("strategy", "trial", "cycle", "num_labeled", "train_accuracy", "test_accuracy", "gap",
+             "table1_overlap", "table1_k", "table2_k")
+
+
+def csv_columns(rows: list[dict]) -> list[str]:
+    seen = list(CSV_FIRST)
+    for row in rows:
+        seen += [c for c in row if c not in seen]
+    return seen
+
+
+def write_outputs(workdir: Path, rows: dict, samples: Optional[dict] = None, title: str = "") -> None:
+    """diagnostics.jsonl/.csv, the figure, the tables and the new per-sample file (all rewritten whole)."""
+    import csv
+    import io
+
+    ordered = [rows[key] for key in sorted(rows)]
+    results.write_jsonl(workdir / "diagnostics.jsonl", ordered)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(ordered), restval="")
+    writer.writeheader()
+    writer.writerows(ordered)
+    results.write_atomic(workdir / "diagnostics.csv", buffer.getvalue())
+    for (strategy, trial, cycle), arrays in (samples or {}).items():
+        folder = workdir / "diagnostics_samples"
+        folder.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        results.write_atomic(folder / f"{strategy}_trial{trial}_cycle{cycle}.npz", buffer.getvalue())
+    if any("table2_k" in r for r in ordered):
+        plot_fig3(workdir / "diagnostics_fig3.png", ordered, title)
+    results.write_atomic(workdir / "diagnostics_tables.txt", format_tables(ordered) + "\n")
+
+
+def _mean_by_cycle(rows: list[dict], strategy: str, field: str) -> dict[int, float]:
+    """cycle -> mean over trials of `field` (rows lacking it are skipped)."""
+    values = defaultdict(list)
+    for r in rows:
+        if r["strategy"] == strategy and r.get(field) is not None:
+            values[r["cycle"]].append(r[field])
+    return {c: float(np.mean(v)) for c, v in sorted(values.items())}
+
+
+def _strategies(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["strategy"] for r in rows))
+
+
+def _table(title: str, header: list[str], body: list[list[str]], note: str = "") -> str:
+    widths = [max(len(str(line[i])) for line in [header] + body) for i in range(len(header))]
+    fmt = lambda line: "  ".join(str(v).rjust(w) if i else str(v).ljust(w)  # noqa: E731
+                                 for i, (v, w) in enumerate(zip(line, widths)))
+    lines = [title, fmt(header), "-" * (sum(widths) + 2 * (len(widths) - 1))] + [fmt(line) for line in body]
+    return "\n".join(lines + ([note] if note else []))
+
+
+def _count(value: Optional[float], k: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+    return f"{text}/{k:.0f} ({100 * value / k:.0f}%)" if k else text
+
+
+def format_tables(rows: list[dict]) -> str:
+    """Fig. 3's averages and Tables 1-3 in the paper's layout (means over trials)."""
+    if not rows:
+        return "(no diagnostics yet)"
+    strategies = _strategies(rows)
+    cycles = sorted({r["cycle"] for r in rows})
+    pair_cycles = sorted({r["cycle"] for r in rows if "table2_k" in r})
+    losses = [name for name in LOSSES if any(f"{name}_target_mean" in r for r in rows)]
+    parts = []
+    for strategy in strategies:
+        body = []
+        for name in losses:
+            for q in QUANTITIES:
+                means = _mean_by_cycle(rows, strategy, f"{name}_{q}_mean")
+                body.append([f"{name} {QUANTITY_LABELS[q]}"] + [f"{means[c]:.4g}" if c in means else "-"
+                                                                 for c in pair_cycles])
+            ratio = _mean_by_cycle(rows, strategy, f"{name}_ratio_approx3_target")
+            body.append([f"{name} Approx-3/Target"] + [f"{ratio[c]:.3g}" if c in ratio else "-"
+                                                       for c in pair_cycles])
+        parts.append(_table(f"Fig. 3 ({strategy}): averages over the unlabelled pool of cycle c "
+                            "(models of cycles c and c+1)", ["quantity"] + [f"c={c}" for c in pair_cycles], body))
+    body = []
+    for strategy in strategies:
+        overlap, k = _mean_by_cycle(rows, strategy, "table1_overlap"), _mean_by_cycle(rows, strategy, "table1_k")
+        body.append([strategy] + [_count(overlap.get(c), k.get(c)) for c in pair_cycles])
+    parts.append(_table("Table 1: selected samples among the K of largest true-label gradient norm (model c)",
+                        ["strategy"] + [f"c={c}" for c in pair_cycles], body))
+    body = []
+    for strategy in strategies:
+        k = _mean_by_cycle(rows, strategy, "table2_k")
+        for name in losses:
+            for field, label in (("overlap_target_approx3", "Target"), ("overlap_abs_target_approx3", "|Target|")):
+                overlap = _mean_by_cycle(rows, strategy, f"{name}_{field}")
+                body.append([f"{strategy} {name} {label}"] + [_count(overlap.get(c), k.get(c)) for c in pair_cycles])
+    parts.append(_table("Table 2: overlap of the top-K by Eq. 3 (largest Target = most beneficial; or largest "
+                        "|Target|) and by Eq. 5 (Approx-3)", ["strategy, loss, Eq. 3 by"]
+                        + [f"c={c}" for c in pair_cycles], body))
+    body = []
+    for strategy in strategies:
+        gap = _mean_by_cycle(rows, strategy, "gap")
+        body.append([strategy] + [f"{100 * gap[c]:.2f}" if c in gap else "-" for c in cycles])
+    parts.append(_table("Table 3: train accuracy - test accuracy (percentage points)",
+                        ["strategy"] + [f"c={c}" for c in cycles], body))
+    return "\n\n".join(parts)
+
+
+def plot_fig3(path: Path, rows: list[dict], title: str = "") -> None:
+    """The paper's Fig. 3: the pool averages of Target and Approx-1/2/3 over cycles, one panel per loss,
+    a row per strategy, log-scale y. A negative average Target is drawn at its absolute value with a
+    hollow marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategies = [s for s in _strategies(rows) if any("table2_k" in r and r["strategy"] == s for r in rows)]
+    losses = [name for name in LOSSES if any(f"{name}_target_mean" in r for r in rows)]
+    fig, axes = plt.subplots(len(strategies), len(losses), figsize=(4.6 * len(losses), 3.1 * len(strategies)),
+                             squeeze=False, sharex=True)
+    styles = {"target": ("k", "o"), "approx1": ("tab:blue", "s"), "approx2": ("tab:orange", "^"),
+              "approx3": ("tab:green", "D")}
+    for i, strategy in enumerate(strategies):
+        for j, name in enumerate(losses):
+            ax = axes[i, j]
+            for q in QUANTITIES:
+                means = _mean_by_cycle(rows, strategy, f"{name}_{q}_mean")
+                xs = np.array(list(means), float)
+                ys = np.array(list(means.values()))
+                color, marker = styles[q]
+                ax.plot(xs, np.abs(ys), color=color, lw=1.3, label=QUANTITY_LABELS[q])
+                for x, y in zip(xs, ys):
+                    ax.plot([x], [abs(y)], marker=marker, color=color, ms=4,
+                            markerfacecolor=color if y > 0 else "none")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.set_title(f"{strategy}: {LOSS_LABELS[name]}", fontsize=9)
+            if i == len(strategies) - 1:
+                ax.set_xlabel("AL cycle c (models c, c+1)")
+            if j == 0:
+                ax.set_ylabel("mean over pool")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def read_rows(workdir: Path) -> dict:
+    path = Path(workdir) / "diagnostics.jsonl"
+    if not path.exists():
+        return {}
+    return {(r["strategy"], r["trial"], r["cycle"]): r for r in results.read_jsonl(path)}
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def default_workdir(config: Config) -> Path:
+    dataset = Path(config.dataset).stem if config.dataset.endswith(".npz") else config.dataset
+    return Path("runs") / f"diagnostics-{dataset}-{config.strategy.replace(',', '+')}"
+
+
+def run_diagnostics(config: Config, options: DiagnosticsOptions = DiagnosticsOptions(), *,
+                    workdir: Optional[str | Path] = None, overwrite: bool = False,
+                    log: Callable[[str], None] = print) -> list[dict]:
+    """Run (or resume) the experiment of `config` with the diagnostics after every cycle; writes the
+    outputs into the run directory and returns the rows (one per strategy, trial and cycle)."""
+    from jaxal import loop
+
+    check_options(options)
+    workdir = Path(workdir or config.workdir or default_workdir(config))
+    exp = loop.prepare(config, workdir)  # validates the experiment, touches nothing
+    _check_against(exp, options)
+    rows = {} if overwrite else read_rows(workdir)
+    title = (f"{exp.dataset.name}, {exp.config.model}: solver {options.solver}, params {options.params}, "
+             f"test loss {options.test_loss}")
+
+    def on_update(current):
+        write_outputs(workdir, current, observer.samples if options.save_samples else None, title)
+        observer.samples = {}
+
+    observer = DiagnosticsObserver(options, rows=rows, on_update=on_update, log=log)
+    loop.run_experiment(exp.config, workdir=workdir, overwrite=overwrite, log=log, observer=observer)
+    ordered = [observer.rows[key] for key in sorted(observer.rows)]
+    write_outputs(workdir, observer.rows, None, title)
+    log(format_tables(ordered))
+    log(f"diagnostics: {workdir / 'diagnostics.csv'}, {workdir / 'diagnostics_fig3.png'}, "
+        f"{workdir / 'diagnostics_tables.txt'}" + (f", {workdir / 'diagnostics_samples'}/" if options.save_samples
+                                                   else ""))
+    return ordered
+
+
+def _check_against(exp, options: DiagnosticsOptions) -> None:
+    """Fail before training for settings that cannot run on this experiment."""
+    from jaxal.models import init_variables
+
+    config = exp.config
+    variables = jax.eval_shape(lambda key: init_variables(exp.model, key, exp.dataset.image_shape),
+                               jax.random.key(0))
+    size = sum(int(np.prod(p.shape)) for p in _subset(variables["params"], options.params))
+    if options.solver == "exact" and size > influence.MAX_EXACT_PARAMS:
+        raise ValueError(f"--diag.solver exact builds a dense Hessian and is limited to "
+                         f"{influence.MAX_EXACT_PARAMS} parameters; --diag.params {options.params} of "
+                         f"{config.model} has {size}: use --diag.solver cg or lissa, or --diag.params last_layer")
+    if config.cycles < 2:
+        raise ValueError("the diagnostics compare the models of consecutive cycles: --cycles must be at least 2")
+    k = options.k or config.budget
+    if config.subset_size is not None and k > config.subset_size:
+        raise ValueError(f"--diag.k ({k}) is larger than the scored pool (--subset_size {config.subset_size})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxal import run
+
+    parser = run.build_parser()
+    parser.prog = "python -m jaxal.diagnostics"
+    parser.description = ("Run an active-learning experiment and, after every cycle, the bound-tightness "
+                          "diagnostics of Wang et al. (AAAI 2022): Fig. 3 (Target, Approx-1/2/3), Table 1 "
+                          "(overlap with the true-label gradient norm), Table 2 (overlap of Eq. 3 and Eq. 5) "
+                          "and Table 3 (train-test gap). Outputs go next to the run's results in --workdir "
+                          "(default runs/diagnostics-<dataset>-<strategies>).")
+    group = parser.add_argument_group("diagnostics")
+    hints = get_type_hints(DiagnosticsOptions)
+    for field in dataclasses.fields(DiagnosticsOptions):
+        kind = hints[field.name]
+        group.add_argument(f"--diag.{field.name}", dest=f"diag.{field.name}", default=argparse.SUPPRESS,
+                           metavar=getattr(kind, "__name__", str(kind).replace("typing.", "")).upper(),
+                           help=f"default: {field.default!r}")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> DiagnosticsOptions:
+    hints = get_type_hints(DiagnosticsOptions)
+    values = {}
+    for name, text in vars(args).items():
+        if name.startswith("diag."):
+            field = name[len("diag."):]
+            try:
+                values[field] = parse_value(text, hints[field])
+            except ValueError as error:
+                raise ValueError(f"--{name}: cannot read {text!r} ({error})") from None
+    return DiagnosticsOptions(**values)
+
+
+def main(argv=None) -> int:
+    from jaxal import run
+    from jaxal.checkpoint import CheckpointError
+    from jaxal.influence import LissaDivergenceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        config = run.config_from_args(args)
+        options = options_from_args(args)
+        run_diagnostics(config, options, workdir=config.workdir, overwrite=args.overwrite)
+    except (ValueError, CheckpointError, FloatingPointError, LissaDivergenceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The bound diagnostics against independent references: a Python loop of `jax.grad` and a dense solve of
+`jax.hessian` in float64, the Cauchy-Schwarz inequality sample by sample, NumPy `intersect1d` overlaps,
+the identity exp-gn = ent-gn, and an end-to-end run of the command on digits."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxal import diagnostics
+from jaxal.diagnostics import DiagnosticsOptions
+from jaxal.models import MLP, SmallCNN, init_variables
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FIELDS = ("target", "approx1", "approx2", "approx3", "grad_norm_next", "grad_norm_prev")
+
+
+def to64(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def problem(model, input_shape, num_classes, dtype, n_pool=7, n_train=6, n_test=4):
+    """Two different models (cycles c and c+1), a pool, a labelled training set and a test set."""
+    cast = to64 if dtype == jnp.float64 else (lambda t: t)
+    prev = cast(init_variables(model, jax.random.key(0), input_shape))
+    nxt = cast(init_variables(model, jax.random.key(1), input_shape))
+    rng = np.random.default_rng(0)
+    data = lambda n: jnp.asarray(rng.normal(size=(n, *input_shape)), dtype)  # noqa: E731
+    labels = lambda n: jnp.asarray(rng.integers(0, num_classes, size=n))  # noqa: E731
+    return prev, nxt, data(n_pool), (data(n_train), labels(n_train)), (data(n_test), labels(n_test))
+
+
+# ---- references, written without the library's losses or engines ----------------------------------
+
+
+def ref_entropy(logits):
+    p = jax.nn.softmax(logits)
+    return -jnp.sum(p * jnp.log(p))
+
+
+def ref_ce(logits, y):
+    return -jnp.log(jax.nn.softmax(logits)[y])
+
+
+def reference_bounds(model, prev, nxt, pool_x, train, test, *, subset, test_loss, damping):
+    """Target and Approx-1/2/3 from explicit per-example gradients (a loop of jax.grad) and a dense inverse
+    of jax.hessian, on the flattened parameter subset."""
+
+    def split(params):
+        selected = {"head": params["head"]} if subset == "last_layer" else params
+        flat, unravel = ravel_pytree(selected)
+        full = lambda f: {**params, **unravel(f)}  # noqa: E731
+        return flat, full
+
+    def logits(params, x):
+        return model.apply({"params": params}, x[None], train=False).logits[0]
+
+    flat_n, full_n = split(nxt["params"])
+    flat_p, full_p = split(prev["params"])
+    train_x, train_y = train
+    test_x, test_y = test
+    train_loss = lambda f: jnp.mean(jnp.stack([ref_ce(logits(full_n(f), x), y)  # noqa: E731
+                                               for x, y in zip(train_x, train_y)]))
+    hessian = jax.jit(jax.hessian(train_loss))(flat_n) + damping * jnp.eye(flat_n.size)
+    ce_grad = jax.jit(jax.grad(lambda f, x, y: ref_ce(logits(full_n(f), x), y)))
+    ent_grad_n = jax.jit(jax.grad(lambda f, x: ref_entropy(logits(full_n(f), x))))
+    ent_grad_p = jax.jit(jax.grad(lambda f, x: ref_entropy(logits(full_p(f), x))))
+    if test_loss == "true":
+        v = sum(ce_grad(flat_n, x, y) for x, y in zip(test_x, test_y))
+    else:
+        v = sum(ent_grad_n(flat_n, x) for x in test_x)
+    s = jnp.linalg.solve(hessian, v)
+    g_next = np.stack([ent_grad_n(flat_n, x) for x in pool_x])  # one example at a time
+    g_prev = np.stack([ent_grad_p(flat_p, x) for x in pool_x])
+    s_norm = np.linalg.norm(s)
+    target = g_next @ np.asarray(s)
+    norm_next, norm_prev = np.linalg.norm(g_next, axis=1), np.linalg.norm(g_prev, axis=1)
+    return dict(target=target, approx1=np.abs(target), approx2=norm_next * s_norm, approx3=norm_prev * s_norm,
+                grad_norm_next=norm_next, grad_norm_prev=norm_prev), s_norm
+
+
+@pytest.mark.parametrize("subset,test_loss", [("all", "theory"), ("last_layer", "theory"), ("all", "true")])
+def test_exact_target_and_approximations_match_explicit_gradients_and_dense_inverse(subset, test_loss):
+    with jax.enable_x64(True):
+        model = MLP(num_classes=3, hidden=(5,))
+        prev, nxt, pool_x, train, test = problem(model, (2, 2, 2), 3, jnp.float64)
+        options = DiagnosticsOptions(solver="exact", params=subset, test_loss=test_loss)
+        bounds = diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, options=options, damping=0.05)
+        expected, s_norm = reference_bounds(model, prev, nxt, pool_x, train, test, subset=subset,
+                                            test_loss=test_loss, damping=0.05)
+        for name in ("exp", "ent"):  # both equal the entropy reference: exp-gn is ent-gn
+            for field in FIELDS:
+                np.testing.assert_allclose(getattr(bounds[name], field), expected[field], rtol=1e-9, atol=1e-12,
+                                           err_msg=f"{name} {field}")
+            np.testing.assert_allclose(bounds[name].s_norm, s_norm, rtol=1e-9)
+        assert np.any(expected["target"] != 0) and np.any(expected["approx3"] != expected["approx2"])
+
+
+@pytest.mark.parametrize("solver", ["cg", "lissa"])
+def test_iterative_solvers_agree_with_the_exact_solve(solver):
+    """The same damped system (H + mu I) s = v by every solver (LiSSA deterministic: full batch per step)."""
+    with jax.enable_x64(True):
+        model = MLP(num_classes=3, hidden=(5,))
+        prev, nxt, pool_x, train, test = problem(model, (2, 2, 2), 3, jnp.float64)
+        run = lambda **kw: diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, damping=0.5,  # noqa: E731
+                                                    options=DiagnosticsOptions(params="last_layer", **kw))["ent"]
+        exact = run(solver="exact")
+        other = run(solver=solver, lissa_scale=5.0, lissa_depth=400, cg_tol=1e-10)
+        np.testing.assert_allclose(other.target, exact.target, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(other.s_norm, exact.s_norm, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def cnn_bounds():
+    """float32 bounds of a small CNN, all parameters of rank > 1, H^-1 by CG."""
+    model = SmallCNN(num_classes=4, channels=(4, 8), hidden=16)
+    prev, nxt, pool_x, train, test = problem(model, (6, 6, 1), 4, jnp.float32, n_pool=40, n_train=12, n_test=10)
+    options = DiagnosticsOptions(solver="cg", params="weights", cg_maxiter=300, cg_tol=1e-5)
+    return diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, options=options, damping=5.0)
+
+
+def test_approx1_is_abs_target_and_cauchy_schwarz_holds_for_every_sample(cnn_bounds):
+    for name, b in cnn_bounds.items():
+        np.testing.assert_array_equal(b.approx1, np.abs(b.target))
+        assert np.all(b.approx2 >= b.approx1 * (1 - 1e-5)), name  # ||g|| ||s|| >= |g . s|, up to rounding
+        assert b.approx1.min() > 0 and b.s_norm > 0
+        row = diagnostics.summarise({name: b}, k=5)
+        assert row[f"{name}_cauchy_schwarz_violations"] == 0
+
+
+def test_expected_and_entropy_columns_agree(cnn_bounds):
+    """L_exp with the posterior differentiated IS the entropy, so all four quantities agree to rounding."""
+    exp, ent = cnn_bounds["exp"], cnn_bounds["ent"]
+    for field in FIELDS:
+        np.testing.assert_allclose(getattr(exp, field), getattr(ent, field), rtol=2e-4, err_msg=field)
+    np.testing.assert_allclose(exp.s_norm, ent.s_norm, rtol=2e-4)
+
+
+def test_true_label_grad_norms_match_a_python_loop():
+    model = MLP(num_classes=3, hidden=(5,))
+    variables = init_variables(model, jax.random.key(2), (2, 2, 2))
+    rng = np.random.default_rng(1)
+    xs, ys = jnp.asarray(rng.normal(size=(5, 2, 2, 2)), jnp.float32), jnp.asarray(rng.integers(0, 3, size=5))
+    norms = diagnostics.true_label_grad_norms(model, variables, xs, ys)
+    loss = lambda p, x, y: ref_ce(model.apply({"params": p}, x[None], train=False).logits[0], y)  # noqa: E731
+    expected = [np.linalg.norm(ravel_pytree(jax.grad(loss)(variables["params"], x, y))[0]) for x, y in zip(xs, ys)]
+    np.testing.assert_allclose(norms, expected, rtol=1e-5)
+
+
+def test_overlaps_match_numpy_intersect1d():
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(5, 60))
+        a, b = rng.normal(size=n), rng.normal(size=n)
+        k = int(rng.integers(1, n + 1))
+        expected = np.intersect1d(np.argsort(a)[::-1][:k], np.argsort(b)[::-1][:k]).size
+        assert diagnostics.top_k_overlap(a, b, k) == expected
+        selected = rng.choice(n, k, replace=False)
+        assert diagnostics.selection_overlap(selected, b) == np.intersect1d(selected, np.argsort(b)[::-1][:k]).size
+    # Hand-made: the top-2 by Target (largest = most beneficial) are positions 0 and 3; by Approx-3, 3 and 4.
+    target, approx3 = np.array([5.0, -9.0, 1.0, 4.0, 0.5]), np.array([0.1, 0.2, 0.3, 0.9, 0.8])
+    assert diagnostics.top_k_overlap(target, approx3, 2) == 1
+    assert diagnostics.top_k_overlap(np.abs(target), approx3, 2) == 0  # |Target| top-2: positions 1 and 0
+    assert diagnostics.selection_overlap([3, 4], approx3) == 2 and diagnostics.selection_overlap([0, 1], approx3) == 0
+    bounds = {"ent": diagnostics.Bounds(target, np.abs(target), approx3 * 10, approx3, approx3 * 10, approx3, 1.0)}
+    row = diagnostics.summarise(bounds, k=2)
+    assert row["ent_overlap_target_approx3"] == 1 and row["ent_overlap_abs_target_approx3"] == 0
+    assert row["ent_target_mean"] == pytest.approx(np.mean(target))
+    assert row["ent_ratio_approx3_target"] == pytest.approx(np.mean(approx3) / np.mean(target))
+
+
+def test_command_end_to_end_on_digits(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = ["--dataset", "digits", "--strategy", "entropy,random", "--cycles", "3", "--epochs", "2",
+            "--initial_size", "40", "--budget", "15", "--subset_size", "200", "--progress", "false",
+            "--workdir", str(workdir), "--diag.k", "10"]
+    assert diagnostics.main(argv) == 0
+    printed = capsys.readouterr().out
+    for title in ("Fig. 3 (entropy)", "Table 1", "Table 2", "Table 3"):
+        assert title in printed
+    rows = [json.loads(line) for line in (workdir / "diagnostics.jsonl").read_text().splitlines()]
+    assert [(r["strategy"], r["cycle"]) for r in rows] == [(s, c) for s in ("entropy", "random") for c in range(3)]
+    pairs = [r for r in rows if r["cycle"] < 2]
+    assert all("exp_target_mean" in r and r["table2_k"] == 10 and r["table1_k"] == 15 for r in pairs)
+    assert all("exp_target_mean" not in r for r in rows if r["cycle"] == 2)  # the last cycle has only the gap
+    for r in rows:
+        assert r["gap"] == pytest.approx(r["train_accuracy"] - r["test_accuracy"])
+    for r in pairs:
+        assert r["ent_cauchy_schwarz_violations"] == 0 and r["num_pool"] == 200
+        assert 0 <= r["ent_overlap_target_approx3"] <= 10 and 0 <= r["table1_overlap"] <= 15
+        assert r["solver"] == "exact" and r["params"] == "last_layer" and r["damping"] == 5e-4
+    header = (workdir / "diagnostics.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["strategy", "trial", "cycle", "num_labeled"] and "ent_approx3_mean" in header
+    assert (workdir / "diagnostics_fig3.png").read_bytes().startswith(PNG_MAGIC)
+    assert "Table 3" in (workdir / "diagnostics_tables.txt").read_text()
+    assert (workdir / "results.csv").exists()  # the experiment's own results, next to the diagnostics
+    with np.load(workdir / "diagnostics_samples" / "entropy_trial0_cycle1.npz") as z:
+        assert z["candidates"].shape == (200,) and z["selected"].sum() == 15
+        np.testing.assert_array_equal(z["ent_approx1"], np.abs(z["ent_target"]))
+        assert np.all(z["ent_approx2"] >= z["ent_approx1"] * (1 - 1e-4))
+        rows_c1 = next(r for r in rows if r["strategy"] == "entropy" and r["cycle"] == 1)
+        assert np.mean(z["ent_approx3"]) == pytest.approx(rows_c1["ent_approx3_mean"], rel=1e-6)
+
+
+def test_command_rejects_an_exact_solve_on_all_parameters_before_training(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert diagnostics.main(["--diag.params", "all", "--diag.solver", "exact", "--workdir", str(workdir)]) == 2
+    assert "cg or lissa" in capsys.readouterr().err
+    assert not workdir.exists()
+    assert diagnostics.main(["--diag.solver", "newton", "--workdir", str(workdir)]) == 2
+    assert not workdir.exists()
