@@ -12,6 +12,7 @@ Every notebook in colab/ must also be valid nbformat v4 and be committed without
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -50,8 +51,22 @@ def check_quickstart(cwd: Path, nb) -> None:
     assert install.outputs == []
 
 
+def check_bound_diagnostics(cwd: Path, nb) -> None:
+    workdir = cwd / "runs" / "bound_diagnostics"
+    rows = [json.loads(line) for line in (workdir / "diagnostics.jsonl").read_text().splitlines()]
+    # QUICK: entropy and random, 3 cycles; the pairs (0, 1) and (1, 2) have the bounds, cycle 2 only the gap.
+    assert sorted((r["strategy"], r["cycle"]) for r in rows) == [(s, c) for s in ("entropy", "random") for c in range(3)]
+    assert all(r["ent_cauchy_schwarz_violations"] == 0 for r in rows if r["cycle"] < 2)
+    assert (workdir / "diagnostics_fig3.png").read_bytes().startswith(PNG_MAGIC)
+    assert any("image/png" in out.get("data", {}) for out in outputs_of(nb))
+    printed = "".join(out.get("text", "") for out in outputs_of(nb) if out.output_type == "stream")
+    assert "Table 1" in printed and "Table 2" in printed and "Table 3" in printed
+    assert "for every sample: True" in printed
+
+
 NOTEBOOKS: list[tuple[str, Callable[[Path, nbformat.NotebookNode], None]]] = [
     ("quickstart.ipynb", check_quickstart),
+    ("bound_diagnostics.ipynb", check_bound_diagnostics),
 ]
 
 
