@@ -493,6 +493,7 @@ def plot_fig3(path: Path, rows: list[dict], title: str = "") -> None:
                     ax.plot([x], [abs(y)], marker=marker, color=color, ms=4,
                             markerfacecolor=color if y > 0 else "none")
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3, which="both")
             ax.set_title(f"{strategy}: {LOSS_LABELS[name]}", fontsize=9)
             if i == len(strategies) - 1:

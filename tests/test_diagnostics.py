@@ -174,22 +174,22 @@ def test_overlaps_match_numpy_intersect1d():
 
 def test_command_end_to_end_on_digits(tmp_path, capsys):
     workdir = tmp_path / "run"
-    argv = ["--dataset", "digits", "--strategy", "entropy,random", "--cycles", "3", "--epochs", "2",
-            "--initial_size", "40", "--budget", "15", "--subset_size", "200", "--progress", "false",
+    argv = ["--dataset", "digits", "--strategy", "entropy,random", "--cycles", "2", "--epochs", "2",
+            "--initial_size", "40", "--budget", "15", "--subset_size", "100", "--progress", "false",
             "--workdir", str(workdir), "--diag.k", "10"]
     assert diagnostics.main(argv) == 0
     printed = capsys.readouterr().out
     for title in ("Fig. 3 (entropy)", "Table 1", "Table 2", "Table 3"):
         assert title in printed
     rows = [json.loads(line) for line in (workdir / "diagnostics.jsonl").read_text().splitlines()]
-    assert [(r["strategy"], r["cycle"]) for r in rows] == [(s, c) for s in ("entropy", "random") for c in range(3)]
-    pairs = [r for r in rows if r["cycle"] < 2]
+    assert [(r["strategy"], r["cycle"]) for r in rows] == [(s, c) for s in ("entropy", "random") for c in range(2)]
+    pairs = [r for r in rows if r["cycle"] == 0]
     assert all("exp_target_mean" in r and r["table2_k"] == 10 and r["table1_k"] == 15 for r in pairs)
-    assert all("exp_target_mean" not in r for r in rows if r["cycle"] == 2)  # the last cycle has only the gap
+    assert all("exp_target_mean" not in r for r in rows if r["cycle"] == 1)  # the last cycle has only the gap
     for r in rows:
         assert r["gap"] == pytest.approx(r["train_accuracy"] - r["test_accuracy"])
     for r in pairs:
-        assert r["ent_cauchy_schwarz_violations"] == 0 and r["num_pool"] == 200
+        assert r["ent_cauchy_schwarz_violations"] == 0 and r["num_pool"] == 100
         assert 0 <= r["ent_overlap_target_approx3"] <= 10 and 0 <= r["table1_overlap"] <= 15
         assert r["solver"] == "exact" and r["params"] == "last_layer" and r["damping"] == 5e-4
     header = (workdir / "diagnostics.csv").read_text().splitlines()[0].split(",")
@@ -197,12 +197,12 @@ def test_command_end_to_end_on_digits(tmp_path, capsys):
     assert (workdir / "diagnostics_fig3.png").read_bytes().startswith(PNG_MAGIC)
     assert "Table 3" in (workdir / "diagnostics_tables.txt").read_text()
     assert (workdir / "results.csv").exists()  # the experiment's own results, next to the diagnostics
-    with np.load(workdir / "diagnostics_samples" / "entropy_trial0_cycle1.npz") as z:
-        assert z["candidates"].shape == (200,) and z["selected"].sum() == 15
+    with np.load(workdir / "diagnostics_samples" / "entropy_trial0_cycle0.npz") as z:
+        assert z["candidates"].shape == (100,) and z["selected"].sum() == 15
         np.testing.assert_array_equal(z["ent_approx1"], np.abs(z["ent_target"]))
         assert np.all(z["ent_approx2"] >= z["ent_approx1"] * (1 - 1e-4))
-        rows_c1 = next(r for r in rows if r["strategy"] == "entropy" and r["cycle"] == 1)
-        assert np.mean(z["ent_approx3"]) == pytest.approx(rows_c1["ent_approx3_mean"], rel=1e-6)
+        row = next(r for r in rows if r["strategy"] == "entropy" and r["cycle"] == 0)
+        assert np.mean(z["ent_approx3"]) == pytest.approx(row["ent_approx3_mean"], rel=1e-6)
 
 
 def test_command_rejects_an_exact_solve_on_all_parameters_before_training(tmp_path, capsys):
