@@ -81,6 +81,10 @@ class Config:
     lr_gamma: float = 0.1
     warm_start: bool = False  # continue from the previous cycle's model instead of retraining from scratch
     eval_batch_size: int = 512
+    # Devices. Training is data parallel over a 1-D mesh (axis "data") and every strategy's scoring is
+    # split over it; with D > 1 devices the training batch is rounded up to a multiple of D. The run
+    # stores the resolved count in config.json; a resumed run must use the same count.
+    num_devices: Optional[int] = None  # None: every device (of every process)
     # Strategy options.
     gradnorm: GradNormOptions = GradNormOptions()
     influence: InfluenceOptions = InfluenceOptions()

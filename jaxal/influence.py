@@ -71,6 +71,7 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.flatten_util import ravel_pytree
 
+from jaxal import parallel
 from jaxal.pytree import tree_add_scaled, tree_dot, tree_norm, tree_scale, tree_size
 
 PyTree = Any
@@ -282,9 +283,10 @@ class CGResult(NamedTuple):
     min_curvature: jax.Array  # min over search directions of p^T (H + damping I) p / ||p||^2
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "maxiter"))
-def _cg(loss_fn, params, batch, v, damping, tol, maxiter):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "maxiter", "mesh"))
+def _cg(loss_fn, params, batch, v, damping, tol, maxiter, mesh=None):
     loop_hvp = _loop_hvp(loss_fn)
+    batch = parallel.constrain_batch(batch, mesh)
     matvec = lambda x: tree_add_scaled(loop_hvp(params, batch, x), x, damping)
     dtype = jax.tree.leaves(v)[0].dtype
     target = tol * tree_norm(v)
@@ -314,7 +316,7 @@ def _cg(loss_fn, params, batch, v, damping, tol, maxiter):
 
 
 def cg(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree, *, damping: float = 0.0,
-       maxiter: int = 100, tol: float = 1e-6, return_diagnostics: bool = False):
+       maxiter: int = 100, tol: float = 1e-6, return_diagnostics: bool = False, mesh=None):
     """`(H + damping*I)^-1 v` by conjugate gradients on the full-batch Hessian of `batch` (damping is
     the ABSOLUTE shift; LiSSA's `(damping, scale)` corresponds to `damping*scale` here). One jitted
     `lax.while_loop`, one HVP per iteration, stopping at `||r|| <= tol*||v||` or `maxiter`.
@@ -324,7 +326,9 @@ def cg(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree, *, damping: fl
     direction with non-positive curvature is met the iteration stops and this raises ValueError.
     Not reaching `tol` within `maxiter` only warns. `return_diagnostics=True` returns a `CGResult`.
     """
-    result = _cg(loss_fn, params, batch, v, damping, tol, maxiter)
+    placed = parallel.replicate((params, batch, v), mesh)
+    result = _cg(loss_fn, *placed, damping, tol, maxiter, mesh)  # the batch split over `mesh`, if any
+    result = result if mesh is None else parallel.local(result)
     if not float(result.min_curvature) > 0:
         raise ValueError(f"cg: H + damping*I is not positive definite (found curvature "
                          f"{float(result.min_curvature):.3g} <= 0 along a search direction); "
@@ -351,7 +355,7 @@ class LissaResult(NamedTuple):
 
 
 def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, *, depth, repeats, batch_size,
-                  parallel_chains):
+                  parallel_chains, mesh=None):
     n = jax.tree.leaves(data)[0].shape[0]
     loop_hvp = _loop_hvp(loss_fn)
 
@@ -361,7 +365,7 @@ def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, *, depth, repea
         else:  # a fresh minibatch, indices drawn uniformly with replacement
             idx = jax.random.randint(key, (batch_size,), 0, n)
             batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
-        hv = loop_hvp(params, batch, h)
+        hv = loop_hvp(params, parallel.constrain_batch(batch, mesh), h)
         h = jax.tree.map(lambda v_, h_, hv_: v_ + (1 - damping) * h_ - hv_ / scale, v, h, hv)
         return h, tree_norm(h)
 
@@ -385,7 +389,7 @@ def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, *, depth, repea
 
 
 _lissa_jit = jax.jit(_lissa_chains,
-                     static_argnames=("loss_fn", "depth", "repeats", "batch_size", "parallel_chains"))
+                     static_argnames=("loss_fn", "depth", "repeats", "batch_size", "parallel_chains", "mesh"))
 
 
 def _divergence_bound(v_norm: float, damping: float, depth: int) -> np.ndarray:
@@ -429,7 +433,7 @@ def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, 
 def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.Array,
           depth: int = 250, repeats: int = 4, damping: float = 0.01, scale: float = 1e4,
           batch_size: int | None = 1, parallel_chains: bool = False, check: bool = True,
-          divergence_factor: float = 10.0, return_diagnostics: bool = False):
+          divergence_factor: float = 10.0, return_diagnostics: bool = False, mesh=None):
     """LiSSA estimate of `(H + damping*scale*I)^-1 v` (Agarwal et al. 2017; Koh & Liang 2017).
 
     `h_0 = v`, `h_{t+1} = v + (1 - damping) h_t - H_t h_t / scale` for t < depth, where `H_t` is the
@@ -443,7 +447,8 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
     All chains and steps are ONE jitted function (`lax.scan` over steps inside a `lax.scan` over
     chains, or `jax.vmap` over chains with `parallel_chains=True`), compiled once per loss function,
     shapes and static settings; `rng`, `v`, `params`, `data` values, `damping` and `scale` can change
-    without recompiling.
+    without recompiling. With a `mesh`, each step's minibatch (when it has more than one example and
+    at least one per device) is split over the devices; everything else is replicated.
 
     With `check=True` (a host sync), raises `LissaDivergenceError` if any ||h_t|| is non-finite or
     exceeds `divergence_factor` times `||v|| sum_{k<=t} (1-damping)^k`, the bound that holds when
@@ -453,8 +458,10 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
     """
     if not 0 <= damping < 1:
         raise ValueError(f"lissa needs 0 <= damping < 1, got {damping}")
-    result = _lissa_jit(loss_fn, params, data, v, rng, damping, scale, depth=depth, repeats=repeats,
-                        batch_size=batch_size, parallel_chains=parallel_chains)
+    placed = parallel.replicate((params, data, v, rng), mesh)
+    result = _lissa_jit(loss_fn, *placed, damping, scale, depth=depth, repeats=repeats, batch_size=batch_size,
+                        parallel_chains=parallel_chains, mesh=mesh)
+    result = result if mesh is None else parallel.local(result)
     if check:
         norms = np.asarray(result.norms, dtype=np.float64)
         bound = _divergence_bound(float(norms[0, 0]), damping, depth)
@@ -488,66 +495,38 @@ def solve(method: str, loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree,
 # ----------------------------------------------------------------------------- per-example products
 
 
-def _num_examples(xs: PyTree) -> int:
-    sizes = {x.shape[0] for x in jax.tree.leaves(xs)}
-    if len(sizes) != 1:
-        raise ValueError(f"all leaves of the data need the same leading (example) axis, got sizes {sizes}")
-    return sizes.pop()
-
-
-def _chunks(xs: PyTree, chunk_size: int | None):
-    """(chunk, number of real examples in it): fixed-size chunks, the last padded by repeating the
-    final example, so every chunk has the same shape and one compiled function serves them all."""
-    n = _num_examples(xs)
-    if chunk_size is None:
-        yield xs, n
-        return
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        if stop - start == chunk_size:
-            yield jax.tree.map(lambda a: a[start:stop], xs), chunk_size
-        else:
-            idx = np.minimum(np.arange(start, start + chunk_size), n - 1)
-            yield jax.tree.map(lambda a: a[idx], xs), stop - start
-
-
-@functools.partial(jax.jit, static_argnames=("example_loss_fn",))
-def _jvp_scores(example_loss_fn, params, xs, s):
+def _jvp_scores(example_loss_fn, consts, xs):
+    params, s = consts
     return jax.jvp(lambda p: jax.vmap(example_loss_fn, (None, 0))(p, xs), (params,), (s,))[1]
 
 
 def influence_scores(example_loss_fn: Callable, params: PyTree, xs: PyTree, s: PyTree, *,
-                     chunk_size: int | None = None) -> jax.Array:
+                     chunk_size: int | None = None, mesh=None) -> jax.Array:
     """`s . grad_params example_loss_fn(params, x_i)` for every example i of `xs`, shape (n,).
 
     One forward-mode product per chunk, `jvp(lambda p: vmap(example_loss_fn)(p, xs), (params,), (s,))`
     — about the cost of a forward pass and its tangent, never per-example gradients. With
     `chunk_size`, examples go through in chunks of exactly that size (the last padded), so one compiled
-    function serves any pool size. ISAL's score is `-influence_scores(...)` with `s = s_test`.
+    function serves any pool size; with a `mesh`, each chunk is split over its devices
+    (`jaxal.parallel.map_chunks`). ISAL's score is `-influence_scores(...)` with `s = s_test`.
     """
-    scores = [_jvp_scores(example_loss_fn, params, chunk, s)[:count] for chunk, count in _chunks(xs, chunk_size)]
-    return scores[0] if len(scores) == 1 else jnp.concatenate(scores)
+    return parallel.map_chunks(_jvp_scores, example_loss_fn, (params, s), xs, chunk_size=chunk_size, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("example_loss_fn",))
-def _weighted_gradient(example_loss_fn, params, xs, mask):
+def _weighted_gradient(example_loss_fn, params, chunk):
+    xs, weights = chunk
+
     def total(p):
         losses = jax.vmap(example_loss_fn, (None, 0))(p, xs)
-        return jnp.sum(mask.astype(losses.dtype) * losses)
+        return jnp.sum(weights.astype(losses.dtype) * losses)
 
     return jax.grad(total)(params)
 
 
 def mean_gradient(example_loss_fn: Callable, params: PyTree, data: PyTree, *,
-                  chunk_size: int | None = None) -> PyTree:
+                  chunk_size: int | None = None, mesh=None) -> PyTree:
     """`grad (1/n) sum_i example_loss_fn(params, z_i)` over `data` (e.g. `grad L(R)` of a reference
-    set, ISAL's `v`), in chunks of `chunk_size` to bound memory; padded examples get weight zero, so
-    the result is the exact mean for any chunking."""
-    n = _num_examples(data)
-    total = None
-    for chunk, count in _chunks(data, chunk_size):
-        size = _num_examples(chunk)
-        mask = (np.arange(size) < count).astype(np.float32)
-        grad = _weighted_gradient(example_loss_fn, params, chunk, mask)
-        total = grad if total is None else jax.tree.map(jnp.add, total, grad)
-    return tree_scale(total, 1.0 / n)
+    set, ISAL's `v`), in chunks of `chunk_size` to bound memory (split over the devices of a `mesh`);
+    padded examples get weight zero, so the result is the exact mean for any chunking."""
+    total = parallel.sum_chunks(_weighted_gradient, example_loss_fn, params, data, chunk_size=chunk_size, mesh=mesh)
+    return tree_scale(total, 1.0 / parallel.num_examples(data))

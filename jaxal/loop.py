@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxal import checkpoint, results
+from jaxal import checkpoint, parallel, results
 from jaxal.config import Config
 from jaxal.data import Dataset, load_dataset
 from jaxal.models import LossNet, create_model
@@ -44,6 +44,7 @@ class Experiment:
     dataset: Dataset
     model: object
     workdir: Path
+    mesh: Optional[jax.sharding.Mesh] = None  # None: one device
 
 
 def default_workdir(config: Config) -> Path:
@@ -66,9 +67,10 @@ def validate(config: Config, dataset: Dataset) -> None:
             except ValueError as error:
                 raise RunError(f"{name}: {error}") from None
     pool = dataset.x_train.shape[0]
-    positive = ("initial_size", "budget", "cycles", "trials", "epochs", "batch_size", "eval_batch_size")
+    positive = ("initial_size", "budget", "cycles", "trials", "epochs", "batch_size", "eval_batch_size",
+                "num_devices")
     for field in positive:
-        if getattr(config, field) < 1:
+        if getattr(config, field) is not None and getattr(config, field) < 1:
             raise RunError(f"--{field} must be at least 1, got {getattr(config, field)}")
     if not 0 <= config.val_size < config.initial_size:
         raise RunError(f"--val_size ({config.val_size}) must be in [0, initial_size={config.initial_size})")
@@ -96,19 +98,39 @@ def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
         raise RunError(str(error)) from None
     config = dataclasses.replace(config, model=model_name)
     validate(config, dataset)
+    try:
+        mesh = parallel.make_mesh(config.num_devices)
+    except ValueError as error:
+        raise RunError(f"--num_devices: {error}") from None
+    # The resolved count goes into config.json: a resume on the same machine compares equal.
+    config = dataclasses.replace(config, num_devices=mesh.devices.size)
+    mesh = mesh if mesh.devices.size > 1 else None
     for name in config.strategies:
         if get_strategy(name).needs_dropout and getattr(model, "dropout_rate", 0.0) <= 0.0:
             raise RunError(f"strategy {name} needs MC dropout but model {model_name} has dropout rate 0; "
                            "pass --dropout 0.25 (or another positive rate)")
     workdir = Path(workdir or config.workdir or default_workdir(config))
-    return Experiment(dataclasses.replace(config, workdir=str(workdir)), dataset, model, workdir)
+    return Experiment(dataclasses.replace(config, workdir=str(workdir)), dataset, model, workdir, mesh)
 
 
 def open_workdir(exp: Experiment, overwrite: bool) -> None:
-    """Create the run directory, or check that the one there belongs to this config (resume)."""
+    """Create the run directory, or check that the one there belongs to this config (resume).
+    Several processes: all check (read only) before process 0 writes, so all fail or none does."""
+    if not overwrite:
+        check_workdir(exp)
+    parallel.sync("jaxal-workdir-checked")
+    if parallel.is_primary():
+        if overwrite and exp.workdir.exists():
+            shutil.rmtree(exp.workdir)
+        exp.workdir.mkdir(parents=True, exist_ok=True)
+        if not (exp.workdir / "config.json").exists():
+            results.write_atomic(exp.workdir / "config.json", exp.config.to_json())
+    parallel.sync("jaxal-workdir-open")
+
+
+def check_workdir(exp: Experiment) -> None:
+    """Raise RunError unless the run directory is absent, empty, or holds a run of this config."""
     config_path = exp.workdir / "config.json"
-    if overwrite and exp.workdir.exists():
-        shutil.rmtree(exp.workdir)
     if config_path.exists():
         saved = json.loads(config_path.read_text())
         current = json.loads(exp.config.to_json())  # tuples become lists, as in the saved file
@@ -121,8 +143,6 @@ def open_workdir(exp: Experiment, overwrite: bool) -> None:
         return
     if exp.workdir.exists() and any(exp.workdir.iterdir()):
         raise RunError(f"{exp.workdir} exists and is not a jaxal run directory; choose another --workdir")
-    exp.workdir.mkdir(parents=True, exist_ok=True)
-    results.write_atomic(config_path, exp.config.to_json())
 
 
 def initial_split(config: Config, trial: int, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,15 +204,18 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
     state, train_metrics = train_model(state, images, labels, labeled, model=exp.model, lossnet=lossnet,
                                        options=options, epochs=config.epochs, batch_size=config.batch_size,
                                        lr=config.lr, lr_milestones=config.lr_milestones, lr_gamma=config.lr_gamma,
-                                       detach_epoch=config.lossnet.detach_epoch, seed=host_seed[1])
+                                       detach_epoch=config.lossnet.detach_epoch, seed=host_seed[1], mesh=exp.mesh)
     jax.block_until_ready(state)
     train_seconds = time.perf_counter() - start
-    variables = model_variables(state)
+    # Strategies get process-local copies of the (replicated) trained weights: single-device code
+    # works unchanged on them, and the parallel helpers replicate them again where they shard work.
+    variables, lossnet_params = parallel.local((model_variables(state), state.params["lossnet"]))
     record = {"strategy": strategy.name, "trial": None, "cycle": cycle,
               "num_labeled": int(len(labeled) + len(val)),
-              "test_accuracy": accuracy(exp.model, variables, data.x_test, data.y_test, config.eval_batch_size),
+              "test_accuracy": accuracy(exp.model, variables, data.x_test, data.y_test, config.eval_batch_size,
+                                        mesh=exp.mesh),
               "train_accuracy": accuracy(exp.model, variables, data.x_train[labeled], data.y_train[labeled],
-                                         config.eval_batch_size),
+                                         config.eval_batch_size, mesh=exp.mesh),
               "train_loss": train_metrics.get("loss"), "train_seconds": train_seconds,
               "selection_seconds": 0.0, "num_scored": 0, "selected": []}
     candidates = np.zeros((0,), np.int64)
@@ -201,9 +224,8 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
                                     np.random.default_rng(host_seed))
         ctx = StrategyContext(model=exp.model, variables=variables, pool_x=images[candidates],
                               labeled_x=images[labeled], labeled_y=labels[labeled], num_classes=data.num_classes,
-                              config=config, rng=strategy_key, lossnet=lossnet,
-                              lossnet_params=state.params["lossnet"],
-                              reference_sets=reference_sets(config, data, labeled, val, initial))
+                              config=config, rng=strategy_key, lossnet=lossnet, lossnet_params=lossnet_params,
+                              reference_sets=reference_sets(config, data, labeled, val, initial), mesh=exp.mesh)
         start = time.perf_counter()
         chosen, info = split_info(strategy.select(ctx, config.budget))
         record["selection_seconds"] = time.perf_counter() - start
@@ -254,11 +276,12 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
 
 def describe(exp: Experiment) -> str:
     config, data = exp.config, exp.dataset
-    devices = jax.devices()
+    batch = parallel.round_up(config.batch_size, parallel.mesh_size(exp.mesh))
     return (f"jaxal: {config.strategy} on {data.name} ({data.x_train.shape[0]} train / {data.x_test.shape[0]} test, "
             f"{data.num_classes} classes), model {config.model}, {config.cycles} cycles x {config.trials} trials, "
-            f"{config.initial_size} initial + {config.budget} per cycle; "
-            f"{len(devices)} {devices[0].platform} device(s); workdir {exp.workdir}")
+            f"{config.initial_size} initial + {config.budget} per cycle; {parallel.describe_mesh(exp.mesh)}, "
+            f"batch {batch}{' (rounded up to the device count)' if batch != config.batch_size else ''}; "
+            f"workdir {exp.workdir}")
 
 
 def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, overwrite: bool = False,
@@ -268,7 +291,8 @@ def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, over
     exp = prepare(config, workdir)
     config = exp.config
     open_workdir(exp, overwrite)
-    log(describe(exp))
+    if parallel.is_primary():
+        log(describe(exp))
     images, labels = jnp.asarray(exp.dataset.x_train), jnp.asarray(exp.dataset.y_train)
     finished: dict[tuple, list] = {}
     title = f"{exp.dataset.name}, {config.model}"
@@ -279,7 +303,8 @@ def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, over
             def on_cycle(trial_records, key=(strategy_name, trial)):
                 done_before = len(finished.get(key, []))
                 finished[key] = trial_records
-                results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title)
+                if parallel.is_primary():  # every process holds the same records
+                    results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title)
                 if trial_records:
                     last = trial_records[-1]
                     progress.update(len(trial_records) - done_before)
@@ -289,8 +314,9 @@ def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, over
             run_trial(exp, strategy_name, trial, images, labels, on_cycle, observer)
     progress.close()
     records = [r for rs in finished.values() for r in rs]
-    log(results.summary_table(records))
-    log(f"results: {exp.workdir / 'results.csv'}, {exp.workdir / 'learning_curve.png'}")
+    if parallel.is_primary():
+        log(results.summary_table(records))
+        log(f"results: {exp.workdir / 'results.csv'}, {exp.workdir / 'learning_curve.png'}")
     return records
 
 
@@ -298,4 +324,5 @@ def _progress_bar(config: Config, exp: Experiment):
     from tqdm.auto import tqdm
 
     total = len(config.strategies) * config.trials * config.cycles
-    return tqdm(total=total, desc="cycles", unit="cycle", disable=not config.progress, dynamic_ncols=True)
+    return tqdm(total=total, desc="cycles", unit="cycle", disable=not (config.progress and parallel.is_primary()),
+                dynamic_ncols=True)

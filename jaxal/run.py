@@ -3,6 +3,12 @@
 Flags map one to one onto `jaxal.config.Config` (see `--help`); `--preset` picks a published
 protocol first, and the other flags override it. Bad input exits with status 2 and a message that
 names the problem; nothing is written for it.
+
+Several processes (hosts, or processes on one host): start the same command in every process with
+`--coordinator HOST:PORT --num_processes N --process_id I` (process 0 listens on PORT), or with
+`--distributed` where the cluster tells JAX itself (TPU pod slices, SLURM, Open MPI). Each process
+loads the data and computes the same selections; process 0 writes the results and the config, and
+all of them write their part of each checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="named protocol to start from; other flags override its fields")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing run in --workdir instead of resuming it")
+    procs = parser.add_argument_group("several processes (jax.distributed.initialize)")
+    procs.add_argument("--coordinator", help="HOST:PORT of process 0, e.g. 10.0.0.1:1234")
+    procs.add_argument("--num_processes", "--num-processes", type=int, help="number of processes")
+    procs.add_argument("--process_id", "--process-id", type=int, help="this process's index, 0 .. N-1")
+    procs.add_argument("--distributed", action="store_true",
+                       help="initialize with no arguments: the cluster (TPU pod slice, SLURM, ...) tells JAX")
     groups = {}
     for name, kind, default, section in config_lib.flat_fields():
         group = groups.setdefault(section, parser.add_argument_group(section or "experiment"))
@@ -58,8 +70,16 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
     return config_lib.build_config(args.preset, **overrides)
 
 
+def distributed_requested(args: argparse.Namespace) -> bool:
+    return args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if distributed_requested(args):  # before anything touches a device
+        from jaxal.parallel import initialize_distributed
+
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from jaxal.checkpoint import CheckpointError
     from jaxal.influence import LissaDivergenceError
     from jaxal.loop import run_experiment

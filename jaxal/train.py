@@ -7,6 +7,11 @@ labelled set (a multi-step schedule in epochs is evaluated on the host once per 
 
 With a loss-prediction module (LL4AL, LPLgrad) the step trains it jointly: target loss + weight *
 ranking loss of the predicted losses, the block features detached after `detach_epoch`.
+
+Data parallel (`mesh`): the batch is split over the mesh's `data` axis and the parameters are
+replicated; the jitted step is the same program, and the compiler all-reduces the gradients and the
+BatchNorm batch statistics, so a step on D devices computes what one device computes for the same
+global batch (to float rounding). The batch is rounded up to a multiple of D (`epoch_batches`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxal.models import LossNet, ModelOutput, init_variables
+from jaxal import parallel
+from jaxal.models import LossNet, init_variables
 
 
 @flax.struct.dataclass
@@ -125,14 +131,15 @@ def loss_prediction_loss(predicted: jax.Array, target: jax.Array, margin: float)
 # ---- steps ----------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("model", "lossnet", "options"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("model", "lossnet", "options", "mesh"), donate_argnames=("state",))
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, rng: jax.Array,
                lr: jax.Array, detach_features: jax.Array, *, model: nn.Module, lossnet: Optional[LossNet],
-               options: TrainOptions) -> tuple[TrainState, dict]:
-    """One SGD step on the examples `indices` of the (device-resident) labelled pool."""
+               options: TrainOptions, mesh=None) -> tuple[TrainState, dict]:
+    """One SGD step on the examples `indices` of the (device-resident) labelled pool. With a `mesh`
+    the batch is split over `data` and the new state is replicated (see the module docstring)."""
     augment_rng, dropout_rng = jax.random.split(rng)
-    x = augment(augment_rng, images[indices], options.augmentation, options.crop_padding)
-    y = labels[indices]
+    x, y = parallel.constrain_batch((images[indices], labels[indices]), mesh)
+    x = augment(augment_rng, x, options.augmentation, options.crop_padding)
 
     def loss_fn(params):
         output, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, x,
@@ -151,40 +158,44 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices:
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = sgd(options.momentum, options.weight_decay).update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
-    return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+    return parallel.constrain_replicated((TrainState(state.step + 1, params, batch_stats, opt_state), metrics), mesh)
 
 
-def epoch_batches(rng: np.random.Generator, labeled: np.ndarray, batch_size: int) -> np.ndarray:
+def epoch_batches(rng: np.random.Generator, labeled: np.ndarray, batch_size: int, multiple: int = 1) -> np.ndarray:
     """(num_batches, batch) indices covering a shuffled labelled set once.
 
     Like a PyTorch DataLoader without drop_last, every example is seen once per epoch; the last
     batch is filled up from the start of the permutation so that every batch has the same shape
-    and the step compiles once.
+    and the step compiles once. The batch is rounded up to a multiple of `multiple` (the device
+    count of a data-parallel run), so a few examples of the epoch may be seen twice.
     """
     order = rng.permutation(labeled)
-    batch = min(batch_size, len(order))
+    batch = parallel.round_up(min(batch_size, len(order)), multiple)
     num_batches = -(-len(order) // batch)
-    padded = np.concatenate([order, order[: num_batches * batch - len(order)]])
-    return padded.reshape(num_batches, batch).astype(np.int32)
+    return np.resize(order, num_batches * batch).reshape(num_batches, batch).astype(np.int32)
 
 
 def train_model(state: TrainState, images: jax.Array, labels: jax.Array, labeled: np.ndarray, *,
                 model: nn.Module, lossnet: Optional[LossNet], options: TrainOptions, epochs: int,
                 batch_size: int, lr: float, lr_milestones, lr_gamma: float, detach_epoch: int,
-                seed: int) -> tuple[TrainState, dict]:
-    """Train for `epochs` over the labelled indices; returns the state and the last epoch's metrics."""
+                seed: int, mesh=None) -> tuple[TrainState, dict]:
+    """Train for `epochs` over the labelled indices; returns the state and the last epoch's metrics.
+    With a `mesh`: data parallel, the state comes back replicated over it."""
     host_rng = np.random.default_rng(seed)
+    # The whole pool on every device (the step gathers its batch there); the state replicated.
+    state, images, labels = parallel.replicate((state, images, labels), mesh)
     key = jax.random.key(seed)
     metrics = {}
     for epoch in range(epochs):
         epoch_lr = jnp.float32(multistep_lr(lr, lr_milestones, lr_gamma, epoch))
         detach = jnp.asarray(epoch > detach_epoch)  # the reference's `epoch > epoch_loss`
         sums = {}
-        batches = epoch_batches(host_rng, labeled, batch_size)
+        batches = epoch_batches(host_rng, labeled, batch_size, parallel.mesh_size(mesh))
         for batch in batches:
             key, step_key = jax.random.split(key)
+            batch, step_key, epoch_lr, detach = parallel.replicate((batch, step_key, epoch_lr, detach), mesh)
             state, step_metrics = train_step(state, images, labels, batch, step_key, epoch_lr, detach,
-                                             model=model, lossnet=lossnet, options=options)
+                                             model=model, lossnet=lossnet, options=options, mesh=mesh)
             sums = {k: sums.get(k, 0.0) + v for k, v in step_metrics.items()}
         metrics = {k: float(v) / len(batches) for k, v in sums.items()}
     return state, metrics
@@ -193,32 +204,22 @@ def train_model(state: TrainState, images: jax.Array, labels: jax.Array, labeled
 # ---- inference ------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _predict_chunk(variables, xs, *, model: nn.Module) -> ModelOutput:
-    return model.apply(variables, xs, train=False)
+def _predict_chunk(model: nn.Module, variables, xs) -> tuple[jax.Array, jax.Array]:
+    output = model.apply(variables, xs, train=False)
+    return output.logits, output.features
 
 
-def predict(model: nn.Module, variables: dict, xs, batch_size: int = 512) -> tuple[jax.Array, jax.Array]:
-    """(logits, penultimate features) in inference mode, in fixed-size chunks (one compilation;
-    the last chunk is padded and the padding dropped)."""
-    n = xs.shape[0]
-    if n == 0:
+def predict(model: nn.Module, variables: dict, xs, batch_size: int = 512, *, mesh=None) -> tuple[jax.Array, jax.Array]:
+    """(logits, penultimate features) in inference mode, in fixed-size chunks through
+    `parallel.map_chunks` (one compilation; the padding dropped; with a mesh, sharded over devices)."""
+    if xs.shape[0] == 0:
         shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1, *xs.shape[1:])))
         return jnp.zeros((0, *shapes.logits.shape[1:])), jnp.zeros((0, *shapes.features.shape[1:]))
-    logits, features = [], []
-    for start in range(0, n, batch_size):
-        chunk = jnp.asarray(xs[start:start + batch_size])
-        real = chunk.shape[0]
-        if real < batch_size and n > batch_size:
-            chunk = jnp.concatenate([chunk, jnp.zeros((batch_size - real, *chunk.shape[1:]), chunk.dtype)])
-        output = _predict_chunk(variables, chunk, model=model)
-        logits.append(output.logits[:real])
-        features.append(output.features[:real])
-    return jnp.concatenate(logits), jnp.concatenate(features)
+    return parallel.map_chunks(_predict_chunk, model, variables, xs, chunk_size=batch_size, mesh=mesh)
 
 
-def accuracy(model: nn.Module, variables: dict, xs, ys, batch_size: int = 512) -> float:
-    logits, _ = predict(model, variables, xs, batch_size)
+def accuracy(model: nn.Module, variables: dict, xs, ys, batch_size: int = 512, *, mesh=None) -> float:
+    logits, _ = predict(model, variables, xs, batch_size, mesh=mesh)
     return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(ys)))
 
 

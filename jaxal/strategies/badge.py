@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxal import parallel
 from jaxal.strategies.base import StrategyContext, register_selector
 from jaxal.train import predict
 
@@ -51,18 +52,27 @@ def factorised_squared_distances(a: jax.Array, h: jax.Array, center_a: jax.Array
     return jnp.maximum(sq_a[:, None] + sq_c[None, :] - 2.0 * cross, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def kmeans_pp_seeding(a: jax.Array, h: jax.Array, k: int, rng: jax.Array) -> jax.Array:
+def kmeans_pp_seeding(a: jax.Array, h: jax.Array, k: int, rng: jax.Array, mesh=None) -> jax.Array:
     """k distinct indices: k-means++ seeding of the embeddings a_i (x) h_i, first the largest norm.
 
     If every unchosen point lies on a chosen center (D^2 = 0 everywhere, e.g. duplicates), the next
-    center is drawn uniformly from the unchosen points (where the reference would loop forever)."""
-    n = a.shape[0]
-    norms = jnp.sum(a * a, -1) * jnp.sum(h * h, -1)
+    center is drawn uniformly from the unchosen points (where the reference would loop forever).
+    With a mesh the factors are split over devices; padding rows start out "chosen" (probability 0).
+    The draws do not depend on the padding: with -inf logits appended, `jax.random.categorical`
+    draws what it draws without them (threefry bits are per element)."""
+    (a, h), valid = parallel.pad_and_shard((a, h), mesh)
+    return _kmeans_pp_seeding(a, h, valid, k, parallel.replicate(rng, mesh), mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 5))
+def _kmeans_pp_seeding(a, h, valid, k, rng, mesh):
+    rows = jnp.arange(a.shape[0])
+    norms = jnp.where(valid, jnp.sum(a * a, -1) * jnp.sum(h * h, -1), -jnp.inf)
     first = jnp.argmax(norms)
 
     def distances_to(j):
-        return factorised_squared_distances(a, h, a[j][None], h[j][None])[:, 0]
+        center_a, center_h = parallel.select_row(a, j), parallel.select_row(h, j)
+        return factorised_squared_distances(a, h, center_a[None], center_h[None])[:, 0]
 
     def pick(i, carry):
         min_d2, chosen, indices, key = carry
@@ -72,24 +82,24 @@ def kmeans_pp_seeding(a: jax.Array, h: jax.Array, k: int, rng: jax.Array) -> jax
         logits = jnp.where(chosen, -jnp.inf,
                            jnp.where(positive, jnp.log(jnp.where(d2 > 0, d2, 0.0)), 0.0))
         j = jax.random.categorical(sub, logits)
-        return (jnp.minimum(min_d2, distances_to(j)), chosen.at[j].set(True), indices.at[i].set(j), key)
+        return (jnp.minimum(min_d2, distances_to(j)), chosen | (rows == j), indices.at[i].set(j), key)
 
-    init = (distances_to(first), jnp.zeros((n,), bool).at[first].set(True),
+    init = (distances_to(first), ~valid | (rows == first),
             jnp.zeros((k,), jnp.int32).at[0].set(first.astype(jnp.int32)), rng)
     _, _, indices, _ = jax.lax.fori_loop(1, k, pick, init)
-    return indices
+    return parallel.constrain_replicated(indices, mesh)
 
 
 def badge_select_from_outputs(logits: jax.Array, features: jax.Array, k: int, rng: jax.Array,
-                              include_bias: bool = False) -> np.ndarray:
+                              include_bias: bool = False, mesh=None) -> np.ndarray:
     if k > logits.shape[0]:
         raise ValueError(f"cannot select {k} samples from a pool of {logits.shape[0]}")
     a, h = gradient_embedding_factors(logits, features, include_bias)
-    return np.asarray(kmeans_pp_seeding(a, h, k, rng))
+    return np.asarray(kmeans_pp_seeding(a, h, k, rng, mesh))
 
 
 @register_selector("badge")
 def badge(ctx: StrategyContext, k: int) -> np.ndarray:
     """k-means++ seeding on last-layer gradient embeddings at the pseudo-label (BADGE, Ash et al. 2020)."""
-    logits, features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size)
-    return badge_select_from_outputs(logits, features, k, ctx.rng)
+    logits, features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
+    return badge_select_from_outputs(logits, features, k, ctx.rng, mesh=ctx.mesh)

@@ -7,7 +7,7 @@ mode):
     BALD(x) = H[mean_t p_t(x)] - mean_t H[p_t(x)],    p_t = softmax(logits of pass t).
 
 All T passes of a chunk run on device in one jitted call, and the pool is scored in fixed-size chunks
-with one compilation (as `jaxal.train.predict`).
+with one compilation by `jaxal.parallel.map_chunks` (sharded over the devices of a mesh).
 
 Two equivalent ways to run a pass (`method`):
   - "features" (default for the jaxal models): every jaxal classifier applies its only dropout to the
@@ -27,14 +27,10 @@ computation from T full passes).
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
+from jaxal import parallel
 from jaxal.config import Config
 from jaxal.models import MLP, VGG16, ResNet18, SmallCNN
 from jaxal.strategies.base import StrategyContext, register_scorer
@@ -42,23 +38,6 @@ from jaxal.strategies.base import StrategyContext, register_scorer
 # Models whose only dropout sits on the penultimate features, directly before `head`.
 HEAD_DROPOUT_MODELS = (MLP, SmallCNN, ResNet18, VGG16)
 METHODS = ("auto", "features", "full")
-
-
-def map_pool_chunks(fn: Callable[[jax.Array, jax.Array], jax.Array], xs, chunk_size: int) -> jax.Array:
-    """`fn(chunk, start)` over fixed-size chunks of `xs` (the last one zero-padded, the padding dropped)
-    and concatenated, so a jitted `fn` compiles once for every pool larger than `chunk_size`. `start` is
-    the pool index of the chunk's first row (an int32 scalar, traced)."""
-    n = xs.shape[0]
-    if n == 0:
-        raise ValueError("cannot score an empty pool")
-    outputs = []
-    for start in range(0, n, chunk_size):
-        chunk = jnp.asarray(xs[start:start + chunk_size])
-        real = chunk.shape[0]
-        if real < chunk_size and n > chunk_size:
-            chunk = jnp.concatenate([chunk, jnp.zeros((chunk_size - real, *chunk.shape[1:]), chunk.dtype)])
-        outputs.append(fn(chunk, jnp.int32(start))[:real])
-    return jnp.concatenate(outputs)
 
 
 def dropout_key(rng: jax.Array, t, i) -> jax.Array:
@@ -98,11 +77,10 @@ def _resolve_method(model: nn.Module, method: str) -> str:
     return method
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_samples", "method"))
-def _mc_probabilities_chunk(variables, xs, start, rng, *, model: nn.Module, num_samples: int,
+def _mc_probabilities_chunk(variables, xs, indices, rng, *, model: nn.Module, num_samples: int,
                             method: str) -> jax.Array:
-    """(T, chunk, C) softmax outputs of T MC-dropout passes over one chunk."""
-    indices = start + jnp.arange(xs.shape[0], dtype=jnp.int32)
+    """(T, chunk, C) softmax outputs of T MC-dropout passes over one chunk; `indices`: the pool index
+    of every row (the padding repeats the last one; its result is dropped)."""
     passes = jnp.arange(num_samples, dtype=jnp.int32)
     keys = jax.vmap(lambda t: jax.vmap(lambda i: dropout_key(rng, t, i))(indices))(passes)  # (T, chunk)
     if method == "features":
@@ -123,27 +101,33 @@ def _mc_probabilities_chunk(variables, xs, start, rng, *, model: nn.Module, num_
     return jax.nn.softmax(logits)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_samples", "method"))
-def _bald_chunk(variables, xs, start, rng, *, model, num_samples, method):
-    return mutual_information(_mc_probabilities_chunk(variables, xs, start, rng, model=model,
-                                                      num_samples=num_samples, method=method))
+def _probabilities_fn(static, consts, chunk):  # map_chunks' contract: the example axis first
+    (model, num_samples, method), (variables, rng), (xs, indices) = static, consts, chunk
+    probs = _mc_probabilities_chunk(variables, xs, indices, rng, model=model, num_samples=num_samples, method=method)
+    return jnp.moveaxis(probs, 0, 1)
+
+
+def _bald_fn(static, consts, chunk):
+    return mutual_information(jnp.moveaxis(_probabilities_fn(static, consts, chunk), 1, 0))
+
+
+def _map_pool(fn, model, variables, xs, rng, num_samples, chunk_size, method, mesh):
+    static = (model, num_samples, _resolve_method(model, method))
+    indices = jnp.arange(xs.shape[0], dtype=jnp.int32)
+    return parallel.map_chunks(fn, static, (variables, rng), (xs, indices), chunk_size=chunk_size, mesh=mesh)
 
 
 def mc_dropout_probabilities(model: nn.Module, variables: dict, xs, rng: jax.Array, num_samples: int, *,
-                             chunk_size: int = 512, method: str = "auto") -> jax.Array:
+                             chunk_size: int = 512, method: str = "auto", mesh=None) -> jax.Array:
     """(T, n, C) class probabilities of T MC-dropout passes over `xs`."""
-    method = _resolve_method(model, method)
-    fn = functools.partial(_mc_probabilities_chunk, model=model, num_samples=num_samples, method=method)
-    chunks = map_pool_chunks(lambda c, s: jnp.moveaxis(fn(variables, c, s, rng), 0, 1), xs, chunk_size)
-    return jnp.moveaxis(chunks, 1, 0)
+    probs = _map_pool(_probabilities_fn, model, variables, xs, rng, num_samples, chunk_size, method, mesh)
+    return jnp.moveaxis(probs, 1, 0)
 
 
 def bald_scores(model: nn.Module, variables: dict, xs, rng: jax.Array, num_samples: int, *,
-                chunk_size: int = 512, method: str = "auto") -> jax.Array:
+                chunk_size: int = 512, method: str = "auto", mesh=None) -> jax.Array:
     """(n,) BALD mutual information of every example of `xs` from `num_samples` MC-dropout passes."""
-    method = _resolve_method(model, method)
-    fn = functools.partial(_bald_chunk, model=model, num_samples=num_samples, method=method)
-    return map_pool_chunks(lambda c, s: fn(variables, c, s, rng), xs, chunk_size)
+    return _map_pool(_bald_fn, model, variables, xs, rng, num_samples, chunk_size, method, mesh)
 
 
 def _check(config: Config) -> None:
@@ -155,4 +139,4 @@ def _check(config: Config) -> None:
 def bald(ctx: StrategyContext):
     """Largest mutual information between label and weights under MC dropout (BALD, Gal et al. 2017)."""
     return bald_scores(ctx.model, ctx.variables, ctx.pool_x, ctx.rng, ctx.config.bald_samples,
-                       chunk_size=ctx.config.eval_batch_size)
+                       chunk_size=ctx.config.eval_batch_size, mesh=ctx.mesh)

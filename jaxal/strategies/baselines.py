@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxal import parallel
 from jaxal.strategies.base import StrategyContext, register_scorer, register_selector
 from jaxal.train import predict
 
 
 def pool_probabilities(ctx: StrategyContext) -> jax.Array:
-    logits, _ = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size)
+    logits, _ = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
     return jax.nn.softmax(logits)
 
 
@@ -77,28 +78,39 @@ def min_squared_distances(points: jax.Array, centers: jax.Array, chunk_size: int
     return best
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def greedy_k_center(pool_features: jax.Array, labeled_features: jax.Array, k: int) -> jax.Array:
+def greedy_k_center(pool_features: jax.Array, labeled_features: jax.Array, k: int, mesh=None) -> jax.Array:
     """Sener & Savarese's greedy 2-approximation: repeatedly take the pool point farthest from every
-    labelled or already chosen point. One jitted loop over k; O(n_pool * d) per pick."""
+    labelled or already chosen point. One jitted loop over k; O(n_pool * d) per pick. With a mesh the
+    pool features are split over devices (padding rows masked out: never picked)."""
+    if k > pool_features.shape[0]:
+        raise ValueError(f"cannot select {k} samples from a pool of {pool_features.shape[0]}")
+    pool, valid = parallel.pad_and_shard(pool_features, mesh)
+    return _greedy_k_center(pool, valid, parallel.replicate(labeled_features, mesh), k, mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _greedy_k_center(pool_features, valid, labeled_features, k, mesh):
     if labeled_features.shape[0]:
         distances = min_squared_distances(pool_features, labeled_features)
     else:
         distances = jnp.full((pool_features.shape[0],), jnp.inf)
+    distances = jnp.where(valid, distances, -jnp.inf)  # below every chosen point's -1
+    rows = jnp.arange(pool_features.shape[0])
 
     def pick(i, carry):
         distances, chosen = carry
         j = jnp.argmax(distances)
-        new = jnp.sum((pool_features - pool_features[j][None, :]) ** 2, axis=-1)
-        return jnp.minimum(distances, new).at[j].set(-1.0), chosen.at[i].set(j)
+        new = jnp.sum((pool_features - parallel.select_row(pool_features, j)[None, :]) ** 2, axis=-1)
+        return jnp.where(rows == j, -1.0, jnp.minimum(distances, new)), chosen.at[i].set(j)
 
     _, chosen = jax.lax.fori_loop(0, k, pick, (distances, jnp.zeros((k,), jnp.int32)))
-    return chosen
+    return parallel.constrain_replicated(chosen, mesh)
 
 
 @register_selector("coreset")
 def coreset_select(ctx: StrategyContext, k: int) -> np.ndarray:
     """Greedy k-center on penultimate features (Sener & Savarese)."""
-    _, pool_features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size)
-    _, labeled_features = predict(ctx.model, ctx.variables, ctx.labeled_x, ctx.config.eval_batch_size)
-    return np.asarray(greedy_k_center(pool_features, labeled_features, k))
+    _, pool_features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
+    _, labeled_features = predict(ctx.model, ctx.variables, ctx.labeled_x, ctx.config.eval_batch_size,
+                                  mesh=ctx.mesh)
+    return np.asarray(greedy_k_center(pool_features, labeled_features, k, ctx.mesh))

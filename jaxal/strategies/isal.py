@@ -189,12 +189,13 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
     labeled_loss, subset = restrict(influence.example_loss(apply), params, opts.params)
     pool_loss, _ = restrict(unlabeled_example_loss(apply, opts.top_k_classes), params, opts.params)
 
-    v = influence.mean_gradient(labeled_loss, subset, (ref_x, ref_y), chunk_size=opts.chunk_size)
+    mesh = ctx.mesh
+    v = influence.mean_gradient(labeled_loss, subset, (ref_x, ref_y), chunk_size=opts.chunk_size, mesh=mesh)
     v_norm = tree_norm(v)
     info = {"solver": opts.solver if hessian else "identity", "reference": reference,
             "reference_size": int(ref_y.shape[0]), "num_params": int(tree_size(subset)),
             "top_k_classes": int(opts.top_k_classes), "v_norm": _float(v_norm)}
-    grad_sim = influence.influence_scores(pool_loss, subset, ctx.pool_x, v, chunk_size=opts.chunk_size)
+    grad_sim = influence.influence_scores(pool_loss, subset, ctx.pool_x, v, chunk_size=opts.chunk_size, mesh=mesh)
     if not hessian:
         info.update(cosine_s_test_v=1.0, spearman_vs_grad_sim=1.0)
         return grad_sim, info
@@ -203,21 +204,22 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
     if opts.solver == "lissa":  # `solve("lissa")` with the diagnostics kept
         result = influence.lissa(influence.mean_loss(labeled_loss), subset, data, v, rng=ctx.rng,
                                  depth=opts.depth, repeats=opts.repeats, damping=opts.damping, scale=opts.scale,
-                                 batch_size=opts.batch_size, return_diagnostics=True)
+                                 batch_size=opts.batch_size, return_diagnostics=True, mesh=mesh)
         s_test = result.inverse_hvp
         norms = np.asarray(result.norms, np.float64)
         info.update(lissa_final_norm=_float(norms[:, -1].mean()), lissa_max_norm=_float(norms.max()),
                     lissa_depth=int(opts.depth), lissa_repeats=int(opts.repeats))
     elif opts.solver == "cg":  # `solve("cg")` with the diagnostics kept
         result = influence.cg(influence.mean_loss(labeled_loss), subset, data, v, damping=opts.damping * opts.scale,
-                              maxiter=opts.cg_maxiter, return_diagnostics=True)
+                              maxiter=opts.cg_maxiter, return_diagnostics=True, mesh=mesh)
         s_test = result.solution
         info.update(cg_iterations=int(result.iterations), cg_residual_norm=_float(result.residual_norm))
     else:
         s_test = influence.solve(opts.solver, influence.mean_loss(labeled_loss), subset, data, v,
                                  damping=opts.damping, scale=opts.scale)
     s_norm = tree_norm(s_test)
-    scores = influence.influence_scores(pool_loss, subset, ctx.pool_x, s_test, chunk_size=opts.chunk_size)
+    scores = influence.influence_scores(pool_loss, subset, ctx.pool_x, s_test, chunk_size=opts.chunk_size,
+                                        mesh=mesh)
     cosine = jnp.clip(tree_dot(s_test, v) / (s_norm * v_norm), -1.0, 1.0)  # float32 rounding can pass 1
     info.update(cosine_s_test_v=_float(cosine), s_test_norm=_float(s_norm),
                 spearman_vs_grad_sim=spearman(scores, grad_sim))
