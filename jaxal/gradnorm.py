@@ -148,6 +148,8 @@ def _map_chunks(fn: Callable[[PyTree], PyTree], xs: PyTree, chunk_size: int | No
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     size = n if chunk_size is None else min(chunk_size, n)
+    if size == n:  # one chunk: no gather, which would undo the split of a pool sharded over devices
+        return fn(xs)
     out = []
     for start in range(0, n, size):
         idx = np.minimum(np.arange(start, start + size), n - 1)

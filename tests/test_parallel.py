@@ -134,6 +134,17 @@ def test_map_chunks_drops_padding_and_returns_local_arrays():
     assert float(total) == float(np.sum(np.arange(13.0)))
 
 
+def test_sharded_scoring_never_gathers_the_pool(trained):
+    """Each device scores its own part of a chunk: the compiled program gathers only the scores."""
+    model, _, state = trained
+    static = (model, "ent_gn", "layer_sum", "all", "ghost")
+    chunk = parallel.shard_batch(jnp.zeros((32, 8, 8, 1)), MESH)
+    variables = parallel.replicate(model_variables(state), MESH)
+    hlo = parallel._compiled(gradient._query_norms, parallel.replicated(MESH)).lower(static, variables, chunk)
+    gathers = [line for line in hlo.compile().as_text().splitlines() if "all-gather(" in line]
+    assert gathers and not [line for line in gathers if "f32[32,8,8,1]" in line]
+
+
 # ---- training ------------------------------------------------------------------------------------------
 
 
