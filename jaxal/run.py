@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import get_args, get_origin
 
 from jaxal import config as config_lib
 
@@ -49,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _metavar(kind) -> str:
-    return getattr(kind, "__name__", str(kind).replace("typing.", "")).upper()
+    """INT, FLOAT, STR, BOOL; INT|NONE for Optional fields; INT,... for tuples."""
+    args = [a for a in get_args(kind) if a is not type(None)]
+    if get_origin(kind) is tuple:
+        return f"{_metavar(args[0])},..."
+    if type(None) in get_args(kind):
+        return f"{_metavar(args[0])}|NONE"
+    return kind.__name__.upper()
 
 
 def config_from_args(args: argparse.Namespace) -> config_lib.Config:
