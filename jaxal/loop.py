@@ -133,7 +133,6 @@ def check_workdir(exp: Experiment) -> None:
     config_path = exp.workdir / "config.json"
     if config_path.exists():
         saved = json.loads(config_path.read_text())
-        saved.setdefault("num_devices", 1)  # runs written before the field existed used one device
         current = json.loads(exp.config.to_json())  # tuples become lists, as in the saved file
         differing = sorted(k for k in set(saved) | set(current)
                            if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k))
