@@ -118,6 +118,9 @@ def open_workdir(exp: Experiment, overwrite: bool) -> None:
     Several processes: all check (read only) before process 0 writes, so all fail or none does."""
     if not overwrite:
         check_workdir(exp)
+    elif exp.workdir.exists() and any(exp.workdir.iterdir()) and not (exp.workdir / "config.json").exists():
+        raise RunError(f"--overwrite deletes only jaxal run directories, and {exp.workdir} is not one "
+                       "(it has no config.json); choose another --workdir")
     parallel.sync("jaxal-workdir-checked")
     if parallel.is_primary():
         if overwrite and exp.workdir.exists():
@@ -195,8 +198,8 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
     Returns (state, next labelled set, record, the candidates scored: empty in the last cycle)."""
     config, data = exp.config, exp.dataset
     cycle_key = jax.random.fold_in(trial_key, cycle)
-    init_key, strategy_key = jax.random.split(cycle_key)
-    host_seed = [config.seed, int(jax.random.randint(cycle_key, (), 0, 2**31 - 1))]
+    init_key, strategy_key, host_key = jax.random.split(cycle_key, 3)
+    host_seed = [config.seed, int(jax.random.randint(host_key, (), 0, 2**31 - 1))]
     options = train_options(config, data)
     if state is None or not config.warm_start:
         state = create_train_state(exp.model, lossnet, init_key, data.image_shape, options)
@@ -222,8 +225,11 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
     if cycle < config.cycles - 1:
         candidates = candidate_pool(data.x_train.shape[0], labeled, val, config.subset_size,
                                     np.random.default_rng(host_seed))
-        ctx = StrategyContext(model=exp.model, variables=variables, pool_x=images[candidates],
-                              labeled_x=images[labeled], labeled_y=labels[labeled], num_classes=data.num_classes,
+        # Process-local arrays, like the variables: the strategies place them on the mesh themselves.
+        local_images, local_labels = parallel.local((images, labels))
+        ctx = StrategyContext(model=exp.model, variables=variables, pool_x=local_images[candidates],
+                              labeled_x=local_images[labeled], labeled_y=local_labels[labeled],
+                              num_classes=data.num_classes,
                               config=config, rng=strategy_key, lossnet=lossnet, lossnet_params=lossnet_params,
                               reference_sets=reference_sets(config, data, labeled, val, initial), mesh=exp.mesh)
         start = time.perf_counter()
@@ -288,12 +294,19 @@ def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, over
                    log: Callable[[str], None] = print, observer: Optional[Callable] = None) -> list[dict]:
     """Run (or resume) every strategy and trial of `config`; returns all per-cycle records.
     `observer`, if given, is called after every cycle (see `run_trial`)."""
-    exp = prepare(config, workdir)
+    return run_prepared(prepare(config, workdir), overwrite=overwrite, log=log, observer=observer)
+
+
+def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str], None] = print,
+                 observer: Optional[Callable] = None) -> list[dict]:
+    """`run_experiment` for an experiment `prepare` already loaded and validated."""
     config = exp.config
     open_workdir(exp, overwrite)
     if parallel.is_primary():
         log(describe(exp))
-    images, labels = jnp.asarray(exp.dataset.x_train), jnp.asarray(exp.dataset.y_train)
+    # On the devices once per run; training then finds them where they need to be.
+    images, labels = parallel.replicate((jnp.asarray(exp.dataset.x_train), jnp.asarray(exp.dataset.y_train)),
+                                        exp.mesh)
     finished: dict[tuple, list] = {}
     title = f"{exp.dataset.name}, {config.model}"
     progress = _progress_bar(config, exp)
