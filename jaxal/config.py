@@ -91,7 +91,7 @@ class Config:
     lossnet: LossNetOptions = LossNetOptions()
     bald_samples: int = 20  # MC-dropout forward passes for BALD
     # Output.
-    workdir: Optional[str] = None  # None: runs/<dataset>-<strategy>-<preset>
+    workdir: Optional[str] = None  # None: runs/<dataset>-<strategy>
     progress: bool = True
 
     @property

@@ -55,13 +55,15 @@ def entropy_loss(logits: jax.Array) -> jax.Array:
 
 
 def expected_loss(logits: jax.Array, detach_posterior: bool = False) -> jax.Array:
-    """sum_i p_i CE(logits, i) (exp-gn). As in the reference code the posterior is differentiated, which
-    makes this exactly the entropy. With `detach_posterior=True` its logit gradient is p - p = 0."""
-    log_p = jax.nn.log_softmax(logits)
-    p = jnp.exp(log_p)
+    """sum_i p_i CE(logits, i) (exp-gn), written as the reference code does: the posterior-weighted
+    cross-entropy of every class. With the posterior differentiated (the reference) this is exactly the
+    entropy (the tests check it against `entropy_loss`); with `detach_posterior=True` its logit gradient
+    is p - p = 0."""
+    posterior = jax.nn.softmax(logits)
     if detach_posterior:
-        p = jax.lax.stop_gradient(p)
-    return -jnp.sum(p * log_p)
+        posterior = jax.lax.stop_gradient(posterior)
+    losses = jax.vmap(lambda label: cross_entropy(logits, label))(jnp.arange(logits.shape[-1]))
+    return jnp.sum(posterior * losses)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,13 @@ def validate(config: Config, dataset: Dataset) -> None:
                 strategy.check(config)
             except ValueError as error:
                 raise RunError(f"{name}: {error}") from None
+    if config.seed < 0:
+        raise RunError(f"--seed must be a non-negative integer, got {config.seed}")
+    if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
+        raise RunError(f"--dropout must be in [0, 1), got {config.dropout}")
+    if config.lossnet.width < 1 or config.lossnet.margin < 0:
+        raise RunError(f"--lossnet.width must be at least 1 and --lossnet.margin non-negative, got "
+                       f"{config.lossnet.width} and {config.lossnet.margin}")
     pool = dataset.x_train.shape[0]
     positive = ("initial_size", "budget", "cycles", "trials", "epochs", "batch_size", "eval_batch_size",
                 "num_devices")
@@ -88,6 +95,19 @@ def validate(config: Config, dataset: Dataset) -> None:
         raise RunError(f"dataset {dataset.name} contains non-finite values")
 
 
+def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
+    """Refuse a model whose pooling stages shrink this dataset's images to nothing (e.g. VGG-16 on
+    8x8 digits): its features would be the mean of an empty array, NaN."""
+    def forward(key):
+        return model.init_with_output(key, jnp.zeros((1, *dataset.image_shape)), train=False)[0]
+
+    output = jax.eval_shape(forward, jax.random.key(0))
+    if any(0 in leaf.shape for leaf in jax.tree.leaves(output)):
+        raise RunError(f"model {model_name} needs larger images than {dataset.name}'s "
+                       f"{'x'.join(map(str, dataset.image_shape[:2]))}: its pooling stages reduce them to nothing; "
+                       "choose a smaller model (--model cnn or mlp) or a dataset with larger images")
+
+
 def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
     """Load and validate everything a run needs, touching nothing on disk."""
     try:
@@ -98,6 +118,7 @@ def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
         raise RunError(str(error)) from None
     config = dataclasses.replace(config, model=model_name)
     validate(config, dataset)
+    check_model_fits(model, model_name, dataset)
     try:
         mesh = parallel.make_mesh(config.num_devices)
     except ValueError as error:

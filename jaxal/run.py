@@ -14,6 +14,7 @@ all of them write their part of each checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import get_args, get_origin
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jaxal.run",
         description="Run a pool-based active-learning experiment and write per-cycle results "
                     "(results.jsonl, results.csv, learning_curve.png, config.json) into --workdir.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Other presets set other defaults; flags override the preset's fields.")
     parser.add_argument("--preset", default="digits_quick", choices=sorted(config_lib.PRESETS),
                         help="named protocol to start from; other flags override its fields")
     parser.add_argument("--overwrite", action="store_true",
@@ -39,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     procs.add_argument("--distributed", action="store_true",
                        help="initialize with no arguments: the cluster (TPU pod slice, SLURM, ...) tells JAX")
     groups = {}
-    for name, kind, default, section in config_lib.flat_fields():
+    quick = config_lib.build_config()  # what a run without --preset uses
+    for name, kind, _, section in config_lib.flat_fields():
         group = groups.setdefault(section, parser.add_argument_group(section or "experiment"))
-        help_text = f"default: {default!r}"
+        default = functools.reduce(getattr, name.split("."), quick)
+        help_text = f"default (preset digits_quick): {default!r}"
         if name == "strategy":
             help_text += f"; one or several (comma-separated) of: {', '.join(sorted(STRATEGIES))}"
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])

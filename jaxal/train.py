@@ -198,6 +198,9 @@ def train_model(state: TrainState, images: jax.Array, labels: jax.Array, labeled
                                              model=model, lossnet=lossnet, options=options, mesh=mesh)
             sums = {k: sums.get(k, 0.0) + v for k, v in step_metrics.items()}
         metrics = {k: float(v) / len(batches) for k, v in sums.items()}
+        if not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"training diverged: the mean loss of epoch {epoch} is {metrics['loss']}; "
+                                     f"lower --lr (now {lr}) or check the data")
     return state, metrics
 
 

@@ -72,6 +72,10 @@ BAD_INPUTS = {
     "subset smaller than the budget": (["--subset_size", "5"], "--subset_size (5) must be at least --budget"),
     "unreadable number": (["--budget", "ten"], "--budget: cannot read 'ten'"),
     "zero cycles": (["--cycles", "0"], "--cycles must be at least 1"),
+    "negative seed": (["--seed", "-1"], "--seed must be a non-negative integer"),
+    "dropout of 1 or more": (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    "loss module of width 0": (["--strategy", "ll4al", "--lossnet.width", "0"], "--lossnet.width must be at least 1"),
+    "model too deep for the images": (["--model", "vgg16"], "model vgg16 needs larger images than digits's 8x8"),
 }
 
 
@@ -122,6 +126,15 @@ def test_checkpoint_of_another_config_is_refused_and_left_untouched(tmp_path, ca
     assert snapshot(workdir) == before
     # The same command resumes: everything was finished, so nothing changes but the result files.
     assert run.main(["--strategy", "entropy", "--workdir", str(workdir), *TINY]) == 0
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
+    workdir = tmp_path / "thesis"
+    workdir.mkdir()
+    (workdir / "chapter1.tex").write_text("years of work")
+    assert run.main(["--strategy", "entropy", "--workdir", str(workdir), "--overwrite", *TINY]) == 2
+    assert "--overwrite deletes only jaxal run directories" in capsys.readouterr().err
+    assert (workdir / "chapter1.tex").read_text() == "years of work"
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path, capsys):

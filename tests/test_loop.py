@@ -184,7 +184,8 @@ def test_same_seed_same_selections_other_seed_other_selections(tmp_path):
 
 @pytest.mark.parametrize("warm_start", [False, True])
 def test_kill_and_resume_gives_the_uninterrupted_results(tmp_path, monkeypatch, warm_start):
-    settings_ = dict(strategy="margin", trials=2, warm_start=warm_start)
+    # BADGE draws from the strategy key: the resumed cycles must draw what the uninterrupted ones drew.
+    settings_ = dict(strategy="badge", trials=2, warm_start=warm_start)
     uninterrupted = run(tmp_path, "whole", **settings_)
 
     real_run_cycle = loop.run_cycle
@@ -205,3 +206,15 @@ def test_kill_and_resume_gives_the_uninterrupted_results(tmp_path, monkeypatch, 
     assert comparable(resumed) == comparable(uninterrupted)
     # The finished cycles were not run again.
     assert [r["train_seconds"] for r in resumed[:2]] == [r["train_seconds"] for r in partial]
+
+
+def test_diverging_training_stops_with_a_clear_error():
+    from jaxal.models import create_model
+    from jaxal.train import TrainOptions, create_train_state, train_model
+
+    model = create_model("mlp", 3)
+    state = create_train_state(model, None, jax.random.key(0), (2, 2, 1), TrainOptions())
+    images, labels = jnp.ones((8, 2, 2, 1)), jnp.zeros(8, jnp.int32)
+    with pytest.raises(FloatingPointError, match="training diverged: the mean loss of epoch 0 is nan"):
+        train_model(state, images, labels, np.arange(8), model=model, lossnet=None, options=TrainOptions(),
+                    epochs=2, batch_size=4, lr=float("nan"), lr_milestones=(), lr_gamma=0.1, detach_epoch=0, seed=0)
