@@ -105,21 +105,6 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def from_dict(data: dict) -> Config:
-    """Inverse of `Config.to_dict` (for configs read back from a run directory)."""
-    hints = get_type_hints(Config)
-    kwargs = {}
-    for key, value in data.items():
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = kind(**value)
-        elif get_origin(kind) is tuple:
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
-    return Config(**kwargs)
-
-
 # Presets. Training settings of all four reference codes: SGD lr 0.1, momentum 0.9, weight decay
 # 5e-4, x0.1 at epoch 160 of 200, batch 128.
 _REFERENCE_TRAINING = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
@@ -184,7 +169,7 @@ def flat_fields() -> list[tuple[str, type, Any, str]]:
 
 def parse_value(text: str, kind) -> Any:
     """Command-line text to a field's type: Optional[...] accepts 'none', tuples take commas."""
-    if get_origin(kind) is Optional or (get_origin(kind) is not None and type(None) in get_args(kind)):
+    if type(None) in get_args(kind):
         if text.lower() in ("none", "null", ""):
             return None
         kind = next(a for a in get_args(kind) if a is not type(None))

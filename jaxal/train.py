@@ -17,8 +17,7 @@ global batch (to float rounding). The batch is rounded up to a multiple of D (`e
 from __future__ import annotations
 
 import functools
-import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax
 import flax.linen as nn
@@ -228,10 +227,3 @@ def accuracy(model: nn.Module, variables: dict, xs, ys, batch_size: int = 512, *
 
 def model_variables(state: TrainState) -> dict:
     return {"params": state.params["model"], "batch_stats": state.batch_stats}
-
-
-def timed(fn: Callable, *args, **kwargs):
-    """(result, seconds), waiting for device work to finish."""
-    start = time.perf_counter()
-    result = jax.block_until_ready(fn(*args, **kwargs))
-    return result, time.perf_counter() - start
