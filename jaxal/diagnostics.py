@@ -4,9 +4,10 @@ Command (a whole active-learning run, with the diagnostics computed after every 
 
     python -m jaxal.diagnostics --dataset digits --strategy entropy,random --cycles 6
 
-Every flag of `python -m jaxal.run` works (they configure the experiment), plus the `--diag.*` flags of
-`DiagnosticsOptions`. Library use: `run_diagnostics(config, options, workdir=...)`, or
-`cycle_bounds(...)` for one pair of models.
+Every flag of `python -m jaxal.run` works (they configure the experiment; `--coordinator/--num_processes/
+--process_id/--distributed` start several processes as there, and only process 0 writes and prints), plus
+the `--diag.*` flags of `DiagnosticsOptions` (bad values exit with status 2 before any training). Library
+use: `run_diagnostics(config, options, workdir=...)`, or `cycle_bounds(...)` for one pair of models.
 
 What is computed, for the models T^c and T^{c+1} of consecutive cycles c, c+1 (DESIGN.md, point 6)
 -------------------------------------------------------------------------------------------------
@@ -28,8 +29,8 @@ then selected).
     then v, s and ||s|| are the same for both columns.
 - s = H^-1 v: ONE solve per cycle and loss, by `--diag.solver` ("exact": dense, for <= 5000 parameters,
   the default on the last layer; "cg"; "lissa", with `--diag.lissa_*`), see `jaxal.influence`.
-- Target(x) = s . g_{c+1}(x) = sum_j g_{c+1}(x_j)^T H^-1 g_{c+1}(x), for the whole pool by
-  `jaxal.influence.influence_scores` (one jvp per chunk, no per-example gradient).
+- Target(x) = s . g_{c+1}(x) = sum_j g_{c+1}(x_j)^T H^-1 g_{c+1}(x), for the whole pool by the forward-mode
+  product of `jaxal.influence.influence_scores` (one jvp per chunk, no per-example gradient).
 - Approx-1(x) = |Target(x)|.
 - Approx-2(x) = ||g_{c+1}(x)|| * ||s||  (>= Approx-1 by Cauchy-Schwarz, sample by sample).
 - Approx-3(x) = ||g_c(x)||     * ||s||  (the gradient from the model of cycle c: what a strategy can
@@ -68,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from collections import defaultdict
@@ -78,10 +80,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxal import gradnorm, influence, results
+from jaxal import gradnorm, influence, parallel, results
 from jaxal.config import Config, parse_value
 from jaxal.models import inference_apply
-from jaxal.pytree import PARAM_SUBSETS, restrict, subset_mask, tree_norm, tree_scale, tree_size
+from jaxal.pytree import PARAM_SUBSETS, partition, restrict, subset_mask, tree_norm, tree_size
+from jaxal.strategies.base import top_k
 
 LOSSES: dict[str, Callable] = {"exp": gradnorm.expected_loss, "ent": gradnorm.entropy_loss}
 LOSS_LABELS = {"exp": "L_exp (expected loss)", "ent": "L_ent (entropy)"}
@@ -125,10 +128,21 @@ def check_options(options: DiagnosticsOptions) -> None:
     if options.table1_norm not in gradnorm.NORMS:
         raise ValueError(f"--diag.table1_norm must be one of {', '.join(gradnorm.NORMS)}, "
                          f"got {options.table1_norm!r}")
-    if options.k is not None and options.k < 1:
-        raise ValueError(f"--diag.k must be at least 1, got {options.k}")
-    if options.damping is not None and options.damping < 0:
-        raise ValueError(f"--diag.damping must be >= 0, got {options.damping}")
+    for name in ("k", "lissa_batch_size"):  # None (the default) or a positive count
+        if getattr(options, name) is not None and getattr(options, name) < 1:
+            raise ValueError(f"--diag.{name} must be at least 1 (or none), got {getattr(options, name)}")
+    for name in ("cg_maxiter", "lissa_depth", "lissa_repeats", "chunk_size"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"--diag.{name} must be at least 1, got {getattr(options, name)}")
+    if options.seed < 0:
+        raise ValueError(f"--diag.seed must be >= 0, got {options.seed}")
+    # `not x >= 0` also rejects NaN, which every ordered comparison lets through.
+    if options.damping is not None and not (math.isfinite(options.damping) and options.damping >= 0):
+        raise ValueError(f"--diag.damping must be a finite number >= 0, got {options.damping}")
+    if not (math.isfinite(options.cg_tol) and options.cg_tol >= 0):
+        raise ValueError(f"--diag.cg_tol must be a finite number >= 0, got {options.cg_tol}")
+    if not (math.isfinite(options.lissa_scale) and options.lissa_scale > 0):
+        raise ValueError(f"--diag.lissa_scale must be a finite number > 0, got {options.lissa_scale}")
     if options.solver == "lissa" and not 0 <= (options.damping or 0.0) < options.lissa_scale:
         raise ValueError("--diag.damping must be below --diag.lissa_scale (LiSSA's relative damping "
                          "damping/scale must be < 1)")
@@ -161,73 +175,115 @@ def inverse_hvp(options: DiagnosticsOptions, train_loss, params, train_data, v, 
                            maxiter=options.cg_maxiter, tol=options.cg_tol)
 
 
+# The pool-wide passes go through `jaxal.parallel.map_chunks`/`sum_chunks` as the strategies' scorers do
+# (`jaxal.strategies.gradient`): module-level functions of `(static, consts, chunk)`, `static` a hashable
+# tuple of settings (the Flax model hashes by value; the losses are module-level functions) and the
+# trained variables and `s` the traced `consts`. The per-example losses are built INSIDE the trace, so a
+# new cycle's weights compile nothing and are never baked into a program as constants: one program per
+# (loss, chunk shape) for the whole run.
+
+
+def _example_loss(model, variables: dict, loss_of_logits: Callable, labelled: bool = False):
+    return gradnorm.example_loss(inference_apply(model, variables["batch_stats"]), loss_of_logits,
+                                 labelled=labelled)
+
+
+def _gradient_sum(static, variables, chunk):
+    """sum_i w_i grad_theta L(z_i) over a chunk (w = 0 for sum_chunks' padding): the test gradient v."""
+    model, loss_of_logits, subset, labelled = static
+    examples, weights = chunk
+    losses_of, theta = restrict(_example_loss(model, variables, loss_of_logits, labelled).batch_losses,
+                                variables["params"], subset)
+
+    def total(p):
+        losses = losses_of(p, examples)
+        return jnp.sum(weights.astype(losses.dtype) * losses)
+
+    return jax.grad(total)(theta)
+
+
+def _pool_pass(static, consts, xs):
+    """(Target, ||g_{c+1}||, ||g_c||) for a chunk of the pool, one loss, in one program. Target is the
+    forward-mode product of `jaxal.influence.influence_scores` (one jvp of the batched losses in the
+    direction s, no per-example gradient); the norms come from `gradnorm.per_example_grad_norms`."""
+    model, loss_of_logits, subset = static
+    prev_variables, next_variables, s = consts
+    loss_next = _example_loss(model, next_variables, loss_of_logits)
+    loss_prev = _example_loss(model, prev_variables, loss_of_logits)
+    losses_of, theta = restrict(loss_next.batch_losses, next_variables["params"], subset)
+    target = jax.jvp(lambda p: losses_of(p, xs), (theta,), (s,))[1]
+    norm_next = gradnorm.per_example_grad_norms(loss_next, next_variables["params"], xs, norm="global",
+                                                params_filter=subset)
+    norm_prev = gradnorm.per_example_grad_norms(loss_prev, prev_variables["params"], xs, norm="global",
+                                                params_filter=subset)
+    return target, norm_next, norm_prev
+
+
+def _true_label_norms(static, variables, chunk):
+    model, norm, subset = static
+    loss = _example_loss(model, variables, gradnorm.cross_entropy, labelled=True)
+    return gradnorm.per_example_grad_norms(loss, variables["params"], chunk, norm=norm, params_filter=subset)
+
+
 def cycle_bounds(model, prev_variables: dict, next_variables: dict, pool_x, train_data, test_data, *,
                  options: DiagnosticsOptions = DiagnosticsOptions(), damping: float = 0.0,
-                 rng: Optional[jax.Array] = None, losses: Optional[dict[str, Callable]] = None) -> dict[str, Bounds]:
+                 rng: Optional[jax.Array] = None, losses: Optional[dict[str, Callable]] = None,
+                 mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Bounds]:
     """{loss name: Bounds} for the models of cycles c (`prev_variables`) and c+1 (`next_variables`), the
     pool `pool_x`, the labelled training set `train_data = (x, y)` model c+1 was trained on, and the test
     set `test_data = (x, y)` (its labels are used only with `options.test_loss == "true"`).
     See the module docstring for the definitions; `damping` is the absolute shift mu of H + mu I.
+    `losses` maps a name to a module-level function of one example's logits (it is part of the static
+    settings of the compiled passes); with a `mesh`, the pool and test passes are split over its devices.
 
-    Cost per loss: one solve, one jvp pass over the pool (Target), two per-example gradient-norm passes
-    (models c and c+1), and one gradient of the test loss (skipped for the second loss with true labels).
+    Cost per loss: one solve, one pass over the pool (Target by a jvp, and the per-example gradient norms
+    under models c and c+1), and one gradient of the test loss (skipped for the second loss with true
+    labels).
     """
     losses = LOSSES if losses is None else losses
     rng = jax.random.key(options.seed) if rng is None else rng
-    chunk = options.chunk_size
-    apply_prev = inference_apply(model, prev_variables["batch_stats"])
-    apply_next = inference_apply(model, next_variables["batch_stats"])
-    restricted = lambda loss, variables: restrict(loss, variables["params"], options.params)  # noqa: E731
-
-    # Built once per call and reused by every engine below (they jit the loss as a static argument).
-    ce_next, theta_next = restricted(gradnorm.example_loss(apply_next, gradnorm.cross_entropy, labelled=True),
-                                     next_variables)
-    train_loss = influence.mean_loss(ce_next)
+    chunk, subset = options.chunk_size, options.params
     test_x, test_y = test_data
-    n_test = int(test_x.shape[0])
 
-    def solve_for(example_loss_fn, data):
-        v = tree_scale(influence.mean_gradient(example_loss_fn, theta_next, data, chunk_size=chunk), n_test)
-        return inverse_hvp(options, train_loss, theta_next, train_data, v, damping=damping, rng=rng)
+    # The solve stays per cycle, deliberately: `influence.solve` jits its training loss as a static
+    # argument and takes no traced constants besides the parameters theta it differentiates, so the loss
+    # is a closure over model c+1's other parameters and BatchNorm statistics: one compilation per cycle
+    # (the same object serves every loss and solve of the cycle), with those arrays as constants of that
+    # one program. Making it cycle-stable would need another entry point in `jaxal.influence`.
+    ce_losses_of, theta = restrict(_example_loss(model, next_variables, gradnorm.cross_entropy, True).batch_losses,
+                                   next_variables["params"], subset)
+    train_loss = lambda sel, batch: jnp.mean(ce_losses_of(sel, batch))  # noqa: E731
 
-    s_true = solve_for(ce_next, (test_x, test_y)) if options.test_loss == "true" else None
+    def solve_for(loss_of_logits, data, labelled: bool):
+        v = parallel.sum_chunks(_gradient_sum, (model, loss_of_logits, subset, labelled), next_variables, data,
+                                chunk_size=chunk, mesh=mesh)  # sum_j g_{c+1}(x_j): a SUM over the test set
+        return inverse_hvp(options, train_loss, theta, train_data, v, damping=damping, rng=rng)
+
+    s_true = solve_for(gradnorm.cross_entropy, (test_x, test_y), True) if options.test_loss == "true" else None
     out = {}
     for name, loss_of_logits in losses.items():
-        loss_next, _ = restricted(gradnorm.example_loss(apply_next, loss_of_logits), next_variables)
-        loss_prev, theta_prev = restricted(gradnorm.example_loss(apply_prev, loss_of_logits), prev_variables)
-        s = s_true if s_true is not None else solve_for(loss_next, test_x)
+        s = s_true if s_true is not None else solve_for(loss_of_logits, test_x, False)
         s_norm = float(tree_norm(s))
-        target = np.asarray(influence.influence_scores(loss_next, theta_next, pool_x, s, chunk_size=chunk),
-                            np.float64)
-        norm_next = np.asarray(gradnorm.per_example_grad_norms(loss_next, theta_next, pool_x, norm="global",
-                                                               chunk_size=chunk), np.float64)
-        norm_prev = np.asarray(gradnorm.per_example_grad_norms(loss_prev, theta_prev, pool_x, norm="global",
-                                                               chunk_size=chunk), np.float64)
+        passes = parallel.map_chunks(_pool_pass, (model, loss_of_logits, subset),
+                                     (prev_variables, next_variables, s), pool_x, chunk_size=chunk, mesh=mesh)
+        target, norm_next, norm_prev = (np.asarray(a, np.float64) for a in passes)
         out[name] = Bounds(target, np.abs(target), norm_next * s_norm, norm_prev * s_norm, norm_next, norm_prev,
                            s_norm)
     return out
 
 
 def true_label_grad_norms(model, variables: dict, pool_x, pool_y, *, norm: str = "global",
-                          params_filter: str = "all", chunk_size: Optional[int] = None) -> np.ndarray:
+                          params_filter: str = "all", chunk_size: Optional[int] = None,
+                          mesh: Optional[jax.sharding.Mesh] = None) -> np.ndarray:
     """(n_pool,) norms of the true-label CE gradient under `variables` (Table 1's reference ranking)."""
-    loss = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]), gradnorm.cross_entropy,
-                                 labelled=True)
-    return np.asarray(gradnorm.per_example_grad_norms(loss, variables["params"], (pool_x, pool_y), norm=norm,
-                                                      params_filter=params_filter, chunk_size=chunk_size),
-                      np.float64)
-
-
-def top_k(scores, k: int) -> np.ndarray:
-    """Positions of the k largest scores, ties broken by the lower position (as the strategies do)."""
-    scores = np.asarray(scores, np.float64)
-    if k > scores.size:
-        raise ValueError(f"cannot take the top {k} of {scores.size} scores")
-    return np.argsort(-scores, kind="stable")[:k]
+    return np.asarray(parallel.map_chunks(_true_label_norms, (model, norm, params_filter), variables,
+                                          (pool_x, pool_y), chunk_size=chunk_size, mesh=mesh), np.float64)
 
 
 def top_k_overlap(scores_a, scores_b, k: int) -> int:
-    """|top-k of a intersect top-k of b| (positions into the same pool)."""
+    """|top-k of a intersect top-k of b| (positions into the same pool). `top_k` is the strategies' own
+    (`jaxal.strategies.base`): ties go to the lower position as when they select, and a non-finite
+    Target or norm raises FloatingPointError rather than being ranked."""
     return int(np.intersect1d(top_k(scores_a, k), top_k(scores_b, k)).size)
 
 
@@ -292,8 +348,9 @@ class DiagnosticsObserver:
         from jaxal.train import model_variables
 
         key = (record["strategy"], record["trial"])
-        # Copies: a warm-started next cycle may donate the state's buffers to its training step.
-        variables = jax.tree.map(jnp.copy, model_variables(state))
+        # Process-local (the state may be a global array over several processes, as the loop's strategies
+        # get them), then copies: a warm-started next cycle may donate the state's buffers to its training.
+        variables = jax.tree.map(jnp.copy, parallel.local(model_variables(state)))
         row = dict(self.rows.get((*key, cycle), {}))
         row.update(strategy=key[0], trial=key[1], cycle=cycle, num_labeled=record["num_labeled"],
                    train_accuracy=record["train_accuracy"], test_accuracy=record["test_accuracy"],
@@ -302,7 +359,7 @@ class DiagnosticsObserver:
         previous = self._previous.pop(key, None)
         if previous is not None and previous.cycle == cycle - 1:
             self.rows[(*key, cycle - 1)].update(self._pair(exp, key, previous, variables, trained_on))
-        elif cycle > 0 and "table2_k" not in self.rows.get((*key, cycle - 1), {}):
+        elif cycle > 0 and "table2_k" not in self.rows.get((*key, cycle - 1), {}) and parallel.is_primary():
             self.log(f"diagnostics: {key[0]} trial {key[1]}: the model of cycle {cycle - 1} ran in an earlier "
                      f"process (resumed run); the pair ({cycle - 1}, {cycle}) is missing")
         if len(candidates):
@@ -316,28 +373,28 @@ class DiagnosticsObserver:
         start = time.perf_counter()
         strategy, trial = key
         candidates = previous.candidates
-        pool_x = jnp.asarray(data.x_train[candidates])
+        pool_x = data.x_train[candidates]  # host arrays: the chunked passes move them a chunk at a time
         trained_on = np.asarray(trained_on)
         train_data = (jnp.asarray(data.x_train[trained_on]), jnp.asarray(data.y_train[trained_on]))
-        test_data = (jnp.asarray(data.x_test), jnp.asarray(data.y_test))
+        test_data = (data.x_test, data.y_test)
         damping = config.weight_decay if options.damping is None else options.damping
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(options.seed), trial), previous.cycle)
         bounds = cycle_bounds(exp.model, previous.variables, variables, pool_x, train_data, test_data,
-                              options=options, damping=damping, rng=rng)
+                              options=options, damping=damping, rng=rng, mesh=exp.mesh)
         k = options.k or config.budget
         k = min(k, len(candidates))
         row = summarise(bounds, k)
         # Table 1: the strategy's K selected samples vs the K of largest true-label gradient norm, model c.
-        true_norms = true_label_grad_norms(exp.model, previous.variables, pool_x,
-                                           jnp.asarray(data.y_train[candidates]), norm=options.table1_norm,
-                                           params_filter=options.table1_params, chunk_size=options.chunk_size)
+        true_norms = true_label_grad_norms(exp.model, previous.variables, pool_x, data.y_train[candidates],
+                                           norm=options.table1_norm, params_filter=options.table1_params,
+                                           chunk_size=options.chunk_size, mesh=exp.mesh)
         selected_positions = np.searchsorted(candidates, previous.selected)
         if not np.array_equal(candidates[np.minimum(selected_positions, len(candidates) - 1)], previous.selected):
             raise RuntimeError("the selected samples are not among the candidates of their cycle")
         row.update(table1_overlap=selection_overlap(selected_positions, true_norms),
                    table1_k=int(selected_positions.size), table2_k=k, num_pool=int(len(candidates)),
                    num_test=int(data.x_test.shape[0]), num_train=int(len(trained_on)), solver=options.solver,
-                   params=options.params, num_params=int(tree_size(_subset(variables["params"], options.params))),
+                   params=options.params, num_params=_subset_size(variables["params"], options.params),
                    test_loss=options.test_loss, damping=float(damping), diagnostics_seconds=0.0)
         row["diagnostics_seconds"] = time.perf_counter() - start
         selected_mask = np.zeros(len(candidates), bool)
@@ -351,8 +408,9 @@ class DiagnosticsObserver:
         return row
 
 
-def _subset(params, subset: str):
-    return [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(subset_mask(params, subset))) if m]
+def _subset_size(params, subset: str) -> int:
+    """Number of parameters in `subset` (works on shapes from `jax.eval_shape` too)."""
+    return int(tree_size(partition(params, subset_mask(params, subset))[0]))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -520,8 +578,12 @@ def read_rows(workdir: Path) -> dict:
 
 
 def default_workdir(config: Config) -> Path:
-    dataset = Path(config.dataset).stem if config.dataset.endswith(".npz") else config.dataset
-    return Path("runs") / f"diagnostics-{dataset}-{config.strategy.replace(',', '+')}"
+    """`jaxal.loop.default_workdir` with the name prefixed by "diagnostics-": a diagnostics run never
+    resumes, or overwrites, the plain run of the same config."""
+    from jaxal import loop
+
+    plain = loop.default_workdir(config)
+    return plain.with_name(f"diagnostics-{plain.name}")
 
 
 def run_diagnostics(config: Config, options: DiagnosticsOptions = DiagnosticsOptions(), *,
@@ -538,19 +600,24 @@ def run_diagnostics(config: Config, options: DiagnosticsOptions = DiagnosticsOpt
     rows = {} if overwrite else read_rows(workdir)
     title = (f"{exp.dataset.name}, {exp.config.model}: solver {options.solver}, params {options.params}, "
              f"test loss {options.test_loss}")
+    # Several processes: every one computes the same rows (the passes are collective over the mesh), and
+    # only process 0 writes and logs, as the loop does with its own results.
+    primary = parallel.is_primary()
 
     def on_update(current):
-        write_outputs(workdir, current, observer.samples if options.save_samples else None, title)
+        if primary:
+            write_outputs(workdir, current, observer.samples if options.save_samples else None, title)
         observer.samples = {}
 
     observer = DiagnosticsObserver(options, rows=rows, on_update=on_update, log=log)
-    loop.run_experiment(exp.config, workdir=workdir, overwrite=overwrite, log=log, observer=observer)
+    loop.run_prepared(exp, overwrite=overwrite, log=log, observer=observer)
     ordered = [observer.rows[key] for key in sorted(observer.rows)]
-    write_outputs(workdir, observer.rows, None, title)
-    log(format_tables(ordered))
-    log(f"diagnostics: {workdir / 'diagnostics.csv'}, {workdir / 'diagnostics_fig3.png'}, "
-        f"{workdir / 'diagnostics_tables.txt'}" + (f", {workdir / 'diagnostics_samples'}/" if options.save_samples
-                                                   else ""))
+    if primary:
+        write_outputs(workdir, observer.rows, None, title)
+        log(format_tables(ordered))
+        log(f"diagnostics: {workdir / 'diagnostics.csv'}, {workdir / 'diagnostics_fig3.png'}, "
+            f"{workdir / 'diagnostics_tables.txt'}"
+            + (f", {workdir / 'diagnostics_samples'}/" if options.save_samples else ""))
     return ordered
 
 
@@ -561,7 +628,7 @@ def _check_against(exp, options: DiagnosticsOptions) -> None:
     config = exp.config
     variables = jax.eval_shape(lambda key: init_variables(exp.model, key, exp.dataset.image_shape),
                                jax.random.key(0))
-    size = sum(int(np.prod(p.shape)) for p in _subset(variables["params"], options.params))
+    size = _subset_size(variables["params"], options.params)
     if options.solver == "exact" and size > influence.MAX_EXACT_PARAMS:
         raise ValueError(f"--diag.solver exact builds a dense Hessian and is limited to "
                          f"{influence.MAX_EXACT_PARAMS} parameters; --diag.params {options.params} of "
@@ -588,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(DiagnosticsOptions):
         kind = hints[field.name]
         group.add_argument(f"--diag.{field.name}", dest=f"diag.{field.name}", default=argparse.SUPPRESS,
-                           metavar=getattr(kind, "__name__", str(kind).replace("typing.", "")).upper(),
+                           metavar=run._metavar(kind),  # INT, INT|NONE, ... as jaxal.run's flags
                            help=f"default: {field.default!r}")
     return parser
 
@@ -607,11 +674,15 @@ def options_from_args(args: argparse.Namespace) -> DiagnosticsOptions:
 
 
 def main(argv=None) -> int:
+    """`jaxal.run.main` with the diagnostics: the same distributed start-up, errors and exit codes."""
     from jaxal import run
+
+    args = build_parser().parse_args(argv)
+    if run.distributed_requested(args):  # before anything touches a device, as jaxal.run.main does
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from jaxal.checkpoint import CheckpointError
     from jaxal.influence import LissaDivergenceError
 
-    args = build_parser().parse_args(argv)
     try:
         config = run.config_from_args(args)
         options = options_from_args(args)
