@@ -13,6 +13,14 @@ Conventions
 - Functions that take a loss function jit it as a *static* argument, so the compiled program is
   cached per loss-function object and per shape: build the loss once and reuse it (a new lambda per
   call compiles again, and the closure's arrays become constants of the program).
+  A caller whose loss closes over arrays that change (trained weights, BatchNorm statistics) should
+  instead build the loss INSIDE its own jitted function, from traced arguments, and call the
+  un-jitted bodies there: `solve_traced`, `jvp_scores`, `weighted_gradient` (with
+  `jaxal.parallel.map_chunks`/`sum_chunks`), then `check_lissa`/`check_cg` on the host. The program
+  is then compiled once per settings and shapes, whatever the weights (`jaxal.strategies.isal`).
+- A padded batch (fixed size, so one program serves a growing labelled set) is `(batch, weights)`
+  with `weighted_mean_loss`: weights 1 for the real examples, 0 for the padding. `lissa` draws its
+  minibatches among the first `num_examples` rows only.
 
 Influence sign convention (Koh & Liang 2017)
 --------------------------------------------
@@ -116,6 +124,20 @@ def mean_loss(example_loss_fn: Callable) -> LossFn:
 
     def loss_fn(params, batch):
         return jnp.mean(jax.vmap(example_loss_fn, (None, 0))(params, batch))
+
+    return loss_fn
+
+
+def weighted_mean_loss(example_loss_fn: Callable) -> LossFn:
+    """`loss_fn(params, (batch, weights))`: `sum_i w_i l_i / sum_i w_i`. With weights 1 for the real
+    examples and 0 for padding it is the mean over the real examples of a padded batch (and exactly
+    `mean_loss` on a minibatch drawn among the real rows)."""
+
+    def loss_fn(params, weighted):
+        batch, weights = weighted
+        losses = jax.vmap(example_loss_fn, (None, 0))(params, batch)
+        weights = weights.astype(losses.dtype)
+        return jnp.sum(weights * losses) / jnp.sum(weights)
 
     return loss_fn
 
@@ -246,29 +268,38 @@ def dense_hessian(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jax.Array:
     return _dense_hessian(loss_fn, params, batch)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn",))
-def _dense_hessian(loss_fn, params, batch):
+def _dense_hessian_body(loss_fn, params, batch):
     flat, unravel = ravel_pytree(params)
     hessian = jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
     return 0.5 * (hessian + hessian.T)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn",))
-def _exact_inverse_hvp(loss_fn, params, batch, v, damping):
+_dense_hessian = jax.jit(_dense_hessian_body, static_argnames=("loss_fn",))
+
+
+def _exact_body(loss_fn, params, batch, v, damping):
     flat_v, unravel = ravel_pytree(v)
-    hessian = _dense_hessian(loss_fn, params, batch)
+    hessian = _dense_hessian_body(loss_fn, params, batch)
     shifted = hessian + damping * jnp.eye(flat_v.shape[0], dtype=hessian.dtype)
     return unravel(jnp.linalg.solve(shifted, flat_v))
+
+
+_exact_inverse_hvp = jax.jit(_exact_body, static_argnames=("loss_fn",))
+
+
+def check_exact_size(params: PyTree) -> None:
+    """ValueError if `params` is too large for a dense Hessian (above MAX_EXACT_PARAMS)."""
+    size = tree_size(params)
+    if size > MAX_EXACT_PARAMS:
+        raise ValueError(f"exact_inverse_hvp builds a dense P x P Hessian and is limited to P <= "
+                         f"{MAX_EXACT_PARAMS} parameters, got P = {size}; use cg or lissa instead")
 
 
 def exact_inverse_hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree, *,
                       damping: float = 0.0) -> PyTree:
     """`(H + damping*I)^-1 v` by a dense solve of the full Hessian on `batch` (absolute damping).
     Only for small problems: raises ValueError above MAX_EXACT_PARAMS parameters."""
-    size = tree_size(params)
-    if size > MAX_EXACT_PARAMS:
-        raise ValueError(f"exact_inverse_hvp builds a dense P x P Hessian and is limited to P <= "
-                         f"{MAX_EXACT_PARAMS} parameters, got P = {size}; use cg or lissa instead")
+    check_exact_size(params)
     return _exact_inverse_hvp(loss_fn, params, batch, v, damping)
 
 
@@ -283,8 +314,7 @@ class CGResult(NamedTuple):
     min_curvature: jax.Array  # min over search directions of p^T (H + damping I) p / ||p||^2
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "maxiter", "mesh"))
-def _cg(loss_fn, params, batch, v, damping, tol, maxiter, mesh=None):
+def _cg_body(loss_fn, params, batch, v, damping, tol, maxiter, mesh=None):
     loop_hvp = _loop_hvp(loss_fn)
     batch = parallel.constrain_batch(batch, mesh)
     matvec = lambda x: tree_add_scaled(loop_hvp(params, batch, x), x, damping)
@@ -315,6 +345,22 @@ def _cg(loss_fn, params, batch, v, damping, tol, maxiter, mesh=None):
     return CGResult(x, residual, i, residual <= target, min_curv)
 
 
+_cg = jax.jit(_cg_body, static_argnames=("loss_fn", "maxiter", "mesh"))
+
+
+def check_cg(result: CGResult, damping: float, *, stacklevel: int = 2) -> None:
+    """The host checks of `cg` on a `CGResult`: ValueError on non-positive curvature, a RuntimeWarning
+    if `tol` was not reached."""
+    if not float(result.min_curvature) > 0:
+        raise ValueError(f"cg: H + damping*I is not positive definite (found curvature "
+                         f"{float(result.min_curvature):.3g} <= 0 along a search direction); "
+                         f"increase damping (now {damping})")
+    if not bool(result.converged):
+        warnings.warn(f"cg stopped after {int(result.iterations)} iterations with residual "
+                      f"{float(result.residual_norm):.3g} > tol*||v||; raise maxiter or damping",
+                      RuntimeWarning, stacklevel=stacklevel + 1)
+
+
 def cg(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree, *, damping: float = 0.0,
        maxiter: int = 100, tol: float = 1e-6, return_diagnostics: bool = False, mesh=None):
     """`(H + damping*I)^-1 v` by conjugate gradients on the full-batch Hessian of `batch` (damping is
@@ -329,14 +375,7 @@ def cg(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree, *, damping: fl
     placed = parallel.replicate((params, batch, v), mesh)
     result = _cg(loss_fn, *placed, damping, tol, maxiter, mesh)  # the batch split over `mesh`, if any
     result = result if mesh is None else parallel.local(result)
-    if not float(result.min_curvature) > 0:
-        raise ValueError(f"cg: H + damping*I is not positive definite (found curvature "
-                         f"{float(result.min_curvature):.3g} <= 0 along a search direction); "
-                         f"increase damping (now {damping})")
-    if not bool(result.converged):
-        warnings.warn(f"cg stopped after {int(result.iterations)} iterations with residual "
-                      f"{float(result.residual_norm):.3g} > tol*||v||; raise maxiter or damping",
-                      RuntimeWarning, stacklevel=2)
+    check_cg(result, damping, stacklevel=2)
     return result if return_diagnostics else result.solution
 
 
@@ -355,14 +394,15 @@ class LissaResult(NamedTuple):
 
 
 def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, *, depth, repeats, batch_size,
-                  parallel_chains, mesh=None):
-    n = jax.tree.leaves(data)[0].shape[0]
+                  parallel_chains, mesh=None, num_examples=None):
+    # `num_examples` (traced): draw among the first rows only, the rest of `data` being padding.
+    n = jax.tree.leaves(data)[0].shape[0] if num_examples is None else num_examples
     loop_hvp = _loop_hvp(loss_fn)
 
     def step(h, key):
         if batch_size is None:
             batch = data
-        else:  # a fresh minibatch, indices drawn uniformly with replacement
+        else:  # a fresh minibatch, indices drawn uniformly with replacement among the real rows
             idx = jax.random.randint(key, (batch_size,), 0, n)
             batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
         hv = loop_hvp(params, parallel.constrain_batch(batch, mesh), h)
@@ -401,7 +441,8 @@ def _divergence_bound(v_norm: float, damping: float, depth: int) -> np.ndarray:
     return v_norm * (t + 1)
 
 
-def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, norms, bound) -> str:
+def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, norms, bound,
+                        num_examples=None) -> str:
     finite = np.isfinite(norms)
     if not finite.all():
         step = int(np.argmin(finite.all(axis=0)))
@@ -411,7 +452,7 @@ def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, 
         step = int(np.argmax(ratio.max(axis=0)))
         what = (f"||h_t|| grew from {norms[0, 0]:.3g} to {norms.max():.3g}, {ratio.max():.3g} times the "
                 f"bound of a convergent recursion (reached at step {step})")
-    n = jax.tree.leaves(data)[0].shape[0]
+    n = jax.tree.leaves(data)[0].shape[0] if num_examples is None else int(num_examples)
     k_full, k_mini = jax.random.split(jax.random.fold_in(rng, 1))
     m = min(n, 256)
     subset = jax.tree.map(lambda a: a[:m], data)
@@ -433,7 +474,8 @@ def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, 
 def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.Array,
           depth: int = 250, repeats: int = 4, damping: float = 0.01, scale: float = 1e4,
           batch_size: int | None = 1, parallel_chains: bool = False, check: bool = True,
-          divergence_factor: float = 10.0, return_diagnostics: bool = False, mesh=None):
+          divergence_factor: float = 10.0, return_diagnostics: bool = False, mesh=None,
+          num_examples: int | jax.Array | None = None):
     """LiSSA estimate of `(H + damping*scale*I)^-1 v` (Agarwal et al. 2017; Koh & Liang 2017).
 
     `h_0 = v`, `h_{t+1} = v + (1 - damping) h_t - H_t h_t / scale` for t < depth, where `H_t` is the
@@ -450,6 +492,12 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
     without recompiling. With a `mesh`, each step's minibatch (when it has more than one example and
     at least one per device) is split over the devices; everything else is replicated.
 
+    `num_examples` (default: all rows): minibatches are drawn among the first `num_examples` rows of
+    `data` only, the rest being padding. It is a traced value, so a labelled set padded to a fixed
+    size compiles once for every count up to that size, and with the same `rng` the draws are those
+    of the unpadded set. With `batch_size=None` every row enters each HVP: the loss itself must then
+    ignore the padding (`weighted_mean_loss` with zero weights).
+
     With `check=True` (a host sync), raises `LissaDivergenceError` if any ||h_t|| is non-finite or
     exceeds `divergence_factor` times `||v|| sum_{k<=t} (1-damping)^k`, the bound that holds when
     every minibatch Hessian is PSD with eigenvalues below `scale`; the message gives a power-iteration
@@ -458,17 +506,28 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
     """
     if not 0 <= damping < 1:
         raise ValueError(f"lissa needs 0 <= damping < 1, got {damping}")
-    placed = parallel.replicate((params, data, v, rng), mesh)
-    result = _lissa_jit(loss_fn, *placed, damping, scale, depth=depth, repeats=repeats, batch_size=batch_size,
-                        parallel_chains=parallel_chains, mesh=mesh)
+    placed = parallel.replicate((params, data, v, rng, num_examples), mesh)
+    result = _lissa_jit(loss_fn, *placed[:4], damping, scale, depth=depth, repeats=repeats, batch_size=batch_size,
+                        parallel_chains=parallel_chains, mesh=mesh, num_examples=placed[4])
     result = result if mesh is None else parallel.local(result)
     if check:
-        norms = np.asarray(result.norms, dtype=np.float64)
-        bound = _divergence_bound(float(norms[0, 0]), damping, depth)
-        if not np.isfinite(norms).all() or (norms > divergence_factor * bound).any():
-            raise LissaDivergenceError(_divergence_message(loss_fn, params, data, rng, damping, scale,
-                                                           batch_size, norms, bound))
+        check_lissa(result, loss_fn, params, data, rng=rng, damping=damping, scale=scale, batch_size=batch_size,
+                    divergence_factor=divergence_factor, num_examples=num_examples)
     return result if return_diagnostics else result.inverse_hvp
+
+
+def check_lissa(result: LissaResult, loss_fn: LossFn, params: PyTree, data: PyTree, *, rng: jax.Array,
+                damping: float, scale: float, batch_size: int | None, divergence_factor: float = 10.0,
+                num_examples: int | None = None) -> None:
+    """The divergence check of `lissa` on a `LissaResult` (a host sync): raises
+    `LissaDivergenceError` with a suggested scale. `loss_fn`, `params` and `data` serve only to
+    estimate lambda_max for that message (compiled only when it is raised)."""
+    norms = np.asarray(result.norms, dtype=np.float64)
+    depth = norms.shape[1] - 1
+    bound = _divergence_bound(float(norms[0, 0]), damping, depth)
+    if not np.isfinite(norms).all() or (norms > divergence_factor * bound).any():
+        raise LissaDivergenceError(_divergence_message(loss_fn, params, data, rng, damping, scale,
+                                                       batch_size, norms, bound, num_examples))
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -492,12 +551,38 @@ def solve(method: str, loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree,
     raise ValueError(f"unknown influence solver {method!r}; choose one of: {', '.join(SOLVERS)}")
 
 
+def solve_traced(method: str, loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *,
+                 rng: jax.Array | None = None, damping=0.01, scale=1e4, depth: int = 250, repeats: int = 4,
+                 batch_size: int | None = 1, maxiter: int = 100, tol=1e-6, num_examples=None,
+                 parallel_chains: bool = False, mesh=None):
+    """The body of `solve` for use INSIDE a caller's jitted function, whose loss may close over traced
+    arrays (the trained variables): no jit of its own (it is traced into the caller's program) and no
+    host checks. Returns the `LissaResult` ("lissa"), the `CGResult` ("cg") or the solution
+    ("exact"); on the host, check them with `check_lissa` / `check_cg` (and `check_exact_size`
+    beforehand). `damping`, `scale`, `tol` and `num_examples` may be traced; the rest is static."""
+    if method == "lissa":
+        return _lissa_chains(loss_fn, params, data, v, rng, damping, scale, depth=depth, repeats=repeats,
+                             batch_size=batch_size, parallel_chains=parallel_chains, mesh=mesh,
+                             num_examples=num_examples)
+    if method == "cg":
+        return _cg_body(loss_fn, params, data, v, damping * scale, tol, maxiter, mesh)
+    if method == "exact":
+        return _exact_body(loss_fn, params, data, v, damping * scale)
+    raise ValueError(f"unknown influence solver {method!r}; choose one of: {', '.join(SOLVERS)}")
+
+
 # ----------------------------------------------------------------------------- per-example products
+
+
+def jvp_scores(example_loss_fn: Callable, params: PyTree, s: PyTree, xs: PyTree) -> jax.Array:
+    """`s . grad example_loss_fn(params, x_i)` for every row of `xs`: ONE forward-mode product. The
+    body of `influence_scores` for a caller's own (jitted, chunked) function."""
+    return jax.jvp(lambda p: jax.vmap(example_loss_fn, (None, 0))(p, xs), (params,), (s,))[1]
 
 
 def _jvp_scores(example_loss_fn, consts, xs):
     params, s = consts
-    return jax.jvp(lambda p: jax.vmap(example_loss_fn, (None, 0))(p, xs), (params,), (s,))[1]
+    return jvp_scores(example_loss_fn, params, s, xs)
 
 
 def influence_scores(example_loss_fn: Callable, params: PyTree, xs: PyTree, s: PyTree, *,
@@ -513,14 +598,20 @@ def influence_scores(example_loss_fn: Callable, params: PyTree, xs: PyTree, s: P
     return parallel.map_chunks(_jvp_scores, example_loss_fn, (params, s), xs, chunk_size=chunk_size, mesh=mesh)
 
 
-def _weighted_gradient(example_loss_fn, params, chunk):
-    xs, weights = chunk
+def weighted_gradient(example_loss_fn: Callable, params: PyTree, xs: PyTree, weights: jax.Array) -> PyTree:
+    """`grad sum_i w_i example_loss_fn(params, x_i)`: the body of `mean_gradient` for a caller's own
+    function under `jaxal.parallel.sum_chunks` (weights 0 for padding)."""
 
     def total(p):
         losses = jax.vmap(example_loss_fn, (None, 0))(p, xs)
         return jnp.sum(weights.astype(losses.dtype) * losses)
 
     return jax.grad(total)(params)
+
+
+def _weighted_gradient(example_loss_fn, params, chunk):
+    xs, weights = chunk
+    return weighted_gradient(example_loss_fn, params, xs, weights)
 
 
 def mean_gradient(example_loss_fn: Callable, params: PyTree, data: PyTree, *,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jaxal import influence
+from jaxal import influence, parallel
 from jaxal.config import build_config
 from jaxal.loop import run_experiment
 from jaxal.models import MLP, ModelOutput, init_variables
@@ -274,3 +274,71 @@ def test_every_variant_runs_in_the_loop_on_digits(tmp_path):
         assert info["solver"] == ("identity" if name == "grad_sim" else "lissa")
     assert {r["strategy_info"]["reference_size"] for r in records if r["strategy"] in ("isal", "grad_sim")
             and r["cycle"] == 0} == {5}
+
+
+# ----------------------------------------------------------------------------- compilation and padding
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("solver", ["lissa", "cg", "exact"])
+def test_new_weights_and_a_growing_labelled_set_compile_nothing(solver):
+    """Three cycles: re-initialised weights and BatchNorm statistics, a labelled set growing within one
+    bucket, another pool size. The solver, the mean gradient and the pool scores compile once."""
+    compiled = {"solve": isal._solve, "pool": parallel._compiled(isal._pool_scores),
+                "gradient": parallel._compiled(isal._reference_gradient)}
+    options = dict(solver=solver, depth=20, repeats=2, batch_size=3, damping=0.01, scale=100.0)
+    scores, sizes = [], None
+    for cycle, n_labeled in enumerate((12, 20, 31)):
+        model, variables = tiny_bn_problem(seed=cycle)
+        ctx = make_context(model, variables, n_labeled=n_labeled, n_pool=9 + cycle, seed=cycle,
+                           reference="labeled", **options)
+        result, info = isal.isal_scores(ctx)
+        scores.append(np.asarray(jax.block_until_ready(result)))
+        assert info["solver"] == solver
+        if sizes is None:
+            sizes = {name: fn._cache_size() for name, fn in compiled.items()}
+    assert isal.labeled_bucket(12, solver) == isal.labeled_bucket(31, solver)
+    assert {name: fn._cache_size() for name, fn in compiled.items()} == sizes
+    assert not np.allclose(scores[0], scores[1][:9])  # the new weights were used
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("solver", ["lissa", "cg", "exact"])
+def test_padding_the_labelled_set_never_changes_the_scores(monkeypatch, solver):
+    """Padded to its bucket (weights 0, LiSSA drawing among the real rows with the same rng) or not
+    padded at all, the labelled set gives the same s_test and scores: the same minibatches for LiSSA."""
+    model, variables = tiny_bn_problem(seed=4)
+    ctx = make_context(model, variables, n_labeled=13, seed=4, solver=solver, depth=30, repeats=2, batch_size=2,
+                       damping=0.01, scale=100.0, cg_maxiter=200)
+    padded, padded_info = isal.isal_scores(ctx)
+    assert isal.labeled_bucket(13, solver) == 256
+    monkeypatch.setattr(isal, "labeled_bucket", lambda n, solver: n)  # no padding at all
+    unpadded, unpadded_info = isal.isal_scores(ctx)
+    np.testing.assert_allclose(np.asarray(padded), np.asarray(unpadded), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(padded_info["s_test_norm"], unpadded_info["s_test_norm"], rtol=1e-9)
+
+
+@pytest.mark.usefixtures("x64")
+def test_lissa_num_examples_draws_among_the_real_rows_only():
+    model = MLP(NUM_CLASSES, hidden=(4,), dropout_rate=0.0)
+    variables = to64(init_variables(model, jax.random.key(5), (6,)))
+    loss_fn = influence.mean_loss(influence.example_loss(lambda p, x: model.apply({"params": p}, x)))
+    params = variables["params"]
+    rng = np.random.default_rng(5)
+    xs, ys = jnp.asarray(rng.normal(size=(10, 6))), jnp.asarray(rng.integers(0, NUM_CLASSES, 10))
+    v = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    # Padding that would change every HVP it entered: huge inputs, other labels.
+    padded = (jnp.concatenate([xs, 100.0 * jnp.ones((6, 6))]), jnp.concatenate([ys, jnp.zeros(6, ys.dtype)]))
+    kwargs = dict(rng=jax.random.key(0), depth=40, repeats=3, damping=0.05, scale=20.0, batch_size=3)
+    plain = influence.lissa(loss_fn, params, (xs, ys), v, **kwargs)
+    masked = influence.lissa(loss_fn, params, padded, v, num_examples=10, **kwargs)
+    unmasked = influence.lissa(loss_fn, params, padded, v, check=False, **kwargs)
+    flat = lambda tree: ravel_pytree(tree)[0]
+    np.testing.assert_allclose(flat(masked), flat(plain), rtol=1e-12)
+    assert not np.allclose(flat(unmasked), flat(plain))
+    # The weighted mean over the real rows is the mean of the unpadded set (the full-batch mode).
+    weights = jnp.arange(16) < 10
+    weighted = influence.weighted_mean_loss(influence.example_loss(lambda p, x: model.apply({"params": p}, x)))
+    full = dict(kwargs, batch_size=None)
+    np.testing.assert_allclose(flat(influence.lissa(weighted, params, (padded, weights), v, **full)),
+                               flat(influence.lissa(loss_fn, params, (xs, ys), v, **full)), rtol=1e-10)

@@ -52,9 +52,21 @@ s_test and the solver's own numbers (LiSSA's `lissa_final_norm`, the mean over c
 ||h_depth||, and `lissa_max_norm`; CG's iterations and residual). With ISAL's defaults the LiSSA
 fixed point is `(H + 100 I)^-1 v`, near `v / 100` unless H has eigenvalues of order 100, so expect
 `cosine_s_test_v` near 1 and ISAL to rank close to grad_sim (DESIGN.md, point 5).
-The loss functions close over the trained model's non-differentiated parameters (biases, BatchNorm
-averages), so the engines compile once per scoring call (per cycle), not once per run.
 A diverging LiSSA raises `jaxal.influence.LissaDivergenceError` with a suggested scale.
+
+Compilation
+-----------
+Every program is compiled once per (model, settings, shapes), never because a cycle brings new
+weights: the mean gradient (`_reference_gradient`, under `jaxal.parallel.sum_chunks`), the pool
+scores (`_pool_scores`, under `map_chunks`) and the solver (`_solve`, jitted with its settings
+static) are module-level functions that take the trained variables as TRACED arguments and build
+the loss, its restriction to the parameter subset and the inference-mode BatchNorm inside the
+trace. The labelled set, which grows every cycle, enters the solver padded to a bucket size
+(`labeled_bucket`: a power of two for minibatch LiSSA, where padding costs only memory; a multiple
+of 256 for the full-batch cg/exact) with weights 0 on the padding and `weighted_mean_loss`; LiSSA
+draws its minibatches among the real rows only (`num_examples`, traced), so with the same rng it
+makes the same draws as on the unpadded set. A growing labelled set compiles the solver once per
+bucket, not once per cycle.
 """
 
 from __future__ import annotations
@@ -71,7 +83,8 @@ from scipy import stats
 from jaxal import influence
 from jaxal.config import Config
 from jaxal.models import inference_apply
-from jaxal.pytree import PARAM_SUBSETS, restrict, tree_dot, tree_norm, tree_size
+from jaxal import parallel
+from jaxal.pytree import PARAM_SUBSETS, partition, restrict, subset_mask, tree_dot, tree_norm, tree_scale, tree_size
 from jaxal.strategies.base import StrategyContext, register_scorer
 
 REFERENCES = ("val", "initial", "labeled", "test")
@@ -172,6 +185,67 @@ def _reference_set(ctx: StrategyContext, reference: str):
     return ctx.reference_sets[reference]
 
 
+# ----------------------------------------------------------------------------- compiled once per settings
+# Module-level functions of (static settings, traced variables, data): the loss is built inside the
+# trace, so it closes over tracers, not over the weights of one cycle.
+
+
+def _labeled_loss(model, subset: str, variables):
+    """(true-label CE of one example `(x, y)` as a function of the subset, the subset's values)."""
+    apply = inference_apply(model, variables.get("batch_stats", {}))
+    return restrict(influence.example_loss(apply), variables["params"], subset)
+
+
+def _reference_gradient(static, variables, chunk):
+    """sum over the chunk's real examples of grad CE(z, y) on the subset (`sum_chunks`)."""
+    model, subset = static
+    (examples, weights) = chunk
+    loss, selected = _labeled_loss(model, subset, variables)
+    return influence.weighted_gradient(loss, selected, examples, weights)
+
+
+def _pool_scores(static, consts, xs):
+    """`s . G_z` for every pool point of the chunk: one jvp (`map_chunks`)."""
+    model, subset, top_k_classes = static
+    variables, s = consts
+    apply = inference_apply(model, variables.get("batch_stats", {}))
+    loss, selected = restrict(unlabeled_example_loss(apply, top_k_classes), variables["params"], subset)
+    return influence.jvp_scores(loss, selected, s, xs)
+
+
+def _solve_body(static, variables, data, num_examples, v, rng, damping, scale):
+    """`(H + damping*scale*I)^-1 v` on the padded labelled set `data = ((x, y), weights)`: the
+    solver's result (`LissaResult`, `CGResult` or the solution)."""
+    model, subset, solver, depth, repeats, batch_size, maxiter, mesh = static
+    loss, selected = _labeled_loss(model, subset, variables)
+    return influence.solve_traced(solver, influence.weighted_mean_loss(loss), selected, data, v, rng=rng,
+                                  damping=damping, scale=scale, depth=depth, repeats=repeats, batch_size=batch_size,
+                                  maxiter=maxiter, num_examples=num_examples, mesh=mesh)
+
+
+_solve = jax.jit(_solve_body, static_argnums=0)
+
+
+def labeled_bucket(n: int, solver: str) -> int:
+    """The padded size of a labelled set of n examples: the next power of two (at least 256) for
+    LiSSA, whose minibatches never touch the padding; the next multiple of 256 for the full-batch
+    solvers, which pay for every padded row."""
+    if solver == "lissa":
+        return max(256, 1 << max(n - 1, 0).bit_length())
+    return parallel.round_up(max(n, 1), 256)
+
+
+def pad_labeled(xs, ys, size: int):
+    """`((x, y), weights)` padded to `size` rows on the host (repeating the last example, weight 0),
+    so that no program is compiled for the padding of each new size."""
+    xs, ys = np.asarray(xs), np.asarray(ys)
+    n = xs.shape[0]
+    if not 0 < n <= size:
+        raise ValueError(f"cannot pad {n} labelled examples to {size}")
+    idx = np.minimum(np.arange(size), n - 1)
+    return (xs[idx], ys[idx]), (np.arange(size) < n).astype(np.float32)
+
+
 def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian: bool = True):
     """`(scores, info)`: `scores = -I(z, R) = s . G_z` for every pool point (highest = most negative
     influence = selected), with `s = s_test` (`hessian=True`, ISAL) or `s = v` (`hessian=False`,
@@ -183,43 +257,49 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
     if opts.top_k_classes >= ctx.num_classes:
         raise ValueError(f"--influence.top_k_classes ({opts.top_k_classes}) must be below the number of classes "
                          f"({ctx.num_classes}): the expected gradient over all classes is identically zero")
-    params = ctx.variables["params"]
-    apply = inference_apply(ctx.model, ctx.variables.get("batch_stats", {}))
-    # Built once per call: the engines jit these as static arguments.
-    labeled_loss, subset = restrict(influence.example_loss(apply), params, opts.params)
-    pool_loss, _ = restrict(unlabeled_example_loss(apply, opts.top_k_classes), params, opts.params)
-
+    variables = {"params": ctx.variables["params"], "batch_stats": ctx.variables.get("batch_stats", {})}
+    subset, _ = partition(variables["params"], subset_mask(variables["params"], opts.params))
     mesh = ctx.mesh
-    v = influence.mean_gradient(labeled_loss, subset, (ref_x, ref_y), chunk_size=opts.chunk_size, mesh=mesh)
+
+    total = parallel.sum_chunks(_reference_gradient, (ctx.model, opts.params), variables, (ref_x, ref_y),
+                                chunk_size=opts.chunk_size, mesh=mesh)
+    v = tree_scale(total, 1.0 / parallel.num_examples(ref_y))
     v_norm = tree_norm(v)
     info = {"solver": opts.solver if hessian else "identity", "reference": reference,
             "reference_size": int(ref_y.shape[0]), "num_params": int(tree_size(subset)),
             "top_k_classes": int(opts.top_k_classes), "v_norm": _float(v_norm)}
-    grad_sim = influence.influence_scores(pool_loss, subset, ctx.pool_x, v, chunk_size=opts.chunk_size, mesh=mesh)
+    pool_static = (ctx.model, opts.params, opts.top_k_classes)
+    grad_sim = parallel.map_chunks(_pool_scores, pool_static, (variables, v), ctx.pool_x,
+                                   chunk_size=opts.chunk_size, mesh=mesh)
     if not hessian:
         info.update(cosine_s_test_v=1.0, spearman_vs_grad_sim=1.0)
         return grad_sim, info
 
-    data = (ctx.labeled_x, ctx.labeled_y)
-    if opts.solver == "lissa":  # `solve("lissa")` with the diagnostics kept
-        result = influence.lissa(influence.mean_loss(labeled_loss), subset, data, v, rng=ctx.rng,
-                                 depth=opts.depth, repeats=opts.repeats, damping=opts.damping, scale=opts.scale,
-                                 batch_size=opts.batch_size, return_diagnostics=True, mesh=mesh)
-        s_test = result.inverse_hvp
+    if opts.solver == "exact":
+        influence.check_exact_size(subset)
+    n = int(ctx.labeled_y.shape[0])
+    data = pad_labeled(ctx.labeled_x, ctx.labeled_y, labeled_bucket(n, opts.solver))
+    static = (ctx.model, opts.params, opts.solver, opts.depth, opts.repeats, opts.batch_size, opts.cg_maxiter, mesh)
+    placed = parallel.replicate((variables, data, n, v, ctx.rng), mesh)
+    result = _solve(static, *placed, opts.damping, opts.scale)
+    result = result if mesh is None else parallel.local(result)
+    if opts.solver == "lissa":
         norms = np.asarray(result.norms, np.float64)
+        labeled_loss, _ = _labeled_loss(ctx.model, opts.params, ctx.variables)  # for the error message only
+        influence.check_lissa(result, influence.weighted_mean_loss(labeled_loss), subset, data, rng=ctx.rng,
+                              damping=opts.damping, scale=opts.scale, batch_size=opts.batch_size, num_examples=n)
+        s_test = result.inverse_hvp
         info.update(lissa_final_norm=_float(norms[:, -1].mean()), lissa_max_norm=_float(norms.max()),
                     lissa_depth=int(opts.depth), lissa_repeats=int(opts.repeats))
-    elif opts.solver == "cg":  # `solve("cg")` with the diagnostics kept
-        result = influence.cg(influence.mean_loss(labeled_loss), subset, data, v, damping=opts.damping * opts.scale,
-                              maxiter=opts.cg_maxiter, return_diagnostics=True, mesh=mesh)
+    elif opts.solver == "cg":
+        influence.check_cg(result, opts.damping * opts.scale, stacklevel=3)
         s_test = result.solution
         info.update(cg_iterations=int(result.iterations), cg_residual_norm=_float(result.residual_norm))
     else:
-        s_test = influence.solve(opts.solver, influence.mean_loss(labeled_loss), subset, data, v,
-                                 damping=opts.damping, scale=opts.scale)
+        s_test = result
     s_norm = tree_norm(s_test)
-    scores = influence.influence_scores(pool_loss, subset, ctx.pool_x, s_test, chunk_size=opts.chunk_size,
-                                        mesh=mesh)
+    scores = parallel.map_chunks(_pool_scores, pool_static, (variables, s_test), ctx.pool_x,
+                                 chunk_size=opts.chunk_size, mesh=mesh)
     cosine = jnp.clip(tree_dot(s_test, v) / (s_norm * v_norm), -1.0, 1.0)  # float32 rounding can pass 1
     info.update(cosine_s_test_v=_float(cosine), s_test_norm=_float(s_norm),
                 spearman_vs_grad_sim=spearman(scores, grad_sim))
