@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxal.losses import cross_entropy, entropy_loss, expected_loss  # noqa: F401  (the engine's losses)
 from jaxal.pytree import PARAM_SUBSETS, combine, partition, subset_mask
 
 NORMS = ("global", "layer_sum")
@@ -41,29 +42,7 @@ PyTree = Any
 ParamsFilter = str | Callable[[PyTree], PyTree]
 
 
-# --------------------------------------------------------------------------- losses of one example's logits
-
-
-def cross_entropy(logits: jax.Array, label) -> jax.Array:
-    return -jax.nn.log_softmax(logits)[label]
-
-
-def entropy_loss(logits: jax.Array) -> jax.Array:
-    """-sum p log p (ent-gn; the query loss of LPLgrad)."""
-    log_p = jax.nn.log_softmax(logits)
-    return -jnp.sum(jnp.exp(log_p) * log_p)
-
-
-def expected_loss(logits: jax.Array, detach_posterior: bool = False) -> jax.Array:
-    """sum_i p_i CE(logits, i) (exp-gn), written as the reference code does: the posterior-weighted
-    cross-entropy of every class. With the posterior differentiated (the reference) this is exactly the
-    entropy (the tests check it against `entropy_loss`); with `detach_posterior=True` its logit gradient
-    is p - p = 0."""
-    posterior = jax.nn.softmax(logits)
-    if detach_posterior:
-        posterior = jax.lax.stop_gradient(posterior)
-    losses = jax.vmap(lambda label: cross_entropy(logits, label))(jnp.arange(logits.shape[-1]))
-    return jnp.sum(posterior * losses)
+# --------------------------------------------------------------------------- the loss of one example
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,7 +68,6 @@ With a PSD minibatch Hessian below the scale, `||h_t|| <= ||v|| sum_{k<=t} (1-d)
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -80,6 +79,7 @@ from jax.extend import core as jcore
 from jax.flatten_util import ravel_pytree
 
 from jaxal import parallel
+from jaxal.losses import cross_entropy, pseudo_label_cross_entropy  # noqa: F401  (the engine's losses)
 from jaxal.pytree import tree_add_scaled, tree_dot, tree_norm, tree_scale, tree_size
 
 PyTree = Any
@@ -90,17 +90,6 @@ MAX_EXACT_PARAMS = 5000  # a dense Hessian of 5000^2 float64 entries is 200 MB
 
 
 # ----------------------------------------------------------------------------- losses
-
-
-def cross_entropy(logits: jax.Array, label: jax.Array) -> jax.Array:
-    """Cross-entropy of ONE example: `logits` (C,), integer `label` ()."""
-    return jax.nn.logsumexp(logits) - jnp.take(logits, label)
-
-
-def pseudo_label_cross_entropy(logits: jax.Array) -> jax.Array:
-    """`CE(logits, argmax(logits))` for ONE example: ISAL's loss of an unlabelled point. The arg-max
-    is piecewise constant, so it carries no gradient; the result equals `logsumexp - max`."""
-    return cross_entropy(logits, lax.stop_gradient(jnp.argmax(logits)))
 
 
 def example_loss(apply_fn: Callable, *, pseudo_label: bool = False) -> Callable:

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jaxal import parallel
+from jaxal.losses import cross_entropy
 from jaxal.models import LossNet, init_variables
 
 
@@ -108,11 +109,6 @@ def augment(rng: jax.Array, images: jax.Array, mode: str, padding: int) -> jax.A
 # ---- losses ---------------------------------------------------------------------------------------
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example cross-entropy."""
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-
-
 def loss_prediction_loss(predicted: jax.Array, target: jax.Array, margin: float) -> jax.Array:
     """LL4AL's pairwise margin ranking loss (`LossPredLoss` of the reference code).
 
@@ -143,7 +139,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices:
     def loss_fn(params):
         output, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, x,
                                       train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        per_example = cross_entropy(output.logits, y)
+        per_example = jax.vmap(cross_entropy)(output.logits, y)
         loss = jnp.mean(per_example)
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(output.logits, -1) == y)}
         if lossnet is not None:
