@@ -678,19 +678,8 @@ def main(argv=None) -> int:
     from jaxal import run
 
     args = build_parser().parse_args(argv)
-    if run.distributed_requested(args):  # before anything touches a device, as jaxal.run.main does
-        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    from jaxal.checkpoint import CheckpointError
-    from jaxal.influence import LissaDivergenceError
-
-    try:
-        config = run.config_from_args(args)
-        options = options_from_args(args)
-        run_diagnostics(config, options, workdir=config.workdir, overwrite=args.overwrite)
-    except (ValueError, CheckpointError, FloatingPointError, LissaDivergenceError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run.run_command(args, lambda config: run_diagnostics(config, options_from_args(args),
+                                                                workdir=config.workdir, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":

@@ -85,23 +85,29 @@ def distributed_requested(args: argparse.Namespace) -> bool:
     return args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if distributed_requested(args):  # before anything touches a device
+def run_command(args: argparse.Namespace, job) -> int:
+    """What every jaxal command does around its `job(config)`: start the distributed runtime before
+    anything touches a device, and turn bad input into a message and exit status 2."""
+    if distributed_requested(args):
         from jaxal.parallel import initialize_distributed
 
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from jaxal.checkpoint import CheckpointError
     from jaxal.influence import LissaDivergenceError
-    from jaxal.loop import run_experiment
 
     try:
-        config = config_from_args(args)
-        run_experiment(config, overwrite=args.overwrite)
+        job(config_from_args(args))
     except (ValueError, CheckpointError, FloatingPointError, LissaDivergenceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxal.loop import run_experiment
+
+    return run_command(args, lambda config: run_experiment(config, overwrite=args.overwrite))
 
 
 if __name__ == "__main__":
