@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +30,9 @@ import jax.numpy as jnp
 from jaxal import gradnorm
 from jaxal.models import create_model, inference_apply, init_variables
 from jaxal.pytree import tree_norm, tree_size
+from timing import best_time
 
 BENCHES = {"digits_cnn": ("cnn", (8, 8, 1)), "resnet18": ("resnet18", (32, 32, 3))}
-
-
-def best_time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def temp_mib(jitted, *args, **kwargs) -> float:
@@ -65,7 +55,7 @@ def bench(name: str, n: int, repeats: int, chunk_size: int | None, loop_n: int) 
     def engine(method):
         return lambda: gradnorm.per_example_grad_norms(loss_fn, params, xs, method=method, chunk_size=chunk_size)
 
-    size = chunk_size or n
+    size = min(chunk_size or n, n)  # a pool smaller than one chunk is one chunk
     chunks = [xs[i:i + size] for i in range(0, n - size + 1, size)]  # whole chunks; the engine pads the last
     seconds = {
         # backward passes over the whole chunks at the engine's chunk size, scaled to n samples

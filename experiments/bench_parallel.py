@@ -24,21 +24,10 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+from timing import best_time
 
 SHAPES = {"cnn": (8, 8, 1), "resnet18": (32, 32, 3)}
-
-
-def best_time(fn, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def worker(args) -> dict:
