@@ -4,16 +4,13 @@
 bad options rejected before training, and end-to-end runs of the command on digits (one process, two)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import processes  # tests/processes.py: the multi-process helpers
 from jax.flatten_util import ravel_pytree
 
 from jaxal import diagnostics, gradnorm, parallel
@@ -304,40 +301,21 @@ def test_command_initialises_several_processes_first(tmp_path, capsys, monkeypat
     assert len(calls) == 1  # no flag, no initialisation
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_compute_the_rows_of_one_and_only_process_0_writes(tmp_path):
     """Two processes of 2 CPU devices each (one mesh of 4) against one process of 4 devices: the same
     rows; process 1 prints nothing of the diagnostics and writes none of their files."""
     common = ["-m", "jaxal.diagnostics", "--dataset", "digits", "--strategy", "entropy", "--cycles", "2",
               "--epochs", "1", "--initial_size", "30", "--budget", "10", "--subset_size", "60", "--progress",
               "false", "--diag.k", "5", "--diag.save_samples", "false", "--diag.chunk_size", "32"]
-    port = free_port()
+    port = processes.free_port()
 
     def launch(workdir, devices, *extra):
-        env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
-        return subprocess.Popen([sys.executable, *common, "--workdir", str(workdir), *extra], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=Path(__file__).parents[1])
+        return processes.launch([*common, "--workdir", str(workdir), *extra], devices)
 
-    processes = [launch(tmp_path / "two", 2, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
-                        "--process_id", str(i)) for i in range(2)]
-    processes.append(launch(tmp_path / "one", 4))
-    outputs = []
-    try:
-        for p in processes:
-            outputs.append(p.communicate(timeout=400)[0])
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, out in zip(processes, outputs):
-        assert p.returncode == 0, out[-3000:]
+    started = [launch(tmp_path / "two", 2, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
+                      "--process_id", str(i)) for i in range(2)]
+    started.append(launch(tmp_path / "one", 4))
+    outputs = processes.finish(started, timeout=400)
     first, second, single = outputs
     assert "2 process(es)" in first and "Table 2" in first and "diagnostics:" in first
     assert "Table" not in second and "diagnostics" not in second and "jaxal:" not in second

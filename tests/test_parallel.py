@@ -5,10 +5,7 @@ that do not divide by the device count never select padding, and two processes (
 
 import dataclasses
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -16,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import processes  # tests/processes.py: the multi-process helpers
 
 from jaxal import parallel
 from jaxal.config import build_config
@@ -185,31 +184,8 @@ CLI = ["--initial_size", "30", "--budget", "10", "--cycles", "2", "--epochs", "2
        "--progress", "false"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args, devices: int) -> subprocess.Popen:
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu"}
-    return subprocess.Popen([sys.executable, "-m", "jaxal.run", *CLI, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1])
-
-
-def finish(processes, timeout=300) -> list[str]:
-    outputs = []
-    try:
-        for p in processes:
-            outputs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for p, out in zip(processes, outputs):
-        assert p.returncode == 0, out[-3000:]
-    return outputs
+    return processes.launch(["-m", "jaxal.run", *CLI, *args], devices)
 
 
 def selections(workdir: Path) -> list:
@@ -218,11 +194,11 @@ def selections(workdir: Path) -> list:
 
 
 def test_two_processes_select_what_one_process_with_4_devices_selects(tmp_path):
-    port = free_port()
+    port = processes.free_port()
     pair = [launch(["--workdir", str(tmp_path / "two"), "--coordinator", f"127.0.0.1:{port}",
                     "--num_processes", "2", "--process_id", str(i)], devices=2) for i in range(2)]
-    first, second = finish(pair)
-    (single,) = finish([launch(["--workdir", str(tmp_path / "one")], devices=4)])
+    first, second = processes.finish(pair)
+    (single,) = processes.finish([launch(["--workdir", str(tmp_path / "one")], devices=4)])
     assert "4 cpu devices, mesh (data=4), 2 process(es)" in first and "jaxal:" not in second
     assert "4 cpu devices, mesh (data=4), 1 process" in single
     assert selections(tmp_path / "two") == selections(tmp_path / "one")
