@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxal import parallel
 from jaxal.losses import cross_entropy, entropy_loss, expected_loss  # noqa: F401  (the engine's losses)
 from jaxal.pytree import PARAM_SUBSETS, combine, partition, subset_mask
 
@@ -109,33 +110,23 @@ def _leaf_squares(grads: PyTree, batch_ndim: int = 1) -> jax.Array:
     return jnp.stack([jnp.sum(jnp.square(g), axis=tuple(range(batch_ndim, g.ndim))) for g in leaves], axis=-1)
 
 
-# --------------------------------------------------------------------------- chunking
+# --------------------------------------------------------------------------- chunks
+# The engine runs over the pool through `jaxal.parallel.map_chunks` (fixed-size chunks, the last one
+# padded and the padding dropped, one compilation); these are its per-chunk functions.
 
 
-def _num_examples(xs: PyTree) -> int:
-    sizes = {np.shape(a)[0] for a in jax.tree.leaves(xs)}
-    if len(sizes) != 1:
-        raise ValueError(f"every array of xs needs the same leading (example) axis, got sizes {sorted(sizes)}")
-    return sizes.pop()
+def _vmap_chunk(static, params, chunk):
+    loss_fn, params_filter = static
+    return _vmap_squares(loss_fn, params, chunk, params_filter=params_filter)
 
 
-def _map_chunks(fn: Callable[[PyTree], PyTree], xs: PyTree, chunk_size: int | None) -> PyTree:
-    """`fn` over the pool in chunks of equal size. The last chunk is padded by repeating the last example
-    (always a valid input) and the padding is dropped, so one compiled `fn` serves every chunk. Slicing
-    happens where xs lives, so a host (numpy) pool moves to the device one chunk at a time."""
-    n = _num_examples(xs)
-    if n == 0:
-        raise ValueError("xs holds no examples")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    size = n if chunk_size is None else min(chunk_size, n)
-    if size == n:  # one chunk: no gather, which would undo the split of a pool sharded over devices
-        return fn(xs)
-    out = []
-    for start in range(0, n, size):
-        idx = np.minimum(np.arange(start, start + size), n - 1)
-        out.append(fn(jax.tree.map(lambda a: a[idx], xs)))
-    return jax.tree.map(lambda *chunks: jnp.concatenate(chunks)[:n], *out)
+def _ghost_chunk(loss_fn, params, chunk):
+    return _ghost_squares_jit(loss_fn, params, chunk)
+
+
+def _egl_chunk(static, params, chunk):
+    apply_fn, params_filter = static
+    return _egl_parts(apply_fn, params, chunk, params_filter=params_filter)
 
 
 # --------------------------------------------------------------------------- the vmap(grad) path
@@ -345,10 +336,10 @@ def per_example_grad_norms(loss_fn: Callable, params: PyTree, xs: PyTree, *, nor
         one = jax.tree.map(lambda a: a[:1], xs)
         covered = jax.eval_shape(lambda p, x: _ghost_squares(loss_fn, p, x), params, one)
         selection = _ghost_selection(covered, params, params_filter)
-        squares = _map_chunks(lambda chunk: _ghost_squares_jit(loss_fn, params, chunk), xs, chunk_size)
+        squares = parallel.map_chunks(_ghost_chunk, loss_fn, params, xs, chunk_size=chunk_size)
         return _reduce(jnp.stack([squares[path] for path in selection], axis=-1), norm)
-    fn = lambda chunk: _vmap_squares(loss_fn, params, chunk, params_filter=params_filter)  # noqa: E731
-    return _reduce(_map_chunks(fn, xs, chunk_size), norm)
+    squares = parallel.map_chunks(_vmap_chunk, (loss_fn, params_filter), params, xs, chunk_size=chunk_size)
+    return _reduce(squares, norm)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "params_filter"))
@@ -373,6 +364,5 @@ def expected_gradient_length(apply_fn: Callable, params: PyTree, xs: jax.Array, 
     vector-Jacobian products per example (memory: chunk x C x |theta|, so choose chunk_size accordingly)."""
     _check(norm, params_filter)
     _check_nonempty(params, params_filter)
-    fn = lambda chunk: _egl_parts(apply_fn, params, chunk, params_filter=params_filter)  # noqa: E731
-    probs, squares = _map_chunks(fn, xs, chunk_size)
+    probs, squares = parallel.map_chunks(_egl_chunk, (apply_fn, params_filter), params, xs, chunk_size=chunk_size)
     return jnp.sum(probs * _reduce(squares, norm), axis=-1)

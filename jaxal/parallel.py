@@ -183,6 +183,8 @@ def _chunks(xs: PyTree, chunk_size: Optional[int], mesh: Optional[Mesh]):
     n = num_examples(xs)
     if n == 0:
         raise ValueError("cannot score an empty pool")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     # Always the full chunk size, even for a small pool: one shape, hence one compilation, every cycle.
     size = round_up(n if chunk_size is None else chunk_size, mesh_size(mesh))
     for start in range(0, n, size):
