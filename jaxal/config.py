@@ -53,14 +53,25 @@ class LossNetOptions:
     weight: float = 1.0  # weight of the ranking loss in the joint objective
     detach_epoch: int = 120  # from this epoch on, block features are detached (120 of 200 epochs)
     width: int = 128
+    # The module's learning rate follows the classifier's schedule (LL4AL's code steps both schedulers);
+    # false keeps it at --lr for the whole run, as LPLgrad's code does (it never steps the module's).
+    lr_decay: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     # What to run.
     strategy: str = "exp_gn"  # one strategy or several separated by commas, e.g. "entropy,random"
-    dataset: str = "digits"  # embedded "digits", a tensorflow-datasets name, or a path to an .npz
+    # Embedded "digits", a tensorflow-datasets name, a folder (or .tar/.tar.gz) of train/<class>/ and
+    # test/<class>/ images, or a path to an .npz.
+    dataset: str = "digits"
     data_dir: Optional[str] = None  # tensorflow-datasets data directory
+    task: Optional[str] = None  # None: the dataset's task ("classification")
+    image_size: Optional[int] = None  # resize images to this square size; None: keep the dataset's
+    # Pixel normalisation: "dataset" (the dataset's own channel statistics) or "pytorch_cifar" (the
+    # constants of the reference codes: means (0.4914, 0.4822, 0.4465), stds (0.2023, 0.1994, 0.2010)).
+    normalization: str = "dataset"
+    augmentation: Optional[str] = None  # "none", "crop", "crop_flip"; None: the dataset's default
     model: Optional[str] = None  # None: the dataset's default model
     dropout: Optional[float] = None  # None: the model's default dropout rate
     # Active-learning protocol.
@@ -79,7 +90,9 @@ class Config:
     weight_decay: float = 5e-4
     lr_milestones: tuple[int, ...] = (30,)  # epochs at which the learning rate is multiplied by lr_gamma
     lr_gamma: float = 0.1
-    warm_start: bool = False  # continue from the previous cycle's model instead of retraining from scratch
+    # Continue from the previous cycle's model instead of retraining from scratch; the optimizer starts
+    # anew every cycle (zero momentum), as in the reference codes.
+    warm_start: bool = False
     eval_batch_size: int = 512
     # Devices. Training is data parallel over a 1-D mesh (axis "data") and every strategy's scoring is
     # split over it; with D > 1 devices the training batch is rounded up to a multiple of D. The run
@@ -105,10 +118,12 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# Presets. Training settings of all four reference codes: SGD lr 0.1, momentum 0.9, weight decay
-# 5e-4, x0.1 at epoch 160 of 200, batch 128.
+# Presets. Training settings of all four reference codes: SGD lr 0.1, momentum 0.9, weight decay, x0.1 at epoch 160 of 200, batch 128.
+# 5e-4, x0.1 at epoch 160 of 200, batch 128; their preprocessing: RandomCrop(32, padding=4) on raw pixels,
+# RandomHorizontalFlip, Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)).
 _REFERENCE_TRAINING = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                           lr_milestones=(160,), lr_gamma=0.1, eval_batch_size=1000)
+                           lr_milestones=(160,), lr_gamma=0.1, eval_batch_size=1000, normalization="pytorch_cifar",
+                           augmentation="crop_flip")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Quick default on the embedded digits: about a minute on 2 CPU cores. A 10-sample validation
@@ -124,10 +139,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "wang2022_cifar10_paper": dict(dataset="cifar10", model="resnet18", initial_size=5000, budget=2500,
                                    cycles=7, trials=3, subset_size=None, warm_start=True,
                                    **_REFERENCE_TRAINING),
-    # LPLgrad: ResNet-18 + LossNet, 1000 initial, +1000 per cycle, 10 cycles, 5 trials, 10000 scored.
+    # LPLgrad: ResNet-18 + LossNet, 1000 initial, +1000 per cycle, 10 cycles, 5 trials, 10000 scored. Its
+    # code never steps the loss module's scheduler: the module keeps lr 0.1 for all 200 epochs.
     "lplgrad_cifar10": dict(strategy="lplgrad", dataset="cifar10", model="resnet18", initial_size=1000,
                             budget=1000, cycles=10, trials=5, subset_size=10000, warm_start=True,
-                            **_REFERENCE_TRAINING),
+                            lossnet=dict(lr_decay=False), **_REFERENCE_TRAINING),
     # ISAL (Liu et al., ICCV 2021), classification: retrained from scratch each step, whole pool scored.
     "isal2021_cifar10": dict(strategy="isal", dataset="cifar10", model="resnet18", initial_size=1000,
                              budget=1000, cycles=10, trials=5, subset_size=None, warm_start=False,
@@ -143,7 +159,10 @@ def build_config(preset: str = "digits_quick", **overrides) -> Config:
     """The preset's config with `overrides` applied; sections may be given as dicts of fields."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    fields = {**PRESETS[preset], **overrides}
+    fields = dict(PRESETS[preset])
+    for name, value in overrides.items():  # a section's overrides add to the preset's, not replace them
+        both_dicts = isinstance(value, dict) and isinstance(fields.get(name), dict)
+        fields[name] = {**fields[name], **value} if both_dicts else value
     base = Config()
     for name, value in list(fields.items()):
         current = getattr(base, name, None)

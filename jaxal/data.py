@@ -1,19 +1,28 @@
-"""Datasets as in-memory NumPy arrays: train/test images NHWC float32 (normalised per channel) and
-int32 labels.
+"""Datasets as in-memory NumPy arrays: train/test images NHWC in their compact stored dtype (uint8 pixels
+for every image source) and int32 labels, plus the `Normalization` that turns stored pixels into model
+inputs. Images stay uint8 until a batch is on the device: the normalisation runs there, as the first
+operation of the model (`jaxal.models.adapt`), so the pool costs a quarter of its float32 size in host
+and device memory, and augmentation pads and crops raw pixels (black padding, as the reference codes'
+torchvision transforms do before `Normalize`).
 
-Three sources, chosen by `name`:
+Sources, chosen by `name`:
   - "digits": scikit-learn's 8x8 digits, embedded in scikit-learn, so nothing is downloaded; the
-    default for offline runs and tests. A fixed stratified 1347/450 split.
+    default for offline runs and tests. A fixed stratified 1347/450 split; pixels 0..16 stored as uint8.
   - a tensorflow-datasets name (cifar10, cifar100, svhn_cropped, caltech101, mnist, fashion_mnist),
-    read with `tfds.data_source`: random access to ArrayRecord files, no TensorFlow needed.
-    Normalised with the published channel means/stds (ImageNet's for caltech101).
+    read with `tfds.data_source`: random access to ArrayRecord files, no TensorFlow needed (and
+    tensorflow-datasets is imported only then). Normalised with the published channel means/stds
+    (ImageNet's for caltech101).
+  - a folder, or a .tar/.tar.gz of one, with `train/<class>/` and `test/<class>/` image files
+    (`jaxal.folders`): decoded once into a uint8 cache, class names kept.
   - a path to an `.npz` file with arrays x_train, y_train, x_test, y_test: images (N, H, W, C) or
-    (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D). Labels are class
-    indices in [0, C); C = 1 + the largest label of either split. Normalised by the train split's
-    per-channel mean/std.
+    (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D). uint8 arrays are
+    pixels in 0..255; other real arrays are kept as float32 values. Labels are class indices in [0, C);
+    C = 1 + the largest label of either split.
+Folders and .npz files are normalised by the train split's per-channel mean/std.
 
-`image_size` resizes every image to image_size x image_size (bilinear, aspect ratio not kept) before
-normalisation; caltech101 defaults to 64 because its images vary in size.
+`image_size` resizes every image to image_size x image_size (bilinear, aspect ratio not kept);
+caltech101 defaults to 64 because its images vary in size. `normalization="pytorch_cifar"` uses the
+constants of the reference codes (kuangliu/pytorch-cifar lineage) instead of the dataset's own.
 """
 
 from __future__ import annotations
@@ -22,10 +31,9 @@ import dataclasses
 import os
 import zipfile
 import zlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 from PIL import Image
 
 DATASETS: tuple[str, ...] = (
@@ -39,8 +47,33 @@ DATASETS: tuple[str, ...] = (
 )
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# transforms.Normalize of kuangliu/pytorch-cifar, which the reference codes of Wang et al., LL4AL,
+# LPLgrad and ISAL copy: the means of CIFAR-10, and standard deviations that are not its own (the
+# true ones are about 0.247, 0.243, 0.261).
+PYTORCH_CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+NORMALIZATIONS = ("dataset", "pytorch_cifar")
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """Stored values -> model inputs: `(x * scale - mean) / std`, per channel. `scale` maps the stored
+    range to [0, 1] (1/255 for uint8 pixels, 1/16 for digits, 1 for real-valued data); `mean` and `std`
+    are in those [0, 1] units, as published channel statistics are. Frozen and hashable: it is part of
+    the (static) model."""
+
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __call__(self, x):
+        import jax.numpy as jnp
+
+        x = jnp.asarray(x, jnp.float32) * jnp.float32(self.scale)
+        per_channel = lambda v: jnp.asarray(v, jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))  # noqa: E731
+        return (x - per_channel(self.mean)) / per_channel(self.std)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +100,7 @@ _TFDS = {
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
     name: str
-    x_train: np.ndarray  # (N, H, W, C) float32, normalised
+    x_train: np.ndarray  # (N, H, W, C) stored values: uint8 pixels (float32 for real-valued .npz data)
     y_train: np.ndarray  # (N,) int32 in [0, num_classes)
     x_test: np.ndarray
     y_test: np.ndarray
@@ -75,6 +108,8 @@ class Dataset:
     augmentation: str  # "none", "crop" (random crop with padding) or "crop_flip" (+ horizontal flip)
     crop_padding: int  # pixels of padding for the random crop; 0 when augmentation is "none"
     default_model: str  # a key of `jaxal.models.MODELS`
+    normalization: Normalization = Normalization()  # stored values -> model inputs
+    class_names: tuple[str, ...] = ()  # where the source names its classes (folders, tfds)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -82,59 +117,96 @@ class Dataset:
 
 
 def load_dataset(
-    name: str, *, data_dir: str | None = None, image_size: int | None = None, download: bool = True
+    name: str, *, data_dir: str | None = None, image_size: int | None = None, download: bool = True,
+    normalization: str = "dataset", augmentation: Optional[str] = None, cache_dir: str | None = None,
 ) -> Dataset:
     """Loads `name` (see the module docstring) into memory.
 
     `data_dir` and `download` apply to tensorflow-datasets sources only (tfds's defaults:
-    ~/tensorflow_datasets, download and prepare when missing).
+    ~/tensorflow_datasets, download and prepare when missing); `cache_dir` to folders (default
+    `$JAXAL_CACHE_DIR` or ~/.cache/jaxal). `augmentation` (None: the source's default) is one of
+    AUGMENTATIONS; `normalization` one of NORMALIZATIONS.
     """
     if image_size is not None and not (isinstance(image_size, (int, np.integer)) and image_size > 0):
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+    if augmentation is not None and augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    dataset = _load_source(name, data_dir, image_size, download, cache_dir)
+    if normalization == "pytorch_cifar":
+        if dataset.image_shape[-1] != 3:
+            raise ValueError(f"normalization 'pytorch_cifar' is for RGB images; {name} has "
+                             f"{dataset.image_shape[-1]} channel(s)")
+        dataset = dataclasses.replace(dataset, normalization=Normalization(dataset.normalization.scale, *PYTORCH_CIFAR))
+    if augmentation is not None:
+        dataset = dataclasses.replace(dataset, augmentation=augmentation,
+                                      crop_padding=crop_padding(augmentation, dataset.image_shape))
+    return dataset
+
+
+def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
     if name == "digits":
         x_train, y_train, x_test, y_test = _load_digits()
-        x_train, x_test = _maybe_resize(x_train, image_size), _maybe_resize(x_test, image_size)
-        mean, std = _channel_stats(x_train)
-        return _make(name, x_train, y_train, x_test, y_test, 10, mean, std, "none", "cnn")
+        return _from_arrays(name, x_train, y_train, x_test, y_test, 10, 1 / 16, "none", "cnn", image_size)
     if name in _TFDS:
         return _load_tfds(name, data_dir, image_size, download)
+    if os.path.isdir(name) or name.endswith(ARCHIVE_SUFFIXES):
+        return _load_folder(name, image_size, cache_dir)
     if name.endswith(".npz") or os.path.exists(name):
         x_train, y_train, x_test, y_test = _check_arrays(_read_npz(name))
-        x_train, x_test = _maybe_resize(x_train, image_size), _maybe_resize(x_test, image_size)
         num_classes = int(max(y_train.max(), y_test.max())) + 1
-        mean, std = _channel_stats(x_train)
         model = "mlp" if x_train.shape[1:3] == (1, 1) else "cnn"
-        return _make(name, x_train, y_train, x_test, y_test, num_classes, mean, std, "none", model)
+        scale = 1 / 255 if x_train.dtype == np.uint8 else 1.0
+        return _from_arrays(name, x_train, y_train, x_test, y_test, num_classes, scale, "none", model, image_size)
     raise ValueError(
-        f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))} "
-        f"or a path to an .npz file with {', '.join(NPZ_KEYS)}"
+        f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}, a folder (or .tar/.tar.gz) "
+        f"with train/<class>/ and test/<class>/ images, or a path to an .npz file with {', '.join(NPZ_KEYS)}"
     )
 
 
-def _make(name, x_train, y_train, x_test, y_test, num_classes, mean, std, augmentation, model) -> Dataset:
-    """Normalises (in place, float32) and fills in the crop padding: 4 pixels at 32x32, scaled with size."""
-    for x in (x_train, x_test):
-        x -= np.asarray(mean, np.float32)
-        x /= np.asarray(std, np.float32)
-    padding = 0 if augmentation == "none" else max(1, x_train.shape[1] // 8)
-    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, augmentation, padding, model)
+def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes, scale, augmentation, model,
+                 image_size=None, class_names=()) -> Dataset:
+    """A dataset normalised by its train split's channel statistics."""
+    x_train, x_test = _maybe_resize(x_train, image_size), _maybe_resize(x_test, image_size)
+    mean, std = channel_stats(x_train, scale)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, augmentation,
+                   crop_padding(augmentation, x_train.shape[1:]), model, Normalization(scale, mean, std),
+                   tuple(class_names))
 
 
-def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of NHWC images; a constant channel gets std 1, not a division by 0."""
-    mean = x.mean(axis=(0, 1, 2), dtype=np.float64)
-    std = x.std(axis=(0, 1, 2), dtype=np.float64)
-    return mean, np.where(std > 0, std, 1.0)
+def crop_padding(augmentation: str, image_shape) -> int:
+    """Pixels of padding for the random crop: 4 at 32x32 (the reference codes), scaled with the size."""
+    return 0 if augmentation == "none" else max(1, image_shape[0] // 8)
+
+
+def channel_stats(x: np.ndarray, scale: float = 1.0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of NHWC images times `scale`, accumulated in float64 a slice at a time
+    (no float copy of the whole set); a constant channel gets std 1, not a division by 0."""
+    total = np.zeros(x.shape[-1])
+    squares = np.zeros(x.shape[-1])
+    for start in range(0, len(x), 4096):
+        part = x[start:start + 4096].astype(np.float64) * scale
+        total += part.sum(axis=(0, 1, 2))
+        squares += np.square(part).sum(axis=(0, 1, 2))
+    count = x.shape[0] * x.shape[1] * x.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    std = np.where(std > 1e-12, std, 1.0)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 def _resize(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """Bilinear (antialiased) resize of HWC images, possibly of different sizes, to (N, size, size, C)
-    float32. PIL's float mode "F" works one channel at a time, on uint8 and float inputs alike."""
-    out = np.empty((len(images), size, size, images[0].shape[-1]), np.float32)
+    """Bilinear (antialiased) resize of HWC images, possibly of different sizes, to (N, size, size, C),
+    in the images' dtype: uint8 pixels stay uint8 (PIL rounds), real values stay float32 (PIL's float
+    mode "F", one channel at a time)."""
+    dtype = np.uint8 if images[0].dtype == np.uint8 else np.float32
+    out = np.empty((len(images), size, size, images[0].shape[-1]), dtype)
     for i, image in enumerate(images):
         for c in range(image.shape[-1]):
-            channel = Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32))
-            out[i, ..., c] = np.asarray(channel.resize((size, size), Image.Resampling.BILINEAR))
+            channel = image[..., c] if dtype == np.uint8 else image[..., c].astype(np.float32)
+            resized = Image.fromarray(np.ascontiguousarray(channel)).resize((size, size), Image.Resampling.BILINEAR)
+            out[i, ..., c] = np.asarray(resized)
     return out
 
 
@@ -154,7 +226,7 @@ def _load_digits():
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x = (digits.images.astype(np.float32) / 16.0)[..., None]  # pixel values are 0..16
+    x = digits.images.astype(np.uint8)[..., None]  # pixel values are 0..16
     y = digits.target.astype(np.int32)
     # Fixed seed and stratification: every run and every strategy sees the same split.
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=450, random_state=0, stratify=y)
@@ -165,6 +237,8 @@ def _load_digits():
 
 
 def _load_tfds(name: str, data_dir: str | None, image_size: int | None, download: bool) -> Dataset:
+    import tensorflow_datasets as tfds  # only here: `import jaxal` and every other source work without it
+
     spec = _TFDS[name]
     try:
         train, test = tfds.data_source(name, split=("train", "test"), data_dir=data_dir, download=download)
@@ -181,13 +255,10 @@ def _load_tfds(name: str, data_dir: str | None, image_size: int | None, download
     size = image_size or spec.image_size
     x_train, y_train = _read_split(train, size)
     x_test, y_test = _read_split(test, size)
-    for x in (x_train, x_test):
-        x /= 255.0  # the published means/stds are of pixels in [0, 1]
-    num_classes = train.dataset_info.features["label"].num_classes
-    return _make(
-        name, x_train, y_train, x_test, y_test, num_classes,
-        spec.mean, spec.std, spec.augmentation, spec.default_model,
-    )  # fmt: skip
+    features = train.dataset_info.features["label"]
+    return Dataset(name, x_train, y_train, x_test, y_test, features.num_classes, spec.augmentation,
+                   crop_padding(spec.augmentation, x_train.shape[1:]), spec.default_model,
+                   Normalization(1 / 255, spec.mean, spec.std), tuple(features.names))
 
 
 def _read_split(source, size: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -195,10 +266,25 @@ def _read_split(source, size: int | None) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], np.empty(len(source), np.int32)
     for i in range(len(source)):  # source[i]: the mock of __getitems__ in tfds 4.9.10 is broken
         example = source[i]
-        images.append(example["image"])
+        images.append(np.asarray(example["image"], np.uint8))
         labels[i] = example["label"]
-    x = _resize(images, size) if size else np.stack(images).astype(np.float32)
+    x = _resize(images, size) if size else np.stack(images)
     return x, labels
+
+
+# --- image folders --------------------------------------------------------------------------------
+
+
+def _load_folder(path: str, image_size: int | None, cache_dir: str | None) -> Dataset:
+    from jaxal import folders
+
+    data = folders.load_image_folder(path, image_size=image_size, cache_dir=cache_dir)
+    rgb = data.x_train.shape[-1] == 3
+    # Natural RGB images get the CIFAR treatment (crop + flip, ResNet-18); grey ones (MNIST-like) none.
+    augmentation = "crop_flip" if rgb else "none"
+    model = "resnet18" if rgb and min(data.x_train.shape[1:3]) >= 32 else "cnn"
+    return _from_arrays(path, data.x_train, data.y_train, data.x_test, data.y_test, len(data.class_names),
+                        1 / 255, augmentation, model, class_names=data.class_names)
 
 
 # --- user .npz files ------------------------------------------------------------------------------
@@ -225,7 +311,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _check_arrays(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Validates user arrays; returns NHWC float32 images and int32 labels for train and test."""
+    """Validates user arrays; returns NHWC images (uint8 kept, other reals as float32) and int32 labels
+    for train and test."""
     out = []
     for split in ("train", "test"):
         x = _as_images(arrays[f"x_{split}"], f"x_{split}")
@@ -237,6 +324,8 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray
         raise ValueError(
             f"x_train and x_test have different image shapes: {out[0].shape[1:]} and {out[2].shape[1:]}"
         )
+    if out[0].dtype != out[2].dtype:  # uint8 pixels in one split only: both become real values
+        out[0], out[2] = out[0].astype(np.float32), out[2].astype(np.float32)
     return tuple(out)
 
 
@@ -251,7 +340,9 @@ def _as_images(x: np.ndarray, key: str) -> np.ndarray:
         raise ValueError(f"{key} must have shape (N, H, W, C), (N, H, W) or (N, D), got {x.shape}")
     if len(x) == 0 or x.size == 0:
         raise ValueError(f"{key} is empty (shape {x.shape})")
-    x = x.astype(np.float32)  # a copy: normalisation happens in place
+    if x.dtype == np.uint8:
+        return x
+    x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{key} contains non-finite values (NaN or inf, or too large for float32)")
     return x

@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxal import checkpoint, parallel, results
+from jaxal import checkpoint, parallel, results, tasks
 from jaxal.config import Config
 from jaxal.data import Dataset, load_dataset
-from jaxal.models import LossNet, create_model
+from jaxal.models import LossNet, adapt, base_model, create_model
 from jaxal.strategies import StrategyContext, get_strategy
 from jaxal.strategies.base import split_info
-from jaxal.train import TrainOptions, accuracy, create_train_state, model_variables, train_model
+from jaxal.train import TrainOptions, create_train_state, evaluate, fresh_optimizer, model_variables, train_model
 
 # Fields that may differ between a run and its resumption: they change no result.
 RESUME_FREE_FIELDS = ("progress", "workdir")
@@ -42,9 +42,10 @@ class RunError(ValueError):
 class Experiment:
     config: Config
     dataset: Dataset
-    model: object
+    model: object  # the model as the loop runs it: `jaxal.models.adapt`ed to the dataset's stored pixels
     workdir: Path
     mesh: Optional[jax.sharding.Mesh] = None  # None: one device
+    task: object = None  # a `jaxal.tasks` task
 
 
 def default_workdir(config: Config) -> Path:
@@ -52,8 +53,10 @@ def default_workdir(config: Config) -> Path:
     return Path("runs") / f"{dataset}-{config.strategy.replace(',', '+')}"
 
 
-def validate(config: Config, dataset: Dataset) -> None:
-    """Raise RunError for any config that cannot run to the end on `dataset`."""
+def validate(config: Config, dataset: Dataset, task=None) -> None:
+    """Raise RunError for any config that cannot run to the end on `dataset` (with `task`, default
+    classification)."""
+    task_name = getattr(task, "name", "classification")
     if not config.strategies:
         raise RunError("no strategy given")
     for name in config.strategies:
@@ -61,6 +64,9 @@ def validate(config: Config, dataset: Dataset) -> None:
             strategy = get_strategy(name)
         except ValueError as error:
             raise RunError(str(error)) from None
+        if task_name not in strategy.tasks:
+            raise RunError(f"strategy {name} does not support the {task_name} task "
+                           f"(it supports: {', '.join(strategy.tasks)})")
         if strategy.check is not None:
             try:
                 strategy.check(config)
@@ -91,7 +97,8 @@ def validate(config: Config, dataset: Dataset) -> None:
                        f"but {dataset.name} has {pool}; lower --budget or --cycles")
     if config.subset_size is not None and config.subset_size < config.budget:
         raise RunError(f"--subset_size ({config.subset_size}) must be at least --budget ({config.budget})")
-    if not np.all(np.isfinite(dataset.x_train)) or not np.all(np.isfinite(dataset.x_test)):
+    if dataset.x_train.dtype.kind == "f" and not (np.all(np.isfinite(dataset.x_train))
+                                                  and np.all(np.isfinite(dataset.x_test))):
         raise RunError(f"dataset {dataset.name} contains non-finite values")
 
 
@@ -99,7 +106,7 @@ def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
     """Refuse a model whose pooling stages shrink this dataset's images to nothing (e.g. VGG-16 on
     8x8 digits): its features would be the mean of an empty array, NaN."""
     def forward(key):
-        return model.init_with_output(key, jnp.zeros((1, *dataset.image_shape)), train=False)[0]
+        return model.init_with_output(key, jnp.zeros((1, *dataset.image_shape), dataset.x_train.dtype), train=False)[0]
 
     output = jax.eval_shape(forward, jax.random.key(0))
     if any(0 in leaf.shape for leaf in jax.tree.leaves(output)):
@@ -111,13 +118,15 @@ def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
 def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
     """Load and validate everything a run needs, touching nothing on disk."""
     try:
-        dataset = load_dataset(config.dataset, data_dir=config.data_dir)
+        dataset = load_dataset(config.dataset, data_dir=config.data_dir, image_size=config.image_size,
+                               normalization=config.normalization, augmentation=config.augmentation)
+        task = tasks.create_task(config.task or "classification", dataset.num_classes)
         model_name = config.model or dataset.default_model
-        model = create_model(model_name, dataset.num_classes, config.dropout)
+        model = adapt(create_model(model_name, dataset.num_classes, config.dropout), dataset.normalization)
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # RuntimeError: tfds data not prepared
         raise RunError(str(error)) from None
     config = dataclasses.replace(config, model=model_name)
-    validate(config, dataset)
+    validate(config, dataset, task)
     check_model_fits(model, model_name, dataset)
     try:
         mesh = parallel.make_mesh(config.num_devices)
@@ -127,11 +136,11 @@ def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
     config = dataclasses.replace(config, num_devices=mesh.devices.size)
     mesh = mesh if mesh.devices.size > 1 else None
     for name in config.strategies:
-        if get_strategy(name).needs_dropout and getattr(model, "dropout_rate", 0.0) <= 0.0:
+        if get_strategy(name).needs_dropout and getattr(base_model(model), "dropout_rate", 0.0) <= 0.0:
             raise RunError(f"strategy {name} needs MC dropout but model {model_name} has dropout rate 0; "
                            "pass --dropout 0.25 (or another positive rate)")
     workdir = Path(workdir or config.workdir or default_workdir(config))
-    return Experiment(dataclasses.replace(config, workdir=str(workdir)), dataset, model, workdir, mesh)
+    return Experiment(dataclasses.replace(config, workdir=str(workdir)), dataset, model, workdir, mesh, task)
 
 
 def open_workdir(exp: Experiment, overwrite: bool) -> None:
@@ -208,9 +217,14 @@ def add_selection(labeled: np.ndarray, candidates: np.ndarray, chosen: np.ndarra
     return np.sort(np.concatenate([labeled, selected])), selected
 
 
-def train_options(config: Config, data: Dataset) -> TrainOptions:
+def train_options(config: Config, data: Dataset, task=None) -> TrainOptions:
     return TrainOptions(config.momentum, config.weight_decay, data.augmentation, data.crop_padding,
-                        config.lossnet.margin, config.lossnet.weight)
+                        config.lossnet.margin, config.lossnet.weight, task)
+
+
+def metric_fields(prefix: str, metrics: dict) -> dict:
+    """A task's metrics as record fields: {"accuracy": a} -> {"test_accuracy": a}."""
+    return {f"{prefix}_{name}": value for name, value in metrics.items()}
 
 
 def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: np.ndarray, val: np.ndarray,
@@ -221,36 +235,37 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
     cycle_key = jax.random.fold_in(trial_key, cycle)
     init_key, strategy_key, host_key = jax.random.split(cycle_key, 3)
     host_seed = [config.seed, int(jax.random.randint(host_key, (), 0, 2**31 - 1))]
-    options = train_options(config, data)
+    options = train_options(config, data, exp.task)
     if state is None or not config.warm_start:
         state = create_train_state(exp.model, lossnet, init_key, data.image_shape, options)
+    else:
+        state = fresh_optimizer(state, options)
     start = time.perf_counter()
     state, train_metrics = train_model(state, images, labels, labeled, model=exp.model, lossnet=lossnet,
                                        options=options, epochs=config.epochs, batch_size=config.batch_size,
                                        lr=config.lr, lr_milestones=config.lr_milestones, lr_gamma=config.lr_gamma,
-                                       detach_epoch=config.lossnet.detach_epoch, seed=host_seed[1], mesh=exp.mesh)
+                                       detach_epoch=config.lossnet.detach_epoch, seed=host_seed[1], mesh=exp.mesh,
+                                       lossnet_lr_decay=config.lossnet.lr_decay)
     jax.block_until_ready(state)
     train_seconds = time.perf_counter() - start
     # Strategies get process-local copies of the (replicated) trained weights: single-device code
     # works unchanged on them, and the parallel helpers replicate them again where they shard work.
     variables, lossnet_params = parallel.local((model_variables(state), state.params["lossnet"]))
+    test = evaluate(exp.model, variables, data.x_test, data.y_test, exp.task, config.eval_batch_size, mesh=exp.mesh)
+    train = evaluate(exp.model, variables, data.x_train[labeled], data.y_train[labeled], exp.task,
+                     config.eval_batch_size, mesh=exp.mesh)
     record = {"strategy": strategy.name, "trial": None, "cycle": cycle,
-              "num_labeled": int(len(labeled) + len(val)),
-              "test_accuracy": accuracy(exp.model, variables, data.x_test, data.y_test, config.eval_batch_size,
-                                        mesh=exp.mesh),
-              "train_accuracy": accuracy(exp.model, variables, data.x_train[labeled], data.y_train[labeled],
-                                         config.eval_batch_size, mesh=exp.mesh),
-              "train_loss": train_metrics.get("loss"), "train_seconds": train_seconds,
-              "selection_seconds": 0.0, "num_scored": 0, "selected": []}
+              "num_labeled": int(len(labeled) + len(val)), **metric_fields("test", test),
+              **metric_fields("train", train), "train_loss": train_metrics.get("loss"),
+              "train_seconds": train_seconds, "selection_seconds": 0.0, "num_scored": 0, "selected": []}
     candidates = np.zeros((0,), np.int64)
     if cycle < config.cycles - 1:
         candidates = candidate_pool(data.x_train.shape[0], labeled, val, config.subset_size,
                                     np.random.default_rng(host_seed))
-        # Process-local arrays, like the variables: the strategies place them on the mesh themselves.
-        local_images, local_labels = parallel.local((images, labels))
-        ctx = StrategyContext(model=exp.model, variables=variables, pool_x=local_images[candidates],
-                              labeled_x=local_images[labeled], labeled_y=local_labels[labeled],
-                              num_classes=data.num_classes,
+        # Host arrays, like the variables are process-local: the strategies place them on the mesh themselves.
+        ctx = StrategyContext(model=exp.model, variables=variables, pool_x=images[candidates],
+                              labeled_x=images[labeled], labeled_y=labels[labeled],
+                              num_classes=data.num_classes, task=exp.task,
                               config=config, rng=strategy_key, lossnet=lossnet, lossnet_params=lossnet_params,
                               reference_sets=reference_sets(config, data, labeled, val, initial), mesh=exp.mesh)
         start = time.perf_counter()
@@ -277,7 +292,8 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
     initial = labeled.copy()
     mngr = checkpoint.manager(exp.workdir / "checkpoints" / strategy_name / f"trial_{trial}")
     template = jax.eval_shape(lambda key: create_train_state(exp.model, lossnet, key, data.image_shape,
-                                                             train_options(config, data)), jax.random.key(0))
+                                                             train_options(config, data, exp.task)),
+                              jax.random.key(0))
     resumed = checkpoint.restore_latest(mngr, template)
     state, records, first_cycle = None, [], 0
     if resumed is not None:
@@ -325,9 +341,8 @@ def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str
     open_workdir(exp, overwrite)
     if parallel.is_primary():
         log(describe(exp))
-    # On the devices once per run; training then finds them where they need to be.
-    images, labels = parallel.replicate((jnp.asarray(exp.dataset.x_train), jnp.asarray(exp.dataset.y_train)),
-                                        exp.mesh)
+    # Host arrays in their stored dtype: training sends one batch at a time, scoring one chunk at a time.
+    images, labels = exp.dataset.x_train, exp.dataset.y_train
     finished: dict[tuple, list] = {}
     title = f"{exp.dataset.name}, {config.model}"
     progress = _progress_bar(config, exp)

@@ -155,6 +155,33 @@ class LossNet(nn.Module):
         return nn.Dense(1, name="out")(jnp.concatenate(hidden, axis=-1))[:, 0]
 
 
+class Adapted(nn.Module):
+    """A model as jaxal runs it: stored pixels in, normalised on the device as the first operation (so
+    images stay uint8 until a batch is there), a `ModelOutput` out. The wrapped module's parameters keep
+    their own names and structure (the wrapper shares its scope), so checkpoints, parameter subsets
+    ("head") and the gradient engines see the wrapped module's tree unchanged."""
+
+    module: nn.Module
+    normalization: Any  # jaxal.data.Normalization: hashable, a static part of the model
+
+    def setup(self):
+        nn.share_scope(self, self.module)
+
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False) -> ModelOutput:
+        return self.module(self.normalization(x), train=train, mc_dropout=mc_dropout)
+
+
+def adapt(model: nn.Module, normalization) -> Adapted:
+    """`model` reading stored pixels normalised by `normalization` (a `jaxal.data.Normalization`)."""
+    return Adapted(model, normalization)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The module inside an `Adapted` wrapper (the model itself otherwise): for questions about the
+    architecture, such as where its dropout sits."""
+    return model.module if isinstance(model, Adapted) else model
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": SmallCNN,

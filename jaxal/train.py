@@ -1,12 +1,20 @@
 """Training: one train-state pytree, a jitted SGD step with on-device augmentation, jitted evaluation.
 
 The optimizer is PyTorch's SGD as the reference codes use it: weight decay added to the gradient,
-heavy-ball momentum, then the learning rate. The learning rate is an argument of the step rather
-than a schedule baked into it, so one compiled step serves every cycle whatever the size of the
-labelled set (a multi-step schedule in epochs is evaluated on the host once per epoch).
+heavy-ball momentum, then the learning rate. The learning rates are arguments of the step rather than
+a schedule baked into it, so one compiled step serves every cycle whatever the size of the labelled
+set (a multi-step schedule in epochs is evaluated on the host once per epoch). The classifier and the
+loss-prediction module have a learning rate each: LPLgrad's code never decays the module's.
 
-With a loss-prediction module (LL4AL, LPLgrad) the step trains it jointly: target loss + weight *
-ranking loss of the predicted losses, the block features detached after `detach_epoch`.
+The loss, the augmentation (applied to an image and its dense label together) and the evaluation
+metrics come from the task (`jaxal.tasks`). With a loss-prediction module (LL4AL, LPLgrad) the step
+trains it jointly: target loss + weight * ranking loss of the predicted losses, the block features
+detached after `detach_epoch`.
+
+Data: the labelled images stay on the host in their stored dtype (uint8); each step's batch is
+gathered there and sent to the devices, each device receiving only its share of it, so training
+never needs the pool (or the labelled set) on a device. The model normalises the pixels on the
+device (`jaxal.models.adapt`).
 
 Data parallel (`mesh`): the batch is split over the mesh's `data` axis and the parameters are
 replicated; the jitted step is the same program, and the compiler all-reduces the gradients and the
@@ -26,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxal import parallel
-from jaxal.losses import cross_entropy
+from jaxal import parallel, tasks
 from jaxal.models import LossNet, init_variables
 
 
@@ -49,6 +56,8 @@ class TrainOptions:
     crop_padding: int = flax.struct.field(pytree_node=False, default=4)
     lossnet_margin: float = flax.struct.field(pytree_node=False, default=1.0)
     lossnet_weight: float = flax.struct.field(pytree_node=False, default=1.0)
+    # A `jaxal.tasks` task (its loss, augmentation and running accuracy); None: classification.
+    task: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
@@ -74,36 +83,24 @@ def _create_train_state(model, lossnet, rng, input_shape, options) -> TrainState
     return TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], opt_state)
 
 
+def fresh_optimizer(state: TrainState, options: TrainOptions) -> TrainState:
+    """The same weights with a new optimizer (zero momentum, step 0): what the reference codes of Wang
+    et al., LL4AL and LPLgrad do at every cycle of a warm-started run (a new `optim.SGD` and scheduler
+    per cycle, the model kept)."""
+    opt_state = sgd(options.momentum, options.weight_decay).init(state.params)
+    return state.replace(step=jnp.zeros_like(state.step), opt_state=opt_state)
+
+
 def multistep_lr(base_lr: float, milestones, gamma: float, epoch: int) -> float:
     """Learning rate of `epoch` (0-based) under torch's MultiStepLR."""
     return base_lr * gamma ** sum(epoch >= m for m in milestones)
 
 
-# ---- augmentation ---------------------------------------------------------------------------------
-
-
-def _random_crop(rng, image, padding: int):
-    height, width = image.shape[:2]
-    padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    dy, dx = jax.random.randint(rng, (2,), 0, 2 * padding + 1)
-    return jax.lax.dynamic_slice(padded, (dy, dx, 0), (height, width, image.shape[2]))
-
-
-def _random_flip(rng, image):
-    return jnp.where(jax.random.bernoulli(rng), image[:, ::-1], image)
-
-
-def augment(rng: jax.Array, images: jax.Array, mode: str, padding: int) -> jax.Array:
-    """On-device augmentation, independent per example: "none", "crop" or "crop_flip"."""
-    if mode == "none":
-        return images
-    crop_rngs, flip_rngs = jnp.split(jax.random.split(rng, 2 * images.shape[0]), 2)
-    images = jax.vmap(functools.partial(_random_crop, padding=padding))(crop_rngs, images)
-    if mode == "crop_flip":
-        images = jax.vmap(_random_flip)(flip_rngs, images)
-    elif mode != "crop":
-        raise ValueError(f"unknown augmentation {mode!r}; choose none, crop or crop_flip")
-    return images
+def learning_rates(lr: float, milestones, gamma: float, epoch: int, lossnet_lr_decay: bool = True) -> dict:
+    """{"model": lr, "lossnet": lr} of `epoch`. With `lossnet_lr_decay=False` the loss module keeps the
+    base rate (LPLgrad's code creates its scheduler but only steps the backbone's)."""
+    model_lr = multistep_lr(lr, milestones, gamma, epoch)
+    return {"model": np.float32(model_lr), "lossnet": np.float32(model_lr if lossnet_lr_decay else lr)}
 
 
 # ---- losses ---------------------------------------------------------------------------------------
@@ -126,22 +123,29 @@ def loss_prediction_loss(predicted: jax.Array, target: jax.Array, margin: float)
 # ---- steps ----------------------------------------------------------------------------------------
 
 
+# The default task of `TrainOptions`: the step uses its loss, augmentation and running accuracy, none of
+# which needs the number of classes.
+_CLASSIFICATION = tasks.Classification(num_classes=0)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "lossnet", "options", "mesh"), donate_argnames=("state",))
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, rng: jax.Array,
-               lr: jax.Array, detach_features: jax.Array, *, model: nn.Module, lossnet: Optional[LossNet],
+def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr: dict,
+               detach_features: jax.Array, *, model: nn.Module, lossnet: Optional[LossNet],
                options: TrainOptions, mesh=None) -> tuple[TrainState, dict]:
-    """One SGD step on the examples `indices` of the (device-resident) labelled pool. With a `mesh`
-    the batch is split over `data` and the new state is replicated (see the module docstring)."""
+    """One SGD step on the batch `(x, y)` (stored pixels and labels); `lr` is {"model": ..., "lossnet":
+    ...} (`learning_rates`). With a `mesh` the batch is split over `data` and the new state is replicated
+    (see the module docstring)."""
     augment_rng, dropout_rng = jax.random.split(rng)
-    x, y = parallel.constrain_batch((images[indices], labels[indices]), mesh)
-    x = augment(augment_rng, x, options.augmentation, options.crop_padding)
+    x, y = parallel.constrain_batch((x, y), mesh)
+    task = options.task if options.task is not None else _CLASSIFICATION
+    x, y = task.augment(augment_rng, x, y, options.augmentation, options.crop_padding)
 
     def loss_fn(params):
         output, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, x,
                                       train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        per_example = jax.vmap(cross_entropy)(output.logits, y)
+        per_example = jax.vmap(task.supervised_loss)(output.logits, y)
         loss = jnp.mean(per_example)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(output.logits, -1) == y)}
+        metrics = {"loss": loss, "accuracy": jnp.mean(task.correct_fraction(output.logits, y))}
         if lossnet is not None:
             blocks = [jnp.where(detach_features, jax.lax.stop_gradient(b), b) for b in output.blocks]
             predicted = lossnet.apply({"params": params["lossnet"]}, blocks)
@@ -152,7 +156,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, indices:
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = sgd(options.momentum, options.weight_decay).update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+    params = {part: jax.tree.map(lambda p, u: p - lr[part] * u, state.params[part], updates[part])
+              for part in state.params}
     return parallel.constrain_replicated((TrainState(state.step + 1, params, batch_stats, opt_state), metrics), mesh)
 
 
@@ -170,26 +175,28 @@ def epoch_batches(rng: np.random.Generator, labeled: np.ndarray, batch_size: int
     return np.resize(order, num_batches * batch).reshape(num_batches, batch).astype(np.int32)
 
 
-def train_model(state: TrainState, images: jax.Array, labels: jax.Array, labeled: np.ndarray, *,
-                model: nn.Module, lossnet: Optional[LossNet], options: TrainOptions, epochs: int,
-                batch_size: int, lr: float, lr_milestones, lr_gamma: float, detach_epoch: int,
-                seed: int, mesh=None) -> tuple[TrainState, dict]:
-    """Train for `epochs` over the labelled indices; returns the state and the last epoch's metrics.
-    With a `mesh`: data parallel, the state comes back replicated over it."""
+def train_model(state: TrainState, images, labels, labeled: np.ndarray, *, model: nn.Module,
+                lossnet: Optional[LossNet], options: TrainOptions, epochs: int, batch_size: int, lr: float,
+                lr_milestones, lr_gamma: float, detach_epoch: int, seed: int, mesh=None,
+                lossnet_lr_decay: bool = True) -> tuple[TrainState, dict]:
+    """Train for `epochs` over the labelled indices of `images`/`labels` (host arrays in their stored
+    dtype; device arrays work too); returns the state and the last epoch's metrics. Each step's batch is
+    gathered on the host and split over the devices (see the module docstring). With a `mesh`: data
+    parallel, the state comes back replicated over it."""
     host_rng = np.random.default_rng(seed)
-    # The whole pool on every device (the step gathers its batch there); the state replicated.
-    state, images, labels = parallel.replicate((state, images, labels), mesh)
+    state = parallel.replicate(state, mesh)
     key = jax.random.key(seed)
     metrics = {}
     for epoch in range(epochs):
-        epoch_lr = jnp.float32(multistep_lr(lr, lr_milestones, lr_gamma, epoch))
-        detach = jnp.asarray(epoch > detach_epoch)  # the reference's `epoch > epoch_loss`
+        epoch_lr = learning_rates(lr, lr_milestones, lr_gamma, epoch, lossnet_lr_decay)
+        detach = np.asarray(epoch > detach_epoch)  # the reference's `epoch > epoch_loss`
         sums = {}
         batches = epoch_batches(host_rng, labeled, batch_size, parallel.mesh_size(mesh))
         for batch in batches:
             key, step_key = jax.random.split(key)
-            batch, step_key, epoch_lr, detach = parallel.replicate((batch, step_key, epoch_lr, detach), mesh)
-            state, step_metrics = train_step(state, images, labels, batch, step_key, epoch_lr, detach,
+            x, y = parallel.shard_batch((images[batch], labels[batch]), mesh)
+            step_key, step_lr, step_detach = parallel.replicate((step_key, epoch_lr, detach), mesh)
+            state, step_metrics = train_step(state, x, y, step_key, step_lr, step_detach,
                                              model=model, lossnet=lossnet, options=options, mesh=mesh)
             sums = {k: sums.get(k, 0.0) + v for k, v in step_metrics.items()}
         metrics = {k: float(v) / len(batches) for k, v in sums.items()}
@@ -214,6 +221,21 @@ def predict(model: nn.Module, variables: dict, xs, batch_size: int = 512, *, mes
         shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1, *xs.shape[1:])))
         return jnp.zeros((0, *shapes.logits.shape[1:])), jnp.zeros((0, *shapes.features.shape[1:]))
     return parallel.map_chunks(_predict_chunk, model, variables, xs, chunk_size=batch_size, mesh=mesh)
+
+
+def _confusion_sum(static, variables, chunk):
+    model, task = static
+    (xs, ys), weights = chunk
+    return task.confusion(model.apply(variables, xs, train=False).logits, ys, weights)
+
+
+def evaluate(model: nn.Module, variables: dict, xs, ys, task, batch_size: int = 512, *, mesh=None) -> dict:
+    """The task's metrics of the model in inference mode on `(xs, ys)`: a confusion matrix summed over
+    fixed-size chunks (`parallel.sum_chunks`: one compilation, memory set by the chunk, padding
+    weighted 0), then `task.metrics` of it."""
+    confusion = parallel.sum_chunks(_confusion_sum, (model, task), variables, (xs, ys), chunk_size=batch_size,
+                                    mesh=mesh)
+    return task.metrics(confusion)
 
 
 def accuracy(model: nn.Module, variables: dict, xs, ys, batch_size: int = 512, *, mesh=None) -> float:

@@ -1,5 +1,6 @@
 """Tests of `jaxal.data`: the embedded digits, tensorflow-datasets sources under `tfds.testing.mock_data`
-(offline, no TensorFlow), and validation of user .npz files."""
+(offline, no TensorFlow), and validation of user .npz files. Images are stored as they come (uint8
+pixels); `Normalization` turns them into model inputs on the device, checked here against NumPy."""
 
 import numpy as np
 import pytest
@@ -20,10 +21,16 @@ def mock_tfds(num_examples=12):
     return tfds.testing.mock_data(num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE)
 
 
-def check_arrays(ds, n_train, n_test, shape, num_classes):
+def normalised(ds, x):
+    """The model inputs of stored values `x`, computed here in NumPy float64."""
+    norm = ds.normalization
+    return (x.astype(np.float64) * norm.scale - np.array(norm.mean)) / np.array(norm.std)
+
+
+def check_arrays(ds, n_train, n_test, shape, num_classes, dtype=np.uint8):
     assert ds.x_train.shape == (n_train, *shape) and ds.x_test.shape == (n_test, *shape)
     assert ds.image_shape == shape
-    assert ds.x_train.dtype == ds.x_test.dtype == np.float32
+    assert ds.x_train.dtype == ds.x_test.dtype == dtype
     assert ds.y_train.dtype == ds.y_test.dtype == np.int32
     assert ds.y_train.shape == (n_train,) and ds.y_test.shape == (n_test,)
     assert ds.num_classes == num_classes
@@ -47,8 +54,12 @@ def test_digits_shapes_and_metadata(digits):
 
 
 def test_digits_normalised_by_train_statistics(digits):
-    np.testing.assert_allclose(digits.x_train.mean(), 0.0, atol=1e-5)
-    np.testing.assert_allclose(digits.x_train.std(), 1.0, atol=1e-5)
+    inputs = normalised(digits, digits.x_train)
+    np.testing.assert_allclose(inputs.mean(), 0.0, atol=1e-9)
+    np.testing.assert_allclose(inputs.std(), 1.0, atol=1e-9)
+    assert digits.normalization.scale == 1 / 16 and digits.x_train.max() == 16
+    # The on-device normalisation (float32) computes the same inputs.
+    np.testing.assert_allclose(np.asarray(digits.normalization(digits.x_train)), inputs, rtol=1e-5, atol=1e-5)
 
 
 def test_digits_split_is_a_fixed_stratified_partition(digits):
@@ -57,11 +68,9 @@ def test_digits_split_is_a_fixed_stratified_partition(digits):
     again = load_dataset("digits")
     np.testing.assert_array_equal(digits.x_train, again.x_train)
     np.testing.assert_array_equal(digits.y_test, again.y_test)
-    # A partition of the 1797 images: undo the (affine) normalisation, using that the raw pixels
-    # span 0..16, and compare the multiset of (image, label) rows with the original data.
+    # A partition of the 1797 images: compare the multiset of (image, label) rows with the original data.
     raw = load_digits()
-    pixels = np.concatenate([digits.x_train, digits.x_test]).reshape(1797, 64)
-    pixels = np.round((pixels - pixels.min()) / (pixels.max() - pixels.min()) * 16).astype(int)
+    pixels = np.concatenate([digits.x_train, digits.x_test]).reshape(1797, 64).astype(int)
     labels = np.concatenate([digits.y_train, digits.y_test])
     rows = lambda x, y: sorted(map(tuple, np.column_stack([x, y])))
     assert rows(pixels, labels) == rows(raw.data.astype(int), raw.target)
@@ -89,9 +98,11 @@ def test_tfds_source_is_stacked_and_normalised(name, shape, num_classes, augment
     check_arrays(ds, 12, 12, shape, num_classes)
     metadata = (ds.name, ds.augmentation, ds.crop_padding, ds.default_model)
     assert metadata == (name, augmentation, padding, model)
-    mean, std = (np.array(v, np.float32) for v in PUBLISHED[name])
-    np.testing.assert_allclose(ds.x_train * std + mean, raw_images / 255.0, atol=1e-5)
+    np.testing.assert_array_equal(ds.x_train, raw_images)  # the stored pixels, untouched
+    mean, std = (np.array(v) for v in PUBLISHED[name])
+    np.testing.assert_allclose(normalised(ds, ds.x_train), (raw_images / 255.0 - mean) / std, rtol=1e-12)
     np.testing.assert_array_equal(ds.y_train, raw_labels)
+    assert len(ds.class_names) == num_classes
 
 
 def test_caltech101_images_of_varying_size_are_resized():
@@ -103,9 +114,7 @@ def test_caltech101_images_of_varying_size_are_resized():
     check_arrays(ds, 6, 6, (64, 64, 3), 102)
     assert (ds.augmentation, ds.crop_padding, ds.default_model) == ("crop_flip", 8, "resnet18")
     assert small.image_shape == (16, 16, 3) and small.crop_padding == 2
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    pixels = ds.x_train * std + mean  # back in [0, 1]: resizing interpolates, it does not overshoot
-    assert pixels.min() > -1e-4 and pixels.max() < 1 + 1e-4
+    assert ds.normalization.mean == (0.485, 0.456, 0.406) and ds.normalization.std == (0.229, 0.224, 0.225)
 
 
 def test_resize_keeps_constants_and_is_identity_at_native_size():
@@ -114,6 +123,24 @@ def test_resize_keeps_constants_and_is_identity_at_native_size():
     np.testing.assert_allclose(data._resize([constant], 4), np.full((1, 4, 4, 2), 7.5), rtol=1e-6)
     image = rng.random((5, 5, 3)).astype(np.float32)
     np.testing.assert_allclose(data._resize([image], 5)[0], image, atol=1e-6)
+    pixels = rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)  # uint8 pixels stay uint8
+    resized = data._resize([pixels, np.full((7, 3, 3), 200, np.uint8)], 5)
+    assert resized.dtype == np.uint8
+    np.testing.assert_array_equal(resized[0], pixels)
+    np.testing.assert_array_equal(resized[1], 200)
+
+
+def test_pytorch_cifar_normalization_and_augmentation_override():
+    with mock_tfds(4):
+        ds = load_dataset("cifar10", normalization="pytorch_cifar", augmentation="crop")
+    assert ds.normalization.mean == (0.4914, 0.4822, 0.4465) and ds.normalization.std == (0.2023, 0.1994, 0.2010)
+    assert (ds.augmentation, ds.crop_padding) == ("crop", 4)
+    with pytest.raises(ValueError, match="'pytorch_cifar' is for RGB images; digits has 1 channel"):
+        load_dataset("digits", normalization="pytorch_cifar")
+    with pytest.raises(ValueError, match="unknown normalization 'zscore'"):
+        load_dataset("digits", normalization="zscore")
+    with pytest.raises(ValueError, match="unknown augmentation 'mixup'"):
+        load_dataset("digits", augmentation="mixup")
 
 
 def test_missing_tfds_data_says_so(tmp_path):
@@ -142,11 +169,11 @@ def save(tmp_path, **arrays):
 def test_npz_round_trip(tmp_path):
     arrays = valid_arrays()
     ds = load_dataset(save(tmp_path, **arrays))
-    check_arrays(ds, 20, 7, (6, 5, 2), 4)  # C = 1 + the largest label over both splits
-    mean = arrays["x_train"].mean(axis=(0, 1, 2))
-    std = arrays["x_train"].std(axis=(0, 1, 2))
-    np.testing.assert_allclose(ds.x_train, (arrays["x_train"] - mean) / std, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ds.x_test, (arrays["x_test"] - mean) / std, rtol=1e-4, atol=1e-5)
+    check_arrays(ds, 20, 7, (6, 5, 2), 4, np.float32)  # C = 1 + the largest label over both splits
+    x_train, x_test = (arrays[k].astype(np.float64) for k in ("x_train", "x_test"))
+    mean, std = x_train.mean(axis=(0, 1, 2)), x_train.std(axis=(0, 1, 2))
+    np.testing.assert_allclose(normalised(ds, ds.x_train), (x_train - mean) / std, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(normalised(ds, ds.x_test), (x_test - mean) / std, rtol=1e-9, atol=1e-9)
     np.testing.assert_array_equal(ds.y_train, arrays["y_train"])
     assert (ds.augmentation, ds.crop_padding, ds.default_model) == ("none", 0, "cnn")
 
@@ -158,8 +185,8 @@ def test_npz_grayscale_and_vectors(tmp_path, x_shape, image_shape, model):
     rng = np.random.default_rng(1)
     x, y = rng.integers(0, 255, x_shape).astype(np.uint8), np.arange(10) % 2
     ds = load_dataset(save(tmp_path, x_train=x, y_train=y, x_test=x[:3], y_test=y[:3].astype(np.float64)))
-    check_arrays(ds, 10, 3, image_shape, 2)
-    assert ds.default_model == model
+    check_arrays(ds, 10, 3, image_shape, 2)  # uint8 pixels stay uint8, scaled by 1/255
+    assert ds.default_model == model and ds.normalization.scale == 1 / 255
 
 
 @pytest.mark.parametrize(
@@ -215,7 +242,7 @@ def test_image_size_resizes_user_images_but_not_vectors(tmp_path):
 
 
 def test_unknown_name_lists_the_choices():
-    match = "unknown dataset 'foo'; choose one of: caltech101, cifar10, .*digits.* .npz"
+    match = "unknown dataset 'foo'; choose one of: caltech101, cifar10, .*digits.*folder.* .npz"
     with pytest.raises(ValueError, match=match):
         load_dataset("foo")
     names = {"digits", "cifar10", "cifar100", "svhn_cropped", "caltech101", "mnist", "fashion_mnist"}

@@ -16,7 +16,8 @@ from jaxal.strategies.gradient import _query_norms, egl_scores, ent_gn_scores, e
 
 @pytest.fixture(scope="module")
 def digits_pool():
-    return jnp.asarray(load_dataset("digits").x_train[:70])
+    data = load_dataset("digits")
+    return data.normalization(data.x_train[:70])  # the model inputs of 70 digits
 
 
 def context(pool, seed=0, **gradnorm_options):

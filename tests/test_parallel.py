@@ -36,7 +36,7 @@ SELECTORS = ("coreset", "badge", "random")
 @pytest.fixture(scope="module")
 def digits():
     data = load_dataset("digits")
-    return jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    return data.normalization(data.x_train), jnp.asarray(data.y_train)  # model inputs, as before uint8 storage
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,8 @@ def test_a_data_parallel_step_equals_the_single_device_step(digits, with_lossnet
     model, options = create_model("cnn", 10, 0.25), TrainOptions(augmentation="crop_flip", crop_padding=1)
     lossnet = LossNet(16) if with_lossnet else None
     batch = np.arange(3, 35, dtype=np.int32)  # 32 examples: 4 per device
-    args = (images, labels, batch, jax.random.key(5), jnp.float32(0.1), jnp.asarray(False))
+    lr = {"model": jnp.float32(0.1), "lossnet": jnp.float32(0.1)}
+    args = (images[batch], labels[batch], jax.random.key(5), lr, jnp.asarray(False))
 
     def fresh():
         return create_train_state(model, lossnet, jax.random.key(0), images.shape[1:], options)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jaxal import parallel
 from jaxal.config import Config
-from jaxal.models import MLP, VGG16, ResNet18, SmallCNN
+from jaxal.models import MLP, VGG16, ResNet18, SmallCNN, base_model
 from jaxal.strategies.base import StrategyContext, register_scorer
 
 # Models whose only dropout sits on the penultimate features, directly before `head`.
@@ -70,8 +70,8 @@ def _resolve_method(model: nn.Module, method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"unknown BALD method {method!r}; choose one of: {', '.join(METHODS)}")
     if method == "auto":
-        return "features" if type(model) in HEAD_DROPOUT_MODELS else "full"
-    if method == "features" and type(model) not in HEAD_DROPOUT_MODELS:
+        return "features" if type(base_model(model)) in HEAD_DROPOUT_MODELS else "full"
+    if method == "features" and type(base_model(model)) not in HEAD_DROPOUT_MODELS:
         raise ValueError(f"method='features' needs dropout directly before `head` as in "
                          f"{', '.join(m.__name__ for m in HEAD_DROPOUT_MODELS)}; use method='full'")
     return method
@@ -85,7 +85,7 @@ def _mc_probabilities_chunk(variables, xs, indices, rng, *, model: nn.Module, nu
     keys = jax.vmap(lambda t: jax.vmap(lambda i: dropout_key(rng, t, i))(indices))(passes)  # (T, chunk)
     if method == "features":
         features = model.apply(variables, xs, train=False).features
-        tail = _DropoutHead(model.dropout_rate, variables["params"]["head"]["bias"].shape[-1])
+        tail = _DropoutHead(base_model(model).dropout_rate, variables["params"]["head"]["bias"].shape[-1])
         head = {"params": {"head": variables["params"]["head"]}}
 
         def one(key, f):

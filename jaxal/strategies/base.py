@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxal.config import Config
 from jaxal.models import LossNet
+from jaxal.tasks import Classification
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,11 @@ class StrategyContext:
     # "labeled", "test"; a missing one is absent from the mapping.
     reference_sets: dict = dataclasses.field(default_factory=dict)
     mesh: Any = None  # a jax.sharding.Mesh when scoring is spread over devices, else None
+    task: Any = None  # a `jaxal.tasks` task; None: classification with `num_classes` classes
+
+    def __post_init__(self):
+        if self.task is None:
+            object.__setattr__(self, "task", Classification(self.num_classes))
 
 
 Selector = Callable[[StrategyContext, int], np.ndarray]
@@ -50,6 +56,7 @@ class Strategy(NamedTuple):
     needs_dropout: bool  # the model must have a non-zero dropout rate (MC dropout)
     description: str
     check: Optional[Callable[[Config], None]] = None  # raises ValueError for settings it cannot run with
+    tasks: tuple[str, ...] = ("classification",)  # the `jaxal.tasks` it can run on (checked before a run)
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -68,17 +75,18 @@ def top_k(scores, k: int) -> np.ndarray:
 
 
 def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
-                      check: Optional[Callable[[Config], None]] = None):
+                      check: Optional[Callable[[Config], None]] = None,
+                      tasks: tuple[str, ...] = ("classification",)):
     def decorate(select: Selector) -> Selector:
         description = (select.__doc__ or "").strip().splitlines()[0] if select.__doc__ else ""
-        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check)
+        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks)
         return select
 
     return decorate
 
 
 def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
-                    check: Optional[Callable[[Config], None]] = None):
+                    check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",)):
     """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
 
     def decorate(score: Callable[[StrategyContext], Any]):
@@ -88,7 +96,8 @@ def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bo
             return chosen if info is None else (chosen, info)
 
         select.__doc__ = score.__doc__
-        register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check)(select)
+        register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check,
+                          tasks=tasks)(select)
         return score
 
     return decorate

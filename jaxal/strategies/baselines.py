@@ -26,7 +26,7 @@ def entropy_of(probs: jax.Array) -> jax.Array:
 def margin_of(probs: jax.Array) -> jax.Array:
     """Gap between the two largest class probabilities."""
     top2 = jax.lax.top_k(probs, 2)[0]
-    return top2[:, 0] - top2[:, 1]
+    return top2[..., 0] - top2[..., 1]
 
 
 @register_scorer("random")
@@ -35,22 +35,26 @@ def random_scores(ctx: StrategyContext):
     return jax.random.uniform(ctx.rng, (ctx.pool_x.shape[0],))
 
 
+# Each uncertainty score is computed per output (an example's class vector, or each pixel's) and reduced
+# to one score per example by the task (`reduce_outputs`: identity, or the mean over pixels).
+
+
 @register_scorer("entropy")
 def entropy_scores(ctx: StrategyContext):
     """Highest predictive entropy."""
-    return entropy_of(pool_probabilities(ctx))
+    return ctx.task.reduce_outputs(entropy_of(pool_probabilities(ctx)))
 
 
 @register_scorer("margin")
 def margin_scores(ctx: StrategyContext):
     """Smallest gap between the two most probable classes."""
-    return -margin_of(pool_probabilities(ctx))
+    return -ctx.task.reduce_outputs(margin_of(pool_probabilities(ctx)))
 
 
 @register_scorer("least_confidence")
 def least_confidence_scores(ctx: StrategyContext):
     """Lowest probability of the predicted class."""
-    return -jnp.max(pool_probabilities(ctx), axis=-1)
+    return -ctx.task.reduce_outputs(jnp.max(pool_probabilities(ctx), axis=-1))
 
 
 # ---- coreset -------------------------------------------------------------------------------------

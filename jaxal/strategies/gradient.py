@@ -25,7 +25,9 @@ from jaxal.parallel import map_chunks
 from jaxal.pytree import PARAM_SUBSETS
 from jaxal.strategies.base import StrategyContext, register_scorer
 
-QUERY_LOSSES = {"exp_gn": gradnorm.expected_loss, "ent_gn": gradnorm.entropy_loss}
+# The task method whose gradient norm each strategy ranks by (`jaxal.tasks`: a loss of one example's
+# logits, reduced over its outputs).
+QUERY_LOSSES = {"exp_gn": "expected_loss", "ent_gn": "entropy"}
 
 
 def check_options(config: Config) -> None:
@@ -42,8 +44,9 @@ def check_options(config: Config) -> None:
 
 
 def _query_norms(static, variables, xs):
-    model, loss_name, norm, subset, method = static
-    loss = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]), QUERY_LOSSES[loss_name])
+    model, task, loss_name, norm, subset, method = static
+    loss = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]),
+                                 getattr(task, QUERY_LOSSES[loss_name]))
     return gradnorm.per_example_grad_norms(loss, variables["params"], xs, norm=norm, params_filter=subset,
                                            method=method)
 
@@ -64,7 +67,7 @@ def _expected_gradient_length(static, variables, xs):
 
 def query_gradient_norms(ctx: StrategyContext, loss_name: str) -> jax.Array:
     options = ctx.config.gradnorm
-    static = (ctx.model, loss_name, options.norm, options.params, options.method)
+    static = (ctx.model, ctx.task, loss_name, options.norm, options.params, options.method)
     return map_chunks(_query_norms, static, ctx.variables, ctx.pool_x, chunk_size=options.chunk_size,
                       mesh=ctx.mesh)
 

@@ -1,0 +1,142 @@
+"""Tasks: what differs between classification and dense prediction, and nothing else.
+
+Training, evaluation, the strategies and the diagnostics go through a `Task`; none of them assumes one
+logit vector per example. A task defines, for ONE example's logits (shape `(C,)` for classification,
+`(H, W, C)` for segmentation):
+  - `supervised_loss(logits, label)`: the training loss (cross-entropy; pixels with the ignore label
+    excluded);
+  - the label-free losses of the query strategies, reduced over the example's outputs:
+    `entropy(logits)` (ent-gn) and `expected_loss(logits)` (exp-gn, the posterior differentiated as in
+    the reference code, so it equals the entropy), and `pseudo_label_loss(logits)` (ISAL's loss at the
+    arg-max class);
+  - `reduce_outputs(values)`: per-output scores `(n, *outputs)` -> one score per example `(n,)`
+    (identity for classification; the mean over pixels for segmentation), for the uncertainty baselines;
+  - evaluation: `confusion(logits, labels, weights)`, a `(C, C)` count matrix of a batch (true class x
+    predicted class; summed over chunks, so memory never depends on the test set), and `metrics` of it;
+  - `augment(rng, images, labels, mode, padding)`: the training augmentation, applied to an image and
+    its label together (a dense label moves with its image).
+Tasks are frozen dataclasses: hashable, so their methods are valid static arguments of jitted code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxal import losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+    """One label per example; logits of shape (C,)."""
+
+    num_classes: int
+    ignore_label: Optional[int] = None  # classification labels are never ignored
+
+    name: ClassVar[str] = "classification"
+    metric: ClassVar[str] = "accuracy"  # the learning curve's metric: records hold test_<metric>
+
+    # ---- losses of one example ----
+    def supervised_loss(self, logits, label):
+        return losses.cross_entropy(logits, label)
+
+    def entropy(self, logits):
+        return losses.entropy_loss(logits)
+
+    def expected_loss(self, logits):
+        return losses.expected_loss(logits)
+
+    def pseudo_label_loss(self, logits):
+        return losses.pseudo_label_cross_entropy(logits)
+
+    def reduce_outputs(self, values):
+        return values
+
+    # ---- evaluation ----
+    def confusion(self, logits, labels, weights):
+        """(C, C) weighted counts of (true, predicted) pairs over a batch; weights 0 drop padding."""
+        return weighted_confusion(labels, jnp.argmax(logits, -1), weights, self.num_classes)
+
+    def metrics(self, confusion) -> dict:
+        confusion = np.asarray(confusion, np.float64)
+        return {"accuracy": float(np.trace(confusion) / max(confusion.sum(), 1.0))}
+
+    def correct_fraction(self, logits, labels):
+        """(n,) fraction of an example's outputs predicted right (the training step's running accuracy)."""
+        return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+    # ---- augmentation ----
+    def augment(self, rng, images, labels, mode: str, padding: int):
+        return augment_images(rng, images, mode, padding), labels
+
+
+def weighted_confusion(labels, predictions, weights, num_classes: int, ignore_label: Optional[int] = None):
+    """(C, C) int32 counts of (true, predicted) pairs over every output of a batch: `sum_i w_i [label =
+    a][prediction = b]` with integer weights (1 real, 0 padding), outputs with `ignore_label` left out.
+    One scatter-add (`bincount`): memory of the outputs, and exact integer sums."""
+    weights = jnp.broadcast_to(weights.reshape(weights.shape + (1,) * (labels.ndim - 1)), labels.shape)
+    weights = weights.astype(jnp.int32)
+    if ignore_label is not None:
+        weights = jnp.where(labels == ignore_label, 0, weights)
+    # Labels outside [0, C) (the ignore label) carry weight 0; clip them so the index stays in range.
+    index = jnp.clip(labels, 0, num_classes - 1) * num_classes + predictions
+    counts = jnp.bincount(index.reshape(-1), weights.reshape(-1), length=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+# ---- augmentation of images (shared by the tasks) ---------------------------------------------------
+
+AUGMENTATIONS = ("none", "crop", "crop_flip")
+
+
+def crop_offsets(rng, padding: int):
+    return jax.random.randint(rng, (2,), 0, 2 * padding + 1)
+
+
+def random_crop(image, offsets, padding: int, fill=0):
+    """The image padded by `padding` pixels of `fill` on each side, then cropped back to its size at
+    `offsets` (torchvision's RandomCrop(size, padding)); on raw pixels, fill 0 is black."""
+    height, width = image.shape[:2]
+    pad = ((padding, padding), (padding, padding)) + ((0, 0),) * (image.ndim - 2)
+    padded = jnp.pad(image, pad, constant_values=jnp.asarray(fill, image.dtype))
+    return jax.lax.dynamic_slice(padded, (offsets[0], offsets[1]) + (0,) * (image.ndim - 2), image.shape)
+
+
+def augment_images(rng, images, mode: str, padding: int):
+    """On-device augmentation, independent per example: "none", "crop" or "crop_flip"."""
+    return augment_pairs(rng, images, None, mode, padding)[0]
+
+
+def augment_pairs(rng, images, labels, mode: str, padding: int, label_fill=0):
+    """The same random crop and flip for every image and its dense label (None: images only); the
+    label's padding is `label_fill` (the ignore label, so padded pixels are never trained on)."""
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {mode!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    if mode == "none":
+        return images, labels
+    crop_rngs, flip_rngs = jnp.split(jax.random.split(rng, 2 * images.shape[0]), 2)
+    offsets = jax.vmap(functools.partial(crop_offsets, padding=padding))(crop_rngs)
+    crop = jax.vmap(functools.partial(random_crop, padding=padding))
+    images = crop(images, offsets)
+    if labels is not None:
+        labels = jax.vmap(functools.partial(random_crop, padding=padding, fill=label_fill))(labels, offsets)
+    if mode == "crop_flip":
+        flips = jax.vmap(jax.random.bernoulli)(flip_rngs)
+        flip = lambda x: jnp.where(flips.reshape((-1,) + (1,) * (x.ndim - 1)), x[:, :, ::-1], x)  # noqa: E731
+        images = flip(images)
+        labels = None if labels is None else flip(labels)
+    return images, labels
+
+
+TASKS = {"classification": Classification}
+
+
+def create_task(name: str, num_classes: int, ignore_label: Optional[int] = None):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}")
+    return TASKS[name](num_classes, ignore_label) if ignore_label is not None else TASKS[name](num_classes)
