@@ -94,7 +94,7 @@ class ClassificationImages:
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: tuple[str, ...]
-    train_files: tuple[str, ...]  # "train/<class>/<file>" relative to the dataset root, in the order of x_train
+    train_files: tuple[str, ...]  # "train/<class>/<file>", relative to the dataset root, in x_train's order
     test_files: tuple[str, ...]
 
 
@@ -127,9 +127,8 @@ def load_classification(
     """Reads `train/<class>/` and `test/<class>/` image files (see the module docstring)."""
     root = _existing_source(path)
     _check_image_size(image_size)
-    arrays = _cached(
-        "classification", root, {"image_size": image_size}, lambda: _build_classification(root, image_size), cache_dir
-    )
+    build = lambda: _build_classification(root, image_size)  # noqa: E731
+    arrays = _cached("classification", root, {"image_size": image_size}, build, cache_dir)
     return ClassificationImages(
         arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
         _strings(arrays["class_names"]), _strings(arrays["train_files"]), _strings(arrays["test_files"]),
@@ -142,11 +141,12 @@ def load_segmentation(
     """Reads images and masks in the SegNet CamVid layout (see the module docstring)."""
     root = _existing_source(path)
     _check_image_size(image_size)
-    arrays = _cached(
-        "segmentation", root, {"image_size": image_size}, lambda: _build_segmentation(root, image_size), cache_dir
-    )
+    build = lambda: _build_segmentation(root, image_size)  # noqa: E731
+    arrays = _cached("segmentation", root, {"image_size": image_size}, build, cache_dir)
     splits = {
-        split: SegmentationSplit(arrays[f"{split}_images"], arrays[f"{split}_masks"], _strings(arrays[f"{split}_names"]))
+        split: SegmentationSplit(
+            arrays[f"{split}_images"], arrays[f"{split}_masks"], _strings(arrays[f"{split}_names"])
+        )
         for split in _strings(arrays["splits"])
     }
     mask_values = tuple(int(v) for v in arrays["mask_values"])
@@ -177,7 +177,8 @@ def read_images(
     if not paths:
         raise ValueError(f"no image paths given to read from {root}")
     params = {"image_size": image_size, "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
-    arrays = _cached("pool", source, params, lambda: {"images": _build_pool(source, paths, image_size)}, cache_dir)
+    build = lambda: {"images": _build_pool(source, paths, image_size)}  # noqa: E731
+    arrays = _cached("pool", source, params, build, cache_dir)
     return arrays["images"]
 
 
@@ -285,7 +286,8 @@ def _scan_archive(archive: Path, with_data: bool) -> _Tree:
     for name in data:  # archives need not list a file's folders as members
         parts = name.split("/")
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    return _Tree(tuple(sorted(data)), frozenset(dirs), data.__getitem__, lambda rel: f"{rel} in {archive}" if rel else str(archive))
+    describe = lambda rel: f"{rel} in {archive}" if rel else str(archive)  # noqa: E731
+    return _Tree(tuple(sorted(data)), frozenset(dirs), data.__getitem__, describe)
 
 
 def _top_level(tree: _Tree) -> tuple[set[str], list[str]]:
@@ -382,7 +384,9 @@ def _decode_image_file(tree: _Tree, rel: str, image_size: int | None) -> tuple[n
     return (_pixels(_open_image(_read(tree, rel), name), name, image_size),)
 
 
-def _decode_pair(tree: _Tree, image_rel: str, mask_rel: str, image_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _decode_pair(
+    tree: _Tree, image_rel: str, mask_rel: str, image_size: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     image_name, mask_name = tree.describe(image_rel), tree.describe(mask_rel)
     image = _open_image(_read(tree, image_rel), image_name)
     mask = _open_image(_read(tree, mask_rel), mask_name)
@@ -418,7 +422,9 @@ class _Stack:
         self.array[i] = array  # a grey image in an RGB stack broadcasts over the channels
 
 
-def _decode_all(items: Sequence, decode: Callable[..., tuple[np.ndarray, ...]], names: Sequence[str]) -> list[np.ndarray]:
+def _decode_all(
+    items: Sequence[tuple], decode: Callable[..., tuple[np.ndarray, ...]], names: Sequence[str]
+) -> list[np.ndarray]:
     """`decode(*item)` for every item, in a thread pool (PIL releases the GIL while it decodes), each
     output stacked over the items; `names` name the items in messages."""
     stacks = None
@@ -452,12 +458,11 @@ def _class_files(tree: _Tree, split: str) -> dict[str, list[str]]:
     _require_folder(tree, split, CLASSIFICATION_LAYOUT)
     folder = tree.sub(split)
     classes, loose = _top_level(folder)
+    expected = f"{split}/<class>/<image files>"
     if loose:
-        raise ValueError(
-            f"{folder.describe(loose[0])} is not inside a class folder; expected {split}/<class>/<image files>"
-        )
+        raise ValueError(f"{folder.describe(loose[0])} is not inside a class folder; expected {expected}")
     if not classes:
-        raise ValueError(f"{folder.describe('')} has no class subfolders; expected {split}/<class>/<image files>")
+        raise ValueError(f"{folder.describe('')} has no class subfolders; expected {expected}")
     files = {name: [] for name in classes}
     for rel in folder.files:
         name = rel.split("/", 1)[0]
@@ -507,9 +512,10 @@ def _files_by_stem(tree: _Tree, folder: str) -> dict[str, str]:
     for rel in tree.sub(folder).files:
         stem = os.path.splitext(rel)[0]
         if stem in by_stem:
+            first, second = tree.describe(f"{folder}/{by_stem[stem]}"), tree.describe(f"{folder}/{rel}")
             raise ValueError(
-                f"{tree.describe(f'{folder}/{by_stem[stem]}')} and {tree.describe(f'{folder}/{rel}')} share the "
-                "name; images and masks are paired by name, so each name must be unique in a folder"
+                f"{first} and {second} share the name; images and masks are paired by name, so each name "
+                "must be unique in a folder"
             )
         by_stem[stem] = rel
     return by_stem
@@ -529,7 +535,8 @@ def _image_mask_pairs(tree: _Tree, split: str) -> list[tuple[str, str]]:
             f"(a file named {stem}.<extension>)"
         )
     for stem in sorted(masks.keys() - images.keys())[:1]:
-        raise ValueError(f"the mask {tree.describe(f'{annot}/{masks[stem]}')} has no image in {tree.describe(split)}")
+        mask = tree.describe(f"{annot}/{masks[stem]}")
+        raise ValueError(f"the mask {mask} has no image in {tree.describe(split)}")
     return [(f"{split}/{images[stem]}", f"{annot}/{masks[stem]}") for stem in sorted(images)]
 
 
@@ -571,7 +578,8 @@ def _build_pool(source: Path, paths: Sequence[str], image_size: int | None) -> n
         raise ValueError(
             f"{len(missing)} of the {len(paths)} paths are not image files in {source}, e.g. {missing[0]!r}"
         )
-    (images,) = _decode_all([(tree, p, image_size) for p in paths], _decode_image_file, [tree.describe(p) for p in paths])
+    items = [(tree, rel, image_size) for rel in paths]
+    (images,) = _decode_all(items, _decode_image_file, [tree.describe(rel) for rel in paths])
     return images
 
 
@@ -616,7 +624,7 @@ def _read_cache(file: Path, key: str) -> dict[str, np.ndarray] | None:
     if not file.exists():
         return None
     try:
-        with np.load(file, allow_pickle=False) as npz:
+        with open(file, "rb") as f, np.load(f, allow_pickle=False) as npz:  # our handle: closed on errors too
             arrays = {name: npz[name] for name in npz.files}  # reads every member: CRCs are checked
         if arrays.pop("_key").item() == key:
             return arrays
