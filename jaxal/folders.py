@@ -38,10 +38,12 @@ Bad input raises ValueError naming the file or folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import os
+import posixpath
 import tarfile
 import tempfile
 import warnings
@@ -127,7 +129,7 @@ def load_classification(
     """Reads `train/<class>/` and `test/<class>/` image files (see the module docstring)."""
     root = _existing_source(path)
     _check_image_size(image_size)
-    build = lambda: _build_classification(root, image_size)  # noqa: E731
+    build = functools.partial(_build_classification, root, image_size)
     arrays = _cached("classification", root, {"image_size": image_size}, build, cache_dir)
     return ClassificationImages(
         arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
@@ -141,7 +143,7 @@ def load_segmentation(
     """Reads images and masks in the SegNet CamVid layout (see the module docstring)."""
     root = _existing_source(path)
     _check_image_size(image_size)
-    build = lambda: _build_segmentation(root, image_size)  # noqa: E731
+    build = functools.partial(_build_segmentation, root, image_size)
     arrays = _cached("segmentation", root, {"image_size": image_size}, build, cache_dir)
     splits = {
         split: SegmentationSplit(
@@ -177,9 +179,8 @@ def read_images(
     if not paths:
         raise ValueError(f"no image paths given to read from {root}")
     params = {"image_size": image_size, "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
-    build = lambda: {"images": _build_pool(source, paths, image_size)}  # noqa: E731
-    arrays = _cached("pool", source, params, build, cache_dir)
-    return arrays["images"]
+    build = functools.partial(_build_pool, source, paths, image_size)
+    return _cached("pool", source, params, build, cache_dir)["images"]
 
 
 def source_fingerprint(path: str | os.PathLike) -> str:
@@ -274,7 +275,7 @@ def _scan_archive(archive: Path, with_data: bool) -> _Tree:
     try:
         with tarfile.open(archive, "r|*") as tar:
             for member in tar:
-                name = os.path.normpath(member.name).replace(os.sep, "/").lstrip("/")
+                name = posixpath.normpath(member.name).lstrip("/")  # "./train/x.png" -> "train/x.png"
                 if any(_is_hidden(part) for part in name.split("/")):
                     continue
                 if member.isdir():
@@ -286,7 +287,10 @@ def _scan_archive(archive: Path, with_data: bool) -> _Tree:
     for name in data:  # archives need not list a file's folders as members
         parts = name.split("/")
         dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-    describe = lambda rel: f"{rel} in {archive}" if rel else str(archive)  # noqa: E731
+
+    def describe(rel: str) -> str:
+        return f"{rel} in {archive}" if rel else str(archive)
+
     return _Tree(tuple(sorted(data)), frozenset(dirs), data.__getitem__, describe)
 
 
@@ -570,7 +574,7 @@ def _build_segmentation(root: Path, image_size: int | None) -> dict[str, np.ndar
 # --- a pool of images ------------------------------------------------------------------------------
 
 
-def _build_pool(source: Path, paths: Sequence[str], image_size: int | None) -> np.ndarray:
+def _build_pool(source: Path, paths: Sequence[str], image_size: int | None) -> dict[str, np.ndarray]:
     tree = _scan(source)
     known = set(tree.files)
     missing = [p for p in paths if p not in known]
@@ -580,7 +584,7 @@ def _build_pool(source: Path, paths: Sequence[str], image_size: int | None) -> n
         )
     items = [(tree, rel, image_size) for rel in paths]
     (images,) = _decode_all(items, _decode_image_file, [tree.describe(rel) for rel in paths])
-    return images
+    return {"images": images}
 
 
 # --- the cache -------------------------------------------------------------------------------------
