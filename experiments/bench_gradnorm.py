@@ -1,21 +1,35 @@
 """Benchmark of the per-example gradient-norm engine (`jaxal.gradnorm`).
 
 For ResNet-18 on CIFAR-shaped inputs (32x32x3, 10 classes) and the digits CNN (8x8x1, 10 classes) it
-times, on the same random inputs, the entropy-gradient norm (ent-gn) of every example by
+times, on the same random inputs, the entropy-gradnorm score (ent-gn; AL-GradNorm's default scheme) of every
+example, reduced as the reference code does (`norm="layer_sum"`: the sum over all parameter tensors of each
+tensor's gradient norm), by
   - the engine, `method="vmap"` (`vmap(grad)` in one jitted function) and `method="ghost"`
     (layer inputs x output gradients, no per-example gradient materialised);
-  - the reference method: a Python loop of a jitted gradient at batch size 1 (+ its norm), with JAX's
+  - the reference method in JAX: a Python loop of a jitted gradient at batch size 1 (+ its norm), with JAX's
     asynchronous dispatch (the fastest form of that loop);
+  - the reference code itself, in PyTorch, when torch is importable (`--torch-site`): AL-GradNorm's
+    `get_uncertainty` (batch size 1, `model.eval()`, entropy of the posterior, `zero_grad`, backward, the sum
+    of `p.grad.norm()` over the parameters) on the torch twin of the same model with jaxal's weights
+    (`experiments/torch_reference.py`). Before timing, the torch and jaxal scores of a few samples are
+    compared (float32 tolerance), so the two time the same computation;
   - a batched backward pass of the mean loss over the same samples, in batches of the engine's chunk size
     (on CPU, XLA's convolutions slow down per sample in large batches): the floor that no per-example
     method beats by much.
-Times are the best of `--repeats` runs after a compiling run. Memory: the temporary buffers of each
-compiled program (XLA's memory analysis, per method) and the process's peak RSS at the end.
-The last line printed is one JSON object of ratios (speedups > 1 are good; costs < 1 are good).
-(No PyTorch reference: torch is not a dependency, and the JAX bs-1 loop is the same method.)
+Times are the best of `--repeats` runs after a first run (compiling, for JAX), the repeats of all methods
+interleaved so that load from other processes hits them alike; the two loops are timed on `--loop-n`
+samples and scaled to the pool. Memory: the temporary buffers of each compiled JAX program (XLA's memory
+analysis, per method) and the process's peak RSS at the end.
+The last line printed is one JSON object of ratios (speedups > 1 are good; costs < 1 are good); the torch
+keys are null when torch was skipped.
 
     python experiments/bench_gradnorm.py            # defaults: a few minutes on 2 CPU cores
     python experiments/bench_gradnorm.py --quick    # about a minute
+    python experiments/bench_gradnorm.py --torch-site /path/to/venv/lib/python3.11/site-packages
+
+torch is not a dependency of jaxal: install it into a separate virtualenv (e.g. `python -m venv /tmp/tv &&
+/tmp/tv/bin/pip install torch`) and pass that venv's site-packages with `--torch-site`; it is appended to
+`sys.path`. On a CUDA machine the torch loop runs on the GPU.
 """
 
 from __future__ import annotations
@@ -26,13 +40,16 @@ import resource
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxal import gradnorm
 from jaxal.models import create_model, inference_apply, init_variables
-from jaxal.pytree import tree_norm, tree_size
-from timing import best_time
+from jaxal.pytree import tree_size
+from timing import import_torch_reference, time_runs
 
 BENCHES = {"digits_cnn": ("cnn", (8, 8, 1)), "resnet18": ("resnet18", (32, 32, 3))}
+CHECK_SAMPLES = 8
+CHECK_RTOL = 1e-4  # float32: the two frameworks sum in different orders
 
 
 def temp_mib(jitted, *args, **kwargs) -> float:
@@ -40,7 +57,26 @@ def temp_mib(jitted, *args, **kwargs) -> float:
     return float("nan") if analysis is None else analysis.temp_size_in_bytes / 2**20
 
 
-def bench(name: str, n: int, repeats: int, chunk_size: int | None, loop_n: int) -> dict:
+def layer_sum_norm(grads) -> jax.Array:
+    return sum(jnp.linalg.norm(g) for g in jax.tree.leaves(grads))
+
+
+def check_torch(reference, torch_model, engine_norms, xs) -> float:
+    """Largest relative difference between the torch reference's scores and jaxal's (per engine) on the
+    first samples of `xs`; raises when it exceeds float32 tolerance (the timings would not compare the same
+    work)."""
+    torch_scores = reference.gradnorm_scores(torch_model, reference.images(xs)).numpy()
+    worst = 0.0
+    for method, norms in engine_norms.items():
+        err = float(np.max(np.abs(torch_scores - np.asarray(norms)) / np.abs(np.asarray(norms))))
+        if not err <= CHECK_RTOL:
+            raise RuntimeError(f"torch and jaxal ({method}) scores differ by {err:.2e} (relative) on {len(xs)} "
+                               f"samples: torch {torch_scores}, jaxal {np.asarray(norms)}")
+        worst = max(worst, err)
+    return worst
+
+
+def bench(name: str, n: int, repeats: int, chunk_size: int | None, loop_n: int, reference) -> dict:
     arch, shape = BENCHES[name]
     model = create_model(arch, 10)
     variables = init_variables(model, jax.random.key(0), shape)
@@ -48,24 +84,34 @@ def bench(name: str, n: int, repeats: int, chunk_size: int | None, loop_n: int) 
     loss_fn = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]), gradnorm.entropy_loss)
     xs = jax.random.normal(jax.random.key(1), (n, *shape))
 
-    grad_norm_1 = jax.jit(lambda p, x: tree_norm(jax.grad(loss_fn)(p, x)))  # the reference, one example
+    grad_norm_1 = jax.jit(lambda p, x: layer_sum_norm(jax.grad(loss_fn)(p, x)))  # the reference, one example
     batched = jax.jit(jax.grad(lambda p, x: jnp.mean(loss_fn.batch_losses(p, x))))
     loop_xs = xs[:loop_n]
 
-    def engine(method):
-        return lambda: gradnorm.per_example_grad_norms(loss_fn, params, xs, method=method, chunk_size=chunk_size)
+    def engine(method, pool=xs):
+        return lambda: gradnorm.per_example_grad_norms(loss_fn, params, pool, norm="layer_sum", method=method,
+                                                       chunk_size=chunk_size)
 
     size = min(chunk_size or n, n)  # a pool smaller than one chunk is one chunk
     chunks = [xs[i:i + size] for i in range(0, n - size + 1, size)]  # whole chunks; the engine pads the last
-    seconds = {
-        # backward passes over the whole chunks at the engine's chunk size, scaled to n samples
-        "batched_backward": best_time(lambda: [batched(params, c) for c in chunks], repeats)
-        * n / (len(chunks) * size),
-        "vmap": best_time(engine("vmap"), repeats),
-        "ghost": best_time(engine("ghost"), repeats),
-        # The loop is timed on up to loop_n examples and reported per sample.
-        "loop_bs1": best_time(lambda: [grad_norm_1(params, x) for x in loop_xs], repeats) * n / len(loop_xs),
+    fns = {
+        "batched_backward": lambda: [batched(params, c) for c in chunks],
+        "vmap": engine("vmap"),
+        "ghost": engine("ghost"),
+        "loop_bs1": lambda: [grad_norm_1(params, x) for x in loop_xs],
     }
+    check_err = None
+    if reference is not None:
+        torch_model = reference.twin(arch, variables, shape)
+        check_xs = xs[:min(CHECK_SAMPLES, n)]
+        check_err = check_torch(reference, torch_model, {m: engine(m, check_xs)() for m in ("vmap", "ghost")},
+                                check_xs)
+        torch_xs = reference.images(loop_xs)
+        fns["torch_bs1"] = lambda: reference.gradnorm_scores(torch_model, torch_xs)
+    best = {k: t.best for k, t in time_runs(fns, repeats).items()}
+    # Scaled to n samples: the batched backward runs over whole chunks, the loops over loop_n samples.
+    scale = {"batched_backward": n / (len(chunks) * size), "loop_bs1": n / len(loop_xs), "torch_bs1": n / len(loop_xs)}
+    seconds = {k: v * scale.get(k, 1.0) for k, v in best.items()}
     chunk = chunks[0]
     mib = {
         "batched_backward": temp_mib(batched, params, chunk),
@@ -74,31 +120,45 @@ def bench(name: str, n: int, repeats: int, chunk_size: int | None, loop_n: int) 
         "loop_bs1": temp_mib(grad_norm_1, params, xs[0]),
     }
     print(f"\n{name}: N={n}, {tree_size(params)} parameters, chunk_size={chunk_size}, "
-          f"loop timed on {len(loop_xs)} samples")
-    print(f"  {'method':<18}{'samples/s':>12}{'x loop':>10}{'x batched bwd time':>20}{'temp MiB':>12}")
+          f"loops timed on {len(loop_xs)} samples")
+    if check_err is not None:
+        print(f"  checked: torch reference and jaxal (vmap, ghost) scores of {len(check_xs)} samples agree to "
+              f"{check_err:.1e} relative (tolerance {CHECK_RTOL:g})")
+    torch_col = "torch_bs1" in seconds
+    print(f"  {'method':<18}{'samples/s':>12}{'x loop':>10}" + (f"{'x torch':>10}" if torch_col else "")
+          + f"{'x batched bwd time':>20}{'temp MiB':>12}")
     for method, sec in seconds.items():
-        print(f"  {method:<18}{n / sec:>12.1f}{seconds['loop_bs1'] / sec:>10.2f}"
-              f"{sec / seconds['batched_backward']:>20.2f}{mib[method]:>12.1f}")
-    return seconds
+        vs_torch = f"{seconds['torch_bs1'] / sec:>10.2f}" if torch_col else ""
+        temp = f"{mib[method]:>12.1f}" if method in mib else f"{'-':>12}"
+        print(f"  {method:<18}{n / sec:>12.1f}{seconds['loop_bs1'] / sec:>10.2f}{vs_torch}"
+              f"{sec / seconds['batched_backward']:>20.2f}{temp}")
+    return {"seconds": seconds, "check_err": check_err}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resnet-n", type=int, default=64, help="examples scored with ResNet-18")
     parser.add_argument("--cnn-n", type=int, default=1797, help="examples scored with the digits CNN")
-    parser.add_argument("--loop-n", type=int, default=256, help="at most this many examples in the bs-1 loop")
+    parser.add_argument("--loop-n", type=int, default=256, help="at most this many examples in the bs-1 loops")
     parser.add_argument("--chunk-size", type=int, default=64,
                         help="engine and batched-backward chunk size (0: all examples at once)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--torch-site", default=None,
+                        help="a site-packages directory holding torch, appended to sys.path (see the docstring)")
     args = parser.parse_args(argv)
     if args.quick:
         args.resnet_n, args.cnn_n, args.loop_n, args.repeats = 32, 512, 64, 1
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+    reference = import_torch_reference(args.torch_site, args.no_torch)
+    if reference is not None:
+        print(f"PyTorch reference: {reference.describe()}")
 
     ratios = {}
     for name, n in (("digits_cnn", args.cnn_n), ("resnet18", args.resnet_n)):
-        sec = bench(name, n, args.repeats, args.chunk_size or None, min(args.loop_n, n))
+        result = bench(name, n, args.repeats, args.chunk_size or None, min(args.loop_n, n), reference)
+        sec = result["seconds"]
         best = min(("vmap", "ghost"), key=sec.get)
         for method in ("vmap", "ghost"):
             ratios[f"{name}_{method}_speedup_vs_loop"] = round(sec["loop_bs1"] / sec[method], 3)
@@ -106,9 +166,18 @@ def main(argv=None) -> dict:
         ratios[f"{name}_best_method"] = best
         ratios[f"{name}_speedup_vs_loop"] = ratios[f"{name}_{best}_speedup_vs_loop"]
         ratios[f"{name}_cost_vs_batched_backward"] = ratios[f"{name}_{best}_cost_vs_batched_backward"]
+        torch_sec = sec.get("torch_bs1")
+        for method in ("vmap", "ghost", "loop_bs1"):
+            key = "jax_loop" if method == "loop_bs1" else method
+            ratios[f"{name}_{key}_speedup_vs_torch"] = None if torch_sec is None else round(torch_sec / sec[method], 3)
+        ratios[f"{name}_speedup_vs_torch"] = ratios[f"{name}_{best}_speedup_vs_torch"]
+        ratios[f"{name}_torch_samples_per_s"] = None if torch_sec is None else round(n / torch_sec, 1)
+        ratios[f"{name}_torch_check_max_rel_err"] = (None if result["check_err"] is None
+                                                     else float(f"{result['check_err']:.2e}"))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
     print(f"\npeak RSS of this process: {rss:.0f} MiB")
     ratios["peak_rss_mib"] = round(rss)
+    ratios["torch"] = None if reference is None else reference.describe()
     print(json.dumps(ratios))
     return ratios
 

@@ -10,25 +10,40 @@ loss, it times:
     at batch size 1;
   - a full ISAL `s_test` with the defaults (depth 250, 4 chains, damping 0.01, scale 1e4, batch 1) on
     the digits models; on ResNet-18 extrapolated from the measured step time (1000 steps).
+When torch is importable (`--torch-site`), ISAL's released code itself (dragonlzm/ISAL, classification/src/
+utils.py; `experiments/torch_reference.py`) is timed on the torch twin of the same model holding jaxal's
+weights, in eval mode, on the same inputs and the same parameters (rank > 1):
+  - its influence loop, one unlabelled example at a time: the gradient of the cross-entropy at the
+    pseudo-label, flattened, dotted with s_test, moved to the host (vs jaxal's one jvp per chunk);
+  - its s_test step: a double-backprop Hessian-vector product on one labelled example and the update
+    `h = v + (1 - damp) h - Hv / scale` with its per-tensor NaN test (vs jaxal's LiSSA step).
+Before timing, the torch and jaxal Hessian-vector products on one labelled example and the scores of a
+few pool examples are compared (float32 tolerance), so both time the same computation. The MLP has no
+torch twin.
 The MLP on flattened digits is a control without convolutions. On XLA:CPU, convolutions inside a
 while loop (the LiSSA scan) whose dimension numbers are not NHWC/HWIO -- the input- and weight-
 gradient convolutions of the backward pass -- miss the Eigen fast path, because the CPU pass that
 canonicalises them (xla/service/cpu/conv_canonicalization.cc) visits only the entry computation;
 `jaxal.influence` rewrites them in the loop bodies (see `_canonical_convs`), without which a LiSSA
 step cost 2.7x (digits CNN) and 3.5-5x (ResNet-18) an hvp call on this CPU.
-Compilation is excluded (each function runs once before timing) and reported separately.
-The LAST line printed is one JSON object with the ratios.
+Compilation is excluded (each function runs once before timing) and reported separately; the repeats of
+what is compared are interleaved, so that load from other processes hits both alike.
+The LAST line printed is one JSON object with the ratios (the torch keys only where torch ran, and
+"torch": null when it did not).
 
     python experiments/bench_influence.py            # a few minutes on 2 CPU cores
     python experiments/bench_influence.py --quick    # smaller sizes
     python experiments/bench_influence.py --models cnn
+    python experiments/bench_influence.py --torch-site /path/to/venv/lib/python3.11/site-packages
+
+torch is not a dependency of jaxal: install it into a separate virtualenv and pass that venv's
+site-packages with `--torch-site` (appended to `sys.path`). On a CUDA machine the torch code runs on the GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,29 +52,59 @@ import numpy as np
 from jaxal import influence
 from jaxal.models import create_model, inference_apply, init_variables
 from jaxal.pytree import restrict, tree_dot
+from timing import import_torch_reference, time_runs
 
 SHAPES = {"mlp": (8, 8, 1), "cnn": (8, 8, 1), "resnet18": (32, 32, 3)}
 KEYS = {"mlp": "digits_mlp", "cnn": "digits_cnn", "resnet18": "resnet18"}
+TORCH_TWINS = ("cnn", "resnet18")
+CHECK_SAMPLES = 8
+CHECK_RTOL = 1e-4  # float32: the two frameworks sum in different orders
+
+hvp = jax.jit(influence.hvp, static_argnums=0)
 
 
-def block(tree):
-    return jax.block_until_ready(tree)
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
-def timed(fn, reps):
-    """(compile + first run seconds, best of `reps` seconds) of `fn()`, blocking on its result."""
-    start = time.perf_counter()
-    block(fn())
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        block(fn())
-        best = min(best, time.perf_counter() - start)
-    return first, best
+class TorchISAL:
+    """ISAL's reference code on the torch twin of a jaxal model, with a jaxal vector `s` (over the "weights"
+    subset) as its s_test / LiSSA vector; `check` compares it with jaxal before anything is timed."""
+
+    def __init__(self, reference, name, variables, shape, s):
+        self.reference, self.name, self.shape = reference, name, shape
+        self.model = reference.twin(name, variables, shape)
+        self.names, self.params = reference.weight_parameters(self.model)
+        self.s = self.vector(s)
+        self.s_flat = reference.flat(self.s)
+
+    def vector(self, tree) -> list:
+        """A jaxal pytree over the "weights" subset as torch tensors in the order of `self.params`."""
+        state = self.reference.torch_state(self.name, tree, self.shape)
+        if set(state) != set(self.names):
+            raise ValueError(f"jaxal's 'weights' subset and ISAL's rank > 1 parameters differ: "
+                             f"{sorted(set(state) ^ set(self.names))}")
+        return self.reference.tensors(state, self.names)
+
+    def check(self, loss_fn, params, s, one, pseudo_loss, pool, chunk) -> dict:
+        """Relative differences (torch vs jaxal) of the HVP on one labelled example and of the scores of
+        the first pool examples; raises beyond float32 tolerance."""
+        r = self.reference
+        loss = r.labelled_loss(self.model, r.images(one[0]), r.labels(one[1]))
+        torch_hv = r.flat(r.hessian_vector_product(loss, self.params, self.s)).cpu().numpy()
+        jax_hv = r.flat(self.vector(hvp(loss_fn, params, one, s))).cpu().numpy()
+        xs = pool[:CHECK_SAMPLES]
+        torch_scores = r.influence_scores(self.model, self.params, self.s_flat, r.images(xs))
+        jax_scores = np.asarray(influence.influence_scores(pseudo_loss, params, xs, s, chunk_size=chunk))
+        errors = {"hvp": relative_error(torch_hv, jax_hv), "scores": relative_error(torch_scores, jax_scores)}
+        for what, err in errors.items():
+            if not err <= CHECK_RTOL:
+                raise RuntimeError(f"torch (ISAL's code) and jaxal {what} differ by {err:.2e} (relative to the "
+                                   f"largest entry) on {self.name}")
+        return errors
 
 
-def bench_model(name, args, results):
+def bench_model(name, args, reference, results):
     shape = SHAPES[name]
     sizes = args.sizes[name]
     model = create_model(name, 10)
@@ -78,65 +123,87 @@ def bench_model(name, args, results):
     s = influence._normal_like(jax.random.key(1), params)
     chunk = sizes["chunk"]
     n_pool = sizes["pool"]
+    n_loop = sizes["loop"]
+    depth = sizes["lissa_depth"]
+    one = jax.tree.map(lambda a: a[:1], labelled)
+    key = KEYS[name]
     print(f"\n== {name}: input {shape}, {sum(x.size for x in jax.tree.leaves(params)):,} weights "
-          f"(subset 'weights'), pool {n_pool}, chunk {chunk}, loop {sizes['loop']}, reps {args.reps}")
+          f"(subset 'weights'), pool {n_pool}, chunk {chunk}, loop {n_loop}, reps {args.reps}")
+
+    isal = None
+    if reference is not None and name in TORCH_TWINS:
+        isal = TorchISAL(reference, name, variables, shape, s)
+        errors = isal.check(loss_fn, params, s, one, pseudo_loss, pool, chunk)
+        print(f"checked: ISAL's torch code and jaxal agree on the HVP of one labelled example ({errors['hvp']:.1e}) "
+              f"and the scores of {CHECK_SAMPLES} pool examples ({errors['scores']:.1e}), relative to the largest "
+              f"entry (tolerance {CHECK_RTOL:g})")
+        results[f"{key}_torch_check_max_rel_err"] = max(errors.values())
+    elif reference is not None:
+        print("(no torch twin of this model: torch not timed)")
 
     # Pool scoring.
-    first, t_jvp = timed(lambda: influence.influence_scores(pseudo_loss, params, pool, s, chunk_size=chunk), args.reps)
     forward = jax.jit(lambda p, xs: apply(p, xs).logits)
-
-    def forward_pool():
-        return [forward(full_params, pool[i:i + chunk]) for i in range(0, n_pool, chunk)]
-
-    first_fwd, t_fwd = timed(forward_pool, args.reps)
     grad_dot = jax.jit(lambda p, x, s: tree_dot(s, jax.grad(pseudo_loss)(p, x)))
-    n_loop = sizes["loop"]
+    timings = time_runs({
+        "jvp": lambda: influence.influence_scores(pseudo_loss, params, pool, s, chunk_size=chunk),
+        "forward": lambda: [forward(full_params, pool[i:i + chunk]) for i in range(0, n_pool, chunk)],
+    }, args.reps)
+    loops = {"loop": lambda: [grad_dot(params, pool[i], s) for i in range(n_loop)]}
+    if isal is not None:
+        torch_pool = reference.images(pool[:n_loop])
+        loops["torch"] = lambda: reference.influence_scores(isal.model, isal.params, isal.s_flat, torch_pool)
+    timings.update(time_runs(loops, max(1, args.reps // 2)))
+    rate = {k: (n_loop if k in loops else n_pool) / t.best for k, t in timings.items()}
+    for what, label in (("jvp", "influence_scores (jvp):"), ("forward", "inference forward (floor):"),
+                        ("loop", "per-example grad+dot loop:")):
+        print(f"{label:<29}{rate[what]:10.1f} samples/s   (compile+first {timings[what].first:.1f}s)")
+    results[f"{key}_speedup_vs_loop"] = rate["jvp"] / rate["loop"]
+    results[f"{key}_cost_vs_inference_forward"] = rate["forward"] / rate["jvp"]
+    if isal is not None:
+        print(f"ISAL's torch loop ({reference.DEVICE}):  {rate['torch']:10.1f} samples/s   -> jaxal jvp is "
+              f"{rate['jvp'] / rate['torch']:.1f}x faster, the JAX loop {rate['loop'] / rate['torch']:.1f}x")
+        results[f"{key}_torch_scoring_samples_per_s"] = rate["torch"]
+        results[f"{key}_scoring_speedup_vs_torch"] = rate["jvp"] / rate["torch"]
+        results[f"{key}_jax_loop_speedup_vs_torch"] = rate["loop"] / rate["torch"]
 
-    def loop():
-        return [grad_dot(params, pool[i], s) for i in range(n_loop)]
-
-    first_loop, t_loop = timed(loop, max(1, args.reps // 2))
-    rate_jvp, rate_fwd, rate_loop = n_pool / t_jvp, n_pool / t_fwd, n_loop / t_loop
-    print(f"influence_scores (jvp):      {rate_jvp:10.1f} samples/s   (compile+first {first:.1f}s)")
-    print(f"inference forward (floor):   {rate_fwd:10.1f} samples/s   (compile+first {first_fwd:.1f}s)")
-    print(f"per-example grad+dot loop:   {rate_loop:10.1f} samples/s   (compile+first {first_loop:.1f}s)")
-    key = KEYS[name]
-    results[f"{key}_speedup_vs_loop"] = rate_jvp / rate_loop
-    results[f"{key}_cost_vs_inference_forward"] = rate_fwd / rate_jvp
-
-    # One LiSSA step vs one hvp call, batch size 1.
-    one = jax.tree.map(lambda a: a[:1], labelled)
-    hvp = jax.jit(influence.hvp, static_argnums=0)
+    # One LiSSA step vs one hvp call, batch size 1 (and ISAL's torch step).
     n_hvp = sizes["hvp_calls"]
-
-    def hvp_calls():
-        return [hvp(loss_fn, params, one, s) for _ in range(n_hvp)]
-
-    first_hvp, t_hvp = timed(hvp_calls, args.reps)
-    t_hvp /= n_hvp
-    depth = sizes["lissa_depth"]
+    t_hvp = time_runs({"hvp": lambda: [hvp(loss_fn, params, one, s) for _ in range(n_hvp)]}, args.reps)["hvp"]
 
     def lissa(d, r):
         return influence.lissa(loss_fn, params, labelled, s, rng=jax.random.key(0), depth=d, repeats=r,
                                batch_size=1, return_diagnostics=True)
 
-    first_lissa, t_lissa = timed(lambda: lissa(depth, 1), sizes["lissa_reps"])
-    t_step = t_lissa / depth
-    print(f"hvp call (batch 1):          {1e3 * t_hvp:10.3f} ms          (compile+first {first_hvp:.1f}s)")
-    print(f"LiSSA step (depth {depth}):     {1e3 * t_step:10.3f} ms          (compile+first {first_lissa:.1f}s)")
-    results[f"{key}_lissa_step_vs_hvp"] = t_step / t_hvp
+    steps = {"lissa": lambda: lissa(depth, 1)}
+    if isal is not None:
+        torch_xs, torch_ys = reference.images(labelled[0][:depth]), reference.labels(labelled[1][:depth])
+        steps["torch"] = lambda: reference.lissa_steps(isal.model, isal.params, isal.s, torch_xs, torch_ys)
+    t_steps = time_runs(steps, sizes["lissa_reps"])
+    hvp_ms, step = 1e3 * t_hvp.best / n_hvp, {k: t.best / depth for k, t in t_steps.items()}
+    print(f"hvp call (batch 1):          {hvp_ms:10.3f} ms          (compile+first {t_hvp.first:.1f}s)")
+    print(f"LiSSA step (depth {depth}):     {1e3 * step['lissa']:10.3f} ms          "
+          f"(compile+first {t_steps['lissa'].first:.1f}s)")
+    results[f"{key}_lissa_step_vs_hvp"] = 1e3 * step["lissa"] / hvp_ms
+    if isal is not None:
+        print(f"ISAL's torch step ({reference.DEVICE}):  {1e3 * step['torch']:10.3f} ms          "
+              f"-> jaxal's LiSSA step is {step['torch'] / step['lissa']:.1f}x faster")
+        results[f"{key}_torch_lissa_step_ms"] = 1e3 * step["torch"]
+        results[f"{key}_lissa_step_speedup_vs_torch"] = step["torch"] / step["lissa"]
+        results[f"{key}_torch_isal_s_test_seconds_extrapolated"] = 1000 * step["torch"]
 
     # ISAL's s_test with the defaults (4 chains x 250 steps, damping 0.01, scale 1e4, batch size 1).
     if sizes["isal"]:
-        first_isal, t_isal = timed(lambda: lissa(250, 4), 1)
+        t_isal = time_runs({"isal": lambda: lissa(250, 4)}, 1)["isal"]
         result = lissa(250, 4)
-        print(f"ISAL s_test, defaults (4 x 250 steps): {t_isal:.2f} s  (compile+first {first_isal:.1f}s); "
+        print(f"ISAL s_test, defaults (4 x 250 steps): {t_isal.best:.2f} s  (compile+first {t_isal.first:.1f}s); "
               f"cosine(s_test, v) = {float(result.cosine_to_v):.6f}")
-        results[f"{key}_isal_s_test_seconds"] = t_isal
+        results[f"{key}_isal_s_test_seconds"] = t_isal.best
     else:
-        print(f"ISAL s_test, defaults (4 x 250 steps), extrapolated from the step time: {1000 * t_step:.1f} s "
-              f"(at hvp-call speed it would be {1000 * t_hvp:.1f} s)")
-        results[f"{key}_isal_s_test_seconds_extrapolated"] = 1000 * t_step
+        print(f"ISAL s_test, defaults (4 x 250 steps), extrapolated from the step time: {1000 * step['lissa']:.1f} s "
+              f"(at hvp-call speed it would be {hvp_ms:.1f} s)")
+        results[f"{key}_isal_s_test_seconds_extrapolated"] = 1000 * step["lissa"]
+    if isal is not None:
+        print(f"ISAL's torch s_test, extrapolated from its step time: {1000 * step['torch']:.1f} s")
 
 
 def main():
@@ -145,6 +212,9 @@ def main():
                         help="mlp (no convolutions) is the control for the LiSSA-step ratio")
     parser.add_argument("--quick", action="store_true", help="smaller pools, fewer loop examples and steps")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-torch", action="store_true", help="skip ISAL's PyTorch code")
+    parser.add_argument("--torch-site", default=None,
+                        help="a site-packages directory holding torch, appended to sys.path (see the docstring)")
     args = parser.parse_args()
     q = args.quick
     args.sizes = {
@@ -156,13 +226,18 @@ def main():
                          hvp_calls=5 if q else 10, lissa_depth=5 if q else 10, lissa_reps=1, isal=False),
     }
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)), float32")
+    reference = import_torch_reference(args.torch_site, args.no_torch)
+    if reference is not None:
+        print(f"PyTorch: ISAL's code timed with {reference.describe()}")
     results = {}
     for name in args.models.split(","):
-        bench_model(name.strip(), args, results)
+        bench_model(name.strip(), args, reference, results)
     steps = [v for k, v in results.items() if k.endswith("lissa_step_vs_hvp")]
     if steps:
         results["lissa_step_vs_hvp_worst"] = max(steps)
-    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+    summary = {k: float(f"{v:.3g}") if k.endswith("rel_err") else round(v, 4) for k, v in results.items()}
+    summary["torch"] = None if reference is None else reference.describe()
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

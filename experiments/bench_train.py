@@ -23,10 +23,12 @@ device-resident pool come from the host, a fresh RNG key is split off per step, 
 
 Each benchmark is compiled and warmed up first, then `--repeats` timings of `--steps` steps
 (`jax.block_until_ready` at the end of each); the median is reported. When PyTorch can be imported,
-the same ResNet-18 step (kuangliu/pytorch-cifar's ResNet18, SGD lr 0.1 momentum 0.9 weight decay
-5e-4, random crop + flip on tensors, batch 128) is timed in the same process, its repeats interleaved
-with jaxal's so that load from other processes hits both alike, with `torch.set_num_threads` equal to
-the number of usable cores. Timings are a ratio measured in one run; nothing here is asserted.
+the same ResNet-18 step (kuangliu/pytorch-cifar's ResNet18 from `experiments/torch_reference.py`, SGD
+lr 0.1 momentum 0.9 weight decay 5e-4, random crop + flip on tensors, batch 128) is timed in the same
+process, its repeats interleaved with jaxal's so that load from other processes hits both alike, on
+CUDA when available, else with `torch.set_num_threads` equal to the number of usable cores (and
+OpenMP threads that sleep while waiting; see torch_reference). Timings are a ratio measured in one
+run; nothing here is asserted.
 
 The last line printed is one JSON object with the numbers (the speedup is null without PyTorch).
 
@@ -41,10 +43,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -53,15 +53,9 @@ import numpy as np
 
 from jaxal.models import create_model
 from jaxal.train import TrainOptions, create_train_state, train_step
+from timing import import_torch_reference, num_cores
 
 POOL_SIZE = 2048  # device-resident pool the batches are drawn from
-
-
-def num_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # ---- jaxal ----------------------------------------------------------------------------------------
@@ -97,91 +91,41 @@ class JaxalStep:
 # ---- PyTorch (optional) ---------------------------------------------------------------------------
 
 
-def torch_resnet18_step(batch_size: int, num_classes: int = 10, padding: int = 4, seed: int = 0):
-    """The same step in PyTorch, or None when torch is not importable."""
-    try:
-        import torch
-        import torch.nn as tnn
-        import torch.nn.functional as F
-    except ImportError:
-        return None
-
-    torch.set_num_threads(num_cores())
+def torch_resnet18_step(reference, batch_size: int, num_classes: int = 10, padding: int = 4, seed: int = 0):
+    """The same step in PyTorch on `reference.DEVICE` (`reference`: the experiments' torch_reference module):
+    `run(steps)` takes `steps` SGD steps and waits for them."""
+    torch, F = reference.torch, reference.F
+    device = reference.DEVICE
     torch.manual_seed(seed)
-
-    class BasicBlock(tnn.Module):  # kuangliu/pytorch-cifar models/resnet.py
-        expansion = 1
-
-        def __init__(self, in_planes, planes, stride=1):
-            super().__init__()
-            self.conv1 = tnn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(planes)
-            self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = tnn.BatchNorm2d(planes)
-            self.shortcut = tnn.Sequential()
-            if stride != 1 or in_planes != planes:
-                self.shortcut = tnn.Sequential(tnn.Conv2d(in_planes, planes, 1, stride, bias=False),
-                                               tnn.BatchNorm2d(planes))
-
-        def forward(self, x):
-            out = F.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return F.relu(out + self.shortcut(x))
-
-    class ResNet18(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.in_planes = 64
-            self.conv1 = tnn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(64)
-            self.layer1 = self._make_layer(64, 2, 1)
-            self.layer2 = self._make_layer(128, 2, 2)
-            self.layer3 = self._make_layer(256, 2, 2)
-            self.layer4 = self._make_layer(512, 2, 2)
-            self.linear = tnn.Linear(512, num_classes)
-
-        def _make_layer(self, planes, num_blocks, stride):
-            layers = []
-            for s in [stride] + [1] * (num_blocks - 1):
-                layers.append(BasicBlock(self.in_planes, planes, s))
-                self.in_planes = planes
-            return tnn.Sequential(*layers)
-
-        def forward(self, x):
-            out = F.relu(self.bn1(self.conv1(x)))
-            out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-            out = F.avg_pool2d(out, 4).flatten(1)
-            return self.linear(out)
-
-    model = ResNet18().train()
+    model = reference.ResNet18(num_classes).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    images = torch.randn(POOL_SIZE, 3, 32, 32)
-    labels = torch.randint(0, num_classes, (POOL_SIZE,))
-    channel = torch.arange(3)[None, :, None, None]
-    offsets = torch.arange(32)
+    images = torch.randn(POOL_SIZE, 3, 32, 32, device=device)
+    labels = torch.randint(0, num_classes, (POOL_SIZE,), device=device)
+    channel = torch.arange(3, device=device)[None, :, None, None]
+    offsets = torch.arange(32, device=device)
 
     def augment(x):
         """Random crop (zero padding) and horizontal flip, independent per example, on tensors."""
         n = x.shape[0]
         padded = F.pad(x, (padding,) * 4)
-        dy, dx = torch.randint(0, 2 * padding + 1, (2, n))
+        dy, dx = torch.randint(0, 2 * padding + 1, (2, n), device=device)
         rows = (dy[:, None] + offsets)[:, None, :, None]
         cols = (dx[:, None] + offsets)[:, None, None, :]
-        x = padded[torch.arange(n)[:, None, None, None], channel, rows, cols]
-        flip = torch.rand(n) < 0.5
+        x = padded[torch.arange(n, device=device)[:, None, None, None], channel, rows, cols]
+        flip = torch.rand(n, device=device) < 0.5
         return torch.where(flip[:, None, None, None], x.flip(3), x)
 
     def run(steps: int) -> None:
         for _ in range(steps):
-            batch = torch.randperm(POOL_SIZE)[:batch_size]
+            batch = torch.randperm(POOL_SIZE, device=device)[:batch_size]
             x, y = augment(images[batch]), labels[batch]
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
-        loss.item()
+        loss.item()  # waits for the device
 
-    return run, torch.__version__
+    return run, reference.describe()
 
 
 # ---- timing ---------------------------------------------------------------------------------------
@@ -224,9 +168,6 @@ def main(argv=None) -> dict:
     steps = args.steps or (1 if args.quick else 3)
     repeats = args.repeats or (2 if args.quick else 3)
     digits_steps = 50 * steps
-    if args.torch_site:
-        sys.path.append(args.torch_site)
-
     cores = num_cores()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
           f"{cores} usable cores, {platform.processor() or platform.machine()}; "
@@ -244,7 +185,8 @@ def main(argv=None) -> dict:
     # ResNet-18, batch 128, with PyTorch interleaved when available.
     batch_size = 128
     bench = JaxalStep("resnet18", (32, 32, 3), batch_size, "crop_flip", 4)
-    torch_bench = None if args.no_torch else torch_resnet18_step(batch_size)
+    reference = import_torch_reference(args.torch_site, args.no_torch)
+    torch_bench = None if reference is None else torch_resnet18_step(reference, batch_size)
     jax_warmup = warm_up(bench.run)
     if torch_bench is not None:
         torch_run, torch_version = torch_bench
@@ -257,11 +199,11 @@ def main(argv=None) -> dict:
     results["resnet18"] = report("jaxal ResNet-18 crop_flip", batch_size, jax_rates, jax_warmup)
     speedup = None
     if torch_bench is not None:
-        results["torch_resnet18"] = report(f"torch {torch_version} ResNet-18", batch_size, torch_rates, torch_warmup)
+        results["torch_resnet18"] = report("torch ResNet-18", batch_size, torch_rates, torch_warmup)
         speedup = results["resnet18"] / results["torch_resnet18"]
-        print(f"  ResNet-18 jaxal/torch: {speedup:.2f}x (torch threads: {cores})")
+        print(f"  ResNet-18 jaxal/torch: {speedup:.2f}x ({torch_version})")
     else:
-        print("  PyTorch: not importable (or --no-torch); no comparison")
+        print("  PyTorch: skipped; no comparison")
 
     summary = {
         "resnet18_train_samples_per_s": round(results["resnet18"], 1),

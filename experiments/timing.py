@@ -1,17 +1,66 @@
-"""Timing shared by the benchmarks (run as `python experiments/bench_*.py`, so this imports as `timing`)."""
+"""Timing shared by the benchmarks (run as `python experiments/bench_*.py`, so this imports as `timing`),
+and the optional import of the PyTorch references (`torch_reference`), which torch-free runs never load."""
 
+from __future__ import annotations
+
+import os
+import sys
 import time
+from typing import Callable, NamedTuple
 
 
-def best_time(fn, repeats: int) -> float:
-    """Best wall time of `fn()` over `repeats` runs after a first, compiling run, waiting for the device.
-    JAX is imported here, not at module level: bench_parallel sets its fake devices before JAX starts."""
+class Timing(NamedTuple):
+    first: float  # seconds of the first run (for jitted code: compilation included)
+    best: float  # best of the timed runs
+
+
+def time_runs(fns: dict[str, Callable], repeats: int) -> dict[str, Timing]:
+    """First-run and best wall time of each `fn()` over `repeats` runs, waiting for the device
+    (`jax.block_until_ready` on the result; a torch function synchronises before it returns). The repeats
+    are interleaved, one round of every function at a time, so that load from other processes on a shared
+    machine hits all of them alike. JAX is imported here, not at module level: bench_parallel sets its
+    fake devices before JAX starts."""
     import jax
 
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
+    def run(fn) -> float:
         start = time.perf_counter()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
+        return time.perf_counter() - start
+
+    first = {name: run(fn) for name, fn in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], run(fn))
+    return {name: Timing(first[name], best[name]) for name in fns}
+
+
+def best_time(fn: Callable, repeats: int) -> float:
+    """Best wall time of `fn()` over `repeats` runs after a first, compiling run, waiting for the device."""
+    return time_runs({"fn": fn}, repeats)["fn"].best
+
+
+def num_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def import_torch_reference(torch_site: str | None, skip: bool = False):
+    """The `torch_reference` module (PyTorch twins of jaxal's models and the reference codes' scoring
+    loops), or None when `skip` or when torch cannot be imported; says which. `torch_site`, a
+    site-packages directory holding torch, is appended to `sys.path` (after the project's own packages,
+    so torch's dependencies never shadow them)."""
+    if skip:
+        print("PyTorch: skipped (--no-torch)")
+        return None
+    if torch_site:
+        sys.path.append(torch_site)
+    try:
+        import torch_reference
+    except ImportError as error:
+        print(f"PyTorch: not importable ({error}); the torch comparison is skipped "
+              "(see --torch-site in the module docstring)")
+        return None
+    return torch_reference
