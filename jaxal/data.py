@@ -47,7 +47,6 @@ DATASETS: tuple[str, ...] = (
 )
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # transforms.Normalize of kuangliu/pytorch-cifar, which the reference codes of Wang et al., LL4AL,
@@ -151,7 +150,9 @@ def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
         return _from_arrays(name, x_train, y_train, x_test, y_test, 10, 1 / 16, "none", "cnn", image_size)
     if name in _TFDS:
         return _load_tfds(name, data_dir, image_size, download)
-    if os.path.isdir(name) or name.endswith(ARCHIVE_SUFFIXES):
+    from jaxal import folders
+
+    if folders.is_image_source(name):
         return _load_folder(name, image_size, cache_dir)
     if name.endswith(".npz") or os.path.exists(name):
         x_train, y_train, x_test, y_test = _check_arrays(_read_npz(name))
@@ -278,7 +279,7 @@ def _read_split(source, size: int | None) -> tuple[np.ndarray, np.ndarray]:
 def _load_folder(path: str, image_size: int | None, cache_dir: str | None) -> Dataset:
     from jaxal import folders
 
-    data = folders.load_image_folder(path, image_size=image_size, cache_dir=cache_dir)
+    data = folders.load_classification(path, image_size=image_size, cache_dir=cache_dir)
     rgb = data.x_train.shape[-1] == 3
     # Natural RGB images get the CIFAR treatment (crop + flip, ResNet-18); grey ones (MNIST-like) none.
     augmentation = "crop_flip" if rgb else "none"

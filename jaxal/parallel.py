@@ -194,7 +194,16 @@ def _chunks(xs: PyTree, chunk_size: Optional[int], mesh: Optional[Mesh]):
 
 def _call(fn: Callable, static: Any, consts: PyTree, chunk: PyTree, mesh: Optional[Mesh]) -> PyTree:
     out = _compiled(fn, replicated(mesh))(static, consts, shard_batch(chunk, mesh))
-    return out if mesh is None else local(out)
+    if mesh is None:
+        return out
+    if mesh.devices.flat[0].platform == "cpu":
+        # XLA:CPU runs every device's part of a program on one shared thread pool, and a collective blocks
+        # its thread until all devices arrive. With many independent chunks in flight, the blocked parts
+        # of later chunks can hold every thread while a device still has to run an earlier chunk: a
+        # deadlock (seen with 8 devices on 2 cores). One chunk at a time on CPU meshes; accelerators keep
+        # their asynchronous pipeline (their collectives are ordered per device stream).
+        jax.block_until_ready(out)
+    return local(out)
 
 
 def map_chunks(fn: Callable, static: Any, consts: PyTree, xs: PyTree, *, chunk_size: Optional[int],
