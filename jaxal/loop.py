@@ -259,7 +259,8 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
     record = {"strategy": strategy.name, "trial": None, "cycle": cycle,
               "num_labeled": int(len(labeled) + len(val)), **metric_fields("test", test),
               **metric_fields("train", train), "train_loss": train_metrics.get("loss"),
-              "train_seconds": train_seconds, "evaluate_seconds": evaluate_seconds, "selection_seconds": 0.0, "num_scored": 0, "selected": []}
+              "train_seconds": train_seconds, "evaluate_seconds": evaluate_seconds, "selection_seconds": 0.0,
+              "num_scored": 0, "selected": []}
     candidates = np.zeros((0,), np.int64)
     if cycle < config.cycles - 1:
         candidates = candidate_pool(data.x_train.shape[0], labeled, val, config.subset_size,
