@@ -93,7 +93,8 @@ def test_a_fresh_optimizer_steps_like_a_new_torch_sgd_on_the_kept_weights(x64):
     torch_sgd = TorchSGD(leaves(state.params["model"]))
     for lr, fresh in [(0.1, False), (0.1, False), (0.05, False), (0.05, True), (0.05, False)]:
         if fresh:  # a new cycle: the weights kept, the optimizer new
-            carried = step(jax.tree.map(jnp.copy, state), x, y, {"model": lr, "lossnet": lr}, model=model, options=options)[0]
+            carried = step(jax.tree.map(jnp.copy, state), x, y, {"model": lr, "lossnet": lr}, model=model,
+                           options=options)[0]
             state = fresh_optimizer(state, TrainOptions(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY))
             torch_sgd.reset()
         torch_sgd.step(grads(torch_sgd.params), lr)
