@@ -68,8 +68,9 @@ class Config:
     data_dir: Optional[str] = None  # tensorflow-datasets data directory
     task: Optional[str] = None  # None: the dataset's task ("classification")
     image_size: Optional[int] = None  # resize images to this square size; None: keep the dataset's
-    # Pixel normalisation: "dataset" (the dataset's own channel statistics) or "pytorch_cifar" (the
-    # constants of the reference codes: means (0.4914, 0.4822, 0.4465), stds (0.2023, 0.1994, 0.2010)).
+    # Pixel normalisation: "dataset" (the dataset's own channel statistics), "pytorch_cifar" (the constants
+    # of the Wang/LL4AL/LPLgrad codes: means (0.4914, 0.4822, 0.4465), stds (0.2023, 0.1994, 0.2010)) or
+    # "pycls_cifar" (ISAL's code: (125.3, 123.0, 113.9) / 255, (63.0, 62.1, 66.7) / 255).
     normalization: str = "dataset"
     augmentation: Optional[str] = None  # "none", "crop", "crop_flip"; None: the dataset's default
     model: Optional[str] = None  # None: the dataset's default model
@@ -118,9 +119,12 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# Presets. Training settings of all four reference codes: SGD lr 0.1, momentum 0.9, weight decay, x0.1 at epoch 160 of 200, batch 128.
-# 5e-4, x0.1 at epoch 160 of 200, batch 128; their preprocessing: RandomCrop(32, padding=4) on raw pixels,
-# RandomHorizontalFlip, Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)).
+# Presets. Training settings of all four reference codes: SGD lr 0.1, momentum 0.9, weight decay 5e-4,
+# x0.1 at epoch 160 of 200, batch 128; the preprocessing of the Wang, LL4AL and LPLgrad codes:
+# RandomCrop(32, padding=4) on raw pixels, RandomHorizontalFlip, Normalize((0.4914, 0.4822, 0.4465),
+# (0.2023, 0.1994, 0.2010)). ISAL's code (pycls) normalises with CIFAR-10's own statistics instead
+# ("pycls_cifar"), and pads after normalising (the mean colour, not black): the first differs in its
+# presets, the second is not reproduced (jaxal pads the stored pixels).
 _REFERENCE_TRAINING = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
                            lr_milestones=(160,), lr_gamma=0.1, eval_batch_size=1000, normalization="pytorch_cifar",
                            augmentation="crop_flip")
@@ -144,14 +148,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lplgrad_cifar10": dict(strategy="lplgrad", dataset="cifar10", model="resnet18", initial_size=1000,
                             budget=1000, cycles=10, trials=5, subset_size=10000, warm_start=True,
                             lossnet=dict(lr_decay=False), **_REFERENCE_TRAINING),
-    # ISAL (Liu et al., ICCV 2021), classification: retrained from scratch each step, whole pool scored.
+    # ISAL (Liu et al., ICCV 2021), classification, WITHOUT the test-set leak: 1000 initial, +1000 per
+    # cycle, 10 cycles, 5 trials, retrained from scratch each cycle, the whole pool scored. R (the
+    # reference set whose loss the selection lowers) is a validation split of 100 labelled samples held
+    # out of the 1000 initial ones and never trained on: 900 samples train in cycle 0, 900 + 1000c in
+    # cycle c (`num_labeled` counts the 100 too). Its code's variant (R = the test set) is the next preset.
     "isal2021_cifar10": dict(strategy="isal", dataset="cifar10", model="resnet18", initial_size=1000,
                              budget=1000, cycles=10, trials=5, subset_size=None, warm_start=False,
-                             val_size=100, **_REFERENCE_TRAINING),
-    # LL4AL (Yoo & Kweon, CVPR 2019): 1000 initial, +1000 per cycle, 10 cycles, 3 trials, 10000 scored.
+                             val_size=100, **{**_REFERENCE_TRAINING, "normalization": "pycls_cifar"}),
+    # ISAL as its released code runs (dragonlzm/ISAL, classification/run_isal.sh): R = the 10000 TEST
+    # images with their labels (test_calc_val_grad.py on test_batch), so all 1000 initial samples train
+    # (1000c after cycle c) but the test accuracy is no longer an unbiased estimate (a UserWarning says
+    # so every cycle). Otherwise as isal2021_cifar10.
+    "isal2021_cifar10_code": dict(strategy="isal", dataset="cifar10", model="resnet18", initial_size=1000,
+                                  budget=1000, cycles=10, trials=5, subset_size=None, warm_start=False,
+                                  val_size=0, influence=dict(reference="test"),
+                                  **{**_REFERENCE_TRAINING, "normalization": "pycls_cifar"}),
+    # LL4AL (Yoo & Kweon, CVPR 2019): 1000 initial, +1000 per cycle, 10 cycles, 3 trials, 10000 scored. Its
+    # code steps both schedulers at the START of each epoch (MultiStepLR's old calling order), so the
+    # x0.1 applies from epoch 159 (0-based), one epoch earlier than in the other codes.
     "yoo2019_ll4al_cifar10": dict(strategy="ll4al", dataset="cifar10", model="resnet18", initial_size=1000,
                                   budget=1000, cycles=10, trials=3, subset_size=10000, warm_start=True,
-                                  **_REFERENCE_TRAINING),
+                                  **{**_REFERENCE_TRAINING, "lr_milestones": (159,)}),
 }
 
 

@@ -22,7 +22,8 @@ Folders and .npz files are normalised by the train split's per-channel mean/std.
 
 `image_size` resizes every image to image_size x image_size (bilinear, aspect ratio not kept);
 caltech101 defaults to 64 because its images vary in size. `normalization="pytorch_cifar"` uses the
-constants of the reference codes (kuangliu/pytorch-cifar lineage) instead of the dataset's own.
+constants of the reference codes of Wang et al., LL4AL and LPLgrad (kuangliu/pytorch-cifar lineage)
+instead of the dataset's own; `"pycls_cifar"` those of ISAL's code (pycls).
 """
 
 from __future__ import annotations
@@ -49,11 +50,16 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-# transforms.Normalize of kuangliu/pytorch-cifar, which the reference codes of Wang et al., LL4AL,
-# LPLgrad and ISAL copy: the means of CIFAR-10, and standard deviations that are not its own (the
+# transforms.Normalize of kuangliu/pytorch-cifar, which the reference codes of Wang et al., LL4AL and
+# LPLgrad copy (ISAL's uses pycls's, below): the means of CIFAR-10, and standard deviations that are not its own (the
 # true ones are about 0.247, 0.243, 0.261).
 PYTORCH_CIFAR = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
-NORMALIZATIONS = ("dataset", "pytorch_cifar")
+# pycls's CIFAR constants, which ISAL's released code uses (pycls/datasets/cifar10.py: _MEAN = [125.3,
+# 123.0, 113.9], _STD = [63.0, 62.1, 66.7] on 0..255 pixels): CIFAR-10's own statistics.
+PYCLS_CIFAR = (tuple(v / 255 for v in (125.3, 123.0, 113.9)), tuple(v / 255 for v in (63.0, 62.1, 66.7)))
+# Named constants for RGB images, in [0, 1] units; "dataset" computes the train split's statistics instead.
+RGB_NORMALIZATIONS = {"pytorch_cifar": PYTORCH_CIFAR, "pycls_cifar": PYCLS_CIFAR}
+NORMALIZATIONS = ("dataset", *RGB_NORMALIZATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +139,12 @@ def load_dataset(
     if augmentation is not None and augmentation not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
     dataset = _load_source(name, data_dir, image_size, download, cache_dir)
-    if normalization == "pytorch_cifar":
+    if normalization in RGB_NORMALIZATIONS:
         if dataset.image_shape[-1] != 3:
-            raise ValueError(f"normalization 'pytorch_cifar' is for RGB images; {name} has "
+            raise ValueError(f"normalization {normalization!r} is for RGB images; {name} has "
                              f"{dataset.image_shape[-1]} channel(s)")
-        dataset = dataclasses.replace(dataset, normalization=Normalization(dataset.normalization.scale, *PYTORCH_CIFAR))
+        constants = RGB_NORMALIZATIONS[normalization]
+        dataset = dataclasses.replace(dataset, normalization=Normalization(dataset.normalization.scale, *constants))
     if augmentation is not None:
         dataset = dataclasses.replace(dataset, augmentation=augmentation,
                                       crop_padding=crop_padding(augmentation, dataset.image_shape))

@@ -251,13 +251,16 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
     # Strategies get process-local copies of the (replicated) trained weights: single-device code
     # works unchanged on them, and the parallel helpers replicate them again where they shard work.
     variables, lossnet_params = parallel.local((model_variables(state), state.params["lossnet"]))
+    start = time.perf_counter()
     test = evaluate(exp.model, variables, data.x_test, data.y_test, exp.task, config.eval_batch_size, mesh=exp.mesh)
     train = evaluate(exp.model, variables, data.x_train[labeled], data.y_train[labeled], exp.task,
                      config.eval_batch_size, mesh=exp.mesh)
+    evaluate_seconds = time.perf_counter() - start  # the metrics are host floats: evaluation has finished
     record = {"strategy": strategy.name, "trial": None, "cycle": cycle,
               "num_labeled": int(len(labeled) + len(val)), **metric_fields("test", test),
               **metric_fields("train", train), "train_loss": train_metrics.get("loss"),
-              "train_seconds": train_seconds, "selection_seconds": 0.0, "num_scored": 0, "selected": []}
+              "train_seconds": train_seconds, "evaluate_seconds": evaluate_seconds, "selection_seconds": 0.0,
+              "num_scored": 0, "selected": []}
     candidates = np.zeros((0,), np.int64)
     if cycle < config.cycles - 1:
         candidates = candidate_pool(data.x_train.shape[0], labeled, val, config.subset_size,

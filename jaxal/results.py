@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 CSV_COLUMNS = ("strategy", "trial", "cycle", "num_labeled", "test_accuracy", "train_accuracy",
-               "train_loss", "train_seconds", "selection_seconds", "num_scored")
+               "train_loss", "train_seconds", "evaluate_seconds", "selection_seconds", "num_scored")
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -29,8 +29,8 @@ def test_cli_end_to_end_on_digits(tmp_path):
     assert "least_confidence on digits" in result.stdout
     records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
     assert [r["cycle"] for r in records] == [0, 1]
-    assert {"cycle", "num_labeled", "test_accuracy", "train_accuracy", "train_seconds", "selection_seconds",
-            "selected"} <= set(records[0])
+    assert {"cycle", "num_labeled", "test_accuracy", "train_accuracy", "train_seconds", "evaluate_seconds",
+            "selection_seconds", "selected"} <= set(records[0])
     assert (workdir / "learning_curve.png").exists() and (workdir / "results.csv").exists()
     assert json.loads((workdir / "config.json").read_text())["strategy"] == "least_confidence"
 

@@ -18,7 +18,7 @@ from jaxal.strategies import StrategyContext, get_strategy
 from jaxal.strategies.baselines import greedy_k_center, min_squared_distances
 
 TINY = dict(initial_size=30, budget=10, cycles=3, epochs=2, batch_size=16, progress=False)
-TIMING_FIELDS = ("train_seconds", "selection_seconds")
+TIMING_FIELDS = ("train_seconds", "evaluate_seconds", "selection_seconds")
 
 
 def quiet(*_):
