@@ -25,7 +25,7 @@ import numpy as np
 from jaxal import checkpoint, parallel, results, tasks
 from jaxal.config import Config
 from jaxal.data import Dataset, load_dataset
-from jaxal.models import LossNet, adapt, base_model, create_model
+from jaxal.models import LossNet, adapt, base_model, create_model, init_variables
 from jaxal.strategies import StrategyContext, get_strategy
 from jaxal.strategies.base import split_info
 from jaxal.train import TrainOptions, create_train_state, evaluate, fresh_optimizer, model_variables, train_model
@@ -115,6 +115,21 @@ def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
                        "choose a smaller model (--model cnn or mlp) or a dataset with larger images")
 
 
+def check_strategies_fit(config: Config, model, dataset: Dataset) -> None:
+    """Each strategy's model-aware check (`Strategy.check_model`) on the model's variable shapes, so
+    that what cannot fit (a dense Hessian of ResNet-18) is refused before anything runs."""
+    checks = [(name, get_strategy(name).check_model) for name in config.strategies]
+    checks = [(name, check) for name, check in checks if check is not None]
+    if not checks:
+        return
+    variables = jax.eval_shape(lambda key: init_variables(model, key, dataset.image_shape), jax.random.key(0))
+    for name, check in checks:
+        try:
+            check(config, variables)
+        except ValueError as error:
+            raise RunError(f"{name}: {error}") from None
+
+
 def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
     """Load and validate everything a run needs, touching nothing on disk."""
     try:
@@ -128,6 +143,7 @@ def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
     config = dataclasses.replace(config, model=model_name)
     validate(config, dataset, task)
     check_model_fits(model, model_name, dataset)
+    check_strategies_fit(config, model, dataset)
     try:
         mesh = parallel.make_mesh(config.num_devices)
     except ValueError as error:

@@ -297,7 +297,7 @@ def test_new_weights_and_a_growing_labelled_set_compile_nothing(solver):
         assert info["solver"] == solver
         if sizes is None:
             sizes = {name: fn._cache_size() for name, fn in compiled.items()}
-    assert isal.labeled_bucket(12, solver) == isal.labeled_bucket(31, solver)
+    assert isal.labeled_bucket(12, ctx.config) == isal.labeled_bucket(31, ctx.config) == 345  # the run's largest
     assert {name: fn._cache_size() for name, fn in compiled.items()} == sizes
     assert not np.allclose(scores[0], scores[1][:9])  # the new weights were used
 
@@ -311,8 +311,8 @@ def test_padding_the_labelled_set_never_changes_the_scores(monkeypatch, solver):
     ctx = make_context(model, variables, n_labeled=13, seed=4, solver=solver, depth=30, repeats=2, batch_size=2,
                        damping=0.01, scale=100.0, cg_maxiter=200)
     padded, padded_info = isal.isal_scores(ctx)
-    assert isal.labeled_bucket(13, solver) == 256
-    monkeypatch.setattr(isal, "labeled_bucket", lambda n, solver: n)  # no padding at all
+    assert isal.labeled_bucket(13, ctx.config) == 345  # 100 initial - 5 validation + 50 x 5 cycles
+    monkeypatch.setattr(isal, "labeled_bucket", lambda n, config: n)  # no padding at all
     unpadded, unpadded_info = isal.isal_scores(ctx)
     np.testing.assert_allclose(np.asarray(padded), np.asarray(unpadded), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(padded_info["s_test_norm"], unpadded_info["s_test_norm"], rtol=1e-9)
