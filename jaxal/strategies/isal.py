@@ -10,10 +10,14 @@ in `jaxal.influence`). Here
 - H is the Hessian of the mean true-label cross-entropy on the TRAINING labelled set
   (`ctx.labeled_x/y`), the model in inference mode (BatchNorm running averages, no dropout), with
   respect to the parameter subset `config.influence.params` (default "weights": every tensor of rank
-  > 1, as ISAL). `s_test = (H + damping*scale*I)^-1 grad L(R)` comes from
-  `config.influence.solver`: "lissa" (ISAL's: `depth` steps x `repeats` chains, `batch_size` labelled
-  examples per Hessian-vector product, `damping`, `scale`), "cg" or "exact" (full-batch Hessian of
-  the labelled set, the same shifted system);
+  > 1, as ISAL), plus `weight_decay * I` with `--influence.hessian_weight_decay true` (the Hessian of the
+  training objective, as Koh & Liang's code; ISAL's code leaves the weight decay out, the default).
+  `s_test = (H + damping*scale*I)^-1 grad L(R)` comes from `config.influence.solver`: "lissa" (ISAL's:
+  `depth` steps x `repeats` chains, `batch_size` labelled examples per Hessian-vector product,
+  `damping`, `scale`), "cg" (stops at `cg_tol`) or "exact" (full-set Hessian of the labelled set, the
+  same shifted system; refused before the run if the dense matrix exceeds `exact_max_gib`). Every
+  product over the labelled set is a sum over chunks of `hvp_chunk_size` examples
+  (`jaxal.influence.set_hvp`): the memory does not grow with the labelled set;
 - v = grad L(R) is the mean true-label CE gradient over the reference set
   `ctx.reference_sets[reference]`;
 - G_z is the gradient of CE at the pseudo-label, the arg-max class. With `top_k_classes = K > 1` it
@@ -61,12 +65,15 @@ weights: the mean gradient (`_reference_gradient`, under `jaxal.parallel.sum_chu
 scores (`_pool_scores`, under `map_chunks`) and the solver (`_solve`, jitted with its settings
 static) are module-level functions that take the trained variables as TRACED arguments and build
 the loss, its restriction to the parameter subset and the inference-mode BatchNorm inside the
-trace. The labelled set, which grows every cycle, enters the solver padded to a bucket size
-(`labeled_bucket`: a power of two for minibatch LiSSA, where padding costs only memory; a multiple
-of 256 for the full-batch cg/exact) with weights 0 on the padding and `weighted_mean_loss`; LiSSA
-draws its minibatches among the real rows only (`num_examples`, traced), so with the same rng it
-makes the same draws as on the unpadded set. A growing labelled set compiles the solver once per
-bucket, not once per cycle.
+trace. The labelled set, which grows every cycle, enters the solver padded to the largest training
+set of the run (`labeled_bucket`, `jaxal.config.max_labeled`; beyond it, the next power of two) with
+weights 0 on the padding and `weighted_mean_loss`; the solvers run over the real rows only
+(`num_examples`, traced: LiSSA draws its minibatches among them, so with the same rng it makes the same
+draws as on the unpadded set, and the chunked products stop at the last real chunk), so the padding
+costs memory for the inputs only. A run compiles the solver once.
+
+Precision: `v`, the solve and the pool's jvps run at `--precision.solvers` ("highest"), see
+`jaxal.precision`.
 """
 
 from __future__ import annotations
