@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxal import checkpoint, parallel, results, tasks
+from jaxal import checkpoint, parallel, precision, results, tasks
 from jaxal.config import Config
 from jaxal.data import Dataset, load_dataset
 from jaxal.models import LossNet, adapt, base_model, create_model, init_variables
@@ -74,6 +74,11 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
                 raise RunError(f"{name}: {error}") from None
     if config.seed < 0:
         raise RunError(f"--seed must be a non-negative integer, got {config.seed}")
+    for field in ("solvers", "training"):
+        try:
+            precision.check(getattr(config.precision, field), f"--precision.{field}")
+        except ValueError as error:
+            raise RunError(str(error)) from None
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise RunError(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.lossnet.width < 1 or config.lossnet.margin < 0:
@@ -363,20 +368,22 @@ def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str
     title = f"{exp.dataset.name}, {config.model}"
     progress = _progress_bar(config, exp)
 
-    for strategy_name in config.strategies:
-        for trial in range(config.trials):
-            def on_cycle(trial_records, key=(strategy_name, trial)):
-                done_before = len(finished.get(key, []))
-                finished[key] = trial_records
-                if parallel.is_primary():  # every process holds the same records
-                    results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title)
-                if trial_records:
-                    last = trial_records[-1]
-                    progress.update(len(trial_records) - done_before)
-                    progress.set_postfix(strategy=last["strategy"], trial=last["trial"], cycle=last["cycle"],
-                                         labeled=last["num_labeled"], acc=f"{last['test_accuracy']:.4f}")
+    # Training and plain inference at --precision.training; the solvers set their own (jaxal.precision).
+    with precision.scope(config.precision.training):
+        for strategy_name in config.strategies:
+            for trial in range(config.trials):
+                def on_cycle(trial_records, key=(strategy_name, trial)):
+                    done_before = len(finished.get(key, []))
+                    finished[key] = trial_records
+                    if parallel.is_primary():  # every process holds the same records
+                        results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title)
+                    if trial_records:
+                        last = trial_records[-1]
+                        progress.update(len(trial_records) - done_before)
+                        progress.set_postfix(strategy=last["strategy"], trial=last["trial"], cycle=last["cycle"],
+                                             labeled=last["num_labeled"], acc=f"{last['test_accuracy']:.4f}")
 
-            run_trial(exp, strategy_name, trial, images, labels, on_cycle, observer)
+                run_trial(exp, strategy_name, trial, images, labels, on_cycle, observer)
     progress.close()
     records = [r for rs in finished.values() for r in rs]
     if parallel.is_primary():

@@ -19,14 +19,12 @@ each other all lose digits that TF32 does not have. The policy (`--precision.*`,
 How it is applied: the jitted bodies trace their products under `jax.default_matmul_precision(value)`
 (`scope` below), which writes the precision into every `dot_general` and `convolution` of the program
 (`precision = [HIGHEST, HIGHEST]` in its StableHLO; a test reads it back). The value is a static argument
-of the jitted functions, so each precision has its own compiled program. "default" leaves JAX's own
-default (the `jax_default_matmul_precision` flag, if a user set it) untouched. CPUs have no TF32: there
-every setting computes the same numbers.
+of the jitted functions, so each precision has its own compiled program. "default" sets the backend's
+default explicitly (so solvers at "default" stay there inside a run whose training is at "highest").
+CPUs have no TF32: there every setting computes the same numbers.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 PRECISIONS = ("default", "highest")
 SOLVERS_DEFAULT = "highest"
@@ -38,10 +36,8 @@ def check(value: str, flag: str) -> None:
 
 
 def scope(value: str):
-    """A context in which traced matrix products take precision `value` ("default": no change)."""
+    """A context in which traced matrix products take precision `value`."""
     check(value, "precision")
-    if value == "default":
-        return contextlib.nullcontext()
     import jax
 
     return jax.default_matmul_precision(value)
