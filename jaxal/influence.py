@@ -393,12 +393,12 @@ def power_iteration(loss_fn: LossFn, params: PyTree, data: PyTree, *, rng: jax.A
 
 
 def exact_bytes(num_params: int, itemsize: int = 4, block_size: int = DEFAULT_EXACT_BLOCK_SIZE) -> int:
-    """Bytes the exact solver allocates beyond one chunked HVP: the assembled P x P Hessian, its
-    symmetrised and shifted copy, the LU factors of `jnp.linalg.solve` (3 P^2 entries) and a block of
-    `block_size` basis vectors and their products (2 block x P). `tests/test_memory.py` checks it
-    against XLA's own count of the compiled program."""
+    """Bytes the exact solver allocates beyond one chunked HVP: two P x P matrices (the assembled
+    Hessian, then its symmetrised and shifted copy, which XLA factorises in place; the assembly buffer
+    is reused) and a block of `block_size` basis vectors and their products (2 x block x P).
+    `tests/test_memory.py` checks it against XLA's count of the compiled program's temporaries."""
     block = min(block_size, num_params)
-    return (3 * num_params * num_params + 2 * block * num_params) * itemsize
+    return (2 * num_params * num_params + 2 * block * num_params) * itemsize
 
 
 def check_exact_memory(params: PyTree, *, max_bytes: int = DEFAULT_EXACT_MAX_BYTES,

@@ -271,10 +271,10 @@ def test_ghost_last_layer_costs_a_forward_pass_not_a_backward_through_every_laye
     (plus the head's products, ~0.01%), the all-parameter pass about three forward passes, and the
     last-layer pass holds no activation of the body for a backward pass (a fraction of the temp memory).
     The norms themselves are checked against the loop above (test_parameter_subsets_...)."""
-    model = ResNet18(NUM_CLASSES, stage_sizes=(1, 1, 1, 1), width=8)
-    variables = init_variables(model, jax.random.key(0), (32, 32, 3))
+    model = ResNet18(NUM_CLASSES, stage_sizes=(1, 1), width=8)
+    variables = init_variables(model, jax.random.key(0), (16, 16, 3))
     loss_fn = example_loss(inference_apply(model, variables["batch_stats"]), entropy_loss)
-    xs = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32)
+    xs = jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.float32)
     params = variables["params"]
     forward, _ = _compiled_cost(loss_fn.batch_losses, params, xs)
     costs = {subset: _compiled_cost(gradnorm._ghost_squares, loss_fn, params, xs,
