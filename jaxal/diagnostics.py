@@ -715,8 +715,8 @@ def _check_against(exp, options: DiagnosticsOptions) -> None:
                                          max_bytes=int(options.exact_max_gib * 2**30),
                                          block_size=options.exact_block_size, flag="--diag.exact_max_gib")
         except ValueError as error:
-            raise ValueError(f"--diag.solver exact with --diag.params {options.params} of {config.model}: {error}; "
-                             "or --diag.params last_layer") from None
+            raise ValueError(f"--diag.solver exact with --diag.params {options.params} of {config.model}: {error}"
+                             ) from None
     precision_lib.check(config.precision.solvers, "--precision.solvers")
     if config.cycles < 2:
         raise ValueError("the diagnostics compare the models of consecutive cycles: --cycles must be at least 2")

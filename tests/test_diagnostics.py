@@ -280,6 +280,11 @@ def test_command_end_to_end_on_digits(tmp_path, capsys):
     (["--diag.chunk_size", "0"], "--diag.chunk_size"),
     (["--diag.seed", "-1"], "--diag.seed"),
     (["--diag.chunk_size", "many"], "--diag.chunk_size"),
+    (["--diag.exact_max_gib", "0"], "--diag.exact_max_gib"),
+    (["--diag.exact_max_gib", "1e-6"], "above the limit of 9.99e-07 GiB (--diag.exact_max_gib)"),
+    (["--diag.exact_block_size", "0"], "--diag.exact_block_size"),
+    (["--diag.grad_method", "loop"], "--diag.grad_method"),
+    (["--precision.solvers", "tf32"], "--precision.solvers"),
     (["--cycles", "1"], "--cycles"),
 ])
 def test_command_rejects_bad_options_before_training(tmp_path, capsys, flags, message):
