@@ -226,7 +226,8 @@ def inverse_hvp(model, variables: dict, options: DiagnosticsOptions, train_data,
     else:
         scale, relative, batch_size = 1.0, damping, 1
     static = SolveSettings(model, options.params, options.solver, options.lissa_depth, options.lissa_repeats,
-                           batch_size, options.cg_maxiter, options.chunk_size, options.exact_block_size, precision, mesh)
+                           batch_size, options.cg_maxiter, options.chunk_size, options.exact_block_size, precision,
+                           mesh)
     placed = parallel.replicate((variables, data, n, v, rng), mesh)
     result = _solve(static, *placed, relative, scale, options.cg_tol)
     result = result if mesh is None else parallel.local(result)

@@ -449,7 +449,8 @@ _dense_hessian = jax.jit(_dense_hessian_jit, static_argnames=("loss_fn", "chunk_
 
 def dense_hessian(loss_fn: LossFn, params: PyTree, data: PyTree, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                   block_size: int = DEFAULT_EXACT_BLOCK_SIZE, l2: float = 0.0,
-                  max_bytes: int = DEFAULT_EXACT_MAX_BYTES, precision: str = precision_lib.SOLVERS_DEFAULT) -> jax.Array:
+                  max_bytes: int = DEFAULT_EXACT_MAX_BYTES, precision: str = precision_lib.SOLVERS_DEFAULT
+                  ) -> jax.Array:
     """The (P, P) Hessian of `loss_fn(., data)` (plus `l2*I`) on the flattened parameters
     (`jax.flatten_util.ravel_pytree` order), assembled from chunked HVPs; refused above `max_bytes`."""
     check_exact_memory(params, max_bytes=max_bytes, block_size=block_size)

@@ -89,7 +89,8 @@ def out_of_memory_report(error: BaseException, config) -> str:
     lines = [f"out of memory on {_device_line()}: {first[:300]}"
              + (f" ({_gib(int(requested.group(1)))})" if requested else "")]
     pool = f"a random {config.subset_size} of the pool" if config.subset_size else "the whole unlabelled pool"
-    lines.append(f"The run's sizes: model {config.model or 'the dataset default'}; up to {max_labeled(config)} labelled training examples; "
+    lines.append(f"The run's sizes: model {config.model or 'the dataset default'}; "
+                 f"up to {max_labeled(config)} labelled training examples; "
                  f"scored per cycle: {pool}; training batch {config.batch_size}; evaluation batch "
                  f"{config.eval_batch_size}.")
     lines.append("What to lower (current value in brackets; memory only unless said):")
