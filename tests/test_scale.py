@@ -2,6 +2,7 @@
 cannot fit refused before a run, an out-of-memory error reported with what to lower (exit 2, the
 finished cycles checkpointed), and the set-valued selection loops compiled once across cycles."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -69,7 +70,7 @@ DEFAULT_PROGRAMS = ("train_step", "_predict_chunk", "_query_norms")
 def test_solvers_distances_and_jvps_run_at_highest_and_training_at_the_default(tmp_path, dump_ir):
     """A run of isal (cg), coreset, BADGE and ent_gn: the solver, its gradient and jvp passes and the
     two distance loops have only HIGHEST products; training, inference and the gradient-norm scores
-    only DEFAULT ones (TF32 on GPUs). Flipping the two flags flips them."""
+    only DEFAULT ones (TF32 on GPUs)."""
     from jaxal.loop import run_experiment
 
     config = build_config(strategy="isal,coreset,badge,ent_gn", **FRESH)
@@ -80,15 +81,41 @@ def test_solvers_distances_and_jvps_run_at_highest_and_training_at_the_default(t
     for name in DEFAULT_PROGRAMS:
         assert programs.get(name) == {"DEFAULT"}, (name, programs.get(name))
 
-    for path in dump_ir.iterdir():
-        path.unlink()
-    flipped = build_config(strategy="isal", precision=dict(solvers="default", training="highest"), **FRESH)
-    run_experiment(flipped, workdir=tmp_path / "flipped", log=lambda *_: None)
+
+def test_the_flags_flip_the_policy(tmp_path, monkeypatch, dump_ir):
+    """--precision.solvers default: ISAL's programs (a tiny MLP, compiled here) have DEFAULT products;
+    --precision.training highest: the cycles run (and trace their programs) under "highest"."""
+    from jaxal import loop
+    from jaxal.strategies import isal
+
+    model = MLP(3, hidden=(6, 2))  # a model no other test compiles
+    variables = init_variables(model, jax.random.key(0), (2, 2, 1))
+    rng = np.random.default_rng(0)
+    x = lambda n: jnp.asarray(rng.normal(size=(n, 2, 2, 1)), jnp.float32)  # noqa: E731
+    labelled = (x(12), jnp.asarray(rng.integers(0, 3, 12)))
+    config = build_config(strategy="isal", val_size=5, precision=dict(solvers="default", training="highest"),
+                          influence=dict(solver="cg", cg_tol=0.1))
+    ctx = StrategyContext(model=model, variables=variables, pool_x=x(9), labeled_x=labelled[0], labeled_y=labelled[1],
+                          num_classes=3, config=config, rng=jax.random.key(0), reference_sets={"val": labelled})
+    isal.isal_scores(ctx)
     programs = dumped_programs(dump_ir)
     for name in ("_solve_body", "_reference_gradient", "_pool_scores"):
         assert programs.get(name) == {"DEFAULT"}, (name, programs.get(name))
-    for name in ("train_step", "_predict_chunk"):
-        assert programs.get(name) == {"HIGHEST"}, (name, programs.get(name))
+
+    seen = []
+
+    class Stopped(Exception):
+        pass
+
+    def run_trial(*args, **kwargs):
+        seen.append(jax.config.values["jax_default_matmul_precision"])
+        raise Stopped  # before any training
+
+    monkeypatch.setattr(loop, "run_trial", run_trial)
+    with pytest.raises(Stopped):
+        loop.run_experiment(dataclasses.replace(config, workdir=str(tmp_path / "run"), progress=False),
+                            log=lambda *_: None)
+    assert seen == ["highest"]
 
 
 def test_diagnostics_run_at_highest(dump_ir):
@@ -139,15 +166,14 @@ def test_out_of_memory_during_a_run_is_reported_with_what_to_lower_and_keeps_fin
     """XLA's RESOURCE_EXHAUSTED in the selection of cycle 1: exit status 2, a report (the size that
     failed, the run's sizes, the options with their values), no traceback; cycle 0 stays checkpointed."""
     calls = []
-    isal = STRATEGIES["isal"]
 
-    def select(ctx, k):
+    def select(ctx, k):  # the first k candidates in cycle 0, then what XLA raises when an allocation fails
         calls.append(k)
         if len(calls) == 2:
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 31373645072 bytes.")
-        return isal.select(ctx, k)
+        return np.arange(k)
 
-    monkeypatch.setitem(STRATEGIES, "isal", isal._replace(select=select))
+    monkeypatch.setitem(STRATEGIES, "isal", STRATEGIES["isal"]._replace(select=select))
     workdir = tmp_path / "run"
     code = run.main(["--strategy", "isal", "--initial_size", "30", "--val_size", "5", "--budget", "5",
                      "--cycles", "3", "--epochs", "1", "--influence.depth", "3", "--influence.hvp_chunk_size", "64",
