@@ -32,7 +32,7 @@ class GradNormOptions:
 class InfluenceOptions:
     """Influence scoring (isal, grad_sim); defaults reproduce ISAL (Liu et al., ICCV 2021)."""
 
-    solver: str = "lissa"  # "lissa", "cg" or "exact" (dense, small models only)
+    solver: str = "lissa"  # "lissa", "cg" or "exact" (dense, small parameter subsets only)
     reference: str = "val"  # reference set R: "val", "initial" (ISAL_v2), "labeled" (ISAL_v3), "test"
     depth: int = 250  # LiSSA steps per chain
     repeats: int = 4  # independent LiSSA chains, averaged
@@ -40,9 +40,27 @@ class InfluenceOptions:
     scale: float = 1e4  # must exceed the largest Hessian eigenvalue, or LiSSA diverges
     batch_size: int = 1  # labelled samples per Hessian-vector product
     cg_maxiter: int = 100
+    cg_tol: float = 1e-6  # CG stops at ||residual|| <= cg_tol * ||v||
     top_k_classes: int = 1  # 1: pseudo-label = arg-max class; K > 1: expected gradient over the top K
     params: str = "weights"  # ISAL differentiates every parameter of rank > 1
-    chunk_size: int = 256
+    chunk_size: int = 256  # pool and reference-set examples per compiled chunk (memory only)
+    # Labelled examples per Hessian-vector product: every product over the labelled set (cg, exact,
+    # full-batch lissa, a minibatch larger than this) is a sum over chunks of this size (memory only).
+    hvp_chunk_size: int = 256
+    # H of the training objective: False (ISAL's code) differentiates the cross-entropy only; True adds
+    # the weight-decay term weight_decay/2 ||theta||^2, i.e. H + weight_decay * I (Koh & Liang's code).
+    hessian_weight_decay: bool = False
+    exact_block_size: int = 32  # exact: basis vectors per assembly pass (memory ~ this x hvp_chunk_size)
+    exact_max_gib: float = 1.0  # exact: refused if the dense Hessian and its factors need more than this
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionOptions:
+    """Matrix-product precision (see `jaxal.precision`): GPUs compute float32 products in TF32 by
+    default. "default" (the backend's fast mode) or "highest" (true float32)."""
+
+    solvers: str = "highest"  # HVPs, solvers, influence jvps and gradients, coreset/BADGE distances, diagnostics
+    training: str = "default"  # training, evaluation and plain inference, gradient-norm scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +121,7 @@ class Config:
     gradnorm: GradNormOptions = GradNormOptions()
     influence: InfluenceOptions = InfluenceOptions()
     lossnet: LossNetOptions = LossNetOptions()
+    precision: PrecisionOptions = PrecisionOptions()
     bald_samples: int = 20  # MC-dropout forward passes for BALD
     # Output.
     workdir: Optional[str] = None  # None: runs/<dataset>-<strategy>
@@ -117,6 +136,13 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def max_labeled(config: Config) -> int:
+    """The largest TRAINING labelled set (the validation split excluded) a run of `config` reaches. Sets
+    that grow from cycle to cycle are padded to it (`jaxal.parallel.bucket`), so their programs compile
+    once per run; a set that outgrows it (rounds added by hand) falls back to power-of-two sizes."""
+    return config.initial_size - config.val_size + config.budget * max(config.cycles - 1, 0)
 
 
 # Presets. Training settings of all four reference codes: SGD lr 0.1, momentum 0.9, weight decay 5e-4,

@@ -27,15 +27,20 @@ then selected).
     column): the theory's test loss, which needs no test labels;
     "true": the true-label cross-entropy of the test samples (test labels used for the measurement only);
     then v, s and ||s|| are the same for both columns.
-- s = H^-1 v: ONE solve per cycle and loss, by `--diag.solver` ("exact": dense, for <= 5000 parameters,
-  the default on the last layer; "cg"; "lissa", with `--diag.lissa_*`), see `jaxal.influence`.
+- s = H^-1 v: ONE solve per cycle and loss, by `--diag.solver` ("exact": dense, the default on the last
+  layer, refused before training above `--diag.exact_max_gib`; "cg"; "lissa", with `--diag.lissa_*`),
+  see `jaxal.influence`. Every Hessian-vector product is a sum over chunks of `--diag.chunk_size`
+  labelled examples, and the solve is compiled once per run (the labelled set padded to the run's
+  largest, the weights traced).
 - Target(x) = s . g_{c+1}(x) = sum_j g_{c+1}(x_j)^T H^-1 g_{c+1}(x), for the whole pool by the forward-mode
   product of `jaxal.influence.influence_scores` (one jvp per chunk, no per-example gradient).
 - Approx-1(x) = |Target(x)|.
 - Approx-2(x) = ||g_{c+1}(x)|| * ||s||  (>= Approx-1 by Cauchy-Schwarz, sample by sample).
 - Approx-3(x) = ||g_c(x)||     * ||s||  (the gradient from the model of cycle c: what a strategy can
   compute when it selects; this is the paper's Eq. 5, ranking by the gradient norm).
-  Norms are global L2 norms over theta from `jaxal.gradnorm.per_example_grad_norms(norm="global")`.
+  Norms are global L2 norms over theta from `jaxal.gradnorm.per_example_grad_norms(norm="global")`, by
+  the ghost engine (`--diag.grad_method`), which on the last layer costs a forward pass.
+- Precision: every product here runs at `--precision.solvers` ("highest", not TF32; `jaxal.precision`).
 - L: L_exp = sum_i p_i CE(x, i) with the posterior differentiated (exp-gn as in the reference code) and
   L_ent = -sum_i p_i log p_i (ent-gn). These are the SAME function (DESIGN.md, point 2), so the two
   columns agree to rounding: the diagnostics show it rather than hide it.
@@ -74,14 +79,15 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Optional, get_type_hints
+from typing import Callable, NamedTuple, Optional, get_type_hints
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxal import gradnorm, influence, parallel, results
-from jaxal.config import Config, parse_value
+from jaxal import precision as precision_lib
+from jaxal.config import Config, max_labeled, parse_value
 from jaxal.models import inference_apply
 from jaxal.pytree import PARAM_SUBSETS, partition, restrict, subset_mask, tree_norm, tree_size
 from jaxal.strategies.base import top_k
@@ -97,7 +103,7 @@ QUANTITY_LABELS = {"target": "Target", "approx1": "Approx-1", "approx2": "Approx
 class DiagnosticsOptions:
     """The `--diag.*` flags."""
 
-    solver: str = "exact"  # H^-1: "exact" (dense, <= 5000 parameters), "cg" or "lissa"
+    solver: str = "exact"  # H^-1: "exact" (dense: small subsets only, see exact_max_gib), "cg" or "lissa"
     params: str = "last_layer"  # parameter subset theta: "last_layer", "weights" or "all"
     test_loss: str = "theory"  # test gradients: "theory" (the column's L, no labels) or "true" (true-label CE)
     k: Optional[int] = None  # top-K of Tables 1-2; None: the budget
@@ -110,7 +116,10 @@ class DiagnosticsOptions:
     lissa_batch_size: Optional[int] = None  # None: the whole labelled set per step (deterministic)
     table1_params: str = "all"  # parameter subset of Table 1's true-label gradient norm
     table1_norm: str = "global"  # "global" or "layer_sum"
-    chunk_size: int = 256  # examples per compiled chunk (memory only; never changes a result)
+    chunk_size: int = 256  # examples per compiled chunk and per Hessian-vector product (memory only)
+    exact_block_size: int = 32  # exact: basis vectors per assembly pass of the dense Hessian
+    exact_max_gib: float = 1.0  # exact: refused before training if the dense Hessian needs more
+    grad_method: str = "ghost"  # per-example norms: "ghost" (no per-example gradient held) or "vmap"
     seed: int = 0  # LiSSA's minibatches
     save_samples: bool = True  # the per-sample .npz files
 
@@ -131,7 +140,10 @@ def check_options(options: DiagnosticsOptions) -> None:
     for name in ("k", "lissa_batch_size"):  # None (the default) or a positive count
         if getattr(options, name) is not None and getattr(options, name) < 1:
             raise ValueError(f"--diag.{name} must be at least 1 (or none), got {getattr(options, name)}")
-    for name in ("cg_maxiter", "lissa_depth", "lissa_repeats", "chunk_size"):
+    if options.grad_method not in gradnorm.METHODS:
+        raise ValueError(f"--diag.grad_method must be one of {', '.join(gradnorm.METHODS)}, "
+                         f"got {options.grad_method!r}")
+    for name in ("cg_maxiter", "lissa_depth", "lissa_repeats", "chunk_size", "exact_block_size"):
         if getattr(options, name) < 1:
             raise ValueError(f"--diag.{name} must be at least 1, got {getattr(options, name)}")
     if options.seed < 0:
@@ -141,6 +153,8 @@ def check_options(options: DiagnosticsOptions) -> None:
         raise ValueError(f"--diag.damping must be a finite number >= 0, got {options.damping}")
     if not (math.isfinite(options.cg_tol) and options.cg_tol >= 0):
         raise ValueError(f"--diag.cg_tol must be a finite number >= 0, got {options.cg_tol}")
+    if not (math.isfinite(options.exact_max_gib) and options.exact_max_gib > 0):
+        raise ValueError(f"--diag.exact_max_gib must be a finite number > 0, got {options.exact_max_gib}")
     if not (math.isfinite(options.lissa_scale) and options.lissa_scale > 0):
         raise ValueError(f"--diag.lissa_scale must be a finite number > 0, got {options.lissa_scale}")
     if options.solver == "lissa" and not 0 <= (options.damping or 0.0) < options.lissa_scale:
@@ -164,15 +178,77 @@ class Bounds:
     s_norm: float  # ||H^-1 sum_j g_{c+1}(x_j)||
 
 
-def inverse_hvp(options: DiagnosticsOptions, train_loss, params, train_data, v, *, damping: float, rng):
-    """`(H + damping*I)^-1 v` by the chosen solver (damping is the ABSOLUTE shift for every solver)."""
+class SolveSettings(NamedTuple):
+    """The static settings of `_solve`: one compiled program per value and shapes, for a whole run."""
+
+    model: object
+    subset: str
+    solver: str
+    depth: int
+    repeats: int
+    batch_size: Optional[int]
+    maxiter: int
+    chunk_size: int
+    block_size: int
+    precision: str
+    mesh: object
+
+
+def _solve_body(static: SolveSettings, variables, train_data, num_train, v, rng, damping, scale, tol):
+    """`(H + mu I)^-1 v`, H the Hessian of the mean true-label CE over the padded labelled set
+    `train_data = ((x, y), weights)` (its first `num_train` rows are real), by the chosen solver in
+    LiSSA's convention `mu = damping * scale`. The loss is built from the traced variables."""
+    theta_loss, theta = restrict(_example_loss(static.model, variables, gradnorm.cross_entropy, True),
+                                 variables["params"], static.subset)
+    return influence.solve_traced(static.solver, influence.weighted_mean_loss(theta_loss), theta, train_data, v,
+                                  rng=rng, damping=damping, scale=scale, depth=static.depth, repeats=static.repeats,
+                                  batch_size=static.batch_size, maxiter=static.maxiter, tol=tol,
+                                  chunk_size=static.chunk_size, block_size=static.block_size,
+                                  num_examples=num_train, mesh=static.mesh, precision=static.precision)
+
+
+_solve = jax.jit(_solve_body, static_argnums=0)
+
+
+def inverse_hvp(model, variables: dict, options: DiagnosticsOptions, train_data, v, *, damping: float, rng,
+                capacity: Optional[int] = None, precision: str = precision_lib.SOLVERS_DEFAULT, mesh=None):
+    """`(H + damping*I)^-1 v` (damping is the ABSOLUTE shift for every solver), H the Hessian of the mean
+    true-label CE of `model` with `variables` over `train_data = (x, y)` w.r.t. the subset
+    `options.params`. The labelled set is padded to `jaxal.parallel.bucket(n, capacity)` rows (weights 0,
+    the solvers stop at the real rows), so a growing set and new weights compile nothing new. Host
+    checks: LiSSA's divergence, CG's curvature and tolerance."""
+    train_x, train_y = train_data
+    n = int(np.shape(train_y)[0])
+    data = _pad_rows((np.asarray(train_x), np.asarray(train_y)), parallel.bucket(n, capacity))
     if options.solver == "lissa":
         scale = options.lissa_scale
-        return influence.solve("lissa", train_loss, params, train_data, v, rng=rng, damping=damping / scale,
-                               scale=scale, depth=options.lissa_depth, repeats=options.lissa_repeats,
-                               batch_size=options.lissa_batch_size)
-    return influence.solve(options.solver, train_loss, params, train_data, v, damping=damping, scale=1.0,
-                           maxiter=options.cg_maxiter, tol=options.cg_tol)
+        relative, batch_size = damping / scale, options.lissa_batch_size
+    else:
+        scale, relative, batch_size = 1.0, damping, 1
+    static = SolveSettings(model, options.params, options.solver, options.lissa_depth, options.lissa_repeats,
+                           batch_size, options.cg_maxiter, options.chunk_size, options.exact_block_size, precision,
+                           mesh)
+    placed = parallel.replicate((variables, data, n, v, rng), mesh)
+    result = _solve(static, *placed, relative, scale, options.cg_tol)
+    result = result if mesh is None else parallel.local(result)
+    if options.solver == "lissa":
+        theta_loss, theta = restrict(_example_loss(model, variables, gradnorm.cross_entropy, True),
+                                     variables["params"], options.params)  # for the error message only
+        influence.check_lissa(result, influence.weighted_mean_loss(theta_loss), theta, data, rng=rng,
+                              damping=relative, scale=scale, batch_size=batch_size, num_examples=n,
+                              chunk_size=options.chunk_size)
+        return result.inverse_hvp
+    if options.solver == "cg":
+        influence.check_cg(result, damping, stacklevel=3)
+        return result.solution
+    return result
+
+
+def _pad_rows(data, size: int):
+    """`(data, weights)` with `data`'s rows padded to `size` on the host (repeating the last row, weight 0)."""
+    n = parallel.num_examples(data)
+    idx = np.minimum(np.arange(size), n - 1)
+    return jax.tree.map(lambda a: a[idx], data), (np.arange(size) < n).astype(np.float32)
 
 
 # The pool-wide passes go through `jaxal.parallel.map_chunks`/`sum_chunks` as the strategies' scorers do
@@ -190,81 +266,82 @@ def _example_loss(model, variables: dict, loss_of_logits: Callable, labelled: bo
 
 def _gradient_sum(static, variables, chunk):
     """sum_i w_i grad_theta L(z_i) over a chunk (w = 0 for sum_chunks' padding): the test gradient v."""
-    model, loss_of_logits, subset, labelled = static
+    model, loss_of_logits, subset, labelled, precision = static
     examples, weights = chunk
-    losses_of, theta = restrict(_example_loss(model, variables, loss_of_logits, labelled).batch_losses,
-                                variables["params"], subset)
+    with precision_lib.scope(precision):
+        losses_of, theta = restrict(_example_loss(model, variables, loss_of_logits, labelled).batch_losses,
+                                    variables["params"], subset)
 
-    def total(p):
-        losses = losses_of(p, examples)
-        return jnp.sum(weights.astype(losses.dtype) * losses)
+        def total(p):
+            losses = losses_of(p, examples)
+            return jnp.sum(weights.astype(losses.dtype) * losses)
 
-    return jax.grad(total)(theta)
+        return jax.grad(total)(theta)
 
 
 def _pool_pass(static, consts, xs):
     """(Target, ||g_{c+1}||, ||g_c||) for a chunk of the pool, one loss, in one program. Target is the
     forward-mode product of `jaxal.influence.influence_scores` (one jvp of the batched losses in the
-    direction s, no per-example gradient); the norms come from `gradnorm.per_example_grad_norms`."""
-    model, loss_of_logits, subset = static
+    direction s, no per-example gradient); the norms come from `gradnorm.per_example_grad_norms` (the
+    ghost engine by default: no per-example gradient is held, and on the last layer no backward pass
+    through the body)."""
+    model, loss_of_logits, subset, grad_method, precision = static
     prev_variables, next_variables, s = consts
-    loss_next = _example_loss(model, next_variables, loss_of_logits)
-    loss_prev = _example_loss(model, prev_variables, loss_of_logits)
-    losses_of, theta = restrict(loss_next.batch_losses, next_variables["params"], subset)
-    target = jax.jvp(lambda p: losses_of(p, xs), (theta,), (s,))[1]
-    norm_next = gradnorm.per_example_grad_norms(loss_next, next_variables["params"], xs, norm="global",
-                                                params_filter=subset)
-    norm_prev = gradnorm.per_example_grad_norms(loss_prev, prev_variables["params"], xs, norm="global",
-                                                params_filter=subset)
-    return target, norm_next, norm_prev
+    with precision_lib.scope(precision):
+        loss_next = _example_loss(model, next_variables, loss_of_logits)
+        loss_prev = _example_loss(model, prev_variables, loss_of_logits)
+        losses_of, theta = restrict(loss_next.batch_losses, next_variables["params"], subset)
+        target = jax.jvp(lambda p: losses_of(p, xs), (theta,), (s,))[1]
+        norm_next = gradnorm.per_example_grad_norms(loss_next, next_variables["params"], xs, norm="global",
+                                                    params_filter=subset, method=grad_method)
+        norm_prev = gradnorm.per_example_grad_norms(loss_prev, prev_variables["params"], xs, norm="global",
+                                                    params_filter=subset, method=grad_method)
+        return target, norm_next, norm_prev
 
 
 def _true_label_norms(static, variables, chunk):
-    model, norm, subset = static
-    loss = _example_loss(model, variables, gradnorm.cross_entropy, labelled=True)
-    return gradnorm.per_example_grad_norms(loss, variables["params"], chunk, norm=norm, params_filter=subset)
+    model, norm, subset, grad_method, precision = static
+    with precision_lib.scope(precision):
+        loss = _example_loss(model, variables, gradnorm.cross_entropy, labelled=True)
+        return gradnorm.per_example_grad_norms(loss, variables["params"], chunk, norm=norm, params_filter=subset,
+                                               method=grad_method)
 
 
 def cycle_bounds(model, prev_variables: dict, next_variables: dict, pool_x, train_data, test_data, *,
                  options: DiagnosticsOptions = DiagnosticsOptions(), damping: float = 0.0,
                  rng: Optional[jax.Array] = None, losses: Optional[dict[str, Callable]] = None,
-                 mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Bounds]:
+                 mesh: Optional[jax.sharding.Mesh] = None, capacity: Optional[int] = None,
+                 precision: str = precision_lib.SOLVERS_DEFAULT) -> dict[str, Bounds]:
     """{loss name: Bounds} for the models of cycles c (`prev_variables`) and c+1 (`next_variables`), the
     pool `pool_x`, the labelled training set `train_data = (x, y)` model c+1 was trained on, and the test
     set `test_data = (x, y)` (its labels are used only with `options.test_loss == "true"`).
     See the module docstring for the definitions; `damping` is the absolute shift mu of H + mu I.
     `losses` maps a name to a module-level function of one example's logits (it is part of the static
-    settings of the compiled passes); with a `mesh`, the pool and test passes are split over its devices.
+    settings of the compiled passes); with a `mesh`, the pool and test passes and the solve are split over
+    its devices. `capacity`: the largest labelled set of the run (the solver's padded size, so it compiles
+    once per run). `precision`: of every product here (`jaxal.precision`; "highest" by default).
 
-    Cost per loss: one solve, one pass over the pool (Target by a jvp, and the per-example gradient norms
-    under models c and c+1), and one gradient of the test loss (skipped for the second loss with true
-    labels).
+    Cost per loss: one solve (every Hessian-vector product summed over chunks of `options.chunk_size`
+    labelled examples), one pass over the pool (Target by a jvp, and the per-example gradient norms under
+    models c and c+1), and one gradient of the test loss (skipped for the second loss with true labels).
     """
     losses = LOSSES if losses is None else losses
     rng = jax.random.key(options.seed) if rng is None else rng
     chunk, subset = options.chunk_size, options.params
     test_x, test_y = test_data
 
-    # The solve stays per cycle, deliberately: `influence.solve` jits its training loss as a static
-    # argument and takes no traced constants besides the parameters theta it differentiates, so the loss
-    # is a closure over model c+1's other parameters and BatchNorm statistics: one compilation per cycle
-    # (the same object serves every loss and solve of the cycle), with those arrays as constants of that
-    # one program. Making it cycle-stable would need another entry point in `jaxal.influence`.
-    ce_losses_of, theta = restrict(_example_loss(model, next_variables, gradnorm.cross_entropy, True).batch_losses,
-                                   next_variables["params"], subset)
-    train_loss = lambda sel, batch: jnp.mean(ce_losses_of(sel, batch))  # noqa: E731
-
     def solve_for(loss_of_logits, data, labelled: bool):
-        v = parallel.sum_chunks(_gradient_sum, (model, loss_of_logits, subset, labelled), next_variables, data,
-                                chunk_size=chunk, mesh=mesh)  # sum_j g_{c+1}(x_j): a SUM over the test set
-        return inverse_hvp(options, train_loss, theta, train_data, v, damping=damping, rng=rng)
+        v = parallel.sum_chunks(_gradient_sum, (model, loss_of_logits, subset, labelled, precision), next_variables,
+                                data, chunk_size=chunk, mesh=mesh)  # sum_j g_{c+1}(x_j): a SUM over the test set
+        return inverse_hvp(model, next_variables, options, train_data, v, damping=damping, rng=rng, capacity=capacity,
+                           precision=precision, mesh=mesh)
 
     s_true = solve_for(gradnorm.cross_entropy, (test_x, test_y), True) if options.test_loss == "true" else None
     out = {}
     for name, loss_of_logits in losses.items():
         s = s_true if s_true is not None else solve_for(loss_of_logits, test_x, False)
         s_norm = float(tree_norm(s))
-        passes = parallel.map_chunks(_pool_pass, (model, loss_of_logits, subset),
+        passes = parallel.map_chunks(_pool_pass, (model, loss_of_logits, subset, options.grad_method, precision),
                                      (prev_variables, next_variables, s), pool_x, chunk_size=chunk, mesh=mesh)
         target, norm_next, norm_prev = (np.asarray(a, np.float64) for a in passes)
         out[name] = Bounds(target, np.abs(target), norm_next * s_norm, norm_prev * s_norm, norm_next, norm_prev,
@@ -274,10 +351,11 @@ def cycle_bounds(model, prev_variables: dict, next_variables: dict, pool_x, trai
 
 def true_label_grad_norms(model, variables: dict, pool_x, pool_y, *, norm: str = "global",
                           params_filter: str = "all", chunk_size: Optional[int] = None,
-                          mesh: Optional[jax.sharding.Mesh] = None) -> np.ndarray:
+                          mesh: Optional[jax.sharding.Mesh] = None, grad_method: str = "ghost",
+                          precision: str = precision_lib.SOLVERS_DEFAULT) -> np.ndarray:
     """(n_pool,) norms of the true-label CE gradient under `variables` (Table 1's reference ranking)."""
-    return np.asarray(parallel.map_chunks(_true_label_norms, (model, norm, params_filter), variables,
-                                          (pool_x, pool_y), chunk_size=chunk_size, mesh=mesh), np.float64)
+    return np.asarray(parallel.map_chunks(_true_label_norms, (model, norm, params_filter, grad_method, precision),
+                                          variables, (pool_x, pool_y), chunk_size=chunk_size, mesh=mesh), np.float64)
 
 
 def top_k_overlap(scores_a, scores_b, k: int) -> int:
@@ -375,19 +453,22 @@ class DiagnosticsObserver:
         candidates = previous.candidates
         pool_x = data.x_train[candidates]  # host arrays: the chunked passes move them a chunk at a time
         trained_on = np.asarray(trained_on)
-        train_data = (jnp.asarray(data.x_train[trained_on]), jnp.asarray(data.y_train[trained_on]))
+        train_data = (data.x_train[trained_on], data.y_train[trained_on])  # padded on the host by the solve
         test_data = (data.x_test, data.y_test)
         damping = config.weight_decay if options.damping is None else options.damping
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(options.seed), trial), previous.cycle)
+        precision = config.precision.solvers
         bounds = cycle_bounds(exp.model, previous.variables, variables, pool_x, train_data, test_data,
-                              options=options, damping=damping, rng=rng, mesh=exp.mesh)
+                              options=options, damping=damping, rng=rng, mesh=exp.mesh,
+                              capacity=max_labeled(config), precision=precision)
         k = options.k or config.budget
         k = min(k, len(candidates))
         row = summarise(bounds, k)
         # Table 1: the strategy's K selected samples vs the K of largest true-label gradient norm, model c.
         true_norms = true_label_grad_norms(exp.model, previous.variables, pool_x, data.y_train[candidates],
                                            norm=options.table1_norm, params_filter=options.table1_params,
-                                           chunk_size=options.chunk_size, mesh=exp.mesh)
+                                           chunk_size=options.chunk_size, mesh=exp.mesh,
+                                           grad_method=options.grad_method, precision=precision)
         selected_positions = np.searchsorted(candidates, previous.selected)
         if not np.array_equal(candidates[np.minimum(selected_positions, len(candidates) - 1)], previous.selected):
             raise RuntimeError("the selected samples are not among the candidates of their cycle")
@@ -628,11 +709,16 @@ def _check_against(exp, options: DiagnosticsOptions) -> None:
     config = exp.config
     variables = jax.eval_shape(lambda key: init_variables(exp.model, key, exp.dataset.image_shape),
                                jax.random.key(0))
-    size = _subset_size(variables["params"], options.params)
-    if options.solver == "exact" and size > influence.MAX_EXACT_PARAMS:
-        raise ValueError(f"--diag.solver exact builds a dense Hessian and is limited to "
-                         f"{influence.MAX_EXACT_PARAMS} parameters; --diag.params {options.params} of "
-                         f"{config.model} has {size}: use --diag.solver cg or lissa, or --diag.params last_layer")
+    if options.solver == "exact":
+        params = variables["params"]
+        try:
+            influence.check_exact_memory(partition(params, subset_mask(params, options.params))[0],
+                                         max_bytes=int(options.exact_max_gib * 2**30),
+                                         block_size=options.exact_block_size, flag="--diag.exact_max_gib")
+        except ValueError as error:
+            raise ValueError(f"--diag.solver exact with --diag.params {options.params} of {config.model}: {error}"
+                             ) from None
+    precision_lib.check(config.precision.solvers, "--precision.solvers")
     if config.cycles < 2:
         raise ValueError("the diagnostics compare the models of consecutive cycles: --cycles must be at least 2")
     k = options.k or config.budget

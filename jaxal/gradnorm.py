@@ -13,7 +13,10 @@ and backward pass with respect to the layer outputs gives each layer's input `a`
 per example, and each layer's per-example weight gradient is `sum_t a_t d_t^T` over its positions t
 (pixels for a convolution, via patches), whose squared norm is taken directly or, where cheaper, as
 `sum_{t,s} (a_t . a_s)(d_t . d_s)` ("ghost norm"). It supports models built from flax Dense, Conv and
-BatchNorm; `method="vmap"` works for any loss and is the reference the tests compare against.
+BatchNorm; `method="vmap"` works for any loss and is the reference the tests compare against. The
+ghost pass honours the parameter subset: only the layers that own a selected parameter get an output
+perturbation and have their inputs recorded, so the backward pass stops at the earliest of them (a
+"last_layer" subset costs a forward pass and the head's backward).
 
 Losses are functions of the logits of ONE example (shape (C,)). exp-gn as written equals ent-gn
 (point 2): with the posterior differentiated, `sum_i p_i CE(z, i) = -sum_i p_i log p_i`.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -120,8 +123,9 @@ def _vmap_chunk(static, params, chunk):
     return _vmap_squares(loss_fn, params, chunk, params_filter=params_filter)
 
 
-def _ghost_chunk(loss_fn, params, chunk):
-    return _ghost_squares_jit(loss_fn, params, chunk)
+def _ghost_chunk(static, params, chunk):
+    loss_fn, layers = static
+    return _ghost_squares_jit(loss_fn, params, chunk, layers)
 
 
 def _egl_chunk(static, params, chunk):
@@ -220,18 +224,19 @@ class _Layer(NamedTuple):
     feature_axes: tuple[int, ...] = ()
 
 
-def _layer_inputs(params, xs, loss: ExampleLoss, eps, layers: dict):
-    """Batched forward pass with `eps[path]` added to the output of every Dense/Conv/BatchNorm layer, so that
-    the gradient with respect to eps is each example's output gradient. Returns (sum of losses, inputs),
-    where inputs[path] is what the layer's parameter gradient is formed from: the Dense input, the Conv
-    patches, or the normalised BatchNorm input. Fills `layers` with static facts at trace time."""
+def _layer_inputs(params, xs, loss: ExampleLoss, eps, layers: dict, wanted: Optional[frozenset] = None):
+    """Batched forward pass with `eps[path]` added to the output of every Dense/Conv/BatchNorm layer in
+    `wanted` (None: every one), so that the gradient with respect to eps is each example's output
+    gradient. Returns (sum of losses, inputs), where inputs[path] is what the layer's parameter gradient
+    is formed from: the Dense input, the Conv patches, or the normalised BatchNorm input. Fills `layers`
+    with static facts at trace time. Layers outside `wanted` run unchanged and record nothing."""
     inputs = {}
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if not _supported(context, args[0] if args else None):
-            return next_fun(*args, **kwargs)
         key = "/".join(module.path)
+        if not _supported(context, args[0] if args else None) or (wanted is not None and key not in wanted):
+            return next_fun(*args, **kwargs)
         if key in inputs:
             raise ValueError(f"method='ghost' needs each layer called once per forward pass; {key} is shared: "
                              "use method='vmap'")
@@ -254,9 +259,13 @@ def _layer_inputs(params, xs, loss: ExampleLoss, eps, layers: dict):
     return jnp.sum(losses), inputs
 
 
-def _ghost_squares(loss: ExampleLoss, params, xs) -> dict[tuple[str, ...], jax.Array]:
+def _ghost_squares(loss: ExampleLoss, params, xs, wanted: Optional[frozenset] = None
+                   ) -> dict[tuple[str, ...], jax.Array]:
     """{parameter path: (N,) squared norms of the per-example gradient} for every parameter of a
-    supported layer, from one batched forward pass and one backward pass to the layer outputs."""
+    supported layer in `wanted` (layer paths "a/b"; None: every layer), from one batched forward pass
+    and one backward pass to the outputs of those layers only. The output perturbations are injected at
+    the wanted layers alone, so autodiff stops at the earliest of them: a last-layer subset costs a
+    forward pass and the head's backward, not a backward pass through the whole network."""
     layers: dict[str, _Layer] = {}
     shapes = {}
 
@@ -264,8 +273,9 @@ def _ghost_squares(loss: ExampleLoss, params, xs) -> dict[tuple[str, ...], jax.A
         # Record the output shapes (for eps) with a forward pass that only has its shapes evaluated.
         def interceptor(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
-            if _supported(context, args[0] if args else None):
-                shapes["/".join(context.module.path)] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+            key = "/".join(context.module.path)
+            if _supported(context, args[0] if args else None) and (wanted is None or key in wanted):
+                shapes[key] = jax.ShapeDtypeStruct(y.shape, y.dtype)
             return y
 
         with nn.intercept_methods(interceptor):
@@ -273,7 +283,7 @@ def _ghost_squares(loss: ExampleLoss, params, xs) -> dict[tuple[str, ...], jax.A
 
     jax.eval_shape(output_shapes, params, xs)
     eps = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
-    grad_fn = jax.grad(lambda e: _layer_inputs(params, xs, loss, e, layers), has_aux=True)
+    grad_fn = jax.grad(lambda e: _layer_inputs(params, xs, loss, e, layers, wanted), has_aux=True)
     deltas, inputs = grad_fn(eps)
 
     squares = {}
@@ -294,9 +304,14 @@ def _ghost_squares(loss: ExampleLoss, params, xs) -> dict[tuple[str, ...], jax.A
     return squares
 
 
-# Every parameter's squares, whatever the subset: the subset only picks from them, so one program serves
-# all subsets and norms.
-_ghost_squares_jit = jax.jit(_ghost_squares, static_argnums=0)
+# One program per loss and set of wanted layers (the subset); both norms reduce the same squares.
+_ghost_squares_jit = jax.jit(_ghost_squares, static_argnums=(0, 3))
+
+
+def _wanted_layers(params: PyTree, params_filter: ParamsFilter) -> frozenset:
+    """The paths ("a/b") of the layers that own a selected parameter."""
+    mask = traverse_util.flatten_dict(_mask(params, params_filter))
+    return frozenset("/".join(path[:-1]) for path, m in mask.items() if m)
 
 
 def _ghost_selection(covered, params: PyTree, params_filter: ParamsFilter) -> list[tuple[str, ...]]:
@@ -334,9 +349,10 @@ def per_example_grad_norms(loss_fn: Callable, params: PyTree, xs: PyTree, *, nor
     if method == "ghost":
         # Find unsupported layers before any work, from a shapes-only trace on one example.
         one = jax.tree.map(lambda a: a[:1], xs)
-        covered = jax.eval_shape(lambda p, x: _ghost_squares(loss_fn, p, x), params, one)
+        wanted = _wanted_layers(params, params_filter)
+        covered = jax.eval_shape(lambda p, x: _ghost_squares(loss_fn, p, x, wanted), params, one)
         selection = _ghost_selection(covered, params, params_filter)
-        squares = parallel.map_chunks(_ghost_chunk, loss_fn, params, xs, chunk_size=chunk_size)
+        squares = parallel.map_chunks(_ghost_chunk, (loss_fn, wanted), params, xs, chunk_size=chunk_size)
         return _reduce(jnp.stack([squares[path] for path in selection], axis=-1), norm)
     squares = parallel.map_chunks(_vmap_chunk, (loss_fn, params_filter), params, xs, chunk_size=chunk_size)
     return _reduce(squares, norm)

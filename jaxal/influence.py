@@ -20,7 +20,31 @@ Conventions
   is then compiled once per settings and shapes, whatever the weights (`jaxal.strategies.isal`).
 - A padded batch (fixed size, so one program serves a growing labelled set) is `(batch, weights)`
   with `weighted_mean_loss`: weights 1 for the real examples, 0 for the padding. `lissa` draws its
-  minibatches among the first `num_examples` rows only.
+  minibatches among the first `num_examples` rows only, and every product over a set stops at them.
+
+Memory: every product over a set is a sum over chunks
+-----------------------------------------------------
+A Hessian-vector product over n examples of ResNet-18 in one batch holds n examples' activations and
+their tangents (31 GB for 1900 CIFAR images). Here every product over a set -- each CG iteration, each
+power iteration, each full-batch LiSSA step, every column block of the exact solver's dense Hessian, a
+LiSSA minibatch larger than a chunk -- is `set_hvp`: a `lax.fori_loop` over chunks of `chunk_size` rows
+(256 by default) inside the same jitted solver, accumulating `sum_chunk H_chunk v`. Its memory is that of
+one chunk, whatever n (`tests/test_memory.py` reads XLA's compiled memory of each solver at 256 and 4096
+labelled examples on ResNet-18), and the chunking changes no result beyond rounding. The exact solver
+assembles its P x P matrix `block_size` rows at a time from these products and is refused above a byte
+limit that counts what it allocates (`exact_bytes`: the matrix, its symmetrised copy and LU factors).
+
+The Hessian of the training objective (`l2`)
+--------------------------------------------
+Training with weight decay wd minimises `CE + wd/2 ||theta||^2`, whose Hessian is `H_CE + wd*I`. Koh &
+Liang's code differentiates that total loss (`hessian_vector_product(self.total_loss, ...)` in
+influence-release); ISAL's code differentiates the cross-entropy alone (`hessian_vec_prod(loss, ...)` in
+`classification/src/utils.py`). Every solver here takes `l2` (default 0, ISAL's choice) and adds `l2*v`
+to each product, so `l2=weight_decay` is Koh & Liang's H. For cg/exact it equals adding `l2` to the
+damping; for LiSSA it is part of the recursion's Hessian (the fixed point is `(H + l2 I + d s I)^-1 v`).
+
+Precision: the solvers trace their products under `jaxal.precision.scope(precision)`, "highest" by
+default (true float32 products on GPUs, not TF32); see `jaxal.precision`.
 
 Influence sign convention (Koh & Liang 2017)
 --------------------------------------------
@@ -67,9 +91,10 @@ With a PSD minibatch Hessian below the scale, `||h_t|| <= ||v|| sum_{k<=t} (1-d)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +102,10 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 
 from jaxal import parallel
+from jaxal import precision as precision_lib
 from jaxal.losses import cross_entropy, pseudo_label_cross_entropy  # noqa: F401  (the engine's losses)
 from jaxal.pytree import tree_add_scaled, tree_dot, tree_norm, tree_scale, tree_size
 
@@ -86,7 +113,9 @@ PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
 SOLVERS = ("lissa", "cg", "exact")
-MAX_EXACT_PARAMS = 5000  # a dense Hessian of 5000^2 float64 entries is 200 MB
+DEFAULT_CHUNK_SIZE = 256  # rows of a set per Hessian-vector product (memory only: never changes a result)
+DEFAULT_EXACT_BLOCK_SIZE = 32  # basis vectors per pass of the dense-Hessian assembly
+DEFAULT_EXACT_MAX_BYTES = 1 << 30  # what the exact solver may allocate (`exact_bytes`): 1 GiB
 
 
 # ----------------------------------------------------------------------------- losses
@@ -108,34 +137,53 @@ def example_loss(apply_fn: Callable, *, pseudo_label: bool = False) -> Callable:
     return pseudo_label_loss if pseudo_label else true_label_loss
 
 
-def mean_loss(example_loss_fn: Callable) -> LossFn:
-    """`loss_fn(params, batch)`: the mean of `example_loss_fn` over the batch's leading axis."""
+@dataclasses.dataclass(frozen=True)
+class MeanLoss:
+    """`loss_fn(params, data)`: the mean of `example_loss_fn` over `data`'s leading axis, or with
+    `weighted=True` and `data = (batch, weights)`, `sum_i w_i l_i / sum_i w_i`. The solvers recognise it
+    and sum its Hessian-vector products over chunks with per-row weights (so padding and the rows
+    beyond `num_examples` weigh nothing). Frozen and hashable: a static argument of the jitted solvers,
+    compared by `example_loss_fn`'s identity."""
 
-    def loss_fn(params, batch):
-        return jnp.mean(jax.vmap(example_loss_fn, (None, 0))(params, batch))
+    example_loss_fn: Callable
+    weighted: bool = False
 
-    return loss_fn
+    def split(self, data) -> tuple[PyTree, Optional[jax.Array]]:
+        return data if self.weighted else (data, None)
 
-
-def weighted_mean_loss(example_loss_fn: Callable) -> LossFn:
-    """`loss_fn(params, (batch, weights))`: `sum_i w_i l_i / sum_i w_i`. With weights 1 for the real
-    examples and 0 for padding it is the mean over the real examples of a padded batch (and exactly
-    `mean_loss` on a minibatch drawn among the real rows)."""
-
-    def loss_fn(params, weighted):
-        batch, weights = weighted
-        losses = jax.vmap(example_loss_fn, (None, 0))(params, batch)
+    def __call__(self, params, data) -> jax.Array:
+        batch, weights = self.split(data)
+        losses = jax.vmap(self.example_loss_fn, (None, 0))(params, batch)
+        if weights is None:
+            return jnp.mean(losses)
         weights = weights.astype(losses.dtype)
         return jnp.sum(weights * losses) / jnp.sum(weights)
 
-    return loss_fn
+    def weighted_sum(self, params, weighted) -> jax.Array:
+        """`sum_i w_i l_i` over a chunk `(batch, w)`: what the chunked HVP differentiates."""
+        batch, weights = weighted
+        losses = jax.vmap(self.example_loss_fn, (None, 0))(params, batch)
+        return jnp.sum(weights.astype(losses.dtype) * losses)
+
+
+def mean_loss(example_loss_fn: Callable) -> MeanLoss:
+    """`loss_fn(params, batch)`: the mean of `example_loss_fn` over the batch's leading axis."""
+    return MeanLoss(example_loss_fn)
+
+
+def weighted_mean_loss(example_loss_fn: Callable) -> MeanLoss:
+    """`loss_fn(params, (batch, weights))`: `sum_i w_i l_i / sum_i w_i`. With weights 1 for the real
+    examples and 0 for padding it is the mean over the real examples of a padded batch (and exactly
+    `mean_loss` on a minibatch drawn among the real rows)."""
+    return MeanLoss(example_loss_fn, weighted=True)
 
 
 # ----------------------------------------------------------------------------- HVP and friends
 
 
 def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
-    """Exact Hessian-vector product `H v` of `loss_fn(., batch)` at `params`, forward-over-reverse."""
+    """Exact Hessian-vector product `H v` of `loss_fn(., batch)` at `params`, forward-over-reverse, on
+    the batch in ONE piece (`set_hvp` is the chunked product over a set)."""
     return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
 
 
@@ -216,80 +264,226 @@ def _loop_hvp(loss_fn: LossFn) -> Callable:
     return _canonical_convs(lambda params, batch, v: hvp(loss_fn, params, batch, v))
 
 
+# ----------------------------------------------------------------------------- HVP over a set, in chunks
+
+
+def _num_rows(data: PyTree) -> int:
+    leaves = jax.tree.leaves(data)
+    return int(np.shape(leaves[0])[0]) if leaves else 0
+
+
+def _slice_rows(tree: PyTree, start, size: int) -> PyTree:
+    return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, size), tree)
+
+
+def set_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+            num_examples=None, l2=0.0, mesh=None) -> PyTree:
+    """`(H + l2*I) v` with `H` the Hessian of `loss_fn(., data)` over the WHOLE of `data`, computed as a sum
+    of Hessian-vector products over chunks of at most `chunk_size` rows inside one loop, so its memory
+    is that of one chunk, whatever the number of rows. For use inside jitted functions (every solver
+    below calls it); the result does not depend on `chunk_size` beyond rounding.
+
+    - A `MeanLoss` (`mean_loss`, `weighted_mean_loss`): chunk k covers rows `[start, start + c)` with
+      `start = min(k*c, n - c)` (the last chunk is shifted back, never padded, so no copy of the set is
+      made), each row weighted by its own weight, by 0 if an earlier chunk already covered it or if it
+      lies at or beyond `num_examples` (traced: the loop runs only over the chunks that hold real rows),
+      and the sum is divided by the total weight.
+    - Any other `loss_fn(params, batch)`, by the module's convention the mean over the batch (plus a
+      regulariser of the parameters): full chunks weighted by `c/n` and the remaining `r` rows by
+      `r/n`, which sums to the whole set's mean (and its regulariser once). `num_examples` needs a
+      `MeanLoss`.
+    - `data` without rows (None, a loss of the parameters alone): one plain `hvp`.
+    With a `mesh`, each chunk is split over its devices when it has at least one row per device.
+    `l2` adds the Hessian `l2*I` of the objective's weight decay `l2/2 ||theta||^2`.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"the HVP chunk size must be at least 1, got {chunk_size}")
+    n = _num_rows(data)
+    if n == 0:
+        product = hvp(loss_fn, params, data, v)
+    elif isinstance(loss_fn, MeanLoss):
+        product = _weighted_chunks_hvp(loss_fn, params, data, v, min(chunk_size, n), num_examples, mesh)
+    elif num_examples is not None:
+        raise ValueError("num_examples needs a loss from mean_loss or weighted_mean_loss (its rows can be weighted)")
+    else:
+        product = _mean_chunks_hvp(loss_fn, params, data, v, min(chunk_size, n), mesh)
+    return product if isinstance(l2, (int, float)) and l2 == 0 else tree_add_scaled(product, v, l2)
+
+
+def _weighted_chunks_hvp(loss_fn: MeanLoss, params, data, v, size: int, num_examples, mesh):
+    batch, weights = loss_fn.split(data)
+    n = _num_rows(batch)
+    real = n if num_examples is None else num_examples
+    dtype = jax.tree.leaves(v)[0].dtype
+    all_rows = jnp.arange(n)
+    if weights is None:
+        total_weight = jnp.asarray(real, dtype)
+    else:
+        total_weight = jnp.sum(jnp.where(all_rows < real, weights.astype(dtype), 0))
+    chunk_hvp = _loop_hvp(loss_fn.weighted_sum)
+
+    def add_chunk(k, total):
+        start = jnp.minimum(k * size, n - size)
+        rows = start + jnp.arange(size)
+        w = jnp.ones(size, dtype) if weights is None else lax.dynamic_slice_in_dim(weights, start, size).astype(dtype)
+        w = jnp.where((rows >= k * size) & (rows < real), w, 0)
+        chunk = parallel.constrain_batch((_slice_rows(batch, start, size), w), mesh)
+        return jax.tree.map(jnp.add, total, chunk_hvp(params, chunk, v))
+
+    num_chunks = (real + size - 1) // size  # a traced count gives a while loop over the real chunks only
+    total = lax.fori_loop(0, num_chunks, add_chunk, jax.tree.map(jnp.zeros_like, v))
+    return tree_scale(total, 1 / total_weight)
+
+
+def _mean_chunks_hvp(loss_fn, params, data, v, size: int, mesh):
+    n = _num_rows(data)
+    full, rest = divmod(n, size)
+    chunk_hvp = _loop_hvp(loss_fn)
+
+    def add_chunk(k, total):
+        chunk = parallel.constrain_batch(_slice_rows(data, k * size, size), mesh)
+        return jax.tree.map(jnp.add, total, chunk_hvp(params, chunk, v))
+
+    total = tree_scale(lax.fori_loop(0, full, add_chunk, jax.tree.map(jnp.zeros_like, v)), size / n)
+    if rest:
+        last = parallel.constrain_batch(jax.tree.map(lambda a: a[n - rest:], data), mesh)
+        total = tree_add_scaled(total, chunk_hvp(params, last, v), rest / n)
+    return total
+
+
 def _normal_like(rng: jax.Array, tree: PyTree) -> PyTree:
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(rng, len(leaves))
     return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "iters"))
-def _power_iteration(loss_fn, params, batch, rng, iters):
-    v = _normal_like(rng, params)
-    v = tree_scale(v, 1.0 / tree_norm(v))
-    dtype = jax.tree.leaves(params)[0].dtype
-    loop_hvp = _loop_hvp(loss_fn)
+def _power_iteration_body(loss_fn, params, data, rng, l2=0.0, *, iters, chunk_size=DEFAULT_CHUNK_SIZE,
+                          num_examples=None, mesh=None, precision=precision_lib.SOLVERS_DEFAULT):
+    with precision_lib.scope(precision):
+        v = _normal_like(rng, params)
+        v = tree_scale(v, 1.0 / tree_norm(v))
+        dtype = jax.tree.leaves(params)[0].dtype
 
-    def body(_, carry):
-        v, _ = carry
-        hv = loop_hvp(params, batch, v)
-        eigenvalue = tree_dot(v, hv)  # Rayleigh quotient, ||v|| = 1
-        norm = tree_norm(hv)
-        v = tree_scale(hv, 1.0 / jnp.where(norm > 0, norm, 1.0))
-        return v, eigenvalue.astype(dtype)
+        def body(_, carry):
+            v, _ = carry
+            hv = set_hvp(loss_fn, params, data, v, chunk_size=chunk_size, num_examples=num_examples, l2=l2, mesh=mesh)
+            eigenvalue = tree_dot(v, hv)  # Rayleigh quotient, ||v|| = 1
+            norm = tree_norm(hv)
+            v = tree_scale(hv, 1.0 / jnp.where(norm > 0, norm, 1.0))
+            return v, eigenvalue.astype(dtype)
 
-    return lax.fori_loop(0, iters, body, (v, jnp.zeros((), dtype)))[1]
-
-
-def power_iteration(loss_fn: LossFn, params: PyTree, batch: PyTree, *, rng: jax.Array,
-                    iters: int = 50) -> jax.Array:
-    """Estimate of the largest-MAGNITUDE eigenvalue of the Hessian of `loss_fn(., batch)` (signed:
-    the Rayleigh quotient of the last iterate). One jitted `fori_loop` of `iters` HVPs."""
-    return _power_iteration(loss_fn, params, batch, rng, iters)
+        return lax.fori_loop(0, iters, body, (v, jnp.zeros((), dtype)))[1]
 
 
-def dense_hessian(loss_fn: LossFn, params: PyTree, batch: PyTree) -> jax.Array:
-    """The (P, P) Hessian on the flattened parameters (`jax.flatten_util.ravel_pytree` order),
-    for P <= MAX_EXACT_PARAMS."""
+_power_iteration = jax.jit(_power_iteration_body,
+                           static_argnames=("loss_fn", "iters", "chunk_size", "mesh", "precision"))
+
+
+def power_iteration(loss_fn: LossFn, params: PyTree, data: PyTree, *, rng: jax.Array, iters: int = 50,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, l2: float = 0.0, num_examples=None,
+                    precision: str = precision_lib.SOLVERS_DEFAULT) -> jax.Array:
+    """Estimate of the largest-MAGNITUDE eigenvalue of the Hessian of `loss_fn(., data)` (plus `l2*I`),
+    signed: the Rayleigh quotient of the last iterate. One jitted `fori_loop` of `iters` products
+    `set_hvp` over `data` in chunks of `chunk_size`."""
+    return _power_iteration(loss_fn, params, data, rng, l2, iters=iters, chunk_size=chunk_size,
+                            num_examples=num_examples, precision=precision)
+
+
+# ----------------------------------------------------------------------------- the dense Hessian
+
+
+def exact_bytes(num_params: int, itemsize: int = 4, block_size: int = DEFAULT_EXACT_BLOCK_SIZE) -> int:
+    """Bytes the exact solver allocates beyond one chunked HVP: two P x P matrices (the assembled
+    Hessian, then its symmetrised and shifted copy, which XLA factorises in place; the assembly buffer
+    is reused) and a block of `block_size` basis vectors and their products (2 x block x P).
+    `tests/test_memory.py` checks it against XLA's count of the compiled program's temporaries."""
+    block = min(block_size, num_params)
+    return (2 * num_params * num_params + 2 * block * num_params) * itemsize
+
+
+def check_exact_memory(params: PyTree, *, max_bytes: int = DEFAULT_EXACT_MAX_BYTES,
+                       block_size: int = DEFAULT_EXACT_BLOCK_SIZE, flag: str = "max_bytes") -> None:
+    """ValueError if the exact solver on `params` (arrays or `jax.ShapeDtypeStruct`s) would allocate more
+    than `max_bytes` (see `exact_bytes`); the message gives the size and what to use instead."""
     size = tree_size(params)
-    if size > MAX_EXACT_PARAMS:
-        raise ValueError(f"the dense Hessian needs P <= {MAX_EXACT_PARAMS} parameters (P^2 entries), got "
-                         f"P = {size}; use cg or lissa, or a smaller subset (jaxal.pytree.restrict)")
-    return _dense_hessian(loss_fn, params, batch)
+    leaves = jax.tree.leaves(params)
+    itemsize = np.dtype(leaves[0].dtype).itemsize if leaves else 4
+    needed = exact_bytes(size, itemsize, block_size)
+    if needed > max_bytes:
+        raise ValueError(f"the exact solver builds a dense {size} x {size} Hessian of P = {size:,} parameters and "
+                         f"factorises it: {needed / 2**30:.3g} GiB, above the limit of {max_bytes / 2**30:.3g} GiB "
+                         f"({flag}); use the cg or lissa solver, a smaller parameter subset (last_layer), or raise "
+                         f"the limit")
 
 
-def _dense_hessian_body(loss_fn, params, batch):
+def _dense_hessian_body(loss_fn, params, data, l2=0.0, *, chunk_size=DEFAULT_CHUNK_SIZE,
+                        block_size=DEFAULT_EXACT_BLOCK_SIZE, num_examples=None, mesh=None):
+    """The symmetrised (P, P) Hessian, assembled `block_size` rows at a time from `set_hvp`s of the
+    basis vectors of those rows (vmapped: they share each chunk's forward pass). Block k writes rows
+    `[min(k*b, P - b), +b)`: the last block is shifted back, rewriting rows with the same values."""
     flat, unravel = ravel_pytree(params)
-    hessian = jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
+    size = flat.shape[0]
+    block = min(block_size, size)
+
+    def product(tangent):
+        hv = set_hvp(loss_fn, params, data, unravel(tangent), chunk_size=chunk_size, num_examples=num_examples,
+                     l2=l2, mesh=mesh)
+        return ravel_pytree(hv)[0]
+
+    def add_block(k, hessian):
+        start = jnp.minimum(k * block, size - block)
+        basis = ((start + jnp.arange(block))[:, None] == jnp.arange(size)[None, :]).astype(flat.dtype)
+        return lax.dynamic_update_slice_in_dim(hessian, jax.vmap(product)(basis).astype(flat.dtype), start, axis=0)
+
+    hessian = lax.fori_loop(0, -(-size // block), add_block, jnp.zeros((size, size), flat.dtype))
     return 0.5 * (hessian + hessian.T)
 
 
-_dense_hessian = jax.jit(_dense_hessian_body, static_argnames=("loss_fn",))
+def _dense_hessian_jit(loss_fn, params, data, l2, *, chunk_size, block_size, precision):
+    with precision_lib.scope(precision):
+        return _dense_hessian_body(loss_fn, params, data, l2, chunk_size=chunk_size, block_size=block_size)
 
 
-def _exact_body(loss_fn, params, batch, v, damping):
-    flat_v, unravel = ravel_pytree(v)
-    hessian = _dense_hessian_body(loss_fn, params, batch)
-    shifted = hessian + damping * jnp.eye(flat_v.shape[0], dtype=hessian.dtype)
-    return unravel(jnp.linalg.solve(shifted, flat_v))
+_dense_hessian = jax.jit(_dense_hessian_jit, static_argnames=("loss_fn", "chunk_size", "block_size", "precision"))
 
 
-_exact_inverse_hvp = jax.jit(_exact_body, static_argnames=("loss_fn",))
+def dense_hessian(loss_fn: LossFn, params: PyTree, data: PyTree, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                  block_size: int = DEFAULT_EXACT_BLOCK_SIZE, l2: float = 0.0,
+                  max_bytes: int = DEFAULT_EXACT_MAX_BYTES, precision: str = precision_lib.SOLVERS_DEFAULT
+                  ) -> jax.Array:
+    """The (P, P) Hessian of `loss_fn(., data)` (plus `l2*I`) on the flattened parameters
+    (`jax.flatten_util.ravel_pytree` order), assembled from chunked HVPs; refused above `max_bytes`."""
+    check_exact_memory(params, max_bytes=max_bytes, block_size=block_size)
+    return _dense_hessian(loss_fn, params, data, l2, chunk_size=chunk_size, block_size=block_size, precision=precision)
 
 
-def check_exact_size(params: PyTree) -> None:
-    """ValueError if `params` is too large for a dense Hessian (above MAX_EXACT_PARAMS)."""
-    size = tree_size(params)
-    if size > MAX_EXACT_PARAMS:
-        raise ValueError(f"exact_inverse_hvp builds a dense P x P Hessian and is limited to P <= "
-                         f"{MAX_EXACT_PARAMS} parameters, got P = {size}; use cg or lissa instead")
+def _exact_body(loss_fn, params, data, v, damping, l2=0.0, *, chunk_size=DEFAULT_CHUNK_SIZE,
+                block_size=DEFAULT_EXACT_BLOCK_SIZE, num_examples=None, mesh=None,
+                precision=precision_lib.SOLVERS_DEFAULT):
+    with precision_lib.scope(precision):
+        flat_v, unravel = ravel_pytree(v)
+        hessian = _dense_hessian_body(loss_fn, params, data, l2, chunk_size=chunk_size, block_size=block_size,
+                                      num_examples=num_examples, mesh=mesh)
+        shifted = hessian + damping * jnp.eye(flat_v.shape[0], dtype=hessian.dtype)
+        return unravel(jnp.linalg.solve(shifted, flat_v))
 
 
-def exact_inverse_hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree, *,
-                      damping: float = 0.0) -> PyTree:
-    """`(H + damping*I)^-1 v` by a dense solve of the full Hessian on `batch` (absolute damping).
-    Only for small problems: raises ValueError above MAX_EXACT_PARAMS parameters."""
-    check_exact_size(params)
-    return _exact_inverse_hvp(loss_fn, params, batch, v, damping)
+_exact_inverse_hvp = jax.jit(_exact_body, static_argnames=("loss_fn", "chunk_size", "block_size", "mesh",
+                                                           "precision"))
+
+
+def exact_inverse_hvp(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, damping: float = 0.0,
+                      l2: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE, block_size: int = DEFAULT_EXACT_BLOCK_SIZE,
+                      max_bytes: int = DEFAULT_EXACT_MAX_BYTES, num_examples=None, mesh=None,
+                      precision: str = precision_lib.SOLVERS_DEFAULT) -> PyTree:
+    """`(H + l2*I + damping*I)^-1 v` by a dense solve (absolute damping), the Hessian of `loss_fn` on
+    `data` assembled `block_size` rows at a time from HVPs over chunks of `chunk_size` rows. Only for small
+    parameter sets: ValueError if `exact_bytes` exceeds `max_bytes` (1 GiB by default)."""
+    check_exact_memory(params, max_bytes=max_bytes, block_size=block_size)
+    placed = parallel.replicate((params, data, v, num_examples), mesh)
+    result = _exact_inverse_hvp(loss_fn, *placed[:3], damping, l2, chunk_size=chunk_size, block_size=block_size,
+                                num_examples=placed[3], mesh=mesh, precision=precision)
+    return result if mesh is None else parallel.local(result)
 
 
 # ----------------------------------------------------------------------------- conjugate gradients
@@ -303,38 +497,41 @@ class CGResult(NamedTuple):
     min_curvature: jax.Array  # min over search directions of p^T (H + damping I) p / ||p||^2
 
 
-def _cg_body(loss_fn, params, batch, v, damping, tol, maxiter, mesh=None):
-    loop_hvp = _loop_hvp(loss_fn)
-    batch = parallel.constrain_batch(batch, mesh)
-    matvec = lambda x: tree_add_scaled(loop_hvp(params, batch, x), x, damping)
-    dtype = jax.tree.leaves(v)[0].dtype
-    target = tol * tree_norm(v)
-    x = jax.tree.map(jnp.zeros_like, v)
-    rs = tree_dot(v, v).astype(dtype)
-    init = (x, v, v, rs, jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, dtype))
+def _cg_body(loss_fn, params, data, v, damping, tol, l2=0.0, *, maxiter, chunk_size=DEFAULT_CHUNK_SIZE,
+             num_examples=None, mesh=None, precision=precision_lib.SOLVERS_DEFAULT):
+    with precision_lib.scope(precision):
+        def matvec(x):
+            hx = set_hvp(loss_fn, params, data, x, chunk_size=chunk_size, num_examples=num_examples, l2=l2, mesh=mesh)
+            return tree_add_scaled(hx, x, damping)
 
-    def cond(carry):
-        _, _, _, rs, i, min_curv = carry
-        return (jnp.sqrt(rs) > target) & (i < maxiter) & (min_curv > 0)
+        dtype = jax.tree.leaves(v)[0].dtype
+        target = tol * tree_norm(v)
+        x = jax.tree.map(jnp.zeros_like, v)
+        rs = tree_dot(v, v).astype(dtype)
+        init = (x, v, v, rs, jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, dtype))
 
-    def body(carry):
-        x, r, p, rs, i, min_curv = carry
-        ap = matvec(p)
-        pap = tree_dot(p, ap).astype(dtype)
-        curvature = pap / tree_dot(p, p).astype(dtype)
-        alpha = rs / pap
-        x = tree_add_scaled(x, p, alpha)
-        r = tree_add_scaled(r, ap, -alpha)
-        rs_new = tree_dot(r, r).astype(dtype)
-        p = tree_add_scaled(r, p, rs_new / rs)
-        return x, r, p, rs_new, i + 1, jnp.minimum(min_curv, curvature)
+        def cond(carry):
+            _, _, _, rs, i, min_curv = carry
+            return (jnp.sqrt(rs) > target) & (i < maxiter) & (min_curv > 0)
 
-    x, _, _, rs, i, min_curv = lax.while_loop(cond, body, init)
-    residual = jnp.sqrt(rs)
-    return CGResult(x, residual, i, residual <= target, min_curv)
+        def body(carry):
+            x, r, p, rs, i, min_curv = carry
+            ap = matvec(p)
+            pap = tree_dot(p, ap).astype(dtype)
+            curvature = pap / tree_dot(p, p).astype(dtype)
+            alpha = rs / pap
+            x = tree_add_scaled(x, p, alpha)
+            r = tree_add_scaled(r, ap, -alpha)
+            rs_new = tree_dot(r, r).astype(dtype)
+            p = tree_add_scaled(r, p, rs_new / rs)
+            return x, r, p, rs_new, i + 1, jnp.minimum(min_curv, curvature)
+
+        x, _, _, rs, i, min_curv = lax.while_loop(cond, body, init)
+        residual = jnp.sqrt(rs)
+        return CGResult(x, residual, i, residual <= target, min_curv)
 
 
-_cg = jax.jit(_cg_body, static_argnames=("loss_fn", "maxiter", "mesh"))
+_cg = jax.jit(_cg_body, static_argnames=("loss_fn", "maxiter", "chunk_size", "mesh", "precision"))
 
 
 def check_cg(result: CGResult, damping: float, *, stacklevel: int = 2) -> None:
@@ -350,19 +547,22 @@ def check_cg(result: CGResult, damping: float, *, stacklevel: int = 2) -> None:
                       RuntimeWarning, stacklevel=stacklevel + 1)
 
 
-def cg(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree, *, damping: float = 0.0,
-       maxiter: int = 100, tol: float = 1e-6, return_diagnostics: bool = False, mesh=None):
-    """`(H + damping*I)^-1 v` by conjugate gradients on the full-batch Hessian of `batch` (damping is
+def cg(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, damping: float = 0.0, l2: float = 0.0,
+       maxiter: int = 100, tol: float = 1e-6, chunk_size: int = DEFAULT_CHUNK_SIZE, num_examples=None,
+       return_diagnostics: bool = False, mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT):
+    """`(H + l2*I + damping*I)^-1 v` by conjugate gradients on the full-set Hessian of `data` (damping is
     the ABSOLUTE shift; LiSSA's `(damping, scale)` corresponds to `damping*scale` here). One jitted
-    `lax.while_loop`, one HVP per iteration, stopping at `||r|| <= tol*||v||` or `maxiter`.
+    `lax.while_loop`, one `set_hvp` (chunks of `chunk_size` rows) per iteration, stopping at
+    `||r|| <= tol*||v||` or `maxiter`.
 
     CG needs `H + damping*I` positive definite. The Hessian of a trained non-convex network is
     usually indefinite, so pick a damping above minus its most negative eigenvalue; if a search
     direction with non-positive curvature is met the iteration stops and this raises ValueError.
     Not reaching `tol` within `maxiter` only warns. `return_diagnostics=True` returns a `CGResult`.
     """
-    placed = parallel.replicate((params, batch, v), mesh)
-    result = _cg(loss_fn, *placed, damping, tol, maxiter, mesh)  # the batch split over `mesh`, if any
+    placed = parallel.replicate((params, data, v, num_examples), mesh)
+    result = _cg(loss_fn, *placed[:3], damping, tol, l2, maxiter=maxiter, chunk_size=chunk_size,
+                 num_examples=placed[3], mesh=mesh, precision=precision)  # each chunk split over `mesh`, if any
     result = result if mesh is None else parallel.local(result)
     check_cg(result, damping, stacklevel=2)
     return result if return_diagnostics else result.solution
@@ -382,43 +582,84 @@ class LissaResult(NamedTuple):
     cosine_to_v: jax.Array  # cosine between the estimate and v (near 1: the solve is close to a multiple of v)
 
 
-def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, *, depth, repeats, batch_size,
-                  parallel_chains, mesh=None, num_examples=None):
-    # `num_examples` (traced): draw among the first rows only, the rest of `data` being padding.
-    n = jax.tree.leaves(data)[0].shape[0] if num_examples is None else num_examples
-    loop_hvp = _loop_hvp(loss_fn)
+def chains_split_over_devices(mesh, repeats: int, batch_size: Optional[int]) -> bool:
+    """Where LiSSA's work goes on a mesh of D devices: the chains are split over the devices (each runs
+    ceil(repeats/D) of them, the extras masked out) unless the recursion is deterministic (`batch_size`
+    None: one chain, its chunks split over the devices) or there are fewer chains than devices and each
+    minibatch has a row for every device (then each minibatch is split)."""
+    devices = parallel.mesh_size(mesh)
+    return devices > 1 and batch_size is not None and (repeats >= devices or batch_size < devices)
+
+
+def _lissa_chain(loss_fn, params, data, v, damping, scale, l2, num_examples, key, *, depth, batch_size,
+                 chunk_size, mesh):
+    """One chain: (h_depth, ||h_t|| for t = 0..depth)."""
+    n = _num_rows(data) if num_examples is None else num_examples
 
     def step(h, key):
         if batch_size is None:
-            batch = data
+            batch, real = data, num_examples
         else:  # a fresh minibatch, indices drawn uniformly with replacement among the real rows
             idx = jax.random.randint(key, (batch_size,), 0, n)
-            batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
-        hv = loop_hvp(params, parallel.constrain_batch(batch, mesh), h)
+            batch, real = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data), None
+        hv = set_hvp(loss_fn, params, batch, h, chunk_size=chunk_size, num_examples=real, l2=l2, mesh=mesh)
         h = jax.tree.map(lambda v_, h_, hv_: v_ + (1 - damping) * h_ - hv_ / scale, v, h, hv)
         return h, tree_norm(h)
 
-    def chain(key):
-        h, norms = lax.scan(step, v, jax.random.split(key, depth))
-        return h, jnp.concatenate([tree_norm(v)[None].astype(norms.dtype), norms])
+    h, norms = lax.scan(step, v, jax.random.split(key, depth))
+    return h, jnp.concatenate([tree_norm(v)[None].astype(norms.dtype), norms])
 
+
+def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, l2=0.0, *, depth, repeats, batch_size,
+                  chunk_size=DEFAULT_CHUNK_SIZE, mesh=None, num_examples=None,
+                  precision=precision_lib.SOLVERS_DEFAULT):
+    # `num_examples` (traced): draw among the first rows only, the rest of `data` being padding.
+    settings = dict(depth=depth, batch_size=batch_size, chunk_size=chunk_size)
     keys = jax.random.split(rng, repeats)
-    if parallel_chains:
-        hs, norms = jax.vmap(chain)(keys)
-        total = jax.tree.map(lambda x: jnp.sum(x, axis=0), hs)
-    else:  # sequential chains: memory of one chain, a running sum of the results
-        def run(total, key):
-            h, norms = chain(key)
-            return jax.tree.map(jnp.add, total, h), norms
-
-        total, norms = lax.scan(run, jax.tree.map(jnp.zeros_like, v), keys)
-    estimate = tree_scale(total, 1.0 / (repeats * scale))
-    cosine = tree_dot(estimate, v) / (tree_norm(estimate) * tree_norm(v))
+    with precision_lib.scope(precision):
+        if batch_size is None:  # deterministic: every chain is the same chain, so run one
+            h, norms = _lissa_chain(loss_fn, params, data, v, damping, scale, l2, num_examples, keys[0], mesh=mesh,
+                                    **settings)
+            total, norms = tree_scale(h, repeats), jnp.broadcast_to(norms, (repeats, depth + 1))
+        elif chains_split_over_devices(mesh, repeats, batch_size):
+            total, norms = _sharded_chains(loss_fn, params, data, v, damping, scale, l2, num_examples, keys,
+                                           mesh=mesh, **settings)
+        else:  # side by side; on a mesh with fewer chains than devices, each minibatch split over them
+            chain = functools.partial(_lissa_chain, loss_fn, params, data, v, damping, scale, l2, num_examples,
+                                      mesh=mesh, **settings)
+            hs, norms = jax.vmap(chain)(keys)
+            total = jax.tree.map(lambda x: jnp.sum(x, axis=0), hs)
+        estimate = tree_scale(total, 1.0 / (repeats * scale))
+        cosine = tree_dot(estimate, v) / (tree_norm(estimate) * tree_norm(v))
     return LissaResult(estimate, norms, cosine)
 
 
-_lissa_jit = jax.jit(_lissa_chains,
-                     static_argnames=("loss_fn", "depth", "repeats", "batch_size", "parallel_chains", "mesh"))
+def _sharded_chains(loss_fn, params, data, v, damping, scale, l2, num_examples, keys, *, mesh, **settings):
+    """(sum of h_depth over the chains, norms): the chains split over the mesh's devices, padded to a
+    multiple of their count by repeating the last key; the padded chains are left out of the sum."""
+    repeats = keys.shape[0]
+    padded = parallel.round_up(repeats, parallel.mesh_size(mesh))
+    keys = keys[jnp.minimum(jnp.arange(padded), repeats - 1)]
+    real = jnp.arange(padded) < repeats
+
+    def local(keys, real, params, data, v, damping, scale, l2, num_examples):
+        chain = functools.partial(_lissa_chain, loss_fn, params, data, v, damping, scale, l2, num_examples,
+                                  mesh=None, **settings)
+        hs, norms = jax.vmap(chain)(keys)
+        total = jax.tree.map(lambda x: jnp.sum(jnp.where(real.reshape(-1, *[1] * (x.ndim - 1)), x, 0), axis=0), hs)
+        return jax.lax.psum(total, parallel.DATA_AXIS), norms
+
+    # check_vma=False: with JAX 0.10's type check on, the vmapped scans of `local` made every chain
+    # draw the same minibatches (their carries start from the unsharded v); the chains are what is split.
+    split, whole = P(parallel.DATA_AXIS), P()
+    total, norms = jax.shard_map(local, mesh=mesh, in_specs=(split, split) + (whole,) * 7, out_specs=(whole, split),
+                                  check_vma=False)(
+        keys, real, params, data, v, damping, scale, l2, num_examples)
+    return total, parallel.constrain_replicated(norms[:repeats], mesh)  # the host reads every chain's norms
+
+
+_lissa_jit = jax.jit(_lissa_chains, static_argnames=("loss_fn", "depth", "repeats", "batch_size", "chunk_size", "mesh",
+                                                     "precision"))
 
 
 def _divergence_bound(v_norm: float, damping: float, depth: int) -> np.ndarray:
@@ -431,7 +672,7 @@ def _divergence_bound(v_norm: float, damping: float, depth: int) -> np.ndarray:
 
 
 def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, norms, bound,
-                        num_examples=None) -> str:
+                        num_examples=None, l2=0.0, chunk_size=DEFAULT_CHUNK_SIZE) -> str:
     finite = np.isfinite(norms)
     if not finite.all():
         step = int(np.argmin(finite.all(axis=0)))
@@ -441,15 +682,17 @@ def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, 
         step = int(np.argmax(ratio.max(axis=0)))
         what = (f"||h_t|| grew from {norms[0, 0]:.3g} to {norms.max():.3g}, {ratio.max():.3g} times the "
                 f"bound of a convergent recursion (reached at step {step})")
-    n = jax.tree.leaves(data)[0].shape[0] if num_examples is None else int(num_examples)
+    n = _num_rows(data) if num_examples is None else int(num_examples)
     k_full, k_mini = jax.random.split(jax.random.fold_in(rng, 1))
     m = min(n, 256)
     subset = jax.tree.map(lambda a: a[:m], data)
-    lam_full = float(power_iteration(loss_fn, params, subset, rng=k_full, iters=30))
+    estimate_on = lambda rows, key: float(power_iteration(loss_fn, params, rows, rng=key, iters=30, l2=l2,  # noqa: E731
+                                                          chunk_size=chunk_size))
+    lam_full = estimate_on(subset, k_full)
     lam_mini = lam_full
     if batch_size is not None and batch_size < m:
-        lams = [float(power_iteration(loss_fn, params, jax.tree.map(lambda a: a[i * batch_size:(i + 1) * batch_size], subset),
-                                      rng=jax.random.fold_in(k_mini, i), iters=30))
+        lams = [estimate_on(jax.tree.map(lambda a: a[i * batch_size:(i + 1) * batch_size], subset),
+                            jax.random.fold_in(k_mini, i))
                 for i in range(min(8, m // batch_size))]
         lam_mini = max(lams, key=abs)
     estimate = max(abs(lam_full), abs(lam_mini))
@@ -462,30 +705,29 @@ def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, 
 
 def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.Array,
           depth: int = 250, repeats: int = 4, damping: float = 0.01, scale: float = 1e4,
-          batch_size: int | None = 1, parallel_chains: bool = False, check: bool = True,
+          batch_size: int | None = 1, l2: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE, check: bool = True,
           divergence_factor: float = 10.0, return_diagnostics: bool = False, mesh=None,
-          num_examples: int | jax.Array | None = None):
-    """LiSSA estimate of `(H + damping*scale*I)^-1 v` (Agarwal et al. 2017; Koh & Liang 2017).
+          num_examples: int | jax.Array | None = None, precision: str = precision_lib.SOLVERS_DEFAULT):
+    """LiSSA estimate of `(H + l2*I + damping*scale*I)^-1 v` (Agarwal et al. 2017; Koh & Liang 2017).
 
     `h_0 = v`, `h_{t+1} = v + (1 - damping) h_t - H_t h_t / scale` for t < depth, where `H_t` is the
-    Hessian of `loss_fn` on `batch_size` examples drawn uniformly with replacement from `data` (the
-    labelled set; `batch_size=None` uses all of `data` every step, a deterministic recursion); the
-    result is `h_depth / scale`, averaged over `repeats` independent chains. See the module docstring
-    for the derivation: the fixed point is `(H + damping*scale*I)^-1 v` (with the defaults, ISAL's,
-    `(H + 100 I)^-1 v`), reached only if `scale` exceeds the largest eigenvalue of the minibatch
-    Hessians.
+    Hessian of `loss_fn` (plus `l2*I`) on `batch_size` examples drawn uniformly with replacement from
+    `data` (the labelled set; `batch_size=None` uses all of `data` every step, a deterministic recursion,
+    the set summed in chunks of `chunk_size` rows by `set_hvp`); the result is `h_depth / scale`,
+    averaged over `repeats` independent chains. See the module docstring for the derivation: the fixed
+    point is `(H + damping*scale*I)^-1 v` (with the defaults, ISAL's, `(H + 100 I)^-1 v`), reached only
+    if `scale` exceeds the largest eigenvalue of the minibatch Hessians.
 
-    All chains and steps are ONE jitted function (`lax.scan` over steps inside a `lax.scan` over
-    chains, or `jax.vmap` over chains with `parallel_chains=True`), compiled once per loss function,
-    shapes and static settings; `rng`, `v`, `params`, `data` values, `damping` and `scale` can change
-    without recompiling. With a `mesh`, each step's minibatch (when it has more than one example and
-    at least one per device) is split over the devices; everything else is replicated.
+    All chains and steps are ONE jitted function: the chains side by side (`jax.vmap`), each a
+    `lax.scan` over its steps, compiled once per loss function, shapes and static settings; `rng`, `v`,
+    `params`, `data` values, `damping`, `scale` and `l2` can change without recompiling. With
+    `batch_size=None` the chains are identical and one is run. With a `mesh`, the chains are split over
+    its devices (`chains_split_over_devices`), or the minibatches or chunks when that is what divides.
 
     `num_examples` (default: all rows): minibatches are drawn among the first `num_examples` rows of
     `data` only, the rest being padding. It is a traced value, so a labelled set padded to a fixed
     size compiles once for every count up to that size, and with the same `rng` the draws are those
-    of the unpadded set. With `batch_size=None` every row enters each HVP: the loss itself must then
-    ignore the padding (`weighted_mean_loss` with zero weights).
+    of the unpadded set. With `batch_size=None` the rows past it weigh nothing (a `MeanLoss` is needed).
 
     With `check=True` (a host sync), raises `LissaDivergenceError` if any ||h_t|| is non-finite or
     exceeds `divergence_factor` times `||v|| sum_{k<=t} (1-damping)^k`, the bound that holds when
@@ -496,18 +738,18 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
     if not 0 <= damping < 1:
         raise ValueError(f"lissa needs 0 <= damping < 1, got {damping}")
     placed = parallel.replicate((params, data, v, rng, num_examples), mesh)
-    result = _lissa_jit(loss_fn, *placed[:4], damping, scale, depth=depth, repeats=repeats, batch_size=batch_size,
-                        parallel_chains=parallel_chains, mesh=mesh, num_examples=placed[4])
+    result = _lissa_jit(loss_fn, *placed[:4], damping, scale, l2, depth=depth, repeats=repeats, batch_size=batch_size,
+                        chunk_size=chunk_size, mesh=mesh, num_examples=placed[4], precision=precision)
     result = result if mesh is None else parallel.local(result)
     if check:
         check_lissa(result, loss_fn, params, data, rng=rng, damping=damping, scale=scale, batch_size=batch_size,
-                    divergence_factor=divergence_factor, num_examples=num_examples)
+                    divergence_factor=divergence_factor, num_examples=num_examples, l2=l2, chunk_size=chunk_size)
     return result if return_diagnostics else result.inverse_hvp
 
 
 def check_lissa(result: LissaResult, loss_fn: LossFn, params: PyTree, data: PyTree, *, rng: jax.Array,
                 damping: float, scale: float, batch_size: int | None, divergence_factor: float = 10.0,
-                num_examples: int | None = None) -> None:
+                num_examples: int | None = None, l2: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
     """The divergence check of `lissa` on a `LissaResult` (a host sync): raises
     `LissaDivergenceError` with a suggested scale. `loss_fn`, `params` and `data` serve only to
     estimate lambda_max for that message (compiled only when it is raised)."""
@@ -515,8 +757,8 @@ def check_lissa(result: LissaResult, loss_fn: LossFn, params: PyTree, data: PyTr
     depth = norms.shape[1] - 1
     bound = _divergence_bound(float(norms[0, 0]), damping, depth)
     if not np.isfinite(norms).all() or (norms > divergence_factor * bound).any():
-        raise LissaDivergenceError(_divergence_message(loss_fn, params, data, rng, damping, scale,
-                                                       batch_size, norms, bound, num_examples))
+        raise LissaDivergenceError(_divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, norms,
+                                                       bound, num_examples, l2, chunk_size))
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -524,39 +766,46 @@ def check_lissa(result: LissaResult, loss_fn: LossFn, params: PyTree, data: PyTr
 
 def solve(method: str, loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *,
           rng: jax.Array | None = None, damping: float = 0.01, scale: float = 1e4, depth: int = 250,
-          repeats: int = 4, batch_size: int | None = 1, maxiter: int = 100, tol: float = 1e-6) -> PyTree:
-    """`(H + damping*scale*I)^-1 v` by `method` in SOLVERS, all in LiSSA's damping convention:
-    "lissa" samples minibatches of `data`; "cg" and "exact" use the full-batch Hessian on `data` with
-    the absolute shift `damping*scale` (with ISAL's defaults, 100). `rng` is needed by "lissa" only."""
+          repeats: int = 4, batch_size: int | None = 1, maxiter: int = 100, tol: float = 1e-6, l2: float = 0.0,
+          chunk_size: int = DEFAULT_CHUNK_SIZE, block_size: int = DEFAULT_EXACT_BLOCK_SIZE,
+          max_bytes: int = DEFAULT_EXACT_MAX_BYTES, num_examples=None, mesh=None,
+          precision: str = precision_lib.SOLVERS_DEFAULT) -> PyTree:
+    """`(H + l2*I + damping*scale*I)^-1 v` by `method` in SOLVERS, all in LiSSA's damping convention:
+    "lissa" samples minibatches of `data`; "cg" and "exact" use the full-set Hessian on `data` with the
+    absolute shift `damping*scale` (with ISAL's defaults, 100). `rng` is needed by "lissa" only. Every
+    HVP over a set goes through `set_hvp` in chunks of `chunk_size` rows."""
+    common = dict(l2=l2, chunk_size=chunk_size, num_examples=num_examples, mesh=mesh, precision=precision)
     if method == "lissa":
         if rng is None:
             raise ValueError("solve('lissa', ...) needs rng")
         return lissa(loss_fn, params, data, v, rng=rng, depth=depth, repeats=repeats, damping=damping,
-                     scale=scale, batch_size=batch_size)
+                     scale=scale, batch_size=batch_size, **common)
     if method == "cg":
-        return cg(loss_fn, params, data, v, damping=damping * scale, maxiter=maxiter, tol=tol)
+        return cg(loss_fn, params, data, v, damping=damping * scale, maxiter=maxiter, tol=tol, **common)
     if method == "exact":
-        return exact_inverse_hvp(loss_fn, params, data, v, damping=damping * scale)
+        return exact_inverse_hvp(loss_fn, params, data, v, damping=damping * scale, block_size=block_size,
+                                 max_bytes=max_bytes, **common)
     raise ValueError(f"unknown influence solver {method!r}; choose one of: {', '.join(SOLVERS)}")
 
 
 def solve_traced(method: str, loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *,
                  rng: jax.Array | None = None, damping=0.01, scale=1e4, depth: int = 250, repeats: int = 4,
-                 batch_size: int | None = 1, maxiter: int = 100, tol=1e-6, num_examples=None,
-                 parallel_chains: bool = False, mesh=None):
+                 batch_size: int | None = 1, maxiter: int = 100, tol=1e-6, l2=0.0,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, block_size: int = DEFAULT_EXACT_BLOCK_SIZE,
+                 num_examples=None, mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT):
     """The body of `solve` for use INSIDE a caller's jitted function, whose loss may close over traced
     arrays (the trained variables): no jit of its own (it is traced into the caller's program) and no
     host checks. Returns the `LissaResult` ("lissa"), the `CGResult` ("cg") or the solution
-    ("exact"); on the host, check them with `check_lissa` / `check_cg` (and `check_exact_size`
-    beforehand). `damping`, `scale`, `tol` and `num_examples` may be traced; the rest is static."""
+    ("exact"); on the host, check them with `check_lissa` / `check_cg` (and `check_exact_memory`
+    beforehand). `damping`, `scale`, `tol`, `l2` and `num_examples` may be traced; the rest is static."""
+    common = dict(chunk_size=chunk_size, num_examples=num_examples, mesh=mesh, precision=precision)
     if method == "lissa":
-        return _lissa_chains(loss_fn, params, data, v, rng, damping, scale, depth=depth, repeats=repeats,
-                             batch_size=batch_size, parallel_chains=parallel_chains, mesh=mesh,
-                             num_examples=num_examples)
+        return _lissa_chains(loss_fn, params, data, v, rng, damping, scale, l2, depth=depth, repeats=repeats,
+                             batch_size=batch_size, **common)
     if method == "cg":
-        return _cg_body(loss_fn, params, data, v, damping * scale, tol, maxiter, mesh)
+        return _cg_body(loss_fn, params, data, v, damping * scale, tol, l2, maxiter=maxiter, **common)
     if method == "exact":
-        return _exact_body(loss_fn, params, data, v, damping * scale)
+        return _exact_body(loss_fn, params, data, v, damping * scale, l2, block_size=block_size, **common)
     raise ValueError(f"unknown influence solver {method!r}; choose one of: {', '.join(SOLVERS)}")
 
 
@@ -569,13 +818,16 @@ def jvp_scores(example_loss_fn: Callable, params: PyTree, s: PyTree, xs: PyTree)
     return jax.jvp(lambda p: jax.vmap(example_loss_fn, (None, 0))(p, xs), (params,), (s,))[1]
 
 
-def _jvp_scores(example_loss_fn, consts, xs):
+def _jvp_scores(static, consts, xs):
+    example_loss_fn, precision = static
     params, s = consts
-    return jvp_scores(example_loss_fn, params, s, xs)
+    with precision_lib.scope(precision):
+        return jvp_scores(example_loss_fn, params, s, xs)
 
 
 def influence_scores(example_loss_fn: Callable, params: PyTree, xs: PyTree, s: PyTree, *,
-                     chunk_size: int | None = None, mesh=None) -> jax.Array:
+                     chunk_size: int | None = None, mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT
+                     ) -> jax.Array:
     """`s . grad_params example_loss_fn(params, x_i)` for every example i of `xs`, shape (n,).
 
     One forward-mode product per chunk, `jvp(lambda p: vmap(example_loss_fn)(p, xs), (params,), (s,))`
@@ -584,7 +836,8 @@ def influence_scores(example_loss_fn: Callable, params: PyTree, xs: PyTree, s: P
     function serves any pool size; with a `mesh`, each chunk is split over its devices
     (`jaxal.parallel.map_chunks`). ISAL's score is `-influence_scores(...)` with `s = s_test`.
     """
-    return parallel.map_chunks(_jvp_scores, example_loss_fn, (params, s), xs, chunk_size=chunk_size, mesh=mesh)
+    return parallel.map_chunks(_jvp_scores, (example_loss_fn, precision), (params, s), xs, chunk_size=chunk_size,
+                               mesh=mesh)
 
 
 def weighted_gradient(example_loss_fn: Callable, params: PyTree, xs: PyTree, weights: jax.Array) -> PyTree:
@@ -598,15 +851,18 @@ def weighted_gradient(example_loss_fn: Callable, params: PyTree, xs: PyTree, wei
     return jax.grad(total)(params)
 
 
-def _weighted_gradient(example_loss_fn, params, chunk):
+def _weighted_gradient(static, params, chunk):
+    example_loss_fn, precision = static
     xs, weights = chunk
-    return weighted_gradient(example_loss_fn, params, xs, weights)
+    with precision_lib.scope(precision):
+        return weighted_gradient(example_loss_fn, params, xs, weights)
 
 
 def mean_gradient(example_loss_fn: Callable, params: PyTree, data: PyTree, *,
-                  chunk_size: int | None = None, mesh=None) -> PyTree:
+                  chunk_size: int | None = None, mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT) -> PyTree:
     """`grad (1/n) sum_i example_loss_fn(params, z_i)` over `data` (e.g. `grad L(R)` of a reference
     set, ISAL's `v`), in chunks of `chunk_size` to bound memory (split over the devices of a `mesh`);
     padded examples get weight zero, so the result is the exact mean for any chunking."""
-    total = parallel.sum_chunks(_weighted_gradient, example_loss_fn, params, data, chunk_size=chunk_size, mesh=mesh)
+    total = parallel.sum_chunks(_weighted_gradient, (example_loss_fn, precision), params, data, chunk_size=chunk_size,
+                                mesh=mesh)
     return tree_scale(total, 1.0 / parallel.num_examples(data))

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxal import checkpoint, parallel, results, tasks
+from jaxal import checkpoint, parallel, precision, results, tasks
 from jaxal.config import Config
 from jaxal.data import Dataset, load_dataset
-from jaxal.models import LossNet, adapt, base_model, create_model
+from jaxal.models import LossNet, adapt, base_model, create_model, init_variables
 from jaxal.strategies import StrategyContext, get_strategy
 from jaxal.strategies.base import split_info
 from jaxal.train import TrainOptions, create_train_state, evaluate, fresh_optimizer, model_variables, train_model
@@ -74,6 +74,11 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
                 raise RunError(f"{name}: {error}") from None
     if config.seed < 0:
         raise RunError(f"--seed must be a non-negative integer, got {config.seed}")
+    for field in ("solvers", "training"):
+        try:
+            precision.check(getattr(config.precision, field), f"--precision.{field}")
+        except ValueError as error:
+            raise RunError(str(error)) from None
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise RunError(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.lossnet.width < 1 or config.lossnet.margin < 0:
@@ -115,6 +120,21 @@ def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
                        "choose a smaller model (--model cnn or mlp) or a dataset with larger images")
 
 
+def check_strategies_fit(config: Config, model, dataset: Dataset) -> None:
+    """Each strategy's model-aware check (`Strategy.check_model`) on the model's variable shapes, so
+    that what cannot fit (a dense Hessian of ResNet-18) is refused before anything runs."""
+    checks = [(name, get_strategy(name).check_model) for name in config.strategies]
+    checks = [(name, check) for name, check in checks if check is not None]
+    if not checks:
+        return
+    variables = jax.eval_shape(lambda key: init_variables(model, key, dataset.image_shape), jax.random.key(0))
+    for name, check in checks:
+        try:
+            check(config, variables)
+        except ValueError as error:
+            raise RunError(f"{name}: {error}") from None
+
+
 def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
     """Load and validate everything a run needs, touching nothing on disk."""
     try:
@@ -128,6 +148,7 @@ def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
     config = dataclasses.replace(config, model=model_name)
     validate(config, dataset, task)
     check_model_fits(model, model_name, dataset)
+    check_strategies_fit(config, model, dataset)
     try:
         mesh = parallel.make_mesh(config.num_devices)
     except ValueError as error:
@@ -350,20 +371,22 @@ def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str
     title = f"{exp.dataset.name}, {config.model}"
     progress = _progress_bar(config, exp)
 
-    for strategy_name in config.strategies:
-        for trial in range(config.trials):
-            def on_cycle(trial_records, key=(strategy_name, trial)):
-                done_before = len(finished.get(key, []))
-                finished[key] = trial_records
-                if parallel.is_primary():  # every process holds the same records
-                    results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title)
-                if trial_records:
-                    last = trial_records[-1]
-                    progress.update(len(trial_records) - done_before)
-                    progress.set_postfix(strategy=last["strategy"], trial=last["trial"], cycle=last["cycle"],
-                                         labeled=last["num_labeled"], acc=f"{last['test_accuracy']:.4f}")
+    # Training and plain inference at --precision.training; the solvers set their own (jaxal.precision).
+    with precision.scope(config.precision.training):
+        for strategy_name in config.strategies:
+            for trial in range(config.trials):
+                def on_cycle(trial_records, key=(strategy_name, trial)):
+                    done_before = len(finished.get(key, []))
+                    finished[key] = trial_records
+                    if parallel.is_primary():  # every process holds the same records
+                        results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title)
+                    if trial_records:
+                        last = trial_records[-1]
+                        progress.update(len(trial_records) - done_before)
+                        progress.set_postfix(strategy=last["strategy"], trial=last["trial"], cycle=last["cycle"],
+                                             labeled=last["num_labeled"], acc=f"{last['test_accuracy']:.4f}")
 
-            run_trial(exp, strategy_name, trial, images, labels, on_cycle, observer)
+                run_trial(exp, strategy_name, trial, images, labels, on_cycle, observer)
     progress.close()
     records = [r for rs in finished.values() for r in rs]
     if parallel.is_primary():

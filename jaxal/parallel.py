@@ -163,6 +163,16 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def bucket(n: int, capacity: Optional[int] = None, minimum: int = 256) -> int:
+    """The padded size of a set of n rows whose size changes from call to call (a growing labelled set, a
+    shrinking pool), so that the jitted programs over it see few shapes: `capacity` when n fits in it
+    (one shape, one compilation, for a whole run), else the next power of two, at least `minimum`. The
+    caller passes the real count or a mask alongside, so the padding never counts."""
+    if capacity is not None and 0 < n <= capacity:
+        return capacity
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable, out_sharding: Optional[NamedSharding] = None) -> Callable:
     return jax.jit(fn, static_argnums=0, out_shardings=out_sharding)

@@ -87,18 +87,27 @@ def distributed_requested(args: argparse.Namespace) -> bool:
 
 def run_command(args: argparse.Namespace, job) -> int:
     """What every jaxal command does around its `job(config)`: start the distributed runtime before
-    anything touches a device, and turn bad input into a message and exit status 2."""
+    anything touches a device, and turn bad input into a message and exit status 2, and an
+    out-of-memory error into a report of the sizes and what to lower (`jaxal.memory`), exit status 2."""
     if distributed_requested(args):
         from jaxal.parallel import initialize_distributed
 
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from jaxal.checkpoint import CheckpointError
     from jaxal.influence import LissaDivergenceError
+    from jaxal.memory import is_out_of_memory, out_of_memory_report
 
+    config = None
     try:
-        job(config_from_args(args))
+        config = config_from_args(args)
+        job(config)
     except (ValueError, CheckpointError, FloatingPointError, LissaDivergenceError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # XLA's RESOURCE_EXHAUSTED is a JaxRuntimeError
+        if config is None or not is_out_of_memory(error):
+            raise
+        print(f"error: {out_of_memory_report(error, config)}", file=sys.stderr)
         return 2
     return 0
 

@@ -167,19 +167,21 @@ def test_expected_and_entropy_columns_agree():
         np.testing.assert_allclose(exp.s_norm, ent.s_norm, rtol=1e-9)
 
 
-def test_the_pool_passes_compile_once_for_a_whole_run():
-    """New weights (another cycle) and another pool size reuse the compiled pool and test passes: the
-    variables are traced arguments, not constants of a program built around a closure."""
+def test_the_pool_passes_and_the_solve_compile_once_for_a_whole_run():
+    """New weights (another cycle), a larger labelled set and another pool size reuse the compiled pool and
+    test passes and the solve: the variables are traced arguments, not constants of a program built around
+    a closure, and the labelled set is padded to a fixed size with weights."""
     model = MLP(num_classes=3, hidden=(5,))
     options = DiagnosticsOptions(params="last_layer", chunk_size=4)
-    prev, nxt, pool_x, train, test = problem(model, (2, 2, 2), 3, jnp.float32, n_pool=7)
+    prev, nxt, pool_x, train, test = problem(model, (2, 2, 2), 3, jnp.float32, n_pool=7, n_train=9)
     passes = [parallel._compiled(fn) for fn in (diagnostics._pool_pass, diagnostics._gradient_sum,
-                                                 diagnostics._true_label_norms)]
+                                                 diagnostics._true_label_norms)] + [diagnostics._solve]
     before = [fn._cache_size() for fn in passes]  # the cache is shared with the other tests of the session
-    diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, options=options, damping=0.1)
+    smaller = jax.tree.map(lambda a: a[:6], train)
+    diagnostics.cycle_bounds(model, prev, nxt, pool_x, smaller, test, options=options, damping=0.1)
     diagnostics.true_label_grad_norms(model, nxt, pool_x, jnp.zeros(7, jnp.int32), chunk_size=4)
     sizes = [fn._cache_size() for fn in passes]
-    assert [b - a for a, b in zip(before, sizes)] == [2, 2, 1]  # one program per loss (exp, ent)
+    assert [b - a for a, b in zip(before, sizes)] == [2, 2, 1, 1]  # one pass per loss (exp, ent), one solve
     newer = init_variables(model, jax.random.key(7), (2, 2, 2))
     first = diagnostics.cycle_bounds(model, nxt, newer, pool_x[:5], train, test, options=options, damping=0.1)
     diagnostics.true_label_grad_norms(model, newer, pool_x[:5], jnp.zeros(5, jnp.int32), chunk_size=4)
@@ -278,6 +280,11 @@ def test_command_end_to_end_on_digits(tmp_path, capsys):
     (["--diag.chunk_size", "0"], "--diag.chunk_size"),
     (["--diag.seed", "-1"], "--diag.seed"),
     (["--diag.chunk_size", "many"], "--diag.chunk_size"),
+    (["--diag.exact_max_gib", "0"], "--diag.exact_max_gib"),
+    (["--diag.exact_max_gib", "1e-6"], "above the limit of 9.99e-07 GiB (--diag.exact_max_gib)"),
+    (["--diag.exact_block_size", "0"], "--diag.exact_block_size"),
+    (["--diag.grad_method", "loop"], "--diag.grad_method"),
+    (["--precision.solvers", "tf32"], "--precision.solvers"),
     (["--cycles", "1"], "--cycles"),
 ])
 def test_command_rejects_bad_options_before_training(tmp_path, capsys, flags, message):

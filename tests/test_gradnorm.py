@@ -258,3 +258,29 @@ def test_clear_errors():
             k: jax.tree.map(lambda _: k != "Conv_0" and k != "LayerNorm_0", v) for k, v in p.items()}),
         per_example_grad_norms(loss_fn, params, xs, method="vmap", params_filter=lambda p: {
             k: jax.tree.map(lambda _: k != "Conv_0" and k != "LayerNorm_0", v) for k, v in p.items()}), rtol=RTOL)
+
+
+def _compiled_cost(fn, *args, static=()):
+    compiled = jax.jit(fn, static_argnums=static).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"], compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_ghost_last_layer_costs_a_forward_pass_not_a_backward_through_every_layer():
+    """XLA's count of the compiled programs: on a ResNet the last-layer ghost pass costs the forward pass
+    (plus the head's products, ~0.01%), the all-parameter pass about three forward passes, and the
+    last-layer pass holds no activation of the body for a backward pass (a fraction of the temp memory).
+    The norms themselves are checked against the loop above (test_parameter_subsets_...)."""
+    model = ResNet18(NUM_CLASSES, stage_sizes=(1, 1), width=8)
+    variables = init_variables(model, jax.random.key(0), (16, 16, 3))
+    loss_fn = example_loss(inference_apply(model, variables["batch_stats"]), entropy_loss)
+    xs = jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.float32)
+    params = variables["params"]
+    forward, _ = _compiled_cost(loss_fn.batch_losses, params, xs)
+    costs = {subset: _compiled_cost(gradnorm._ghost_squares, loss_fn, params, xs,
+                                    gradnorm._wanted_layers(params, subset), static=(0, 3))
+             for subset in ("all", "last_layer")}
+    (all_flops, all_temp), (last_flops, last_temp) = costs["all"], costs["last_layer"]
+    assert forward <= last_flops < 1.01 * forward
+    assert all_flops > 2.5 * last_flops
+    assert last_temp < 0.2 * all_temp

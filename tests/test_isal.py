@@ -159,6 +159,27 @@ def test_exact_isal_grad_sim_and_top_k_equal_explicit_loops_and_select_most_nega
 
 
 @pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("solver", ["exact", "cg"])
+def test_hessian_weight_decay_adds_the_training_objectives_l2_term(solver):
+    """--influence.hessian_weight_decay: s_test = (H + wd*I + damping*scale*I)^-1 v, H from jax.hessian of
+    the reference's CE; without it (ISAL's code) the wd term is absent. Chunks of 5 labelled examples."""
+    model, variables = tiny_bn_problem()
+    damping, scale, wd = 0.05, 10.0, 0.3  # a shift of 0.5 makes H + shift*I positive definite (for cg)
+    ref = Reference(model, variables)
+    options = dict(solver=solver, damping=damping, scale=scale, hvp_chunk_size=5, cg_tol=1e-12, cg_maxiter=200)
+    ctx = make_context(model, variables, **options)
+    hessian = ref.hessian(ctx.labeled_x, ctx.labeled_y)
+    v = ref.v(*ctx.reference_sets["val"])
+    eye = np.eye(len(v))
+    gradients = ref.pseudo_label_gradients(ctx.pool_x)
+    for decay, shift in ((True, wd + damping * scale), (False, damping * scale)):
+        config = build_config(strategy="isal", val_size=5, weight_decay=wd,
+                              influence=dict(chunk_size=4, hessian_weight_decay=decay, **options))
+        scores, _ = isal.isal_scores(dataclasses.replace(ctx, config=config))
+        np.testing.assert_allclose(np.asarray(scores), gradients @ np.linalg.solve(hessian + shift * eye, v), rtol=1e-8)
+
+
+@pytest.mark.usefixtures("x64")
 def test_top_k_loss_is_one_jvp_of_renormalised_detached_weights():
     logits = jnp.asarray([2.0, 0.5, -1.0, 1.0])
     np.testing.assert_allclose(isal.top_k_expected_cross_entropy(logits, 1),
@@ -297,7 +318,7 @@ def test_new_weights_and_a_growing_labelled_set_compile_nothing(solver):
         assert info["solver"] == solver
         if sizes is None:
             sizes = {name: fn._cache_size() for name, fn in compiled.items()}
-    assert isal.labeled_bucket(12, solver) == isal.labeled_bucket(31, solver)
+    assert isal.labeled_bucket(12, ctx.config) == isal.labeled_bucket(31, ctx.config) == 345  # the run's largest
     assert {name: fn._cache_size() for name, fn in compiled.items()} == sizes
     assert not np.allclose(scores[0], scores[1][:9])  # the new weights were used
 
@@ -311,8 +332,8 @@ def test_padding_the_labelled_set_never_changes_the_scores(monkeypatch, solver):
     ctx = make_context(model, variables, n_labeled=13, seed=4, solver=solver, depth=30, repeats=2, batch_size=2,
                        damping=0.01, scale=100.0, cg_maxiter=200)
     padded, padded_info = isal.isal_scores(ctx)
-    assert isal.labeled_bucket(13, solver) == 256
-    monkeypatch.setattr(isal, "labeled_bucket", lambda n, solver: n)  # no padding at all
+    assert isal.labeled_bucket(13, ctx.config) == 345  # 100 initial - 5 validation + 50 x 5 cycles
+    monkeypatch.setattr(isal, "labeled_bucket", lambda n, config: n)  # no padding at all
     unpadded, unpadded_info = isal.isal_scores(ctx)
     np.testing.assert_allclose(np.asarray(padded), np.asarray(unpadded), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(padded_info["s_test_norm"], unpadded_info["s_test_norm"], rtol=1e-9)

@@ -16,7 +16,7 @@ import pytest
 
 import processes  # tests/processes.py: the multi-process helpers
 
-from jaxal import parallel
+from jaxal import influence, parallel
 from jaxal.config import build_config
 from jaxal.data import load_dataset
 from jaxal.tasks import Classification
@@ -205,3 +205,52 @@ def test_two_processes_select_what_one_process_with_4_devices_selects(tmp_path):
     assert "4 cpu devices, mesh (data=4), 1 process" in single
     assert selections(tmp_path / "two") == selections(tmp_path / "one")
     assert json.loads((tmp_path / "two" / "config.json").read_text())["num_devices"] == 4
+
+
+# ---- LiSSA's chains split over the devices ----------------------------------------------------------
+
+
+def lissa_problem():
+    """Softmax regression on 40 examples (float64): LiSSA's chains differ only by their minibatches."""
+    rng = np.random.default_rng(0)
+    xs, ys = jnp.asarray(rng.normal(size=(40, 5))), jnp.asarray(rng.integers(0, 3, 40))
+    params = {"w": jnp.asarray(0.5 * rng.normal(size=(5, 3))), "b": jnp.asarray(0.1 * rng.normal(size=3))}
+    v = {"w": jnp.asarray(rng.normal(size=(5, 3))), "b": jnp.asarray(rng.normal(size=3))}
+
+    def example_loss(p, example):
+        x, y = example
+        return jax.nn.logsumexp(x @ p["w"] + p["b"]) - (x @ p["w"] + p["b"])[y]
+
+    return influence.mean_loss(example_loss), params, (xs, ys), v
+
+
+@pytest.mark.parametrize("repeats,batch_size", [(8, 1), (3, 2), (3, 16), (2, None)])
+def test_lissa_on_8_devices_equals_one_device(repeats, batch_size):
+    """Chains split over the devices (8 chains; 3 chains padded to 8, the extras left out), minibatches
+    split (3 chains of 16 rows), one full-batch chain with its chunks split: the 1-device result."""
+    with jax.enable_x64(True):
+        loss, params, data, v = lissa_problem()
+        kwargs = dict(rng=jax.random.key(2), depth=25, repeats=repeats, damping=0.05, scale=20.0,
+                      batch_size=batch_size, chunk_size=8, return_diagnostics=True)
+        one = influence.lissa(loss, params, data, v, **kwargs)
+        eight = influence.lissa(loss, params, data, v, mesh=MESH, **kwargs)
+        flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])  # noqa: E731
+        np.testing.assert_allclose(flat(eight.inverse_hvp), flat(one.inverse_hvp), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(eight.norms), np.asarray(one.norms), rtol=1e-12)
+        assert eight.norms.shape == (repeats, 26)
+        assert influence.chains_split_over_devices(MESH, repeats, batch_size) == (batch_size in (1, 2))
+
+
+def test_lissa_chains_are_split_not_repeated_on_every_device():
+    """XLA's flop count of one device's compiled program: 8 chains on 8 devices cost each device about
+    one chain (1/8 of the single-device program, plus the reduction), not the 8 chains again."""
+    loss, params, data, v = lissa_problem()
+
+    def flops(mesh):
+        placed = parallel.replicate((params, data, v, jax.random.key(0)), mesh)
+        compiled = influence._lissa_jit.lower(loss, *placed, 0.05, 20.0, 0.0, depth=10, repeats=8, batch_size=1,
+                                              mesh=mesh).compile()
+        cost = compiled.cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    assert flops(MESH) < 0.3 * flops(None)

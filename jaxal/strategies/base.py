@@ -57,6 +57,10 @@ class Strategy(NamedTuple):
     description: str
     check: Optional[Callable[[Config], None]] = None  # raises ValueError for settings it cannot run with
     tasks: tuple[str, ...] = ("classification",)  # the `jaxal.tasks` it can run on (checked before a run)
+    # Raises ValueError for settings that cannot run on this model: `check_model(config, variables)` with
+    # the model's variables as shapes (`jax.eval_shape`), before the run starts (e.g. a dense Hessian
+    # too large to allocate); the message names the option to use instead.
+    check_model: Optional[Callable[[Config, Any], None]] = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -76,17 +80,20 @@ def top_k(scores, k: int) -> np.ndarray:
 
 def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
                       check: Optional[Callable[[Config], None]] = None,
-                      tasks: tuple[str, ...] = ("classification",)):
+                      tasks: tuple[str, ...] = ("classification",),
+                      check_model: Optional[Callable[[Config, Any], None]] = None):
     def decorate(select: Selector) -> Selector:
         description = (select.__doc__ or "").strip().splitlines()[0] if select.__doc__ else ""
-        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks)
+        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks,
+                                    check_model)
         return select
 
     return decorate
 
 
 def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
-                    check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",)):
+                    check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",),
+                    check_model: Optional[Callable[[Config, Any], None]] = None):
     """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
 
     def decorate(score: Callable[[StrategyContext], Any]):
@@ -97,7 +104,7 @@ def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bo
 
         select.__doc__ = score.__doc__
         register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check,
-                          tasks=tasks)(select)
+                          tasks=tasks, check_model=check_model)(select)
         return score
 
     return decorate

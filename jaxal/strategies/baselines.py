@@ -1,15 +1,23 @@
 """Baselines the papers compare against: random, uncertainty (entropy, margin, least confidence) and
-coreset (greedy k-center of Sener & Savarese on penultimate features)."""
+coreset (greedy k-center of Sener & Savarese on penultimate features).
+
+coreset compiles its selection loop once per run: the pool and the labelled features are padded to
+fixed sizes (`jaxal.parallel.bucket`: the scored subset, the run's largest labelled set) with masks and
+a traced count, and its distances run at `--precision.solvers` ("highest": a TF32 `a.b` in
+`|a|^2 + |b|^2 - 2 a.b` loses the distance between nearby points)."""
 
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxal import parallel
+from jaxal import precision as precision_lib
+from jaxal.config import max_labeled
 from jaxal.strategies.base import StrategyContext, register_scorer, register_selector
 from jaxal.train import predict
 
@@ -32,7 +40,10 @@ def margin_of(probs: jax.Array) -> jax.Array:
 @register_scorer("random")
 def random_scores(ctx: StrategyContext):
     """Uniformly random samples."""
-    return jax.random.uniform(ctx.rng, (ctx.pool_x.shape[0],))
+    # Drawn at a bucketed size (one program per run) and cut: threefry's bits are per element, so the
+    # first n draws are those of a draw of n.
+    n = ctx.pool_x.shape[0]
+    return np.asarray(jax.random.uniform(ctx.rng, (parallel.bucket(n, ctx.config.subset_size),)))[:n]
 
 
 # Each uncertainty score is computed per output (an example's class vector, or each pixel's) and reduced
@@ -65,50 +76,65 @@ def _squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.maximum(sq, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size",))
-def min_squared_distances(points: jax.Array, centers: jax.Array, chunk_size: int = 512) -> jax.Array:
-    """For every point, the squared distance to its nearest center, scanning the centers in chunks so
-    that at most (n_points x chunk_size) distances exist at once (never n x n)."""
-    num_chunks = -(-centers.shape[0] // chunk_size)
-    # Padding repeats the first center, which changes no minimum.
-    padded = jnp.concatenate([centers, jnp.broadcast_to(centers[:1], (num_chunks * chunk_size - centers.shape[0],
-                                                                       centers.shape[1]))])
+def min_squared_distances(points: jax.Array, centers: jax.Array, chunk_size: int = 512, num_centers=None) -> jax.Array:
+    """For every point, the squared distance to its nearest center among the first `num_centers` rows of
+    `centers` (default: all; traced: the loop runs over the chunks holding real centers only), scanning
+    the centers in chunks so that at most (n_points x chunk_size) distances exist at once (never n x n).
+    The last chunk is shifted back to end at the array's end, never padded: a center seen twice changes
+    no minimum. For use inside jitted functions; +inf where there is no center."""
+    m = centers.shape[0]
+    real = m if num_centers is None else num_centers
+    size = min(chunk_size, m)
 
-    def body(best, chunk):
-        return jnp.minimum(best, jnp.min(_squared_distances(points, chunk), axis=1)), None
+    def body(i, best):
+        start = jnp.minimum(i * size, m - size)
+        chunk = jax.lax.dynamic_slice_in_dim(centers, start, size)
+        d2 = jnp.where((start + jnp.arange(size))[None, :] < real, _squared_distances(points, chunk), jnp.inf)
+        return jnp.minimum(best, jnp.min(d2, axis=1))
 
     init = jnp.full((points.shape[0],), jnp.inf, points.dtype)
-    best, _ = jax.lax.scan(body, init, padded.reshape(num_chunks, chunk_size, -1))
-    return best
+    return jax.lax.fori_loop(0, (real + size - 1) // size, body, init) if m else init
 
 
-def greedy_k_center(pool_features: jax.Array, labeled_features: jax.Array, k: int, mesh=None) -> jax.Array:
+def greedy_k_center(pool_features: jax.Array, labeled_features: jax.Array, k: int, mesh=None, *,
+                    pool_capacity: Optional[int] = None, labeled_capacity: Optional[int] = None,
+                    precision: str = precision_lib.SOLVERS_DEFAULT) -> jax.Array:
     """Sener & Savarese's greedy 2-approximation: repeatedly take the pool point farthest from every
-    labelled or already chosen point. One jitted loop over k; O(n_pool * d) per pick. With a mesh the
-    pool features are split over devices (padding rows masked out: never picked)."""
-    if k > pool_features.shape[0]:
-        raise ValueError(f"cannot select {k} samples from a pool of {pool_features.shape[0]}")
-    pool, valid = parallel.pad_and_shard(pool_features, mesh)
-    return _greedy_k_center(pool, valid, parallel.replicate(labeled_features, mesh), k, mesh)
+    labelled or already chosen point. One jitted loop over k; O(n_pool * d) per pick. The pool and the
+    labelled features enter padded (`jaxal.parallel.bucket` with the capacities, e.g. the scored subset
+    and the run's largest labelled set: one compilation per run), the padding masked out (never picked,
+    never a center). With a mesh the pool features are split over devices. Distances at `precision`."""
+    n = pool_features.shape[0]
+    if k > n:
+        raise ValueError(f"cannot select {k} samples from a pool of {n}")
+    padded = parallel.round_up(parallel.bucket(n, pool_capacity), parallel.mesh_size(mesh))
+    pool, valid = parallel.shard_batch((_pad_rows(pool_features, padded), np.arange(padded) < n), mesh)
+    m = labeled_features.shape[0]
+    centers = _pad_rows(labeled_features, parallel.bucket(m, labeled_capacity))
+    return _greedy_k_center(pool, valid, *parallel.replicate((centers, m), mesh), k, mesh, precision)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _greedy_k_center(pool_features, valid, labeled_features, k, mesh):
-    if labeled_features.shape[0]:
-        distances = min_squared_distances(pool_features, labeled_features)
-    else:
-        distances = jnp.full((pool_features.shape[0],), jnp.inf)
-    distances = jnp.where(valid, distances, -jnp.inf)  # below every chosen point's -1
-    rows = jnp.arange(pool_features.shape[0])
+def _pad_rows(x, size: int) -> np.ndarray:
+    """`x` with its rows padded to `size` on the host (zeros: the padding is masked wherever it appears)."""
+    x = np.asarray(x)
+    return np.concatenate([x, np.zeros((size - x.shape[0], *x.shape[1:]), x.dtype)])
 
-    def pick(i, carry):
-        distances, chosen = carry
-        j = jnp.argmax(distances)
-        new = jnp.sum((pool_features - parallel.select_row(pool_features, j)[None, :]) ** 2, axis=-1)
-        return jnp.where(rows == j, -1.0, jnp.minimum(distances, new)), chosen.at[i].set(j)
 
-    _, chosen = jax.lax.fori_loop(0, k, pick, (distances, jnp.zeros((k,), jnp.int32)))
-    return parallel.constrain_replicated(chosen, mesh)
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _greedy_k_center(pool_features, valid, labeled_features, num_labeled, k, mesh, precision):
+    with precision_lib.scope(precision):
+        distances = min_squared_distances(pool_features, labeled_features, num_centers=num_labeled)
+        distances = jnp.where(valid, distances, -jnp.inf)  # below every chosen point's -1
+        rows = jnp.arange(pool_features.shape[0])
+
+        def pick(i, carry):
+            distances, chosen = carry
+            j = jnp.argmax(distances)
+            new = jnp.sum((pool_features - parallel.select_row(pool_features, j)[None, :]) ** 2, axis=-1)
+            return jnp.where(rows == j, -1.0, jnp.minimum(distances, new)), chosen.at[i].set(j)
+
+        _, chosen = jax.lax.fori_loop(0, k, pick, (distances, jnp.zeros((k,), jnp.int32)))
+        return parallel.constrain_replicated(chosen, mesh)
 
 
 @register_selector("coreset")
@@ -117,4 +143,6 @@ def coreset_select(ctx: StrategyContext, k: int) -> np.ndarray:
     _, pool_features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
     _, labeled_features = predict(ctx.model, ctx.variables, ctx.labeled_x, ctx.config.eval_batch_size,
                                   mesh=ctx.mesh)
-    return np.asarray(greedy_k_center(pool_features, labeled_features, k, ctx.mesh))
+    return np.asarray(greedy_k_center(pool_features, labeled_features, k, ctx.mesh,
+                                      pool_capacity=ctx.config.subset_size, labeled_capacity=max_labeled(ctx.config),
+                                      precision=ctx.config.precision.solvers))

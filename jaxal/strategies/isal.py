@@ -10,10 +10,14 @@ in `jaxal.influence`). Here
 - H is the Hessian of the mean true-label cross-entropy on the TRAINING labelled set
   (`ctx.labeled_x/y`), the model in inference mode (BatchNorm running averages, no dropout), with
   respect to the parameter subset `config.influence.params` (default "weights": every tensor of rank
-  > 1, as ISAL). `s_test = (H + damping*scale*I)^-1 grad L(R)` comes from
-  `config.influence.solver`: "lissa" (ISAL's: `depth` steps x `repeats` chains, `batch_size` labelled
-  examples per Hessian-vector product, `damping`, `scale`), "cg" or "exact" (full-batch Hessian of
-  the labelled set, the same shifted system);
+  > 1, as ISAL), plus `weight_decay * I` with `--influence.hessian_weight_decay true` (the Hessian of the
+  training objective, as Koh & Liang's code; ISAL's code leaves the weight decay out, the default).
+  `s_test = (H + damping*scale*I)^-1 grad L(R)` comes from `config.influence.solver`: "lissa" (ISAL's:
+  `depth` steps x `repeats` chains, `batch_size` labelled examples per Hessian-vector product,
+  `damping`, `scale`), "cg" (stops at `cg_tol`) or "exact" (full-set Hessian of the labelled set, the
+  same shifted system; refused before the run if the dense matrix exceeds `exact_max_gib`). Every
+  product over the labelled set is a sum over chunks of `hvp_chunk_size` examples
+  (`jaxal.influence.set_hvp`): the memory does not grow with the labelled set;
 - v = grad L(R) is the mean true-label CE gradient over the reference set
   `ctx.reference_sets[reference]`;
 - G_z is the gradient of CE at the pseudo-label, the arg-max class. With `top_k_classes = K > 1` it
@@ -61,29 +65,32 @@ weights: the mean gradient (`_reference_gradient`, under `jaxal.parallel.sum_chu
 scores (`_pool_scores`, under `map_chunks`) and the solver (`_solve`, jitted with its settings
 static) are module-level functions that take the trained variables as TRACED arguments and build
 the loss, its restriction to the parameter subset and the inference-mode BatchNorm inside the
-trace. The labelled set, which grows every cycle, enters the solver padded to a bucket size
-(`labeled_bucket`: a power of two for minibatch LiSSA, where padding costs only memory; a multiple
-of 256 for the full-batch cg/exact) with weights 0 on the padding and `weighted_mean_loss`; LiSSA
-draws its minibatches among the real rows only (`num_examples`, traced), so with the same rng it
-makes the same draws as on the unpadded set. A growing labelled set compiles the solver once per
-bucket, not once per cycle.
+trace. The labelled set, which grows every cycle, enters the solver padded to the largest training
+set of the run (`labeled_bucket`, `jaxal.config.max_labeled`; beyond it, the next power of two) with
+weights 0 on the padding and `weighted_mean_loss`; the solvers run over the real rows only
+(`num_examples`, traced: LiSSA draws its minibatches among them, so with the same rng it makes the same
+draws as on the unpadded set, and the chunked products stop at the last real chunk), so the padding
+costs memory for the inputs only. A run compiles the solver once.
+
+Precision: `v`, the solve and the pool's jvps run at `--precision.solvers` ("highest"), see
+`jaxal.precision`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from jaxal import influence
-from jaxal.config import Config
+from jaxal import influence, parallel
+from jaxal import precision as precision_lib
+from jaxal.config import Config, max_labeled
 from jaxal.models import inference_apply
-from jaxal import parallel
 from jaxal.pytree import PARAM_SUBSETS, partition, restrict, subset_mask, tree_dot, tree_norm, tree_scale, tree_size
 from jaxal.strategies.base import StrategyContext, register_scorer
 
@@ -130,13 +137,19 @@ def _check_common(config: Config) -> None:
     if opts.params not in PARAM_SUBSETS:
         raise ValueError(f"unknown influence parameter subset {opts.params!r}; choose one of: "
                          f"{', '.join(PARAM_SUBSETS)}")
-    for name in ("depth", "repeats", "batch_size", "cg_maxiter", "top_k_classes", "chunk_size"):
+    for name in ("depth", "repeats", "batch_size", "cg_maxiter", "top_k_classes", "chunk_size", "hvp_chunk_size",
+                 "exact_block_size"):
         if getattr(opts, name) < 1:
             raise ValueError(f"--influence.{name} must be at least 1, got {getattr(opts, name)}")
     if not 0 <= opts.damping < 1:
         raise ValueError(f"--influence.damping must be in [0, 1), got {opts.damping}")
-    if not opts.scale > 0:
-        raise ValueError(f"--influence.scale must be positive, got {opts.scale}")
+    # `not x > 0` also rejects NaN, which every ordered comparison lets through.
+    for name in ("scale", "exact_max_gib"):
+        if not (math.isfinite(getattr(opts, name)) and getattr(opts, name) > 0):
+            raise ValueError(f"--influence.{name} must be a finite number > 0, got {getattr(opts, name)}")
+    if not (math.isfinite(opts.cg_tol) and opts.cg_tol >= 0):
+        raise ValueError(f"--influence.cg_tol must be a finite number >= 0, got {opts.cg_tol}")
+    precision_lib.check(config.precision.solvers, "--precision.solvers")
 
 
 def _check_reference(config: Config, reference: str) -> None:
@@ -153,6 +166,13 @@ def check_configured_reference(config: Config) -> None:
 
 def check_fixed_reference(config: Config) -> None:
     _check_common(config)
+
+
+def check_model(config: Config, variables) -> None:
+    """Before the run: `--influence.solver exact` must fit this model's parameter subset."""
+    if config.influence.solver == "exact":
+        params = variables["params"]
+        check_exact_fits(config, partition(params, subset_mask(params, config.influence.params))[0])
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -198,41 +218,58 @@ def _labeled_loss(model, subset: str, variables):
 
 def _reference_gradient(static, variables, chunk):
     """sum over the chunk's real examples of grad CE(z, y) on the subset (`sum_chunks`)."""
-    model, subset = static
+    model, subset, precision = static
     (examples, weights) = chunk
-    loss, selected = _labeled_loss(model, subset, variables)
-    return influence.weighted_gradient(loss, selected, examples, weights)
+    with precision_lib.scope(precision):
+        loss, selected = _labeled_loss(model, subset, variables)
+        return influence.weighted_gradient(loss, selected, examples, weights)
 
 
 def _pool_scores(static, consts, xs):
     """`s . G_z` for every pool point of the chunk: one jvp (`map_chunks`)."""
-    model, subset, top_k_classes = static
+    model, subset, top_k_classes, precision = static
     variables, s = consts
-    apply = inference_apply(model, variables.get("batch_stats", {}))
-    loss, selected = restrict(unlabeled_example_loss(apply, top_k_classes), variables["params"], subset)
-    return influence.jvp_scores(loss, selected, s, xs)
+    with precision_lib.scope(precision):
+        apply = inference_apply(model, variables.get("batch_stats", {}))
+        loss, selected = restrict(unlabeled_example_loss(apply, top_k_classes), variables["params"], subset)
+        return influence.jvp_scores(loss, selected, s, xs)
 
 
-def _solve_body(static, variables, data, num_examples, v, rng, damping, scale):
-    """`(H + damping*scale*I)^-1 v` on the padded labelled set `data = ((x, y), weights)`: the
+class SolverSettings(NamedTuple):
+    """The static settings of `_solve` (hashable: one compiled program per value and shapes)."""
+
+    model: object
+    subset: str
+    solver: str
+    depth: int
+    repeats: int
+    batch_size: int
+    maxiter: int
+    chunk_size: int  # rows per Hessian-vector product
+    block_size: int  # exact: basis vectors per assembly pass
+    precision: str
+    mesh: object
+
+
+def _solve_body(static: SolverSettings, variables, data, num_examples, v, rng, damping, scale, tol, l2):
+    """`(H + l2*I + damping*scale*I)^-1 v` on the padded labelled set `data = ((x, y), weights)`: the
     solver's result (`LissaResult`, `CGResult` or the solution)."""
-    model, subset, solver, depth, repeats, batch_size, maxiter, mesh = static
-    loss, selected = _labeled_loss(model, subset, variables)
-    return influence.solve_traced(solver, influence.weighted_mean_loss(loss), selected, data, v, rng=rng,
-                                  damping=damping, scale=scale, depth=depth, repeats=repeats, batch_size=batch_size,
-                                  maxiter=maxiter, num_examples=num_examples, mesh=mesh)
+    loss, selected = _labeled_loss(static.model, static.subset, variables)
+    return influence.solve_traced(static.solver, influence.weighted_mean_loss(loss), selected, data, v, rng=rng,
+                                  damping=damping, scale=scale, depth=static.depth, repeats=static.repeats,
+                                  batch_size=static.batch_size, maxiter=static.maxiter, tol=tol, l2=l2,
+                                  chunk_size=static.chunk_size, block_size=static.block_size,
+                                  num_examples=num_examples, mesh=static.mesh, precision=static.precision)
 
 
 _solve = jax.jit(_solve_body, static_argnums=0)
 
 
-def labeled_bucket(n: int, solver: str) -> int:
-    """The padded size of a labelled set of n examples: the next power of two (at least 256) for
-    LiSSA, whose minibatches never touch the padding; the next multiple of 256 for the full-batch
-    solvers, which pay for every padded row."""
-    if solver == "lissa":
-        return max(256, 1 << max(n - 1, 0).bit_length())
-    return parallel.round_up(max(n, 1), 256)
+def labeled_bucket(n: int, config: Config) -> int:
+    """The padded size of a labelled set of n examples: the largest training set of the run
+    (`config.max_labeled`), so the solver compiles once per run (beyond it, the next power of two).
+    Padding costs only memory: every solver runs over the real rows only (`num_examples`)."""
+    return parallel.bucket(n, max_labeled(config))
 
 
 def pad_labeled(xs, ys, size: int):
@@ -244,6 +281,22 @@ def pad_labeled(xs, ys, size: int):
         raise ValueError(f"cannot pad {n} labelled examples to {size}")
     idx = np.minimum(np.arange(size), n - 1)
     return (xs[idx], ys[idx]), (np.arange(size) < n).astype(np.float32)
+
+
+def hessian_l2(config: Config) -> float:
+    """The weight-decay term of H: `weight_decay` with `--influence.hessian_weight_decay`, else 0."""
+    return float(config.weight_decay) if config.influence.hessian_weight_decay else 0.0
+
+
+def check_exact_fits(config: Config, subset_params, flag: str = "--influence.exact_max_gib") -> None:
+    """ValueError (with what to use instead) if `--influence.solver exact` on these parameters (arrays or
+    shapes) would allocate more than the limit."""
+    opts = config.influence
+    try:
+        influence.check_exact_memory(subset_params, max_bytes=int(opts.exact_max_gib * 2**30),
+                                     block_size=opts.exact_block_size, flag=flag)
+    except ValueError as error:
+        raise ValueError(f"--influence.solver exact with --influence.params {opts.params}: {error}") from None
 
 
 def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian: bool = True):
@@ -261,14 +314,15 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
     subset, _ = partition(variables["params"], subset_mask(variables["params"], opts.params))
     mesh = ctx.mesh
 
-    total = parallel.sum_chunks(_reference_gradient, (ctx.model, opts.params), variables, (ref_x, ref_y),
-                                chunk_size=opts.chunk_size, mesh=mesh)
+    solver_precision = config.precision.solvers
+    total = parallel.sum_chunks(_reference_gradient, (ctx.model, opts.params, solver_precision), variables,
+                                (ref_x, ref_y), chunk_size=opts.chunk_size, mesh=mesh)
     v = tree_scale(total, 1.0 / parallel.num_examples(ref_y))
     v_norm = tree_norm(v)
     info = {"solver": opts.solver if hessian else "identity", "reference": reference,
             "reference_size": int(ref_y.shape[0]), "num_params": int(tree_size(subset)),
             "top_k_classes": int(opts.top_k_classes), "v_norm": _float(v_norm)}
-    pool_static = (ctx.model, opts.params, opts.top_k_classes)
+    pool_static = (ctx.model, opts.params, opts.top_k_classes, solver_precision)
     grad_sim = parallel.map_chunks(_pool_scores, pool_static, (variables, v), ctx.pool_x,
                                    chunk_size=opts.chunk_size, mesh=mesh)
     if not hessian:
@@ -276,18 +330,21 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
         return grad_sim, info
 
     if opts.solver == "exact":
-        influence.check_exact_size(subset)
+        check_exact_fits(config, subset)
     n = int(ctx.labeled_y.shape[0])
-    data = pad_labeled(ctx.labeled_x, ctx.labeled_y, labeled_bucket(n, opts.solver))
-    static = (ctx.model, opts.params, opts.solver, opts.depth, opts.repeats, opts.batch_size, opts.cg_maxiter, mesh)
+    data = pad_labeled(ctx.labeled_x, ctx.labeled_y, labeled_bucket(n, config))
+    static = SolverSettings(ctx.model, opts.params, opts.solver, opts.depth, opts.repeats, opts.batch_size,
+                            opts.cg_maxiter, opts.hvp_chunk_size, opts.exact_block_size, solver_precision, mesh)
+    l2 = hessian_l2(config)
     placed = parallel.replicate((variables, data, n, v, ctx.rng), mesh)
-    result = _solve(static, *placed, opts.damping, opts.scale)
+    result = _solve(static, *placed, opts.damping, opts.scale, opts.cg_tol, l2)
     result = result if mesh is None else parallel.local(result)
     if opts.solver == "lissa":
         norms = np.asarray(result.norms, np.float64)
         labeled_loss, _ = _labeled_loss(ctx.model, opts.params, ctx.variables)  # for the error message only
         influence.check_lissa(result, influence.weighted_mean_loss(labeled_loss), subset, data, rng=ctx.rng,
-                              damping=opts.damping, scale=opts.scale, batch_size=opts.batch_size, num_examples=n)
+                              damping=opts.damping, scale=opts.scale, batch_size=opts.batch_size, num_examples=n,
+                              l2=l2, chunk_size=opts.hvp_chunk_size)
         s_test = result.inverse_hvp
         info.update(lissa_final_norm=_float(norms[:, -1].mean()), lissa_max_norm=_float(norms.max()),
                     lissa_depth=int(opts.depth), lissa_repeats=int(opts.repeats))
@@ -306,19 +363,19 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
     return scores, info
 
 
-@register_scorer("isal", check=check_configured_reference)
+@register_scorer("isal", check=check_configured_reference, check_model=check_model)
 def isal_scores(ctx: StrategyContext):
     """ISAL: most negative influence -grad L(R)^T H^-1 G_z on the reference set --influence.reference."""
     return influence_selection_scores(ctx, ctx.config.influence.reference)
 
 
-@register_scorer("isal_v2", check=check_fixed_reference)
+@register_scorer("isal_v2", check=check_fixed_reference, check_model=check_model)
 def isal_v2_scores(ctx: StrategyContext):
     """ISAL with the initial (cycle-0) training labelled set as reference set."""
     return influence_selection_scores(ctx, "initial")
 
 
-@register_scorer("isal_v3", check=check_fixed_reference)
+@register_scorer("isal_v3", check=check_fixed_reference, check_model=check_model)
 def isal_v3_scores(ctx: StrategyContext):
     """ISAL with the current training labelled set as reference set."""
     return influence_selection_scores(ctx, "labeled")
