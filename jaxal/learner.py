@@ -302,6 +302,8 @@ class ActiveLearner:
             raise AnnotationError(f"k must be a positive integer, got {k!r}")
         k = int(k)
         pool = make_pool(pool_ids, pool_images)
+        if not self._labels:
+            raise AnnotationError("no labels yet: tell some labels (a few per class) before the first ask")
         classes = self._classes_for_round()
         self._check_labels_in(pool)
         self._check_images(pool)
@@ -315,8 +317,6 @@ class ActiveLearner:
     def _classes_for_round(self) -> tuple:
         classes = self.classes
         if classes is None:
-            if not self._labels:
-                raise AnnotationError("no labels yet: tell some labels (a few per class) before the first ask")
             classes = infer_classes(label for _, label in self._labels.values())
         if len(classes) < 2:
             raise AnnotationError(f"classification needs at least 2 classes; the labels so far have "
