@@ -3,6 +3,11 @@
 `run_experiment(config)` is the library entry point (the CLI and the notebooks call it). The loop
 owns all state (labelled indices, RNG, cycle); strategies are pure functions of a context.
 
+One cycle, train -> score -> select, is `run_round`; a simulated cycle (`run_cycle`) is a round whose
+oracle is the dataset's labels, and the annotation rounds of `jaxal.learner` are rounds whose oracle is
+a person. Both share its random numbers (`cycle_keys`), its strategy call (`strategies.base.propose`)
+and its checks (`validate_settings`, `check_model_outputs`).
+
 Everything is validated before the run directory is touched, so bad input leaves nothing behind.
 Running the same config again in the same directory resumes at the first unfinished cycle, and a
 resumed run ends with the same results as an uninterrupted one: every random choice of cycle c is
