@@ -209,8 +209,6 @@ class ActiveLearner:
         base = config if config is not None else build_config("annotation")
         if strategy is not None:
             overrides["strategy"] = strategy
-        elif config is None:
-            overrides.setdefault("strategy", "ent_gn")
         try:
             config = build_config_from(base, overrides)
         except (TypeError, ValueError) as error:

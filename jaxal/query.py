@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--labels", required=True, help="CSV of path,label rows: the labels you have")
     group.add_argument("--new-labels", "--new_labels", dest="new_labels", action="append", default=[],
                        help="more path,label rows in another CSV (may be given several times)")
-    group.add_argument("--classes", help="every class, comma-separated (default: the labels of the first round)")
+    group.add_argument("--classes", help="every class, comma-separated; without it, the distinct labels of the first round")
     return parser
 
 
