@@ -107,7 +107,7 @@ def run_round(config, args: argparse.Namespace, log=print) -> None:
         results.write_atomic(folder / "to_label.csv", table.getvalue())
         index = {item: row for row, item in enumerate(ids)}
         chosen = images[[index[item] for item in proposal.ids]]
-        captions = [f"{rank}. {Path(item).name}" for item, _, rank in proposal.rows()]
+        captions = [f"{rank}: {Path(item).name}" for item, _, rank in proposal.rows()]
         results.write_atomic(folder / "contact_sheet.png", results.contact_sheet(chosen, captions))
         log(f"round {proposal.round}: label the {len(proposal)} images in {folder / 'to_label.csv'} "
             f"(best first; contact sheet: {folder / 'contact_sheet.png'}),\nadd them to {args.labels} as "
