@@ -19,6 +19,7 @@ import processes  # tests/processes.py: the multi-process helpers
 from jaxal import parallel
 from jaxal.config import build_config
 from jaxal.data import load_dataset
+from jaxal.tasks import Classification
 from jaxal.models import LossNet, ModelOutput, create_model
 from jaxal.strategies import STRATEGIES, StrategyContext, get_strategy, top_k
 from jaxal.strategies import bald, baselines, gradient, isal, ll4al
@@ -136,7 +137,7 @@ def test_map_chunks_drops_padding_and_returns_local_arrays():
 def test_sharded_scoring_never_gathers_the_pool(trained):
     """Each device scores its own part of a chunk: the compiled program gathers only the scores."""
     model, _, state = trained
-    static = (model, "ent_gn", "layer_sum", "all", "ghost")
+    static = (model, Classification(10), "ent_gn", "layer_sum", "all", "ghost")
     chunk = parallel.shard_batch(jnp.zeros((32, 8, 8, 1)), MESH)
     variables = parallel.replicate(model_variables(state), MESH)
     hlo = parallel._compiled(gradient._query_norms, parallel.replicated(MESH)).lower(static, variables, chunk)
