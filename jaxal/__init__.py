@@ -5,3 +5,12 @@ baselines they are compared with, and diagnostics of how tight the gradient-norm
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # `jaxal.ActiveLearner` without importing JAX at `import jaxal` (PEP 562).
+    if name == "ActiveLearner":
+        from jaxal.learner import ActiveLearner
+
+        return ActiveLearner
+    raise AttributeError(f"module 'jaxal' has no attribute {name!r}")

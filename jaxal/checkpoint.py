@@ -1,5 +1,7 @@
 """Per-cycle checkpoints with orbax-checkpoint: everything a run needs to continue where it stopped.
 
+`save_state`/`restore_state` store a train state with a JSON dict beside it; the simulation's cycles
+(`save`/`restore_latest`) and the annotation rounds of `jaxal.learner` are both kept that way.
 One `CheckpointManager` per (strategy, trial), one step per finished cycle, holding the train state
 (model, BatchNorm and optimizer state), the labelled and validation indices, the trial's RNG key,
 the cycle number and the records so far. The records travel with the state, so what a resumed run
@@ -29,23 +31,22 @@ class CycleCheckpoint(NamedTuple):
     records: list  # the trial's records, cycles 0..cycle
 
 
-def manager(directory: Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False)
+def manager(directory: Path, max_to_keep: int = 1) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, ckpt: CycleCheckpoint) -> None:
-    # Index sets and the key are small (and may be empty, which orbax's array handler refuses): JSON.
-    meta = {"cycle": ckpt.cycle, "records": ckpt.records, "labeled": np.asarray(ckpt.labeled).tolist(),
-            "val": np.asarray(ckpt.val).tolist(), "rng": np.asarray(ckpt.rng_key_data).tolist()}
-    mngr.save(ckpt.cycle, args=ocp.args.Composite(arrays=ocp.args.StandardSave({"state": ckpt.state}),
-                                                  meta=ocp.args.JsonSave(meta)))
+def save_state(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+    """One step: the arrays of `state` (orbax's array format) and `meta`, a JSON-able dict (index sets,
+    keys and records are small, and may be empty, which orbax's array handler refuses)."""
+    mngr.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave({"state": state}),
+                                            meta=ocp.args.JsonSave(meta)))
     mngr.wait_until_finished()
 
 
-def restore_latest(mngr: ocp.CheckpointManager, template_state: Any) -> Optional[CycleCheckpoint]:
-    """The latest checkpoint, or None if there is none. Array shapes and structure come from the
-    checkpoint's own metadata, then are checked against `template_state` (this run's state as
+def restore_state(mngr: ocp.CheckpointManager, template_state: Any) -> Optional[tuple[int, Any, dict]]:
+    """(step, state, meta) of the latest step, or None if there is none. Array shapes and structure come
+    from the checkpoint's own metadata, then are checked against `template_state` (this run's state as
     `jax.eval_shape` gives it): a checkpoint of another model fails here with a clear message."""
     step = mngr.latest_step()
     if step is None:
@@ -58,8 +59,38 @@ def restore_latest(mngr: ocp.CheckpointManager, template_state: Any) -> Optional
     except CheckpointError:
         raise
     except Exception as error:  # orbax raises many types for unreadable files
-        raise CheckpointError(f"checkpoint {mngr.directory}/{step} cannot be read ({type(error).__name__}: "
-                              f"{error}); delete it or choose another --workdir") from error
+        raise _unreadable(mngr, step, error) from error
+    return step, state, meta
+
+
+def read_meta(mngr: ocp.CheckpointManager) -> Optional[tuple[int, dict]]:
+    """(step, meta) of the latest step without reading its arrays, or None if there is none."""
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    try:
+        return step, mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as error:
+        raise _unreadable(mngr, step, error) from error
+
+
+def _unreadable(mngr, step: int, error: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {mngr.directory}/{step} cannot be read ({type(error).__name__}: "
+                           f"{error}); delete it or choose another --workdir")
+
+
+def save(mngr: ocp.CheckpointManager, ckpt: CycleCheckpoint) -> None:
+    meta = {"cycle": ckpt.cycle, "records": ckpt.records, "labeled": np.asarray(ckpt.labeled).tolist(),
+            "val": np.asarray(ckpt.val).tolist(), "rng": np.asarray(ckpt.rng_key_data).tolist()}
+    save_state(mngr, ckpt.cycle, ckpt.state, meta)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, template_state: Any) -> Optional[CycleCheckpoint]:
+    """The latest cycle's checkpoint, or None if there is none (see `restore_state`)."""
+    restored = restore_state(mngr, template_state)
+    if restored is None:
+        return None
+    step, state, meta = restored
     if meta.get("cycle") != step:
         raise CheckpointError(f"checkpoint {mngr.directory}/{step} is inconsistent: it says cycle {meta.get('cycle')}")
     return CycleCheckpoint(step, state, np.asarray(meta["labeled"], np.int64), np.asarray(meta["val"], np.int64),

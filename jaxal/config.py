@@ -159,6 +159,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Quick default on the embedded digits: about a minute on 2 CPU cores. A 10-sample validation
     # split is held out of the initial set for every strategy: ISAL's default reference set.
     "digits_quick": dict(val_size=10),
+    # Annotation rounds on your own images (`jaxal.ActiveLearner`, `python -m jaxal.query`): the defaults,
+    # with no labels held out of training (val_size 0), ranking by the entropy's gradient norm.
+    "annotation": dict(strategy="ent_gn"),
     # Wang et al., AAAI 2022, CIFAR-10 as in their code: 5000 initial, +2500 per cycle, 7 cycles,
     # 3 trials, a random 25000 of the pool scored per cycle, model kept across cycles.
     "wang2022_cifar10_code": dict(dataset="cifar10", model="resnet18", initial_size=5000, budget=2500,

@@ -245,7 +245,11 @@ def _load_digits():
 
 
 def _load_tfds(name: str, data_dir: str | None, image_size: int | None, download: bool) -> Dataset:
-    import tensorflow_datasets as tfds  # only here: `import jaxal` and every other source work without it
+    try:
+        import tensorflow_datasets as tfds  # only here: `import jaxal` and every other source work without it
+    except ImportError:
+        raise ValueError(f"dataset {name!r} is read with tensorflow-datasets, which is not installed here: "
+                         "pip install tensorflow-datasets (or use digits, a folder of images or an .npz)") from None
 
     spec = _TFDS[name]
     try:

@@ -727,7 +727,7 @@ def _check_against(exp, options: DiagnosticsOptions) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jaxal import run
+    from jaxal import cli, run
 
     parser = run.build_parser()
     parser.prog = "python -m jaxal.diagnostics"
@@ -741,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(DiagnosticsOptions):
         kind = hints[field.name]
         group.add_argument(f"--diag.{field.name}", dest=f"diag.{field.name}", default=argparse.SUPPRESS,
-                           metavar=run._metavar(kind),  # INT, INT|NONE, ... as jaxal.run's flags
+                           metavar=cli.metavar(kind),  # INT, INT|NONE, ... as the config's flags
                            help=f"default: {field.default!r}")
     return parser
 
@@ -761,10 +761,10 @@ def options_from_args(args: argparse.Namespace) -> DiagnosticsOptions:
 
 def main(argv=None) -> int:
     """`jaxal.run.main` with the diagnostics: the same distributed start-up, errors and exit codes."""
-    from jaxal import run
+    from jaxal import cli
 
     args = build_parser().parse_args(argv)
-    return run.run_command(args, lambda config: run_diagnostics(config, options_from_args(args),
+    return cli.run_command(args, lambda config: run_diagnostics(config, options_from_args(args),
                                                                 workdir=config.workdir, overwrite=args.overwrite))
 
 

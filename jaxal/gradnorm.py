@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
@@ -317,12 +318,42 @@ def _wanted_layers(params: PyTree, params_filter: ParamsFilter) -> frozenset:
 def _ghost_selection(covered, params: PyTree, params_filter: ParamsFilter) -> list[tuple[str, ...]]:
     """Paths of the selected parameters; raises if the ghost path has no squares for one of them."""
     mask = traverse_util.flatten_dict(_mask(params, params_filter))
-    missing = [path for path, m in mask.items() if m and path not in covered]
+    missing = _uncovered(covered, mask)
     if missing:
         raise ValueError("method='ghost' handles flax Dense, Conv (plain: no groups, mask, input dilation or "
                          "circular/reflect/causal padding) and BatchNorm layers only; no per-example gradient for "
                          f"{['/'.join(p) for p in missing]}: use method='vmap' or a subset without them")
     return [path for path, m in mask.items() if m]
+
+
+def _uncovered(covered, mask: dict) -> list[tuple[str, ...]]:
+    return [path for path, m in mask.items() if m and path not in covered]
+
+
+_FALLBACK_WARNED: set[str] = set()
+
+
+def ghost_or_vmap(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filter: ParamsFilter = "all") -> str:
+    """"ghost" when the ghost path forms the per-example gradient of every selected parameter of this
+    model (its layers are flax Dense, plain Conv and BatchNorm, each called once), else "vmap", saying so
+    once per process and model with a warning that names the layers. Decided from a shapes-only trace
+    on one example of `xs`; the strategies use it so that any model runs (`jaxal.models`)."""
+    one = jax.tree.map(lambda a: a[:1], xs)
+    try:
+        covered = jax.eval_shape(lambda p, x: _ghost_squares(loss_fn, p, x), params, one)
+        missing = ["/".join(p) for p in _uncovered(covered, traverse_util.flatten_dict(_mask(params, params_filter)))]
+        reason = f"it has no per-example gradient for {missing[:6]}{' ...' if len(missing) > 6 else ''}"
+    except ValueError as error:  # a layer called twice per pass (shared weights)
+        missing, reason = ["(shared layer)"], str(error)
+    if not missing:
+        return "ghost"
+    message = (f"--gradnorm.method ghost handles flax Dense, plain Conv and BatchNorm layers; {reason}, so the "
+               "per-example gradient norms of this model use method 'vmap' (the same norms, more memory per chunk: "
+               "lower --gradnorm.chunk_size if it runs out)")
+    if message not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return "vmap"
 
 
 # --------------------------------------------------------------------------- public API

@@ -3,6 +3,11 @@
 `run_experiment(config)` is the library entry point (the CLI and the notebooks call it). The loop
 owns all state (labelled indices, RNG, cycle); strategies are pure functions of a context.
 
+One cycle, train -> score -> select, is `run_round`; a simulated cycle (`run_cycle`) is a round whose
+oracle is the dataset's labels, and the annotation rounds of `jaxal.learner` are rounds whose oracle is
+a person. Both share its random numbers (`cycle_keys`), its strategy call (`strategies.base.propose`)
+and its checks (`validate_settings`, `check_model_outputs`).
+
 Everything is validated before the run directory is touched, so bad input leaves nothing behind.
 Running the same config again in the same directory resumes at the first unfinished cycle, and a
 resumed run ends with the same results as an uninterrupted one: every random choice of cycle c is
@@ -16,7 +21,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +30,9 @@ import numpy as np
 from jaxal import checkpoint, parallel, precision, results, tasks
 from jaxal.config import Config
 from jaxal.data import Dataset, load_dataset
-from jaxal.models import LossNet, adapt, base_model, create_model, init_variables
+from jaxal.models import LossNet, accepted_modes, adapt, base_model, create_model, init_variables
 from jaxal.strategies import StrategyContext, get_strategy
-from jaxal.strategies.base import split_info
+from jaxal.strategies.base import MODEL_NEEDS, propose
 from jaxal.train import TrainOptions, create_train_state, evaluate, fresh_optimizer, model_variables, train_model
 
 # Fields that may differ between a run and its resumption: they change no result.
@@ -53,9 +58,9 @@ def default_workdir(config: Config) -> Path:
     return Path("runs") / f"{dataset}-{config.strategy.replace(',', '+')}"
 
 
-def validate(config: Config, dataset: Dataset, task=None) -> None:
-    """Raise RunError for any config that cannot run to the end on `dataset` (with `task`, default
-    classification)."""
+def validate_settings(config: Config, task=None) -> None:
+    """Raise RunError for strategies, options and training settings that cannot run, whatever the data:
+    what a simulation (`validate`) and annotation rounds (`jaxal.learner`) both check."""
     task_name = getattr(task, "name", "classification")
     if not config.strategies:
         raise RunError("no strategy given")
@@ -84,12 +89,23 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
     if config.lossnet.width < 1 or config.lossnet.margin < 0:
         raise RunError(f"--lossnet.width must be at least 1 and --lossnet.margin non-negative, got "
                        f"{config.lossnet.width} and {config.lossnet.margin}")
-    pool = dataset.x_train.shape[0]
-    positive = ("initial_size", "budget", "cycles", "trials", "epochs", "batch_size", "eval_batch_size",
-                "num_devices")
-    for field in positive:
+    for field in ("budget", "epochs", "batch_size", "eval_batch_size", "num_devices"):
         if getattr(config, field) is not None and getattr(config, field) < 1:
             raise RunError(f"--{field} must be at least 1, got {getattr(config, field)}")
+    if config.val_size < 0:
+        raise RunError(f"--val_size must be non-negative, got {config.val_size}")
+    if config.subset_size is not None and config.subset_size < config.budget:
+        raise RunError(f"--subset_size ({config.subset_size}) must be at least --budget ({config.budget})")
+
+
+def validate(config: Config, dataset: Dataset, task=None) -> None:
+    """Raise RunError for any config that cannot run to the end on `dataset` (with `task`, default
+    classification)."""
+    validate_settings(config, task)
+    for field in ("initial_size", "cycles", "trials"):
+        if getattr(config, field) < 1:
+            raise RunError(f"--{field} must be at least 1, got {getattr(config, field)}")
+    pool = dataset.x_train.shape[0]
     if not 0 <= config.val_size < config.initial_size:
         raise RunError(f"--val_size ({config.val_size}) must be in [0, initial_size={config.initial_size})")
     if config.initial_size > pool:
@@ -100,8 +116,6 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
         raise RunError(f"the budget is larger than the pool: initial_size + budget * (cycles - 1) = "
                        f"{config.initial_size} + {config.budget} * {config.cycles - 1} = {needed} samples, "
                        f"but {dataset.name} has {pool}; lower --budget or --cycles")
-    if config.subset_size is not None and config.subset_size < config.budget:
-        raise RunError(f"--subset_size ({config.subset_size}) must be at least --budget ({config.budget})")
     if dataset.x_train.dtype.kind == "f" and not (np.all(np.isfinite(dataset.x_train))
                                                   and np.all(np.isfinite(dataset.x_test))):
         raise RunError(f"dataset {dataset.name} contains non-finite values")
@@ -135,20 +149,62 @@ def check_strategies_fit(config: Config, model, dataset: Dataset) -> None:
             raise RunError(f"{name}: {error}") from None
 
 
-def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
-    """Load and validate everything a run needs, touching nothing on disk."""
+def check_model_outputs(model, model_name: str, config: Config, input_shape, dtype, num_classes: int) -> None:
+    """Refuse a model that does not follow the contract of `jaxal.models` (logits with `num_classes` on
+    the last axis), and each strategy of `config` that needs from the model what it does not give
+    (`Strategy.needs`: features, block outputs, an `mc_dropout` keyword), saying what and why. From the
+    output shapes alone (`jax.eval_shape`), before anything is trained."""
+    def forward(key):
+        return model.init_with_output(key, jnp.zeros((2, *input_shape), dtype), train=False)[0]
+
+    try:
+        output = jax.eval_shape(forward, jax.random.key(0))
+    except Exception as error:  # a user's module can fail in any way; say which model and inputs
+        raise RunError(f"model {model_name} fails on a batch of images of shape {tuple(input_shape)} {np.dtype(dtype)} "
+                       f"({type(error).__name__}: {error})") from error
+    logits = output.logits
+    if logits.ndim < 2 or logits.shape[0] != 2 or logits.shape[-1] != num_classes:
+        raise RunError(f"model {model_name} returns logits of shape {logits.shape} for 2 images; expected "
+                       f"(2, ..., {num_classes}): one score per class on the last axis")
+    module = base_model(model)
+    has = {"features": output.features is not None, "blocks": len(output.blocks) > 0,
+           "mc_dropout": "mc_dropout" in accepted_modes(type(module))}
+    for name in config.strategies:
+        strategy = get_strategy(name)
+        missing = [need for need in strategy.needs if not has[need]]
+        if missing:
+            raise RunError(f"strategy {name} cannot run on model {model_name}: it needs "
+                           f"{' and '.join(MODEL_NEEDS[m] for m in missing)}, which the model does not give")
+        if strategy.needs_dropout and getattr(module, "dropout_rate", None) is not None and module.dropout_rate <= 0.0:
+            raise RunError(f"strategy {name} needs MC dropout but model {model_name} has dropout rate 0; "
+                           "pass --dropout 0.25 (or another positive rate)")
+
+
+def model_description(model) -> str:
+    """How the config names a model given as a module (not one of `jaxal.models.MODELS`)."""
+    return f"module:{type(model).__module__}.{type(model).__qualname__}"
+
+
+def prepare(config: Config, workdir: Optional[str | Path] = None, *, model=None) -> Experiment:
+    """Load and validate everything a run needs, touching nothing on disk. `model`: a Flax module of
+    your own (see `jaxal.models`) instead of the one `config.model` names."""
     try:
         dataset = load_dataset(config.dataset, data_dir=config.data_dir, image_size=config.image_size,
                                normalization=config.normalization, augmentation=config.augmentation)
         task = tasks.create_task(config.task or "classification", dataset.num_classes)
-        model_name = config.model or dataset.default_model
-        model = adapt(create_model(model_name, dataset.num_classes, config.dropout), dataset.normalization)
+        if model is None:
+            model_name = config.model or dataset.default_model
+            model = create_model(model_name, dataset.num_classes, config.dropout)
+        else:
+            model_name = model_description(model)
+        model = adapt(model, dataset.normalization)
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # RuntimeError: tfds data not prepared
         raise RunError(str(error)) from None
     config = dataclasses.replace(config, model=model_name)
     validate(config, dataset, task)
     check_model_fits(model, model_name, dataset)
     check_strategies_fit(config, model, dataset)
+    check_model_outputs(model, model_name, config, dataset.image_shape, dataset.x_train.dtype, dataset.num_classes)
     try:
         mesh = parallel.make_mesh(config.num_devices)
     except ValueError as error:
@@ -156,10 +212,6 @@ def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
     # The resolved count goes into config.json: a resume on the same machine compares equal.
     config = dataclasses.replace(config, num_devices=mesh.devices.size)
     mesh = mesh if mesh.devices.size > 1 else None
-    for name in config.strategies:
-        if get_strategy(name).needs_dropout and getattr(base_model(model), "dropout_rate", 0.0) <= 0.0:
-            raise RunError(f"strategy {name} needs MC dropout but model {model_name} has dropout rate 0; "
-                           "pass --dropout 0.25 (or another positive rate)")
     workdir = Path(workdir or config.workdir or default_workdir(config))
     return Experiment(dataclasses.replace(config, workdir=str(workdir)), dataset, model, workdir, mesh, task)
 
@@ -182,16 +234,20 @@ def open_workdir(exp: Experiment, overwrite: bool) -> None:
     parallel.sync("jaxal-workdir-open")
 
 
+def config_differences(saved: dict, config: Config, free_fields=RESUME_FREE_FIELDS) -> str:
+    """'field: saved there vs current now, ...' for the fields (up to 5) that differ, other than
+    `free_fields`; empty if none does."""
+    current = json.loads(config.to_json())  # tuples become lists, as in the saved file
+    differing = sorted(k for k in set(saved) | set(current) if k not in free_fields and saved.get(k) != current.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r} there vs {current.get(k)!r} now" for k in differing[:5])
+
+
 def check_workdir(exp: Experiment) -> None:
     """Raise RunError unless the run directory is absent, empty, or holds a run of this config."""
     config_path = exp.workdir / "config.json"
     if config_path.exists():
-        saved = json.loads(config_path.read_text())
-        current = json.loads(exp.config.to_json())  # tuples become lists, as in the saved file
-        differing = sorted(k for k in set(saved) | set(current)
-                           if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k))
-        if differing:
-            details = ", ".join(f"{k}: {saved.get(k)!r} there vs {current.get(k)!r} now" for k in differing[:5])
+        details = config_differences(json.loads(config_path.read_text()), exp.config)
+        if details:
             raise RunError(f"{exp.workdir} holds a run with another config ({details}); resume it with the "
                            "same flags, pass --overwrite to start again, or choose another --workdir")
         return
@@ -226,15 +282,21 @@ def candidate_pool(pool_size: int, labeled: np.ndarray, val: np.ndarray, subset_
     return unlabeled
 
 
+def check_selection(chosen: np.ndarray, num_candidates: int, budget: int, strategy: str) -> np.ndarray:
+    """`chosen` as a flat index array, or RuntimeError unless it holds `budget` distinct positions in
+    [0, num_candidates): a strategy's contract, checked in every mode."""
+    chosen = np.asarray(chosen).reshape(-1)
+    if (len(chosen) != budget or len(np.unique(chosen)) != budget or chosen.min() < 0
+            or chosen.max() >= num_candidates):
+        raise RuntimeError(f"strategy {strategy} must return {budget} distinct positions in [0, {num_candidates}), "
+                           f"got {len(chosen)} ({len(np.unique(chosen))} distinct)")
+    return chosen
+
+
 def add_selection(labeled: np.ndarray, candidates: np.ndarray, chosen: np.ndarray, budget: int,
                   strategy: str) -> tuple[np.ndarray, np.ndarray]:
     """(new labelled set, newly labelled indices) after `chosen` (positions in `candidates`)."""
-    chosen = np.asarray(chosen).reshape(-1)
-    if (len(chosen) != budget or len(np.unique(chosen)) != budget or chosen.min() < 0
-            or chosen.max() >= len(candidates)):
-        raise RuntimeError(f"strategy {strategy} must return {budget} distinct positions in [0, {len(candidates)}), "
-                           f"got {len(chosen)} ({len(np.unique(chosen))} distinct)")
-    selected = candidates[chosen]
+    selected = candidates[check_selection(chosen, len(candidates), budget, strategy)]
     return np.sort(np.concatenate([labeled, selected])), selected
 
 
@@ -248,58 +310,110 @@ def metric_fields(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}_{name}": value for name, value in metrics.items()}
 
 
-def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: np.ndarray, val: np.ndarray,
-              initial: np.ndarray, images, labels, lossnet) -> tuple[object, np.ndarray, dict, np.ndarray]:
-    """Train on `labeled`, evaluate, and (except in the last cycle) select the next batch.
-    Returns (state, next labelled set, record, the candidates scored: empty in the last cycle)."""
+def cycle_keys(seed: int, trial_key: jax.Array, cycle: int) -> tuple[jax.Array, jax.Array, list[int]]:
+    """(model init key, strategy key, host seed) of a cycle: derived from (seed, trial, cycle) alone, so a
+    resumed cycle draws what an uninterrupted one draws."""
+    init_key, strategy_key, host_key = jax.random.split(jax.random.fold_in(trial_key, cycle), 3)
+    return init_key, strategy_key, [seed, int(jax.random.randint(host_key, (), 0, 2**31 - 1))]
+
+
+def state_template(exp: Experiment, lossnet) -> object:
+    """The train state's shapes and structure (no arrays), to restore a checkpoint against."""
+    options = train_options(exp.config, exp.dataset, exp.task)
+    return jax.eval_shape(lambda key: create_train_state(exp.model, lossnet, key, exp.dataset.image_shape, options),
+                          jax.random.key(0))
+
+
+class Round(NamedTuple):
+    state: object  # the train state after this round's training
+    record: dict  # cycle, num_labeled, <prefix>_<metric> per evaluation set, train_loss, seconds, num_scored, ...
+    candidates: np.ndarray  # the indices scored; empty without a selection
+    chosen: np.ndarray  # the batch: positions in `candidates`, best first; empty without a selection
+    scores: Optional[np.ndarray]  # the strategy's scores of `chosen`; None for a set-valued strategy or none
+
+
+def run_round(exp: Experiment, strategy, trial_key, cycle: int, state, images, labels, labeled: np.ndarray, *,
+              lossnet, budget: Optional[int], candidates: Callable[[np.random.Generator], np.ndarray],
+              evaluation: Callable[[], dict], reference_sets: Callable[[], dict], num_labeled: int,
+              trained: Optional[tuple] = None, on_trained: Optional[Callable] = None) -> Round:
+    """One turn of the cycle train -> score -> select, the same for a simulation (`run_cycle`, whose oracle
+    is the dataset's labels) and for annotation rounds (`jaxal.learner`, whose oracle is a person).
+
+    Trains on `labeled` (indices into the host arrays `images`/`labels`; the labels of other indices are
+    never read), from `state` with a fresh optimizer when warm-starting, else from a new model; evaluates
+    on the sets `evaluation()` returns ({prefix: (xs, ys)}); then, if `budget`, scores the indices
+    `candidates(rng)` and selects `budget` of them. Every random choice comes from (seed, trial_key, cycle)
+    (`cycle_keys`). `on_trained(state, fields)` is called once training and evaluation are done; passing
+    those back as `trained=(state, fields)` (a round interrupted after them) skips both."""
     config, data = exp.config, exp.dataset
-    cycle_key = jax.random.fold_in(trial_key, cycle)
-    init_key, strategy_key, host_key = jax.random.split(cycle_key, 3)
-    host_seed = [config.seed, int(jax.random.randint(host_key, (), 0, 2**31 - 1))]
-    options = train_options(config, data, exp.task)
-    if state is None or not config.warm_start:
-        state = create_train_state(exp.model, lossnet, init_key, data.image_shape, options)
+    init_key, strategy_key, host_seed = cycle_keys(config.seed, trial_key, cycle)
+    if trained is None:
+        options = train_options(config, data, exp.task)
+        if state is None or not config.warm_start:
+            state = create_train_state(exp.model, lossnet, init_key, data.image_shape, options)
+        else:
+            state = fresh_optimizer(state, options)
+        start = time.perf_counter()
+        state, train_metrics = train_model(state, images, labels, labeled, model=exp.model, lossnet=lossnet,
+                                           options=options, epochs=config.epochs, batch_size=config.batch_size,
+                                           lr=config.lr, lr_milestones=config.lr_milestones, lr_gamma=config.lr_gamma,
+                                           detach_epoch=config.lossnet.detach_epoch, seed=host_seed[1], mesh=exp.mesh,
+                                           lossnet_lr_decay=config.lossnet.lr_decay)
+        jax.block_until_ready(state)
+        train_seconds = time.perf_counter() - start
+        variables = parallel.local(model_variables(state))
+        fields = {}
+        start = time.perf_counter()
+        for prefix, (xs, ys) in evaluation().items():
+            fields.update(metric_fields(prefix, evaluate(exp.model, variables, xs, ys, exp.task,
+                                                         config.eval_batch_size, mesh=exp.mesh)))
+        evaluate_seconds = time.perf_counter() - start  # the metrics are host floats: evaluation has finished
+        fields.update(train_loss=train_metrics.get("loss"), train_seconds=train_seconds,
+                      evaluate_seconds=evaluate_seconds)
+        if on_trained is not None:
+            on_trained(state, fields)
     else:
-        state = fresh_optimizer(state, options)
-    start = time.perf_counter()
-    state, train_metrics = train_model(state, images, labels, labeled, model=exp.model, lossnet=lossnet,
-                                       options=options, epochs=config.epochs, batch_size=config.batch_size,
-                                       lr=config.lr, lr_milestones=config.lr_milestones, lr_gamma=config.lr_gamma,
-                                       detach_epoch=config.lossnet.detach_epoch, seed=host_seed[1], mesh=exp.mesh,
-                                       lossnet_lr_decay=config.lossnet.lr_decay)
-    jax.block_until_ready(state)
-    train_seconds = time.perf_counter() - start
+        state, fields = trained
+    record = {"cycle": cycle, "num_labeled": int(num_labeled), **fields, "selection_seconds": 0.0,
+              "num_scored": 0, "selected": []}
+    if not budget:
+        return Round(state, record, np.zeros((0,), np.int64), np.zeros((0,), np.int64), None)
+    scored = candidates(np.random.default_rng(host_seed))
     # Strategies get process-local copies of the (replicated) trained weights: single-device code
     # works unchanged on them, and the parallel helpers replicate them again where they shard work.
     variables, lossnet_params = parallel.local((model_variables(state), state.params["lossnet"]))
+    # Host arrays, like the variables are process-local: the strategies place them on the mesh themselves.
+    ctx = StrategyContext(model=exp.model, variables=variables, pool_x=images[scored], labeled_x=images[labeled],
+                          labeled_y=labels[labeled], num_classes=data.num_classes, task=exp.task, config=config,
+                          rng=strategy_key, lossnet=lossnet, lossnet_params=lossnet_params,
+                          reference_sets=reference_sets(), mesh=exp.mesh)
     start = time.perf_counter()
-    test = evaluate(exp.model, variables, data.x_test, data.y_test, exp.task, config.eval_batch_size, mesh=exp.mesh)
-    train = evaluate(exp.model, variables, data.x_train[labeled], data.y_train[labeled], exp.task,
-                     config.eval_batch_size, mesh=exp.mesh)
-    evaluate_seconds = time.perf_counter() - start  # the metrics are host floats: evaluation has finished
-    record = {"strategy": strategy.name, "trial": None, "cycle": cycle,
-              "num_labeled": int(len(labeled) + len(val)), **metric_fields("test", test),
-              **metric_fields("train", train), "train_loss": train_metrics.get("loss"),
-              "train_seconds": train_seconds, "evaluate_seconds": evaluate_seconds, "selection_seconds": 0.0,
-              "num_scored": 0, "selected": []}
-    candidates = np.zeros((0,), np.int64)
-    if cycle < config.cycles - 1:
-        candidates = candidate_pool(data.x_train.shape[0], labeled, val, config.subset_size,
-                                    np.random.default_rng(host_seed))
-        # Host arrays, like the variables are process-local: the strategies place them on the mesh themselves.
-        ctx = StrategyContext(model=exp.model, variables=variables, pool_x=images[candidates],
-                              labeled_x=images[labeled], labeled_y=labels[labeled],
-                              num_classes=data.num_classes, task=exp.task,
-                              config=config, rng=strategy_key, lossnet=lossnet, lossnet_params=lossnet_params,
-                              reference_sets=reference_sets(config, data, labeled, val, initial), mesh=exp.mesh)
-        start = time.perf_counter()
-        chosen, info = split_info(strategy.select(ctx, config.budget))
-        record["selection_seconds"] = time.perf_counter() - start
-        if info is not None:
-            record["strategy_info"] = info
-        labeled, selected = add_selection(labeled, candidates, chosen, config.budget, strategy.name)
-        record.update(num_scored=int(len(candidates)), selected=[int(i) for i in selected])
-    return state, labeled, record, candidates
+    chosen, scores, info = propose(strategy, ctx, budget)
+    record["selection_seconds"] = time.perf_counter() - start
+    if info is not None:
+        record["strategy_info"] = info
+    record["num_scored"] = int(len(scored))
+    return Round(state, record, scored, check_selection(chosen, len(scored), budget, strategy.name), scores)
+
+
+def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: np.ndarray, val: np.ndarray,
+              initial: np.ndarray, images, labels, lossnet) -> tuple[object, np.ndarray, dict, np.ndarray]:
+    """A simulated cycle: `run_round` on the dataset, then (except in the last cycle) the oracle labels
+    the batch (the dataset's labels, known all along). Returns (state, next labelled set, record, the
+    candidates scored: empty in the last cycle)."""
+    config, data = exp.config, exp.dataset
+    last = cycle == config.cycles - 1
+    result = run_round(
+        exp, strategy, trial_key, cycle, state, images, labels, labeled, lossnet=lossnet,
+        budget=None if last else config.budget, num_labeled=len(labeled) + len(val),
+        candidates=lambda rng: candidate_pool(data.x_train.shape[0], labeled, val, config.subset_size, rng),
+        evaluation=lambda: {"test": (data.x_test, data.y_test), "train": (images[labeled], labels[labeled])},
+        reference_sets=lambda: reference_sets(config, data, labeled, val, initial))
+    record = {"strategy": strategy.name, "trial": None, **result.record}
+    if not last:
+        labeled, selected = add_selection(labeled, result.candidates, result.chosen, config.budget, strategy.name)
+        record["selected"] = [int(i) for i in selected]
+    return result.state, labeled, record, result.candidates
 
 
 def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
@@ -315,10 +429,7 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
     labeled, val = initial_split(config, trial, data.x_train.shape[0])
     initial = labeled.copy()
     mngr = checkpoint.manager(exp.workdir / "checkpoints" / strategy_name / f"trial_{trial}")
-    template = jax.eval_shape(lambda key: create_train_state(exp.model, lossnet, key, data.image_shape,
-                                                             train_options(config, data, exp.task)),
-                              jax.random.key(0))
-    resumed = checkpoint.restore_latest(mngr, template)
+    resumed = checkpoint.restore_latest(mngr, state_template(exp, lossnet))
     state, records, first_cycle = None, [], 0
     if resumed is not None:
         if not np.array_equal(resumed.val, val) or not np.array_equal(resumed.rng_key_data,
@@ -352,10 +463,12 @@ def describe(exp: Experiment) -> str:
 
 
 def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, overwrite: bool = False,
-                   log: Callable[[str], None] = print, observer: Optional[Callable] = None) -> list[dict]:
+                   log: Callable[[str], None] = print, observer: Optional[Callable] = None,
+                   model=None) -> list[dict]:
     """Run (or resume) every strategy and trial of `config`; returns all per-cycle records.
-    `observer`, if given, is called after every cycle (see `run_trial`)."""
-    return run_prepared(prepare(config, workdir), overwrite=overwrite, log=log, observer=observer)
+    `observer`, if given, is called after every cycle (see `run_trial`); `model`: a Flax module of your
+    own instead of `config.model` (see `jaxal.models` for what it must return)."""
+    return run_prepared(prepare(config, workdir, model=model), overwrite=overwrite, log=log, observer=observer)
 
 
 def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str], None] = print,

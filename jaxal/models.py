@@ -4,6 +4,18 @@ Every classifier returns a `ModelOutput`: the logits, the penultimate features (
 embed) and the intermediate block outputs (what the loss-prediction module reads). Under jit the
 outputs a caller does not use are dead code, so one return type serves training, scoring and features.
 
+Your own model: any Flax linen module works if
+  - `__call__(x)` takes a batch of images (N, H, W, C), float32 and already normalised (`adapt` does it),
+    and returns the logits (N, num_classes), or a `ModelOutput`, or a dict with "logits" and optionally
+    "features" (N, d) (for coreset, BADGE) and "blocks" (a sequence of (N, ...) arrays, for the LL4AL
+    loss-prediction module of ll4al and lplgrad);
+  - it takes the keyword arguments `train` (batch statistics and dropout on) and `mc_dropout` (dropout
+    on, BatchNorm in inference mode; needed by BALD) if it has such layers, and may omit them otherwise;
+  - its variables are "params" and optionally "batch_stats" (updated with `mutable=["batch_stats"]`),
+    its random layers draw from the "dropout" stream.
+`adapt` wraps it so that the rest of jaxal sees a `ModelOutput` and passes only the keywords the module
+takes; a strategy that needs an output the model does not give is refused before the run starts.
+
 Modes: `train=True` uses batch statistics and updates the BatchNorm running averages (pass
 `mutable=["batch_stats"]`) and enables dropout; `train=False` is inference mode (running averages,
 no dropout), the mode every scoring function uses. `mc_dropout=True` turns dropout on while
@@ -15,7 +27,9 @@ The final classifier layer is always named `head`, so "last layer" parameter sub
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+import inspect
+from collections.abc import Mapping
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,8 +38,8 @@ import jax.numpy as jnp
 
 class ModelOutput(NamedTuple):
     logits: jax.Array  # (batch, num_classes)
-    features: jax.Array  # (batch, d): penultimate representation, input of `head`
-    blocks: tuple[jax.Array, ...]  # intermediate outputs, (batch, H, W, C) or (batch, C)
+    features: Optional[jax.Array] = None  # (batch, d): penultimate representation, input of `head`
+    blocks: tuple[jax.Array, ...] = ()  # intermediate outputs, (batch, H, W, C) or (batch, C)
 
 
 def _dropout(rate: float, train: bool, mc_dropout: bool) -> nn.Dropout:
@@ -155,11 +169,45 @@ class LossNet(nn.Module):
         return nn.Dense(1, name="out")(jnp.concatenate(hidden, axis=-1))[:, 0]
 
 
+MODES = ("train", "mc_dropout")  # the keyword arguments jaxal may pass to a model
+
+
+@functools.lru_cache(maxsize=None)
+def accepted_modes(module_type: type) -> frozenset[str]:
+    """Which of MODES `module_type.__call__` takes (all of them if it takes **kwargs)."""
+    parameters = inspect.signature(module_type.__call__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return frozenset(MODES)
+    return frozenset(mode for mode in MODES if mode in {p.name for p in parameters})
+
+
+def as_model_output(output) -> ModelOutput:
+    """A model's output as a `ModelOutput`: logits alone, a `ModelOutput` (or any object with `.logits`
+    and optionally `.features`, `.blocks`), or a dict with "logits" and optionally "features", "blocks"."""
+    if isinstance(output, ModelOutput):
+        return output
+    if isinstance(output, Mapping):
+        if "logits" not in output:
+            raise ValueError(f"a model returning a dict must put its logits under 'logits'; it has {sorted(output)}")
+        get = output.get
+    elif hasattr(output, "logits"):
+        def get(name, default=None):
+            return getattr(output, name, default)
+    elif isinstance(output, jax.Array):
+        return ModelOutput(output)
+    else:
+        raise ValueError(f"a model must return its logits, a ModelOutput or a dict with 'logits'; got "
+                         f"{type(output).__name__}")
+    return ModelOutput(get("logits"), get("features"), tuple(get("blocks") or ()))
+
+
 class Adapted(nn.Module):
     """A model as jaxal runs it: stored pixels in, normalised on the device as the first operation (so
     images stay uint8 until a batch is there), a `ModelOutput` out. The wrapped module's parameters keep
     their own names and structure (the wrapper shares its scope), so checkpoints, parameter subsets
-    ("head") and the gradient engines see the wrapped module's tree unchanged."""
+    ("head") and the gradient engines see the wrapped module's tree unchanged. A module of your own
+    (see the module docstring) gets only the keywords of MODES it takes, and its output becomes a
+    `ModelOutput` (`as_model_output`)."""
 
     module: nn.Module
     normalization: Any  # jaxal.data.Normalization: hashable, a static part of the model
@@ -168,7 +216,9 @@ class Adapted(nn.Module):
         nn.share_scope(self, self.module)
 
     def __call__(self, x, train: bool = False, mc_dropout: bool = False) -> ModelOutput:
-        return self.module(self.normalization(x), train=train, mc_dropout=mc_dropout)
+        modes = {"train": train, "mc_dropout": mc_dropout}
+        accepted = accepted_modes(type(self.module))
+        return as_model_output(self.module(self.normalization(x), **{k: v for k, v in modes.items() if k in accepted}))
 
 
 def adapt(model: nn.Module, normalization) -> Adapted:

@@ -1,4 +1,5 @@
-"""Run outputs: one JSON line per cycle, a CSV table and a PNG learning curve.
+"""Run outputs: one JSON line per cycle, a CSV table and a PNG learning curve; the contact sheet of an
+annotation round's chosen images.
 
 Files are rewritten whole from the records (via a temporary file and a rename), so a run killed
 at any moment leaves either the previous version or the new one, never half a file.
@@ -105,3 +106,36 @@ def summary_table(records: list[dict]) -> str:
         spread = f" +- {acc.std():.4f}" if len(acc) > 1 else ""
         lines.append(f"{strategy:<20} {labeled:>8} {acc.mean():>8.4f}{spread}")
     return "\n".join(lines)
+
+
+def contact_sheet(images: np.ndarray, captions: list[str], columns: int = 10, cell: int = 96) -> bytes:
+    """A PNG of `images` (N, H, W, C) in a grid, `columns` wide, each scaled to about `cell` pixels (nearest
+    neighbour, so small images stay sharp) with its caption under it. uint8 pixels are shown as they are;
+    float images are stretched to their own range."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype != np.uint8:
+        low, high = float(np.min(images)), float(np.max(images))
+        images = np.round((images - low) / max(high - low, 1e-12) * 255).astype(np.uint8)
+    count, height, width = images.shape[:3]
+    zoom = max(1, cell // max(height, width))
+    font = ImageFont.load_default()
+    line = 12
+    tile_w, tile_h = max(width * zoom, 40), height * zoom + line + 4
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    sheet = Image.new("RGB", (columns * (tile_w + 4) + 4, rows * (tile_h + 4) + 4), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        pixels = image[..., 0] if image.shape[-1] == 1 else image[..., :3]
+        tile = Image.fromarray(pixels).convert("RGB").resize((width * zoom, height * zoom), Image.NEAREST)
+        x, y = 4 + (i % columns) * (tile_w + 4), 4 + (i // columns) * (tile_h + 4)
+        sheet.paste(tile, (x, y))
+        text = caption if len(caption) <= tile_w // 6 else "..." + caption[-(tile_w // 6 - 3):]
+        draw.text((x, y + height * zoom + 2), text, fill="black", font=font)
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -47,8 +47,7 @@ def check_quickstart(cwd: Path, nb) -> None:
     printed = "".join(out.get("text", "") for out in outputs_of(nb) if out.output_type == "stream")
     assert "entropy" in printed and "random" in printed
     # jaxal is importable here, so the install cell must not have run pip (it prints nothing).
-    install = next(c for c in nb.cells if c.cell_type == "code" and "%pip install" in c.source)
-    assert install.outputs == []
+    assert install_cell(nb).outputs == []
 
 
 def check_bound_diagnostics(cwd: Path, nb) -> None:
@@ -64,10 +63,91 @@ def check_bound_diagnostics(cwd: Path, nb) -> None:
     assert "for every sample: True" in printed
 
 
+def check_annotate(cwd: Path, nb) -> None:
+    workdir = cwd / "runs" / "annotate"
+    rounds = [json.loads((workdir / f"round_{r:03d}" / "round.json").read_text()) for r in (0, 1)]
+    # QUICK: digits, 20 first labels, 8 proposed per round, all of round 0's batch labelled.
+    assert [len(r["proposal"]["ids"]) for r in rounds] == [8, 8]
+    assert not set(rounds[0]["proposal"]["ids"]) & set(rounds[1]["proposal"]["ids"])
+    assert (rounds[1]["proposed_labelled"], rounds[1]["record"]["num_labeled"]) == (8, 28)
+    assert sum("image/png" in out.get("data", {}) for out in outputs_of(nb)) == 2  # the two grids
+    printed = "".join(out.get("text", "") for out in outputs_of(nb) if out.output_type == "stream")
+    assert "round 0: scores" in printed and "round 1: scores" in printed
+    assert "the same batch: True | trained again: False" in printed
+
+
 NOTEBOOKS: list[tuple[str, Callable[[Path, nbformat.NotebookNode], None]]] = [
     ("quickstart.ipynb", check_quickstart),
     ("bound_diagnostics.ipynb", check_bound_diagnostics),
+    ("annotate.ipynb", check_annotate),
 ]
+
+
+# ---- the install cell -----------------------------------------------------------------------------
+
+
+def install_cell(nb):
+    return next(c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Install jaxal"))
+
+
+def test_every_notebook_has_the_same_install_cell_and_no_placeholder():
+    sources = {name: nbformat.read(COLAB / name, as_version=4) for name, _ in NOTEBOOKS}
+    cells = {name: install_cell(nb).source for name, nb in sources.items()}
+    assert len(set(cells.values())) == 1, "the install cells differ"
+    for name, nb in sources.items():
+        text = "".join(c.source for c in nb.cells)
+        assert "<org>" not in text and "%pip" not in text, name
+
+
+# The install cell run in a fresh interpreter where jaxal cannot be imported, with pip replaced by a
+# recorder that makes jaxal importable again (as an install would): what would it install, and with what?
+INSTALL_HARNESS = """
+import json, subprocess, sys
+calls = []
+def check_call(command):
+    calls.append(command)
+    del sys.modules["jaxal"]  # "installed"
+subprocess.check_call = check_call
+sys.modules["jaxal"] = None  # jaxal cannot be imported
+sys.path.insert(0, {root!r})
+try:
+    exec({cell!r})
+except RuntimeError as error:
+    print(json.dumps({{"error": str(error)}}))
+else:
+    constraints = open(calls[0][calls[0].index("-c") + 1]).read().split()
+    print(json.dumps({{"command": calls[0], "constraints": constraints}}))
+"""
+
+
+def run_install_cell(cwd: Path, env: dict | None = None) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    cell = install_cell(nbformat.read(COLAB / "quickstart.ipynb", as_version=4)).source
+    script = INSTALL_HARNESS.format(root=str(COLAB.parent), cell=cell)
+    environment = {k: v for k, v in os.environ.items() if k != "JAXAL_SOURCE"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120,
+                            env={**environment, **(env or {})})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_install_cell_installs_from_a_checkout_a_wheel_or_jaxal_source_and_keeps_jax(tmp_path):
+    import importlib.metadata
+
+    jax_pin = f"jax=={importlib.metadata.version('jax')}"
+    checkout = run_install_cell(COLAB)  # the notebook opened inside a checkout
+    assert checkout["command"][-2:] == ["-e", str(COLAB.parent)] and jax_pin in checkout["constraints"]
+    assert checkout["command"][1:4] == ["-m", "pip", "install"]
+    (tmp_path / "jaxal-0.1.0-py3-none-any.whl").write_bytes(b"")
+    wheel = run_install_cell(tmp_path)  # a wheel uploaded next to the notebook (Colab)
+    assert wheel["command"][-1] == "jaxal-0.1.0-py3-none-any.whl" and jax_pin in wheel["constraints"]
+    chosen = run_install_cell(tmp_path, {"JAXAL_SOURCE": "jaxal==0.1.0"})
+    assert chosen["command"][-1] == "jaxal==0.1.0"
+    (tmp_path / "jaxal-0.1.0-py3-none-any.whl").unlink()
+    assert "open this notebook inside a checkout of jaxal" in run_install_cell(tmp_path)["error"]
 
 
 # ---- machinery ------------------------------------------------------------------------------------

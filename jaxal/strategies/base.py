@@ -49,6 +49,15 @@ class StrategyContext:
 Selector = Callable[[StrategyContext, int], np.ndarray]
 
 
+# What a strategy may need from the model beyond its logits (`Strategy.needs`), and how to say so.
+MODEL_NEEDS = {
+    "features": "the penultimate features (ModelOutput.features, or 'features' in a returned dict)",
+    "blocks": "intermediate block outputs for the loss-prediction module (ModelOutput.blocks, or 'blocks' "
+              "in a returned dict)",
+    "mc_dropout": "an `mc_dropout` keyword argument of its __call__ that turns dropout on at inference",
+}
+
+
 class Strategy(NamedTuple):
     name: str
     select: Selector
@@ -61,6 +70,10 @@ class Strategy(NamedTuple):
     # the model's variables as shapes (`jax.eval_shape`), before the run starts (e.g. a dense Hessian
     # too large to allocate); the message names the option to use instead.
     check_model: Optional[Callable[[Config, Any], None]] = None
+    # What it needs from the model besides logits: keys of MODEL_NEEDS (checked before a run).
+    needs: tuple[str, ...] = ()
+    # `score(ctx) -> scores` for strategies that take the k largest scores (`register_scorer`), else None.
+    score: Optional[Callable[[StrategyContext], Any]] = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -80,12 +93,21 @@ def top_k(scores, k: int) -> np.ndarray:
 
 def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
                       check: Optional[Callable[[Config], None]] = None,
-                      tasks: tuple[str, ...] = ("classification",),
+                      tasks: tuple[str, ...] = ("classification",), needs: tuple[str, ...] = (),
+                      score: Optional[Callable[[StrategyContext], Any]] = None,
                       check_model: Optional[Callable[[Config, Any], None]] = None):
+    """Register `select(ctx, k) -> k indices` (or `(indices, info)`). `needs`: what it reads from the
+    model besides logits (MODEL_NEEDS); a loss module implies "blocks", MC dropout "mc_dropout"."""
+    unknown = set(needs) - set(MODEL_NEEDS)
+    if unknown:
+        raise ValueError(f"unknown model needs {sorted(unknown)}; choose from: {', '.join(MODEL_NEEDS)}")
+    needs = tuple(dict.fromkeys((*needs, *(("blocks",) if needs_lossnet else ()),
+                                 *(("mc_dropout",) if needs_dropout else ()))))
+
     def decorate(select: Selector) -> Selector:
         description = (select.__doc__ or "").strip().splitlines()[0] if select.__doc__ else ""
         STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks,
-                                    check_model)
+                                    check_model, needs, score)
         return select
 
     return decorate
@@ -93,21 +115,31 @@ def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: 
 
 def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
                     check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",),
-                    check_model: Optional[Callable[[Config, Any], None]] = None):
+                    check_model: Optional[Callable[[Config, Any], None]] = None, needs: tuple[str, ...] = ()):
     """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
 
     def decorate(score: Callable[[StrategyContext], Any]):
         def select(ctx: StrategyContext, k: int):
-            scores, info = split_info(score(ctx))
-            chosen = top_k(scores, k)
+            chosen, _, info = propose(STRATEGIES[name], ctx, k)
             return chosen if info is None else (chosen, info)
 
         select.__doc__ = score.__doc__
         register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check,
-                          tasks=tasks, check_model=check_model)(select)
+                          tasks=tasks, needs=needs, score=score, check_model=check_model)(select)
         return score
 
     return decorate
+
+
+def propose(strategy: Strategy, ctx: StrategyContext, k: int) -> tuple[np.ndarray, Optional[np.ndarray], Optional[dict]]:
+    """(k chosen indices into ctx.pool_x, best first; their scores, or None for a set-valued strategy
+    such as coreset or BADGE, whose picks have no score; the strategy's info dict or None)."""
+    if strategy.score is None:
+        chosen, info = split_info(strategy.select(ctx, k))
+        return np.asarray(chosen).reshape(-1), None, info
+    scores, info = split_info(strategy.score(ctx))
+    chosen = top_k(scores, k)
+    return chosen, np.asarray(scores, np.float64)[chosen], info
 
 
 def split_info(result) -> tuple[Any, Optional[dict]]:

@@ -137,7 +137,7 @@ def _greedy_k_center(pool_features, valid, labeled_features, num_labeled, k, mes
         return parallel.constrain_replicated(chosen, mesh)
 
 
-@register_selector("coreset")
+@register_selector("coreset", needs=("features",))
 def coreset_select(ctx: StrategyContext, k: int) -> np.ndarray:
     """Greedy k-center on penultimate features (Sener & Savarese)."""
     _, pool_features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)

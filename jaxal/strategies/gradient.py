@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxal import gradnorm
 from jaxal.config import Config
@@ -65,9 +66,20 @@ def _expected_gradient_length(static, variables, xs):
     return jnp.sum(probs * norms.reshape(n, num_classes), axis=1)
 
 
+def engine_method(ctx: StrategyContext, loss: gradnorm.ExampleLoss, examples) -> str:
+    """The configured engine, or "vmap" (with a warning, once) where the ghost engine does not know the
+    model's layers: any model runs (`gradnorm.ghost_or_vmap`)."""
+    options = ctx.config.gradnorm
+    if options.method != "ghost":
+        return options.method
+    return gradnorm.ghost_or_vmap(loss, ctx.variables["params"], examples, options.params)
+
+
 def query_gradient_norms(ctx: StrategyContext, loss_name: str) -> jax.Array:
     options = ctx.config.gradnorm
-    static = (ctx.model, ctx.task, loss_name, options.norm, options.params, options.method)
+    loss = gradnorm.example_loss(inference_apply(ctx.model, ctx.variables["batch_stats"]),
+                                 getattr(ctx.task, QUERY_LOSSES[loss_name]))
+    static = (ctx.model, ctx.task, loss_name, options.norm, options.params, engine_method(ctx, loss, ctx.pool_x))
     return map_chunks(_query_norms, static, ctx.variables, ctx.pool_x, chunk_size=options.chunk_size,
                       mesh=ctx.mesh)
 
@@ -94,7 +106,10 @@ def lplgrad_scores(ctx: StrategyContext):
 def egl_scores(ctx: StrategyContext):
     """Largest expected gradient length sum_i p_i ||grad CE(x, i)|| (Settles et al.)."""
     options = ctx.config.gradnorm
-    static = (ctx.model, options.norm, options.params, options.method)
+    loss = gradnorm.example_loss(inference_apply(ctx.model, ctx.variables["batch_stats"]), gradnorm.cross_entropy,
+                                 labelled=True)
+    pair = (ctx.pool_x[:1], np.zeros((1,), np.int32))
+    static = (ctx.model, options.norm, options.params, engine_method(ctx, loss, pair))
     # C labelled pairs per example: keep a chunk of pairs as large as a chunk of examples.
     chunk = max(1, options.chunk_size // ctx.num_classes)
     return map_chunks(_expected_gradient_length, static, ctx.variables, ctx.pool_x, chunk_size=chunk, mesh=ctx.mesh)

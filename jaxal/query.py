@@ -1,0 +1,125 @@
+"""Command line: annotation rounds on a folder of your own images.
+
+    python -m jaxal.query --pool photos/ --labels labels.csv --strategy ent_gn --budget 100 --workdir al/
+
+The pool is every image file under --pool (a folder or a .tar/.tar.gz), named by its path relative to
+it; --labels is a CSV of `path,label` rows (a header row `path,label` is optional) with the labels you
+have. Each run reads the labels, and if some are new since the last round (or there is no round yet)
+trains the model on every labelled image, scores the others with the strategy and writes the --budget
+best into `<workdir>/round_NNN/to_label.csv` (path, score, rank: best first) with a contact sheet of them,
+`contact_sheet.png`. Label them (all, some, or other images too), append the rows to labels.csv (or pass
+them in another file with --new-labels), and run the same command again for the next round. A run with
+no new labels shows the last round's batch again, without training.
+
+Every flag of `python -m jaxal.run` is here too (--epochs, --model, --gradnorm.norm, ...), from the
+"annotation" preset (no labels held out); --budget is the number of images proposed per round. Classes:
+--classes a,b,c, or the distinct labels of the first round (fixed from then on).
+
+Bad input -- a label for a file that is not in the pool, a class outside the known set, a second label
+that differs from an earlier one, a pool that changed under a round (files added or removed with no new
+label to start a new round, or labelled files removed), other settings than the workdir's rounds -- ends
+with a message and exit status 2, and writes nothing. A run killed during a round resumes it when
+started again (from the scoring, if the training had finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import posixpath
+import sys
+from pathlib import Path
+
+from jaxal import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.config_parser(
+        "python -m jaxal.query",
+        "Propose the next images to label from a folder of images and the labels you have (one annotation "
+        "round per run; see the module docstring of jaxal.query).", default_preset="annotation",
+        epilog="--budget is the number of images proposed per round; --dataset, --initial_size, --cycles and "
+               "--trials do not apply here.")
+    group = parser.add_argument_group("annotation")
+    group.add_argument("--pool", required=True, help="folder (or .tar/.tar.gz) holding every image, labelled or not")
+    group.add_argument("--labels", required=True, help="CSV of path,label rows: the labels you have")
+    group.add_argument("--new-labels", "--new_labels", dest="new_labels", action="append", default=[],
+                       help="more path,label rows in another CSV (may be given several times)")
+    group.add_argument("--classes", help="every class, comma-separated; without it, the distinct labels of the first round")
+    return parser
+
+
+def read_label_rows(path: str) -> list[tuple[str, str]]:
+    """(path, label) rows of a labels CSV; a first row `path,label` is a header. ValueError names the
+    file and row of anything malformed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as error:
+        raise ValueError(f"cannot read the labels file {path}: {error.strerror or error}") from None
+    rows = []
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise ValueError(f"{path}, row {number}: expected path,label, got {','.join(row)!r}")
+        item, label = row[0].strip(), row[1].strip()
+        if number == 1 and (item.lower(), label.lower()) == ("path", "label"):
+            continue
+        rows.append((item, label))
+    return rows
+
+
+def pool_relative(item: str, root: Path) -> str:
+    """A labels-file path as the pool names it: relative to the pool root, POSIX separators, no "./"."""
+    path = item.replace("\\", "/")
+    if Path(path).is_absolute():
+        try:
+            path = Path(path).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            raise ValueError(f"{item} is not inside the pool {root}") from None
+    return posixpath.normpath(path)
+
+
+def run_round(config, args: argparse.Namespace, log=print) -> None:
+    from jaxal import folders, parallel, results
+    from jaxal.learner import ActiveLearner, round_folder
+
+    root = Path(args.pool)
+    ids = folders.list_images(root)
+    rows = [(pool_relative(item, root), label) for path in [args.labels, *args.new_labels]
+            for item, label in read_label_rows(path)]
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    workdir = Path(config.workdir or "al")
+    learner = ActiveLearner(classes=classes, workdir=workdir, config=config, log=log)
+    learner.tell([item for item, _ in rows], [label for _, label in rows])
+    images = folders.read_images(root, ids, image_size=config.image_size)
+    proposal = learner.ask(ids, images, k=config.budget)
+
+    folder = workdir / round_folder(proposal.round)
+    if parallel.is_primary():
+        folder.mkdir(parents=True, exist_ok=True)
+        table = io.StringIO()
+        writer = csv.writer(table, lineterminator="\n")
+        writer.writerow(["path", "score", "rank"])
+        writer.writerows([item, "" if score is None else repr(score), rank] for item, score, rank in proposal.rows())
+        results.write_atomic(folder / "to_label.csv", table.getvalue())
+        index = {item: row for row, item in enumerate(ids)}
+        chosen = images[[index[item] for item in proposal.ids]]
+        captions = [f"{rank}: {Path(item).name}" for item, _, rank in proposal.rows()]
+        results.write_atomic(folder / "contact_sheet.png", results.contact_sheet(chosen, captions))
+        log(f"round {proposal.round}: label the {len(proposal)} images in {folder / 'to_label.csv'} "
+            f"(best first; contact sheet: {folder / 'contact_sheet.png'}),\nadd them to {args.labels} as "
+            "path,label rows (or put them in a file for --new-labels) and run this command again for the next round")
+        log(json.dumps({"round": proposal.round, "to_label": str(folder / "to_label.csv"),
+                        "contact_sheet": str(folder / "contact_sheet.png"), "retrained": proposal.retrained}))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return cli.run_command(args, lambda config: run_round(config, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

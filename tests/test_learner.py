@@ -1,0 +1,214 @@
+"""Annotation rounds through the library (`jaxal.ActiveLearner`): ask/tell over rounds, deterministic
+re-proposal without training, a killed round resumed to the uninterrupted result, and every bad input
+refused with AnnotationError before anything is written."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jaxal
+from annotation import digit_pool, snapshot
+from jaxal import loop
+from jaxal.learner import AnnotationError
+
+SETTINGS = dict(model="cnn", strategy="ent_gn", epochs=2, batch_size=16)
+K = 5
+
+
+@pytest.fixture(scope="module")
+def pool():
+    ids, images, names = digit_pool(60)
+    return ids, images, dict(zip(ids, names))
+
+
+def learner(workdir, **overrides):
+    return jaxal.ActiveLearner(workdir=workdir, classes=["zero", "one", "two"], log=lambda *_: None,
+                               **{**SETTINGS, **overrides})
+
+
+def first_labels(truth, per_class=4):
+    chosen = {}
+    for item in sorted(truth):
+        chosen.setdefault(truth[item], [])
+        if len(chosen[truth[item]]) < per_class:
+            chosen[truth[item]].append(item)
+    items = sorted(i for group in chosen.values() for i in group)
+    return items, [truth[i] for i in items]
+
+
+def annotate(truth, ids):
+    return list(ids), [truth[i] for i in ids]
+
+
+def no_training(*args, **kwargs):
+    raise AssertionError("this round must not train")
+
+
+def test_two_rounds_with_reproposal_and_determinism(tmp_path, pool, monkeypatch):
+    ids, images, truth = pool
+    a = learner(tmp_path / "a")
+    a.tell(*first_labels(truth))
+    first = a.ask(ids, images, k=K)
+    assert first.round == 0 and first.retrained and len(first) == K and first.ranks == (1, 2, 3, 4, 5)
+    labelled = set(first_labels(truth)[0])
+    assert len(set(first.ids)) == K and not set(first.ids) & labelled and set(first.ids) <= set(ids)
+    assert list(first.scores) == sorted(first.scores, reverse=True)
+
+    # The same inputs in another workdir, the pool given in another order: the same batch, the same scores.
+    order = np.random.default_rng(0).permutation(len(ids))
+    b = learner(tmp_path / "b")
+    b.tell(*first_labels(truth))
+    assert b.ask([ids[i] for i in order], images[order], k=K) == first
+
+    # No new labels: the same batch again, without training, also from a learner opened afresh.
+    monkeypatch.setattr(loop, "train_model", no_training)
+    again = a.ask(ids, images, k=K)
+    assert (again.ids, again.scores, again.round, again.retrained) == (first.ids, first.scores, 0, False)
+    reopened = learner(tmp_path / "a")
+    assert reopened.ask(ids, images, k=K).ids == first.ids
+    monkeypatch.undo()
+
+    # The annotator labels three of the five and one image that was never proposed.
+    extra = next(i for i in ids if i not in labelled and i not in first.ids)
+    reopened.tell(*annotate(truth, [*first.ids[:3], extra]))
+    second = reopened.ask(ids, images, k=K)
+    assert second.round == 1 and second.retrained
+    assert not set(second.ids) & (labelled | set(first.ids[:3]) | {extra})
+    info = reopened.rounds[1]
+    assert (info["proposed_labelled"], info["others_labelled"], info["record"]["num_labeled"]) == (3, 1, 16)
+    assert json.loads((tmp_path / "a" / "round_001" / "round.json").read_text())["proposal"]["ids"] == list(second.ids)
+    assert reopened.labels[extra] == truth[extra]
+
+
+def test_killed_round_resumes_to_the_uninterrupted_result(tmp_path, pool, monkeypatch):
+    ids, images, truth = pool
+    labels = first_labels(truth)
+    whole = learner(tmp_path / "whole", strategy="badge", warm_start=True)  # BADGE draws from the round's key
+    whole.tell(*labels)
+    expected = [whole.ask(ids, images, k=K)]
+    whole.tell(*annotate(truth, expected[0].ids[:2]))
+    expected.append(whole.ask(ids, images, k=K))
+
+    # Round 0 is killed during training (nothing checkpointed), round 1 after training (during scoring).
+    real_train, real_propose = loop.train_model, loop.propose
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    killed_run = learner(tmp_path / "killed", strategy="badge", warm_start=True)
+    killed_run.tell(*labels)
+    monkeypatch.setattr(loop, "train_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        killed_run.ask(ids, images, k=K)
+    monkeypatch.setattr(loop, "train_model", real_train)
+    assert learner(tmp_path / "killed", strategy="badge", warm_start=True).rounds == []
+    resumed = learner(tmp_path / "killed", strategy="badge", warm_start=True)
+    resumed.tell(*labels)
+    assert resumed.ask(ids, images, k=K) == expected[0]
+
+    resumed.tell(*annotate(truth, expected[0].ids[:2]))
+    monkeypatch.setattr(loop, "propose", killed)
+    with pytest.raises(KeyboardInterrupt):
+        resumed.ask(ids, images, k=K)
+    assert (tmp_path / "killed" / "checkpoints" / "trained" / "1").exists()
+    monkeypatch.setattr(loop, "propose", real_propose)
+    monkeypatch.setattr(loop, "train_model", no_training)  # the resumed round starts at the scoring
+    again = learner(tmp_path / "killed", strategy="badge", warm_start=True)
+    again.tell(*labels)
+    again.tell(*annotate(truth, expected[0].ids[:2]))
+    assert again.ask(ids, images, k=K) == expected[1]
+    assert not (tmp_path / "killed" / "checkpoints" / "trained" / "1").exists()
+    drop = ("train_seconds", "selection_seconds")
+    assert [{k: v for k, v in r["record"].items() if k not in drop} for r in again.rounds] == \
+           [{k: v for k, v in r["record"].items() if k not in drop} for r in whole.rounds]
+
+
+def test_bad_input_is_refused_and_changes_nothing(tmp_path, pool):
+    ids, images, truth = pool
+    workdir = tmp_path / "al"
+    first = learner(workdir)
+    first.tell(*first_labels(truth))
+    proposal = first.ask(ids, images, k=K)
+    before = snapshot(workdir)
+
+    def fresh():
+        return learner(workdir)
+
+    other = next(i for i in ids if truth[i] == "one" and i not in first.labels)
+    labelled = first_labels(truth)[0][0]
+    cases = [
+        ("a label for an id outside the pool", lambda l: (l.tell(["nowhere.png"], ["one"]), l.ask(ids, images, K)),
+         "labels for ids that are not in the pool: 'nowhere.png'"),
+        ("a class outside the known set", lambda l: l.tell([other], ["three"]), "'three' is not one of the known classes"),
+        ("a conflicting second label", lambda l: l.tell([labelled], [next(c for c in truth.values() if c != truth[labelled])]),
+         "conflicting labels for the same id"),
+        ("two labels within one call", lambda l: l.tell([other, other], ["one", "two"]), "conflicting labels"),
+        ("a file added to the pool, no new label", lambda l: l.ask([*ids, "new.png"], np.concatenate([images, images[:1]]), K),
+         "the pool changed under round 0 (1 added ('new.png'))"),
+        ("pixels changed, no new label", lambda l: l.ask(ids, 255 - images, K), "the same ids with other pixels"),
+        ("a labelled image removed", lambda l: (l.tell([other], ["one"]), l.ask(ids[1:], images[1:], K)),
+         "no longer in the pool"),
+        ("another k without new labels", lambda l: l.ask(ids, images, K + 1), "proposed 5 images"),
+        ("ids of no JSON type", lambda l: l.tell([1.5], ["one"]), "ids must be str, int or tuples"),
+        ("duplicate pool ids", lambda l: l.ask([ids[0], *ids[:-1]], images, K), "more than once"),
+        ("images of another size", lambda l: (l.tell([other], ["one"]), l.ask(ids, np.repeat(images, 2, axis=1), K)),
+         "use the same size"),
+    ]
+    for name, action, message in cases:
+        candidate = fresh()
+        labels_before = candidate.labels
+        with pytest.raises(AnnotationError) as error:
+            action(candidate)
+        assert message in str(error.value), (name, str(error.value))
+        assert isinstance(error.value, ValueError)
+        assert snapshot(workdir) == before, name
+        if "conflicting" in message or "not one of" in message:
+            assert candidate.labels == labels_before, name
+    with pytest.raises(loop.RunError, match="other settings .*epochs: 2 there vs 3 now"):
+        learner(workdir, epochs=3)
+    assert snapshot(workdir) == before
+    # Nothing was lost: the same call still re-proposes round 0.
+    assert fresh().ask(ids, images, K) == proposal.__class__(0, proposal.ids, proposal.scores, proposal.ranks, False)
+
+
+def test_ids_of_any_json_type_and_inferred_classes(tmp_path, pool):
+    _, images, truth = pool
+    names = list(truth.values())
+    ids = [("scan", i) if i % 3 else i for i in range(len(names))]  # tuple keys and plain integers
+    rounds = jaxal.ActiveLearner(workdir=tmp_path / "al", log=lambda *_: None, **{**SETTINGS, "strategy": "entropy"})
+    labelled = [i for i in range(len(names)) if i % 5 == 0]
+    rounds.tell([ids[i] for i in labelled], [names[i] for i in labelled])
+    proposal = rounds.ask(ids, images, k=K)
+    assert all(item in ids for item in proposal.ids) and not set(proposal.ids) & {ids[i] for i in labelled}
+    assert rounds.classes == ("one", "two", "zero")  # inferred from the first round's labels, sorted
+    reopened = jaxal.ActiveLearner(workdir=tmp_path / "al", log=lambda *_: None, **{**SETTINGS, "strategy": "entropy"})
+    assert reopened.labels == {ids[i]: names[i] for i in labelled}
+    with pytest.raises(AnnotationError, match="'four' is not one of the known classes"):
+        reopened.tell([ids[1]], ["four"])
+
+
+def test_import_and_a_digits_run_without_tensorflow_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.modules["tensorflow_datasets"] = None  # any import of it fails
+import jaxal
+from jaxal import learner, loop, query, run
+from jaxal.config import build_config
+records = loop.run_experiment(build_config(strategy="entropy", model="mlp", initial_size=20, budget=5, cycles=2,
+                                           epochs=1, progress=False, num_devices=1),
+                              workdir={str(tmp_path / "run")!r}, log=lambda *_: None)
+assert [r["cycle"] for r in records] == [0, 1] and len(records[0]["selected"]) == 5, records
+try:
+    loop.prepare(build_config(dataset="mnist"))
+except ValueError as error:
+    print("mnist:", error)
+print("ok", jaxal.ActiveLearner.__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok ActiveLearner" in result.stdout
+    assert "tensorflow-datasets" in result.stdout  # asking for a tfds dataset says what to install
