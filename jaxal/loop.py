@@ -267,7 +267,8 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
                               labeled_x=images[labeled], labeled_y=labels[labeled],
                               num_classes=data.num_classes, task=exp.task,
                               config=config, rng=strategy_key, lossnet=lossnet, lossnet_params=lossnet_params,
-                              reference_sets=reference_sets(config, data, labeled, val, initial), mesh=exp.mesh)
+                              reference_sets=reference_sets(config, data, labeled, val, initial), mesh=exp.mesh,
+                              train_options=options)
         start = time.perf_counter()
         chosen, info = split_info(strategy.select(ctx, config.budget))
         record["selection_seconds"] = time.perf_counter() - start
@@ -289,6 +290,8 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
     lossnet = LossNet(config.lossnet.width) if strategy.needs_lossnet else None
     trial_key = jax.random.fold_in(jax.random.key(config.seed), trial)
     labeled, val = initial_split(config, trial, data.x_train.shape[0])
+    if strategy.initial_set is not None:  # the strategy's own initial set (SRAAL's k-center option)
+        labeled = np.sort(np.asarray(strategy.initial_set(exp, trial_key, labeled, val)))
     initial = labeled.copy()
     mngr = checkpoint.manager(exp.workdir / "checkpoints" / strategy_name / f"trial_{trial}")
     template = jax.eval_shape(lambda key: create_train_state(exp.model, lossnet, key, data.image_shape,

@@ -40,6 +40,9 @@ class StrategyContext:
     reference_sets: dict = dataclasses.field(default_factory=dict)
     mesh: Any = None  # a jax.sharding.Mesh when scoring is spread over devices, else None
     task: Any = None  # a `jaxal.tasks` task; None: classification with `num_classes` classes
+    # The loop's `jaxal.train.TrainOptions` (the dataset's augmentation included), for strategies that
+    # train task models of their own (QBC's committee); None: the config's, without augmentation.
+    train_options: Any = None
 
     def __post_init__(self):
         if self.task is None:
@@ -57,6 +60,9 @@ class Strategy(NamedTuple):
     description: str
     check: Optional[Callable[[Config], None]] = None  # raises ValueError for settings it cannot run with
     tasks: tuple[str, ...] = ("classification",)  # the `jaxal.tasks` it can run on (checked before a run)
+    # `initial_set(experiment, trial_key, labeled, val) -> labeled`: a strategy's own initial training set
+    # (same size, outside `val`) in place of the trial's random one; None keeps the random one.
+    initial_set: Optional[Callable] = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -76,17 +82,19 @@ def top_k(scores, k: int) -> np.ndarray:
 
 def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
                       check: Optional[Callable[[Config], None]] = None,
-                      tasks: tuple[str, ...] = ("classification",)):
+                      tasks: tuple[str, ...] = ("classification",), initial_set: Optional[Callable] = None):
     def decorate(select: Selector) -> Selector:
         description = (select.__doc__ or "").strip().splitlines()[0] if select.__doc__ else ""
-        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks)
+        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks,
+                                    initial_set)
         return select
 
     return decorate
 
 
 def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
-                    check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",)):
+                    check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",),
+                    initial_set: Optional[Callable] = None):
     """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
 
     def decorate(score: Callable[[StrategyContext], Any]):
@@ -97,7 +105,7 @@ def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bo
 
         select.__doc__ = score.__doc__
         register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check,
-                          tasks=tasks)(select)
+                          tasks=tasks, initial_set=initial_set)(select)
         return score
 
     return decorate
