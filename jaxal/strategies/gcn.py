@@ -49,6 +49,7 @@ from jaxal.strategies.vaal import initialization_key
 from jaxal.train import predict
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+NODE_BUCKET = 512
 
 
 def normalize_rows(x: jax.Array) -> jax.Array:
@@ -79,14 +80,14 @@ def init_gcn(key, num_features: int, hidden: int) -> dict:
 def gcn_forward(params: dict, x: jax.Array, dropout: float = 0.0, key=None) -> tuple[jax.Array, jax.Array]:
     """(logits (N,), hidden embedding H (N, h)). `key` given: dropout on H, node i's mask drawn from
     fold_in(key, i)."""
-    hidden = jax.nn.relu(adjacency_product(x, jnp.dot(x, params["w1"], precision=_HIGHEST)) + params["b1"])
+    hidden = jax.nn.relu(adjacency_product(x, jnp.dot(x, params["w1"], precision=_HIGHEST)) + params["b1"][None])
     kept = hidden
     if key is not None and dropout > 0:
         nodes = jnp.arange(x.shape[0], dtype=jnp.uint32)
         masks = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - dropout,
                                                         hidden.shape[1:]))(nodes)
         kept = jnp.where(masks, hidden / (1.0 - dropout), 0.0)
-    logits = adjacency_product(x, jnp.dot(kept, params["w3"], precision=_HIGHEST)) + params["b3"]
+    logits = adjacency_product(x, jnp.dot(kept, params["w3"], precision=_HIGHEST)) + params["b3"][None]
     return logits[:, 0], hidden
 
 
@@ -110,7 +111,7 @@ def train_gcn(x, labeled, valid, init_key, dropout_key, *, options: GCNOptions, 
     `options.steps` full-graph Adam steps in one `fori_loop`. `x`: (N, d) features split over the mesh,
     `labeled`/`valid`: (N,) masks (invalid rows are padding)."""
     x = jnp.where(valid[:, None], normalize_rows(x), 0.0)
-    unlabeled = valid & ~labeled
+    labeled, unlabeled = valid & labeled, valid & ~labeled
     params = parallel.constrain_replicated(init_gcn(init_key, x.shape[1], options.hidden), mesh)
     optimizer = _adam(options)
 
@@ -132,7 +133,12 @@ def gcn_outputs(ctx: StrategyContext) -> tuple[np.ndarray, np.ndarray, dict]:
                 for xs in (ctx.pool_x, ctx.labeled_x)]
     num_pool, num_nodes = features[0].shape[0], features[0].shape[0] + features[1].shape[0]
     is_labeled = np.arange(num_nodes) >= num_pool
-    (x, labeled), valid = parallel.pad_and_shard((jnp.concatenate(features), is_labeled), ctx.mesh)
+    # The graph grows with the labelled set: zero rows (masked out) pad it to a multiple of NODE_BUCKET
+    # nodes (and of the device count), so that a run compiles the training once per bucket, not per cycle.
+    size = parallel.round_up(parallel.round_up(num_nodes, NODE_BUCKET), parallel.mesh_size(ctx.mesh))
+    rows = np.arange(size)
+    x = jnp.concatenate(features + [jnp.zeros((size - num_nodes, features[0].shape[1]), features[0].dtype)])
+    x, labeled, valid = parallel.shard_batch((x, rows >= num_pool, rows < num_nodes), ctx.mesh)
     init_key, dropout_key = jax.random.split(ctx.rng)
     keys = parallel.replicate((initialization_key(init_key), dropout_key), ctx.mesh)
     scores, hidden = train_gcn(x, labeled, valid, *keys, options=ctx.config.gcn, mesh=ctx.mesh)

@@ -42,7 +42,7 @@ DISAGREEMENTS = ("vote_entropy", "consensus_kl")
 def vote_entropy(probs: jax.Array) -> jax.Array:
     """(n,) entropy of the members' votes; `probs` (M, n, C)."""
     num_members, _, num_classes = probs.shape
-    votes = jnp.sum(jax.nn.one_hot(jnp.argmax(probs, axis=-1), num_classes, dtype=jnp.float32), axis=0) / num_members
+    votes = jnp.sum(jax.nn.one_hot(jnp.argmax(probs, axis=-1), num_classes, dtype=probs.dtype), axis=0) / num_members
     return -jnp.sum(jnp.where(votes > 0, votes * jnp.log(jnp.where(votes > 0, votes, 1.0)), 0.0), axis=-1)
 
 

@@ -17,7 +17,8 @@ model.py, resnet.py, arguments.py. SRAAL is VAAL's adversarial structure (`jaxal
     torch.var(p), the unbiased one, so a one-hot prediction gets 1/C rather than 0; that is the default,
     and `indicator_variance="population"` uses the population variance for both (the two differ by an
     increasing affine map, so they rank alike but give the discriminator different targets). A uniform p
-    (both variances 0) gets the limit of p_min = p: ratio 1, up to the code's factor (C-1)/C;
+    (both variances 0: 0/0 in the code) gets the limit of p_min = p, a ratio of 1 (times the code's
+    (C-1)/C);
   - selection: the highest discriminator output (the state of the most uncertain unlabelled images);
   - discriminator: four hidden layers of 512; Adam 5e-4 for both networks, both rates x0.85 thirty times
     over the 20000 iterations; batch 250; latent 200. The VAE's decoder keeps the code's order of
@@ -59,7 +60,9 @@ def online_uncertainty(probs: jax.Array, variance: str = "unbiased") -> jax.Arra
     least = ((num_classes - 1) * (1 / num_classes - (1 - top) / (num_classes - 1)) ** 2
              + (1 / num_classes - top) ** 2) / num_classes
     population = jnp.var(probs, axis=-1)
-    ratio = jnp.where(population > 0, least / jnp.where(population > 0, population, 1.0), 1.0)
+    # V(p_min) <= V(p) always; at (numerically) uniform p both vanish and the ratio is its limit 1.
+    varied = population > jnp.finfo(probs.dtype).eps ** 2
+    ratio = jnp.where(varied, jnp.clip(least / jnp.where(varied, population, 1.0), 0.0, 1.0), 1.0)
     if variance == "unbiased":
         ratio = ratio * (num_classes - 1) / num_classes  # torch.var divides by C - 1
     return 1.0 - top * ratio
