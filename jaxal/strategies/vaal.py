@@ -355,29 +355,27 @@ def adversarial_iteration(state: AdversarialState, batches, key, lr, *, spec: Ad
     `discriminator_steps` discriminator updates on batches V-1 .. V+A-2 (the last VAE batch first).
     `batches`: {"labeled", "labels", "unlabeled", "targets"}, each with a leading axis of V+A-1 steps.
     Each kind of step is a `lax.scan` over its batches: compiled once, however many steps."""
-    num_vae, num_discriminator = spec.options.vae_steps, spec.options.discriminator_steps
-    vae_key, discriminator_key = jax.random.split(key)
+    num_vae = spec.options.vae_steps
+    augment_key, noise_key = jax.random.split(key)
+    # Each batch is augmented once: the discriminator sees the last VAE batch as the VAE saw it (the
+    # code's dataset transforms a batch when it is drawn).
+    steps = jax.tree.leaves(batches)[0].shape[0]
+    batches = jax.vmap(lambda batch, k: _augment(batch, k, spec))(batches, jax.random.split(augment_key, steps))
 
-    def prepare(batch, step_key):
-        batch = jax.tree.map(lambda leaf: parallel.constrain_batch(leaf, mesh), batch)
-        return _augment(batch, step_key, spec)
+    def constrained(batch):
+        return jax.tree.map(lambda leaf: parallel.constrain_batch(leaf, mesh), batch)
 
     def vae_body(state, inputs):
         batch, step_key = inputs
-        augment_key, noise_key = jax.random.split(step_key)
-        return _vae_step(state, prepare(batch, augment_key), noise_key, lr, spec)
+        return _vae_step(state, constrained(batch), step_key, lr, spec)
 
     vae_batches = jax.tree.map(lambda leaf: leaf[:num_vae], batches)
-    state, metrics = jax.lax.scan(vae_body, state, (vae_batches, jax.random.split(vae_key, num_vae)))
+    state, metrics = jax.lax.scan(vae_body, state, (vae_batches, jax.random.split(noise_key, num_vae)))
     metrics = jax.tree.map(lambda m: m[-1], metrics)
     if spec.adversarial:
-        def discriminator_body(state, inputs):
-            batch, step_key = inputs
-            return _discriminator_step(state, prepare(batch, step_key), lr, spec)
-
         last = jax.tree.map(lambda leaf: leaf[num_vae - 1:], batches)
-        state, losses = jax.lax.scan(discriminator_body, state,
-                                     (last, jax.random.split(discriminator_key, num_discriminator)))
+        state, losses = jax.lax.scan(lambda state, batch: _discriminator_step(state, constrained(batch), lr, spec),
+                                     state, last)
         metrics["discriminator_loss"] = losses[-1]
     return parallel.constrain_replicated((state, metrics), mesh)
 
