@@ -25,7 +25,7 @@ terms, so
     A M = X (X^T (D^-1 M)) - D^-1 M + M,    D = diag(X (X^T 1) - 1),
 
 costs O(N d h) time and O(N (d + h)) memory for d feature and h hidden dimensions, exactly the same
-product (tests/test_baselines_wang.py checks it and one GCN layer against a dense NumPy adjacency, and
+product (tests/test_gcn_strategies.py checks it and one GCN layer against a dense NumPy adjacency, and
 the compiled memory at two graph sizes). Products run at `highest` precision. The nodes are split over
 the mesh's devices (the X^T products are sums over nodes: the compiler all-reduces them), and dropout
 draws each node's mask from its own key, so the draws do not depend on the split.
