@@ -77,6 +77,85 @@ class LossNetOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class VAALOptions:
+    """VAAL (Sinha, Ebrahimi & Darrell, ICCV 2019): a beta-VAE on the images and a discriminator on its
+    latent means, trained adversarially each cycle. Defaults: the authors' code (sinhasam/vaal:
+    arguments.py, solver.py, model.py)."""
+
+    latent_dim: int = 32
+    beta: float = 1.0  # weight of the KL term
+    adversary_weight: float = 1.0  # the code's adversary_param (lambda2 of the paper)
+    vae_steps: int = 2  # VAE updates per iteration
+    discriminator_steps: int = 1  # discriminator updates per iteration
+    lr: float = 5e-4  # Adam, for the VAE and the discriminator
+    batch_size: int = 128  # labelled and unlabelled images per step (each)
+    # Iterations per cycle: `iterations`, or when None epochs x (labelled + candidates) / batch_size (the
+    # code's num_images * train_epochs // batch_size, num_images counting the labelled images too).
+    epochs: float = 100.0
+    iterations: Optional[int] = None
+    # Both learning rates are multiplied by lr_decay every iterations // lr_decay_times iterations.
+    lr_decay: float = 1.0
+    lr_decay_times: int = 30
+    width: int = 128  # channels of the first convolution, doubled per stage (128, 256, 512, 1024)
+    discriminator_width: int = 512
+    discriminator_layers: int = 2  # hidden layers of the discriminator
+    reconstruction_weight: float = 1.0  # weight of the pixel MSE
+    kl_reduction: str = "sum"  # "sum" over batch and latent (VAAL's code) or "batch_mean" (SRAAL's)
+    augmentation: str = "none"  # of the VAE's training images: "none", "crop" or "crop_flip"
+    # BatchNorm of the VAE when the candidates are scored: "batch" (the codes never call vae.eval(), so
+    # each batch of batch_size candidates is normalised by its own statistics) or "running" (averages).
+    selection_batch_norm: str = "batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class SRAALOptions(VAALOptions):
+    """SRAAL (Zhang et al., CVPR 2020): VAAL's structure with a supervised branch (a classifier on half of
+    the latent code) and the unlabelled samples' discriminator targets relabelled by the task model's
+    online uncertainty indicator. Defaults: the authors' code (Beichen1996/SRAAL: arguments.py,
+    solver.py, model.py, resnet.py)."""
+
+    latent_dim: int = 200
+    batch_size: int = 250
+    iterations: Optional[int] = 20000
+    lr_decay: float = 0.85
+    discriminator_layers: int = 4
+    reconstruction_weight: float = 5.0
+    kl_reduction: str = "batch_mean"
+    augmentation: str = "crop_flip"
+    classifier_weight: float = 5.0  # weight of the supervised branch's cross-entropy
+    # The indicator's variance of the prediction: "unbiased" (the code's torch.var) or "population" (the
+    # same definition as the variance of the least-varied distribution it is divided into).
+    indicator_variance: str = "unbiased"
+    # The initial labelled set: "random" (shared with the other strategies) or "kcenter" (the paper's
+    # initial sampling: greedy k-center on the latent means of a VAE trained without labels).
+    initial: str = "random"
+
+
+@dataclasses.dataclass(frozen=True)
+class GCNOptions:
+    """CoreGCN / UncertainGCN (Caramalau, Bhattarai & Kim, CVPR 2021). Defaults: the authors' code
+    (razvancaramalau/Sequential-GCN-for-Active-Learning: main.py, config.py, selection_methods.py)."""
+
+    hidden: int = 128  # hidden units of the graph convolution
+    dropout: float = 0.3
+    lambda_loss: float = 1.2  # weight of the unlabelled nodes' term of the loss
+    margin: float = 0.1  # s_margin: UncertainGCN picks the candidates whose score is closest to it
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 5e-4
+    steps: int = 200  # full-graph Adam steps
+
+
+@dataclasses.dataclass(frozen=True)
+class QBCOptions:
+    """Query by committee (as Wang et al. use it, after Kuo et al., MICCAI 2018)."""
+
+    members: int = 5  # committee size M: M task models, differing in initialisation and data order
+    # "vote_entropy": entropy of the members' votes; "consensus_kl": mean KL divergence of the members'
+    # predictions from their mean (= the Jensen-Shannon divergence of Kuo et al.).
+    disagreement: str = "vote_entropy"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     # What to run.
     strategy: str = "exp_gn"  # one strategy or several separated by commas, e.g. "entropy,random"
@@ -123,6 +202,10 @@ class Config:
     lossnet: LossNetOptions = LossNetOptions()
     precision: PrecisionOptions = PrecisionOptions()
     bald_samples: int = 20  # MC-dropout forward passes for BALD
+    vaal: VAALOptions = VAALOptions()
+    sraal: SRAALOptions = SRAALOptions()
+    gcn: GCNOptions = GCNOptions()
+    qbc: QBCOptions = QBCOptions()
     # Output.
     workdir: Optional[str] = None  # None: runs/<dataset>-<strategy>
     progress: bool = True

@@ -347,8 +347,8 @@ def run_round(exp: Experiment, strategy, trial_key, cycle: int, state, images, l
     those back as `trained=(state, fields)` (a round interrupted after them) skips both."""
     config, data = exp.config, exp.dataset
     init_key, strategy_key, host_seed = cycle_keys(config.seed, trial_key, cycle)
+    options = train_options(config, data, exp.task)
     if trained is None:
-        options = train_options(config, data, exp.task)
         if state is None or not config.warm_start:
             state = create_train_state(exp.model, lossnet, init_key, data.image_shape, options)
         else:
@@ -386,7 +386,8 @@ def run_round(exp: Experiment, strategy, trial_key, cycle: int, state, images, l
     ctx = StrategyContext(model=exp.model, variables=variables, pool_x=images[scored], labeled_x=images[labeled],
                           labeled_y=labels[labeled], num_classes=data.num_classes, task=exp.task, config=config,
                           rng=strategy_key, lossnet=lossnet, lossnet_params=lossnet_params,
-                          reference_sets=reference_sets(), mesh=exp.mesh)
+                          reference_sets=reference_sets(), mesh=exp.mesh,
+                          train_options=options)
     start = time.perf_counter()
     chosen, scores, info = propose(strategy, ctx, budget)
     record["selection_seconds"] = time.perf_counter() - start
@@ -427,6 +428,8 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
     lossnet = LossNet(config.lossnet.width) if strategy.needs_lossnet else None
     trial_key = jax.random.fold_in(jax.random.key(config.seed), trial)
     labeled, val = initial_split(config, trial, data.x_train.shape[0])
+    if strategy.initial_set is not None:  # the strategy's own initial set (SRAAL's k-center option)
+        labeled = np.sort(np.asarray(strategy.initial_set(exp, trial_key, labeled, val)))
     initial = labeled.copy()
     mngr = checkpoint.manager(exp.workdir / "checkpoints" / strategy_name / f"trial_{trial}")
     resumed = checkpoint.restore_latest(mngr, state_template(exp, lossnet))

@@ -64,9 +64,13 @@ def context(digits, trained, mesh, pool_size=37):
                                            "labeled": (images[:64], labels[:64])}, mesh=mesh)
 
 
+# Trained per cycle (VAE, GCN, committee): compared on 1 and 8 devices in tests/test_wang_baselines_loop.py.
+COVERED_ELSEWHERE = {"vaal", "sraal", "coregcn", "uncertaingcn", "qbc"}
+
+
 def test_every_strategy_is_covered():
     # isal_v2 and isal_v3 differ from isal only in the reference set R.
-    assert set(SCORERS) | set(SELECTORS) >= set(STRATEGIES) - {"isal_v2", "isal_v3"}
+    assert set(SCORERS) | set(SELECTORS) | COVERED_ELSEWHERE >= set(STRATEGIES) - {"isal_v2", "isal_v3"}
 
 
 @pytest.mark.parametrize("name", sorted(SCORERS))

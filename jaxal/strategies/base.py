@@ -40,6 +40,9 @@ class StrategyContext:
     reference_sets: dict = dataclasses.field(default_factory=dict)
     mesh: Any = None  # a jax.sharding.Mesh when scoring is spread over devices, else None
     task: Any = None  # a `jaxal.tasks` task; None: classification with `num_classes` classes
+    # The loop's `jaxal.train.TrainOptions` (the dataset's augmentation included), for strategies that
+    # train task models of their own (QBC's committee); None: the config's, without augmentation.
+    train_options: Any = None
 
     def __post_init__(self):
         if self.task is None:
@@ -74,6 +77,9 @@ class Strategy(NamedTuple):
     needs: tuple[str, ...] = ()
     # `score(ctx) -> scores` for strategies that take the k largest scores (`register_scorer`), else None.
     score: Optional[Callable[[StrategyContext], Any]] = None
+    # `initial_set(experiment, trial_key, labeled, val) -> labeled`: a strategy's own initial training set
+    # (same size, outside `val`) in place of the trial's random one; None keeps the random one.
+    initial_set: Optional[Callable] = None
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -95,7 +101,8 @@ def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: 
                       check: Optional[Callable[[Config], None]] = None,
                       tasks: tuple[str, ...] = ("classification",), needs: tuple[str, ...] = (),
                       score: Optional[Callable[[StrategyContext], Any]] = None,
-                      check_model: Optional[Callable[[Config, Any], None]] = None):
+                      check_model: Optional[Callable[[Config, Any], None]] = None,
+                      initial_set: Optional[Callable] = None):
     """Register `select(ctx, k) -> k indices` (or `(indices, info)`). `needs`: what it reads from the
     model besides logits (MODEL_NEEDS); a loss module implies "blocks", MC dropout "mc_dropout"."""
     unknown = set(needs) - set(MODEL_NEEDS)
@@ -107,7 +114,7 @@ def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: 
     def decorate(select: Selector) -> Selector:
         description = (select.__doc__ or "").strip().splitlines()[0] if select.__doc__ else ""
         STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks,
-                                    check_model, needs, score)
+                                    check_model, needs, score, initial_set)
         return select
 
     return decorate
@@ -115,7 +122,8 @@ def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: 
 
 def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
                     check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",),
-                    check_model: Optional[Callable[[Config, Any], None]] = None, needs: tuple[str, ...] = ()):
+                    check_model: Optional[Callable[[Config, Any], None]] = None, needs: tuple[str, ...] = (),
+                    initial_set: Optional[Callable] = None):
     """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
 
     def decorate(score: Callable[[StrategyContext], Any]):
@@ -125,7 +133,8 @@ def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bo
 
         select.__doc__ = score.__doc__
         register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check,
-                          tasks=tasks, needs=needs, score=score, check_model=check_model)(select)
+                          tasks=tasks, needs=needs, score=score, check_model=check_model,
+                          initial_set=initial_set)(select)
         return score
 
     return decorate
