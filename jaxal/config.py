@@ -66,7 +66,10 @@ class Config:
     # test/<class>/ images, or a path to an .npz.
     dataset: str = "digits"
     data_dir: Optional[str] = None  # tensorflow-datasets data directory
-    task: Optional[str] = None  # None: the dataset's task ("classification")
+    task: Optional[str] = None  # "classification" or "segmentation" (masks); None: classification
+    # Segmentation: the mask value of void pixels (no loss, no metric); None: 255 if the masks hold it, else
+    # none (a named dataset's own: 11 for "camvid"). The classes are the values below it.
+    ignore_label: Optional[int] = None
     image_size: Optional[int] = None  # resize images to this square size; None: keep the dataset's
     # Pixel normalisation: "dataset" (the dataset's own channel statistics) or "pytorch_cifar" (the
     # constants of the reference codes: means (0.4914, 0.4822, 0.4465), stds (0.2023, 0.1994, 0.2010)).

@@ -66,10 +66,11 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
             raise RunError(str(error)) from None
         if task_name not in strategy.tasks:
             raise RunError(f"strategy {name} does not support the {task_name} task "
-                           f"(it supports: {', '.join(strategy.tasks)})")
+                           f"(it supports: {', '.join(strategy.tasks)})"
+                           + (f": {strategy.task_note}" if strategy.task_note else ""))
         if strategy.check is not None:
-            try:
-                strategy.check(config)
+            try:  # the check sees the task the run resolved (config.task may be None)
+                strategy.check(dataclasses.replace(config, task=task_name))
             except ValueError as error:
                 raise RunError(f"{name}: {error}") from None
     if config.seed < 0:
@@ -119,8 +120,9 @@ def prepare(config: Config, workdir: Optional[str | Path] = None) -> Experiment:
     """Load and validate everything a run needs, touching nothing on disk."""
     try:
         dataset = load_dataset(config.dataset, data_dir=config.data_dir, image_size=config.image_size,
-                               normalization=config.normalization, augmentation=config.augmentation)
-        task = tasks.create_task(config.task or "classification", dataset.num_classes)
+                               normalization=config.normalization, augmentation=config.augmentation,
+                               task=config.task, ignore_label=config.ignore_label)
+        task = tasks.create_task(dataset.task, dataset.num_classes, dataset.ignore_label)
         model_name = config.model or dataset.default_model
         model = adapt(create_model(model_name, dataset.num_classes, config.dropout), dataset.normalization)
     except (ValueError, FileNotFoundError, RuntimeError) as error:  # RuntimeError: tfds data not prepared
@@ -317,11 +319,15 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
     return records
 
 
+def describe_void(data: Dataset) -> str:
+    return "" if data.task == "classification" else f", {data.task}, void label {data.ignore_label}"
+
+
 def describe(exp: Experiment) -> str:
     config, data = exp.config, exp.dataset
     batch = parallel.round_up(config.batch_size, parallel.mesh_size(exp.mesh))
     return (f"jaxal: {config.strategy} on {data.name} ({data.x_train.shape[0]} train / {data.x_test.shape[0]} test, "
-            f"{data.num_classes} classes), model {config.model}, {config.cycles} cycles x {config.trials} trials, "
+            f"{data.num_classes} classes{describe_void(data)}), model {config.model}, {config.cycles} cycles x {config.trials} trials, "
             f"{config.initial_size} initial + {config.budget} per cycle; {parallel.describe_mesh(exp.mesh)}, "
             f"batch {batch}{' (rounded up to the device count)' if batch != config.batch_size else ''}; "
             f"workdir {exp.workdir}")
@@ -345,6 +351,8 @@ def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str
     images, labels = exp.dataset.x_train, exp.dataset.y_train
     finished: dict[tuple, list] = {}
     title = f"{exp.dataset.name}, {config.model}"
+    metric = exp.task.metric  # the learning curve's: test_accuracy, test_miou
+    short = {"accuracy": "acc"}.get(metric, metric)  # its name on the progress bar
     progress = _progress_bar(config, exp)
 
     for strategy_name in config.strategies:
@@ -353,18 +361,20 @@ def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str
                 done_before = len(finished.get(key, []))
                 finished[key] = trial_records
                 if parallel.is_primary():  # every process holds the same records
-                    results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title)
+                    results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title,
+                                          metric=metric)
                 if trial_records:
                     last = trial_records[-1]
                     progress.update(len(trial_records) - done_before)
                     progress.set_postfix(strategy=last["strategy"], trial=last["trial"], cycle=last["cycle"],
-                                         labeled=last["num_labeled"], acc=f"{last['test_accuracy']:.4f}")
+                                         labeled=last["num_labeled"],
+                                         **{short: f"{last[f'test_{metric}']:.4f}"})
 
             run_trial(exp, strategy_name, trial, images, labels, on_cycle, observer)
     progress.close()
     records = [r for rs in finished.values() for r in rs]
     if parallel.is_primary():
-        log(results.summary_table(records))
+        log(results.summary_table(records, metric))
         log(f"results: {exp.workdir / 'results.csv'}, {exp.workdir / 'learning_curve.png'}")
     return records
 

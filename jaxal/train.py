@@ -223,6 +223,19 @@ def predict(model: nn.Module, variables: dict, xs, batch_size: int = 512, *, mes
     return parallel.map_chunks(_predict_chunk, model, variables, xs, chunk_size=batch_size, mesh=mesh)
 
 
+def _features_chunk(model: nn.Module, variables, xs) -> jax.Array:
+    return model.apply(variables, xs, train=False).features
+
+
+def features(model: nn.Module, variables: dict, xs, batch_size: int = 512, *, mesh=None) -> jax.Array:
+    """(n, d) penultimate features in inference mode, chunked like `predict` but without the logits, which
+    for dense outputs are (n, H, W, C): a pool's would not fit."""
+    if xs.shape[0] == 0:
+        shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1, *xs.shape[1:])))
+        return jnp.zeros((0, *shapes.features.shape[1:]))
+    return parallel.map_chunks(_features_chunk, model, variables, xs, chunk_size=batch_size, mesh=mesh)
+
+
 def _confusion_sum(static, variables, chunk):
     model, task = static
     (xs, ys), weights = chunk

@@ -57,6 +57,7 @@ class Strategy(NamedTuple):
     description: str
     check: Optional[Callable[[Config], None]] = None  # raises ValueError for settings it cannot run with
     tasks: tuple[str, ...] = ("classification",)  # the `jaxal.tasks` it can run on (checked before a run)
+    task_note: str = ""  # why it cannot run on the other tasks (the refusal's message says it)
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -74,19 +75,25 @@ def top_k(scores, k: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:k]
 
 
+# The tasks of strategies that run on dense outputs too.
+ALL_TASKS = ("classification", "segmentation")
+
+
 def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
                       check: Optional[Callable[[Config], None]] = None,
-                      tasks: tuple[str, ...] = ("classification",)):
+                      tasks: tuple[str, ...] = ("classification",), task_note: str = ""):
     def decorate(select: Selector) -> Selector:
         description = (select.__doc__ or "").strip().splitlines()[0] if select.__doc__ else ""
-        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks)
+        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks,
+                                    task_note)
         return select
 
     return decorate
 
 
 def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
-                    check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",)):
+                    check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",),
+                    task_note: str = ""):
     """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
 
     def decorate(score: Callable[[StrategyContext], Any]):
@@ -97,7 +104,7 @@ def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bo
 
         select.__doc__ = score.__doc__
         register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check,
-                          tasks=tasks)(select)
+                          tasks=tasks, task_note=task_note)(select)
         return score
 
     return decorate
