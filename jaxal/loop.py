@@ -98,6 +98,10 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
                        f"but {dataset.name} has {pool}; lower --budget or --cycles")
     if config.subset_size is not None and config.subset_size < config.budget:
         raise RunError(f"--subset_size ({config.subset_size}) must be at least --budget ({config.budget})")
+    if config.crop_size is not None and (task_name != "segmentation" or not
+                                         1 <= config.crop_size <= min(dataset.image_shape[:2])):
+        raise RunError(f"--crop_size (training windows) is for segmentation, at least 1 and at most the images' "
+                       f"{'x'.join(map(str, dataset.image_shape[:2]))}; got {config.crop_size} for {task_name}")
     if dataset.x_train.dtype.kind == "f" and not (np.all(np.isfinite(dataset.x_train))
                                                   and np.all(np.isfinite(dataset.x_test))):
         raise RunError(f"dataset {dataset.name} contains non-finite values")
@@ -221,7 +225,7 @@ def add_selection(labeled: np.ndarray, candidates: np.ndarray, chosen: np.ndarra
 
 def train_options(config: Config, data: Dataset, task=None) -> TrainOptions:
     return TrainOptions(config.momentum, config.weight_decay, data.augmentation, data.crop_padding,
-                        config.lossnet.margin, config.lossnet.weight, task)
+                        config.lossnet.margin, config.lossnet.weight, task, config.crop_size)
 
 
 def metric_fields(prefix: str, metrics: dict) -> dict:

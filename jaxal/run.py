@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(results.jsonl, results.csv, learning_curve.png, config.json) into --workdir.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Other presets set other defaults; flags override the preset's fields.")
-    parser.add_argument("--preset", default="digits_quick", choices=sorted(config_lib.PRESETS),
-                        help="named protocol to start from; other flags override its fields")
+    parser.add_argument("--preset", default=None, choices=sorted(config_lib.PRESETS),
+                        help="named protocol to start from; other flags override its fields (default: "
+                             "digits_quick, or camvid_segnet with --task segmentation)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing run in --workdir instead of resuming it")
     procs = parser.add_argument_group("several processes (jax.distributed.initialize)")

@@ -90,7 +90,9 @@ class Classification:
         return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
     # ---- augmentation ----
-    def augment(self, rng, images, labels, mode: str, padding: int):
+    def augment(self, rng, images, labels, mode: str, padding: int, window: Optional[int] = None):
+        if window is not None:
+            raise ValueError("training windows (crop_size) are for segmentation")
         return augment_images(rng, images, mode, padding), labels
 
 
@@ -130,19 +132,38 @@ def augment_images(rng, images, mode: str, padding: int):
     return augment_pairs(rng, images, None, mode, padding)[0]
 
 
-def augment_pairs(rng, images, labels, mode: str, padding: int, label_fill=0):
+def window_offsets(rng, image_shape, window: int):
+    """A uniformly random top-left corner of a window x window part of an image of `image_shape`."""
+    return jax.random.randint(rng, (2,), 0, jnp.array(image_shape[:2]) - window + 1)
+
+
+def take_window(image, offsets, window: int):
+    return jax.lax.dynamic_slice(image, (offsets[0], offsets[1]) + (0,) * (image.ndim - 2),
+                                 (window, window) + image.shape[2:])
+
+
+def augment_pairs(rng, images, labels, mode: str, padding: int, label_fill=0, window: Optional[int] = None):
     """The same random crop and flip for every image and its dense label (None: images only); the
-    label's padding is `label_fill` (the ignore label, so padded pixels are never trained on)."""
+    label's padding is `label_fill` (the ignore label, so padded pixels are never trained on). With a
+    `window` (training on crops, as DRN and Wang et al. on Cityscapes): a random window x window part
+    of each image and label, whatever the mode, in place of the padded crop; "crop_flip" then flips."""
     if mode not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {mode!r}; choose one of: {', '.join(AUGMENTATIONS)}")
-    if mode == "none":
+    if mode == "none" and window is None:
         return images, labels
     crop_rngs, flip_rngs = jnp.split(jax.random.split(rng, 2 * images.shape[0]), 2)
-    offsets = jax.vmap(functools.partial(crop_offsets, padding=padding))(crop_rngs)
-    crop = jax.vmap(functools.partial(random_crop, padding=padding))
-    images = crop(images, offsets)
-    if labels is not None:
-        labels = jax.vmap(functools.partial(random_crop, padding=padding, fill=label_fill))(labels, offsets)
+    if window is not None:
+        if window > min(images.shape[1:3]):
+            raise ValueError(f"a training window of {window} pixels does not fit in {images.shape[1]}x"
+                             f"{images.shape[2]} images")
+        offsets = jax.vmap(lambda key: window_offsets(key, images.shape[1:3], window))(crop_rngs)
+        crop = jax.vmap(functools.partial(take_window, window=window))
+        images, labels = crop(images, offsets), None if labels is None else crop(labels, offsets)
+    else:
+        offsets = jax.vmap(functools.partial(crop_offsets, padding=padding))(crop_rngs)
+        images = jax.vmap(functools.partial(random_crop, padding=padding))(images, offsets)
+        if labels is not None:
+            labels = jax.vmap(functools.partial(random_crop, padding=padding, fill=label_fill))(labels, offsets)
     if mode == "crop_flip":
         flips = jax.vmap(jax.random.bernoulli)(flip_rngs)
         flip = lambda x: jnp.where(flips.reshape((-1,) + (1,) * (x.ndim - 1)), x[:, :, ::-1], x)  # noqa: E731
@@ -226,9 +247,11 @@ class Segmentation:
         return jnp.sum(right, axes) / jnp.maximum(jnp.sum(valid, axes), 1)
 
     # ---- augmentation ----
-    def augment(self, rng, images, labels, mode: str, padding: int):
-        """The same crop and flip for each image and its mask; padded pixels get `fill_label` (ignored)."""
-        return augment_pairs(rng, images, labels, mode, padding, label_fill=self.fill_label)
+    def augment(self, rng, images, labels, mode: str, padding: int, window: Optional[int] = None):
+        """The same crop and flip for each image and its mask; padded pixels get `fill_label` (ignored).
+        With a `window`, a random window x window part of each image and its mask instead of the padded
+        crop (then the flip of "crop_flip")."""
+        return augment_pairs(rng, images, labels, mode, padding, label_fill=self.fill_label, window=window)
 
 
 def segmentation_metrics(confusion) -> dict:
