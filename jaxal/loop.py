@@ -331,7 +331,8 @@ def describe(exp: Experiment) -> str:
     config, data = exp.config, exp.dataset
     batch = parallel.round_up(config.batch_size, parallel.mesh_size(exp.mesh))
     return (f"jaxal: {config.strategy} on {data.name} ({data.x_train.shape[0]} train / {data.x_test.shape[0]} test, "
-            f"{data.num_classes} classes{describe_void(data)}), model {config.model}, {config.cycles} cycles x {config.trials} trials, "
+            f"{data.num_classes} classes{describe_void(data)}), model {config.model}, "
+            f"{config.cycles} cycles x {config.trials} trials, "
             f"{config.initial_size} initial + {config.budget} per cycle; {parallel.describe_mesh(exp.mesh)}, "
             f"batch {batch}{' (rounded up to the device count)' if batch != config.batch_size else ''}; "
             f"workdir {exp.workdir}")

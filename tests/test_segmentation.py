@@ -428,3 +428,19 @@ def test_shared_camvid_runs(tmp_path, tiny_model, monkeypatch):
     assert (exp.task.num_classes, exp.task.ignore_label) == (11, 11) and exp.dataset.class_names[0] == "sky"
     records = loop.run_prepared(exp, log=lambda *_: None)
     assert len(records) == 2 and len(records[0]["selected"]) == 4 and len(records[0]["test_iou"]) == 11
+
+
+def test_cityscapes_from_tfds_maps_label_ids_and_keeps_pixels(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds = data.load_dataset("cityscapes", task="segmentation", data_dir=str(tmp_path))
+        raw = tfds.data_source("cityscapes/semantic_segmentation", split="validation")
+        images = np.stack([raw[i]["image_left"] for i in range(len(raw))])
+        label_ids = np.stack([raw[i]["segmentation_label"][..., 0] for i in range(len(raw))])
+    assert (ds.num_classes, ds.ignore_label, ds.class_names[0], ds.task) == (19, 255, "road", "segmentation")
+    assert ds.x_train.shape == (2, 1024, 2048, 3) and ds.y_train.shape == (2, 1024, 2048)
+    assert ds.y_train.dtype == np.uint8
+    np.testing.assert_array_equal(ds.x_test, images)
+    table = dict(zip(data.CITYSCAPES_TRAIN_IDS, range(19)))
+    expected = np.vectorize(lambda label_id: table.get(int(label_id), 255))(label_ids[:, ::64, ::64])
+    np.testing.assert_array_equal(ds.y_test[:, ::64, ::64], expected)
