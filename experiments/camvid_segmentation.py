@@ -1,11 +1,12 @@
 """CamVid learning curves (mIoU vs labelled images) of ent_gn, entropy, random and coreset: the
-`camvid_segnet` preset (DRN-D-22 at a quarter width on 180x240 CamVid, 20 -> 80 labelled images, 3 trials).
+`camvid_segnet` preset (DRN-D-22 at a quarter width on CamVid resized to 120x120, 20 -> 80 labelled images,
+3 trials).
 
 Runs (or resumes) the experiment in `--workdir`, then writes the table (mean +- std of the test mIoU over
 the trials, per strategy and labelled-set size; mean selection seconds per cycle) to
 `experiments/camvid_segmentation.md` and the learning curve to `experiments/camvid_segmentation.png`.
 
-    JAXAL_SHARED_DATA=/path/to/shared/data python experiments/camvid_segmentation.py   # ~1.5 h on 2 busy cores
+    JAXAL_SHARED_DATA=/path/to/shared/data python experiments/camvid_segmentation.py   # about an hour on 2 busy cores
     python experiments/camvid_segmentation.py --summary-only --workdir runs/camvid_segnet
 """
 
