@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pool", type=int, default=100, help="images scored per cycle (camvid_segnet: 100)")
     parser.add_argument("--budget", type=int, default=20)
     parser.add_argument("--chunk", type=int, default=8, help="images per compiled chunk (camvid_segnet: 8)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
     try:
         data = load_dataset(args.dataset, task="segmentation", ignore_label=args.ignore_label)
@@ -85,8 +85,11 @@ def main(argv=None) -> int:
     times = time_runs(runs, args.repeats)
     for name, timing in times.items():
         print(f"  {name:<22} first {timing.first:7.2f} s   best {timing.best:7.2f} s", flush=True)
-    same = np.array_equal(runs[f"ent_gn_vmap_{len(pool)}"](), runs[f"ent_gn_ghost_{len(pool)}"]())
-    print(f"  the two engines select the same images: {same}")
+    # The two engines compute the same norms (checked on one chunk; the tests check them against jax.grad).
+    chunk = {m: np.asarray(_query_norms((model, task, "ent_gn", "layer_sum", "all", m), variables, pool[:args.chunk]))
+             for m in ("vmap", "ghost")}
+    agreement = float(np.max(np.abs(chunk["ghost"] - chunk["vmap"]) / np.abs(chunk["vmap"])))
+    print(f"  largest relative difference of the two engines' norms on one chunk: {agreement:.1e}")
 
     memory = {}
     for method in ("vmap", "ghost"):
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
         "chunk_temp_mib": {k: round(v, 1) for k, v in memory.items()},
         "mib_per_image": {k: round(v, 2) for k, v in per_image.items()},
         "ghost_over_vmap_memory": round(memory[f"ghost_chunk{args.chunk}"] / memory[f"vmap_chunk{args.chunk}"], 3),
-        "peak_rss_mib": round(peak_rss), "same_selection": bool(same),
+        "peak_rss_mib": round(peak_rss), "engines_max_relative_difference": agreement,
     }
     print(json.dumps(summary))
     return 0
