@@ -4,7 +4,8 @@
 
 Runs (or resumes) the experiment in `--workdir`, then writes the table (mean +- std of the test mIoU over
 the trials, per strategy and labelled-set size; mean selection seconds per cycle) to
-`experiments/camvid_segmentation.md` and the learning curve to `experiments/camvid_segmentation.png`.
+`experiments/camvid_segmentation.md`, the learning curve to `experiments/camvid_segmentation.png` and the
+per-cycle records to `experiments/camvid_segmentation.csv`.
 
     JAXAL_SHARED_DATA=/path/to/shared/data python experiments/camvid_segmentation.py   # about an hour on 2 busy cores
     python experiments/camvid_segmentation.py --summary-only --workdir runs/camvid_segnet
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
         f"`python experiments/camvid_segmentation.py` (preset camvid_segnet, strategies {args.strategy}).\n\n"
         + text + "\n![learning curve](camvid_segmentation.png)\n")
     shutil.copyfile(workdir / "learning_curve.png", HERE / "camvid_segmentation.png")
+    shutil.copyfile(workdir / "results.csv", HERE / "camvid_segmentation.csv")
     return 0
 
 
