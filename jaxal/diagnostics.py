@@ -707,6 +707,10 @@ def _check_against(exp, options: DiagnosticsOptions) -> None:
     from jaxal.models import init_variables
 
     config = exp.config
+    if exp.task is not None and exp.task.name != "classification":
+        raise ValueError(f"the bound diagnostics (Wang et al.'s Approx-1/2/3, Tables 1-3) use per-example "
+                         f"class labels and accuracies: they are implemented for classification, not "
+                         f"{exp.task.name}")
     variables = jax.eval_shape(lambda key: init_variables(exp.model, key, exp.dataset.image_shape),
                                jax.random.key(0))
     if options.solver == "exact":

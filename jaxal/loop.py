@@ -71,10 +71,11 @@ def validate_settings(config: Config, task=None) -> None:
             raise RunError(str(error)) from None
         if task_name not in strategy.tasks:
             raise RunError(f"strategy {name} does not support the {task_name} task "
-                           f"(it supports: {', '.join(strategy.tasks)})")
+                           f"(it supports: {', '.join(strategy.tasks)})"
+                           + (f": {strategy.task_note}" if strategy.task_note else ""))
         if strategy.check is not None:
-            try:
-                strategy.check(config)
+            try:  # the check sees the task the run resolved (config.task may be None)
+                strategy.check(dataclasses.replace(config, task=task_name))
             except ValueError as error:
                 raise RunError(f"{name}: {error}") from None
     if config.seed < 0:
@@ -116,6 +117,10 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
         raise RunError(f"the budget is larger than the pool: initial_size + budget * (cycles - 1) = "
                        f"{config.initial_size} + {config.budget} * {config.cycles - 1} = {needed} samples, "
                        f"but {dataset.name} has {pool}; lower --budget or --cycles")
+    if config.crop_size is not None and (task_name != "segmentation" or not
+                                         1 <= config.crop_size <= min(dataset.image_shape[:2])):
+        raise RunError(f"--crop_size (training windows) is for segmentation, at least 1 and at most the images' "
+                       f"{'x'.join(map(str, dataset.image_shape[:2]))}; got {config.crop_size} for {task_name}")
     if dataset.x_train.dtype.kind == "f" and not (np.all(np.isfinite(dataset.x_train))
                                                   and np.all(np.isfinite(dataset.x_test))):
         raise RunError(f"dataset {dataset.name} contains non-finite values")
@@ -190,8 +195,9 @@ def prepare(config: Config, workdir: Optional[str | Path] = None, *, model=None)
     your own (see `jaxal.models`) instead of the one `config.model` names."""
     try:
         dataset = load_dataset(config.dataset, data_dir=config.data_dir, image_size=config.image_size,
-                               normalization=config.normalization, augmentation=config.augmentation)
-        task = tasks.create_task(config.task or "classification", dataset.num_classes)
+                               normalization=config.normalization, augmentation=config.augmentation,
+                               task=config.task, ignore_label=config.ignore_label)
+        task = tasks.create_task(dataset.task, dataset.num_classes, dataset.ignore_label)
         if model is None:
             model_name = config.model or dataset.default_model
             model = create_model(model_name, dataset.num_classes, config.dropout)
@@ -302,7 +308,7 @@ def add_selection(labeled: np.ndarray, candidates: np.ndarray, chosen: np.ndarra
 
 def train_options(config: Config, data: Dataset, task=None) -> TrainOptions:
     return TrainOptions(config.momentum, config.weight_decay, data.augmentation, data.crop_padding,
-                        config.lossnet.margin, config.lossnet.weight, task)
+                        config.lossnet.margin, config.lossnet.weight, task, config.crop_size)
 
 
 def metric_fields(prefix: str, metrics: dict) -> dict:
@@ -455,11 +461,16 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
     return records
 
 
+def describe_void(data: Dataset) -> str:
+    return "" if data.task == "classification" else f", {data.task}, void label {data.ignore_label}"
+
+
 def describe(exp: Experiment) -> str:
     config, data = exp.config, exp.dataset
     batch = parallel.round_up(config.batch_size, parallel.mesh_size(exp.mesh))
     return (f"jaxal: {config.strategy} on {data.name} ({data.x_train.shape[0]} train / {data.x_test.shape[0]} test, "
-            f"{data.num_classes} classes), model {config.model}, {config.cycles} cycles x {config.trials} trials, "
+            f"{data.num_classes} classes{describe_void(data)}), model {config.model}, "
+            f"{config.cycles} cycles x {config.trials} trials, "
             f"{config.initial_size} initial + {config.budget} per cycle; {parallel.describe_mesh(exp.mesh)}, "
             f"batch {batch}{' (rounded up to the device count)' if batch != config.batch_size else ''}; "
             f"workdir {exp.workdir}")
@@ -485,6 +496,8 @@ def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str
     images, labels = exp.dataset.x_train, exp.dataset.y_train
     finished: dict[tuple, list] = {}
     title = f"{exp.dataset.name}, {config.model}"
+    metric = exp.task.metric  # the learning curve's: test_accuracy, test_miou
+    short = {"accuracy": "acc"}.get(metric, metric)  # its name on the progress bar
     progress = _progress_bar(config, exp)
 
     # Training and plain inference at --precision.training; the solvers set their own (jaxal.precision).
@@ -495,18 +508,20 @@ def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str
                     done_before = len(finished.get(key, []))
                     finished[key] = trial_records
                     if parallel.is_primary():  # every process holds the same records
-                        results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title)
+                        results.write_results(exp.workdir, [r for rs in finished.values() for r in rs], title,
+                                              metric=metric)
                     if trial_records:
                         last = trial_records[-1]
                         progress.update(len(trial_records) - done_before)
                         progress.set_postfix(strategy=last["strategy"], trial=last["trial"], cycle=last["cycle"],
-                                             labeled=last["num_labeled"], acc=f"{last['test_accuracy']:.4f}")
+                                             labeled=last["num_labeled"],
+                                             **{short: f"{last[f'test_{metric}']:.4f}"})
 
                 run_trial(exp, strategy_name, trial, images, labels, on_cycle, observer)
     progress.close()
     records = [r for rs in finished.values() for r in rs]
     if parallel.is_primary():
-        log(results.summary_table(records))
+        log(results.summary_table(records, metric))
         log(f"results: {exp.workdir / 'results.csv'}, {exp.workdir / 'learning_curve.png'}")
     return records
 

@@ -1,4 +1,5 @@
-"""Flax models: MLP, a small CNN, ResNet-18 (CIFAR stem), VGG-16, and the LL4AL loss-prediction module.
+"""Flax models: MLP, a small CNN, ResNet-18 (CIFAR stem), VGG-16, a DRN-D segmenter, and the LL4AL
+loss-prediction module.
 
 Every classifier returns a `ModelOutput`: the logits, the penultimate features (what coreset and BADGE
 embed) and the intermediate block outputs (what the loss-prediction module reads). Under jit the
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array  # (batch, num_classes)
+    logits: jax.Array  # (batch, num_classes), or (batch, H, W, num_classes) for segmentation
     features: Optional[jax.Array] = None  # (batch, d): penultimate representation, input of `head`
     blocks: tuple[jax.Array, ...] = ()  # intermediate outputs, (batch, H, W, C) or (batch, C)
 
@@ -156,6 +157,94 @@ class VGG16(nn.Module):
         return ModelOutput(nn.Dense(self.num_classes, name="head")(h), features, tuple(blocks[-4:]))
 
 
+# ---- segmentation ---------------------------------------------------------------------------------
+
+DRN_D_22_LAYERS = (1, 1, 2, 2, 2, 2, 1, 1)
+DRN_D_22_CHANNELS = (16, 32, 64, 128, 256, 512, 512, 512)
+
+
+def _conv_bn_relu(h, features: int, train: bool, *, kernel: int = 3, strides: int = 1, dilation: int = 1,
+                  name: str):
+    pad = dilation * (kernel // 2)
+    h = nn.Conv(features, (kernel, kernel), (strides, strides), padding=((pad, pad), (pad, pad)),
+                kernel_dilation=(dilation, dilation), use_bias=False, name=name)(h)
+    return nn.relu(_batch_norm(train, name + "_bn")(h))
+
+
+class DilatedBlock(nn.Module):
+    """DRN's BasicBlock: two 3x3 convolutions with dilation, a residual (1x1 projection when the shape
+    changes)."""
+
+    filters: int
+    strides: int = 1
+    dilation: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        d = self.dilation
+        h = _conv_bn_relu(x, self.filters, train, strides=self.strides, dilation=d, name="conv1")
+        h = nn.Conv(self.filters, (3, 3), padding=((d, d), (d, d)), kernel_dilation=(d, d), use_bias=False,
+                    name="conv2")(h)
+        h = _batch_norm(train, "bn2")(h)
+        if self.strides != 1 or x.shape[-1] != self.filters:
+            x = nn.Conv(self.filters, (1, 1), (self.strides, self.strides), use_bias=False, name="shortcut")(x)
+            x = _batch_norm(train, "shortcut_bn")(x)
+        return nn.relu(h + x)
+
+
+class DRNSegmenter(nn.Module):
+    """A DRN-D dilated residual network for semantic segmentation (Yu, Koltun & Funkhouser, CVPR 2017;
+    fyu/drn `drn_d_22` + `DRNSeg`), the model of Wang et al.'s Cityscapes experiment.
+
+    Eight levels (`layers` blocks each, `channels` wide): a 7x7 stem and two levels of plain 3x3
+    convolutions (the second with stride 2), two levels of residual blocks with stride 2 (output stride 8),
+    two levels of residual blocks with dilation 2 and 4 instead of more striding, then two levels of plain
+    convolutions with dilation 2 and 1 (DRN-D's degridding). A level with 0 layers is skipped. The head is
+    a 1x1 convolution to the classes, named `head`, and its logits are upsampled bilinearly to the input
+    size (DRNSeg's fixed bilinear transposed convolution, as a resize). Dropout (for MC-dropout BALD) sits
+    on the last feature map, right before `head`; DRNSeg has none, so the default rate is 0.
+
+    `ModelOutput`: logits (N, H, W, C); features = the last feature map averaged over its pixels (N, d),
+    what coreset embeds; blocks = the outputs of levels 3 to 8 (for a loss-prediction module).
+
+    Sizes (`MODELS`): "drn_d_22" is DRN-D-22 as published (channels 16..512, 16.4M parameters, Cityscapes on
+    a GPU); "drn_d_22_cpu" has the same depth at a quarter of the width (channels 4..128, 1/16 of the
+    parameters and multiply-adds), the size for CamVid at 180x240 on a CPU.
+    """
+
+    num_classes: int
+    layers: Sequence[int] = DRN_D_22_LAYERS
+    channels: Sequence[int] = DRN_D_22_CHANNELS
+    dropout_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, mc_dropout: bool = False) -> ModelOutput:
+        height, width = x.shape[1:3]
+        layers, channels = self.layers, self.channels
+        h = _conv_bn_relu(x, channels[0], train, kernel=7, name="level0")
+        blocks = []
+        for level, strides in ((0, 1), (1, 2)):  # plain convolutions (levels 1 and 2)
+            for i in range(layers[level]):
+                h = _conv_bn_relu(h, channels[level], train, strides=strides if i == 0 else 1,
+                                  name=f"level{level + 1}_conv{i}")
+        for level, strides, dilation in ((2, 2, 1), (3, 2, 1), (4, 1, 2), (5, 1, 4)):  # residual levels 3-6
+            for i in range(layers[level]):
+                h = DilatedBlock(channels[level], strides if i == 0 else 1, dilation,
+                                 name=f"level{level + 1}_block{i}")(h, train)
+            if layers[level]:
+                blocks.append(h)
+        for level, dilation in ((6, 2), (7, 1)):  # degridding: plain dilated convolutions (levels 7, 8)
+            for i in range(layers[level]):
+                h = _conv_bn_relu(h, channels[level], train, dilation=dilation, name=f"level{level + 1}_conv{i}")
+            if layers[level]:
+                blocks.append(h)
+        features = jnp.mean(h, axis=(1, 2))
+        h = _dropout(self.dropout_rate, train, mc_dropout)(h)
+        logits = nn.Conv(self.num_classes, (1, 1), name="head")(h)
+        logits = jax.image.resize(logits, (logits.shape[0], height, width, logits.shape[-1]), "bilinear")
+        return ModelOutput(logits, features, tuple(blocks))
+
+
 class LossNet(nn.Module):
     """Loss-prediction module of Yoo & Kweon (LL4AL): per block, global average pool and a dense layer
     of `width` with ReLU; concatenate; a linear layer to one predicted loss per example."""
@@ -237,6 +326,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
     "resnet18": ResNet18,
     "vgg16": VGG16,
+    "drn_d_22": DRNSegmenter,
+    "drn_d_22_cpu": functools.partial(DRNSegmenter, channels=tuple(c // 4 for c in DRN_D_22_CHANNELS)),
 }
 
 

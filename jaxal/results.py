@@ -18,6 +18,20 @@ import numpy as np
 
 CSV_COLUMNS = ("strategy", "trial", "cycle", "num_labeled", "test_accuracy", "train_accuracy",
                "train_loss", "train_seconds", "evaluate_seconds", "selection_seconds", "num_scored")
+CSV_HEAD, CSV_TAIL = CSV_COLUMNS[:4], CSV_COLUMNS[6:]
+# A metric's label on the plot and in the summary.
+METRIC_LABELS = {"accuracy": "test accuracy", "miou": "test mIoU"}
+
+
+def csv_columns(records: list[dict]) -> list[str]:
+    """CSV_COLUMNS, with the task's scalar metrics (test_*, then train_*, as the records hold them: e.g.
+    test_miou, test_pixel_accuracy) in place of test_accuracy and train_accuracy; list-valued metrics
+    (per-class IoU) stay in results.jsonl."""
+    if not records:
+        return list(CSV_COLUMNS)
+    scalars = [k for k, v in records[0].items() if isinstance(v, (int, float)) and k not in CSV_HEAD + CSV_TAIL]
+    metrics = [k for prefix in ("test_", "train_") for k in scalars if k.startswith(prefix)]
+    return list(CSV_HEAD) + metrics + list(CSV_TAIL)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -38,30 +52,31 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def write_csv(path: Path, records: list[dict]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(records), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(records)
     write_atomic(path, buffer.getvalue())
 
 
-def learning_curves(records: list[dict]) -> dict[str, dict[int, list[tuple[int, float]]]]:
-    """strategy -> trial -> [(num_labeled, test_accuracy)] in cycle order."""
+def learning_curves(records: list[dict], metric: str = "accuracy") -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """strategy -> trial -> [(num_labeled, test_<metric>)] in cycle order."""
     curves: dict = defaultdict(lambda: defaultdict(list))
     for r in sorted(records, key=lambda r: (r["strategy"], r["trial"], r["cycle"])):
-        curves[r["strategy"]][r["trial"]].append((r["num_labeled"], r["test_accuracy"]))
+        curves[r["strategy"]][r["trial"]].append((r["num_labeled"], r[f"test_{metric}"]))
     return curves
 
 
-def plot_learning_curve(path: Path, records: list[dict], title: str = "") -> None:
-    """Test accuracy vs labelled samples: a thin line per trial, and with several trials the mean
-    with a +-1 standard deviation band, one colour per strategy."""
+def plot_learning_curve(path: Path, records: list[dict], title: str = "", metric: str = "accuracy") -> None:
+    """The test metric (accuracy, or a segmentation's mIoU) vs labelled samples: a thin line per trial,
+    and with several trials the mean with a +-1 standard deviation band, one colour per strategy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for color, (strategy, trials) in zip(plt.cm.tab10.colors * 3, sorted(learning_curves(records).items())):
+    curves = learning_curves(records, metric)
+    for color, (strategy, trials) in zip(plt.cm.tab10.colors * 3, sorted(curves.items())):
         for trial, points in sorted(trials.items()):
             xs, ys = zip(*points)
             ax.plot(xs, ys, color=color, alpha=0.35 if len(trials) > 1 else 1.0, lw=1,
@@ -74,7 +89,7 @@ def plot_learning_curve(path: Path, records: list[dict], title: str = "") -> Non
             ax.plot(xs, mean, color=color, lw=2, label=f"{strategy} (mean of {len(trials)})")
             ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.15)
     ax.set_xlabel("labelled samples")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(METRIC_LABELS.get(metric, f"test {metric}"))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -85,23 +100,24 @@ def plot_learning_curve(path: Path, records: list[dict], title: str = "") -> Non
     write_atomic(path, buffer.getvalue())
 
 
-def write_results(workdir: Path, records: list[dict], title: str = "") -> None:
+def write_results(workdir: Path, records: list[dict], title: str = "", metric: str = "accuracy") -> None:
     write_jsonl(workdir / "results.jsonl", records)
     write_csv(workdir / "results.csv", records)
     if records:
-        plot_learning_curve(workdir / "learning_curve.png", records, title)
+        plot_learning_curve(workdir / "learning_curve.png", records, title, metric)
 
 
-def summary_table(records: list[dict]) -> str:
-    """Final test accuracy per strategy: mean +- std over trials, as printed at the end of a run."""
+def summary_table(records: list[dict], metric: str = "accuracy") -> str:
+    """Final test metric per strategy: mean +- std over trials, as printed at the end of a run."""
     finals: dict = defaultdict(dict)
     for r in records:
         previous = finals[r["strategy"]].get(r["trial"])
         if previous is None or r["cycle"] > previous["cycle"]:
             finals[r["strategy"]][r["trial"]] = r
-    lines = [f"{'strategy':<20} {'labeled':>8} {'test acc':>16}"]
+    header = {"accuracy": "test acc", "miou": "test mIoU"}.get(metric, f"test {metric}")
+    lines = [f"{'strategy':<20} {'labeled':>8} {header:>16}"]
     for strategy, by_trial in sorted(finals.items()):
-        acc = np.array([r["test_accuracy"] for r in by_trial.values()])
+        acc = np.array([r[f"test_{metric}"] for r in by_trial.values()])
         labeled = max(r["num_labeled"] for r in by_trial.values())
         spread = f" +- {acc.std():.4f}" if len(acc) > 1 else ""
         lines.append(f"{strategy:<20} {labeled:>8} {acc.mean():>8.4f}{spread}")

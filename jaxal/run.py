@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.config_parser(
         "python -m jaxal.run",
         "Run a pool-based active-learning experiment and write per-cycle results "
-        "(results.jsonl, results.csv, learning_curve.png, config.json) into --workdir.")
+        "(results.jsonl, results.csv, learning_curve.png, config.json) into --workdir.",
+        default_preset=None)
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing run in --workdir instead of resuming it")
     return parser

@@ -58,6 +58,8 @@ class TrainOptions:
     lossnet_weight: float = flax.struct.field(pytree_node=False, default=1.0)
     # A `jaxal.tasks` task (its loss, augmentation and running accuracy); None: classification.
     task: Any = flax.struct.field(pytree_node=False, default=None)
+    # Segmentation: train on random crop_size x crop_size windows of the images and masks; None: whole images.
+    crop_size: Optional[int] = flax.struct.field(pytree_node=False, default=None)
 
 
 def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
@@ -138,7 +140,7 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr
     augment_rng, dropout_rng = jax.random.split(rng)
     x, y = parallel.constrain_batch((x, y), mesh)
     task = options.task if options.task is not None else _CLASSIFICATION
-    x, y = task.augment(augment_rng, x, y, options.augmentation, options.crop_padding)
+    x, y = task.augment(augment_rng, x, y, options.augmentation, options.crop_padding, options.crop_size)
 
     def loss_fn(params):
         output, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, x,
@@ -221,6 +223,19 @@ def predict(model: nn.Module, variables: dict, xs, batch_size: int = 512, *, mes
         shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1, *xs.shape[1:])))
         return jnp.zeros((0, *shapes.logits.shape[1:])), jnp.zeros((0, *shapes.features.shape[1:]))
     return parallel.map_chunks(_predict_chunk, model, variables, xs, chunk_size=batch_size, mesh=mesh)
+
+
+def _features_chunk(model: nn.Module, variables, xs) -> jax.Array:
+    return model.apply(variables, xs, train=False).features
+
+
+def features(model: nn.Module, variables: dict, xs, batch_size: int = 512, *, mesh=None) -> jax.Array:
+    """(n, d) penultimate features in inference mode, chunked like `predict` but without the logits, which
+    for dense outputs are (n, H, W, C): a pool's would not fit."""
+    if xs.shape[0] == 0:
+        shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1, *xs.shape[1:])))
+        return jnp.zeros((0, *shapes.features.shape[1:]))
+    return parallel.map_chunks(_features_chunk, model, variables, xs, chunk_size=batch_size, mesh=mesh)
 
 
 def _confusion_sum(static, variables, chunk):

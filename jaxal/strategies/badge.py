@@ -106,7 +106,9 @@ def badge_select_from_outputs(logits: jax.Array, features: jax.Array, k: int, rn
     return np.asarray(kmeans_pp_seeding(a, h, k, rng, mesh, capacity=capacity, precision=precision))
 
 
-@register_selector("badge", needs=("features",))
+@register_selector("badge", needs=("features",), task_note=(
+    "BADGE's embedding is the last layer's gradient at the pseudo-label, one rank-one C x d matrix per "
+    "example, which its distances factorise; an image's is a sum over its pixels (full rank), not implemented"))
 def badge(ctx: StrategyContext, k: int) -> np.ndarray:
     """k-means++ seeding on last-layer gradient embeddings at the pseudo-label (BADGE, Ash et al. 2020)."""
     logits, features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)

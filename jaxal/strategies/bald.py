@@ -15,9 +15,14 @@ Two equivalent ways to run a pass (`method`):
     both regimes, so the features are deterministic. They are computed ONCE per chunk, and only
     dropout + `head` (the `head` parameters applied directly) are re-run T times, all T at once (`vmap`
     over the dropout keys): T passes cost about one forward pass plus T small matrix products.
-  - "full": T full forward passes with `mc_dropout=True` (a `lax.map` over the T keys, so only one
-    pass's activations are live at a time); any model whose `__call__` accepts
-    `mc_dropout` works. Used automatically for models other than jaxal's MLP, SmallCNN, ResNet18, VGG16.
+  - "full": T full forward passes with `mc_dropout=True` (a scan over the T keys that keeps running sums
+    of the probabilities and their entropies, so only one pass's activations and outputs are live at a
+    time); any model whose `__call__` accepts `mc_dropout` works. Used automatically for models other
+    than jaxal's MLP, SmallCNN, ResNet18, VGG16 (the DRN segmenter's dropout is on its last feature map,
+    per pixel, so its passes are full passes).
+
+Segmentation: the mutual information is computed per pixel and averaged over the image's pixels (the
+task's `reduce_outputs`).
 
 Dropout randomness is drawn per (pass t, pool index i) from `dropout_key(rng, t, i)` and applied to a
 batch of one, so the score of an example depends neither on the chunk size nor on its chunk, and
@@ -33,7 +38,8 @@ import jax.numpy as jnp
 from jaxal import parallel
 from jaxal.config import Config
 from jaxal.models import MLP, VGG16, ResNet18, SmallCNN, base_model
-from jaxal.strategies.base import StrategyContext, register_scorer
+from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer
+from jaxal.tasks import Classification
 
 # Models whose only dropout sits on the penultimate features, directly before `head`.
 HEAD_DROPOUT_MODELS = (MLP, SmallCNN, ResNet18, VGG16)
@@ -45,12 +51,13 @@ def dropout_key(rng: jax.Array, t, i) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(rng, t), i)
 
 
-def mutual_information(probs: jax.Array) -> jax.Array:
-    """BALD from sampled probabilities (T, n, C): H[mean_t p_t] - mean_t H[p_t]."""
-    def entropy(p):
-        return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+def _entropy(p: jax.Array) -> jax.Array:
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
 
-    return entropy(jnp.mean(probs, axis=0)) - jnp.mean(entropy(probs), axis=0)
+
+def mutual_information(probs: jax.Array) -> jax.Array:
+    """BALD from sampled probabilities (T, n, ..., C): H[mean_t p_t] - mean_t H[p_t], per output."""
+    return _entropy(jnp.mean(probs, axis=0)) - jnp.mean(_entropy(probs), axis=0)
 
 
 class _DropoutHead(nn.Module):
@@ -107,12 +114,38 @@ def _probabilities_fn(static, consts, chunk):  # map_chunks' contract: the examp
     return jnp.moveaxis(probs, 0, 1)
 
 
+def _full_pass_mutual_information(variables, xs, indices, rng, *, model: nn.Module, num_samples: int) -> jax.Array:
+    """`mutual_information` of T full MC-dropout passes as running sums over the passes (a scan), so
+    memory holds one pass's outputs, not T: a chunk of segmentation outputs is (chunk, H, W, C) per pass.
+    The same dropout keys as `_mc_probabilities_chunk`."""
+    def one(key, x):
+        return model.apply(variables, x[None], train=False, mc_dropout=True, rngs={"dropout": key}).logits[0]
+
+    def add_pass(sums, t):
+        keys = jax.vmap(lambda i: dropout_key(rng, t, i))(indices)
+        probs = jax.nn.softmax(jax.vmap(one)(keys, xs))
+        return (sums[0] + probs, sums[1] + _entropy(probs)), None
+
+    shapes = jax.eval_shape(lambda: jax.vmap(one)(jax.vmap(lambda i: dropout_key(rng, 0, i))(indices), xs))
+    init = (jnp.zeros(shapes.shape, shapes.dtype), jnp.zeros(shapes.shape[:-1], shapes.dtype))
+    (total, total_entropy), _ = jax.lax.scan(add_pass, init, jnp.arange(num_samples, dtype=jnp.int32))
+    return _entropy(total / num_samples) - total_entropy / num_samples
+
+
 def _bald_fn(static, consts, chunk):
-    return mutual_information(jnp.moveaxis(_probabilities_fn(static, consts, chunk), 1, 0))
+    """Per-example BALD: per-output mutual information, reduced by the task (the mean over pixels)."""
+    model, num_samples, method, task = static
+    if method == "full":
+        (variables, rng), (xs, indices) = consts, chunk
+        information = _full_pass_mutual_information(variables, xs, indices, rng, model=model,
+                                                    num_samples=num_samples)
+    else:
+        information = mutual_information(jnp.moveaxis(_probabilities_fn(static[:3], consts, chunk), 1, 0))
+    return task.reduce_outputs(information)
 
 
-def _map_pool(fn, model, variables, xs, rng, num_samples, chunk_size, method, mesh):
-    static = (model, num_samples, _resolve_method(model, method))
+def _map_pool(fn, model, variables, xs, rng, num_samples, chunk_size, method, mesh, task=None):
+    static = (model, num_samples, _resolve_method(model, method)) + (() if task is None else (task,))
     indices = jnp.arange(xs.shape[0], dtype=jnp.int32)
     return parallel.map_chunks(fn, static, (variables, rng), (xs, indices), chunk_size=chunk_size, mesh=mesh)
 
@@ -125,9 +158,11 @@ def mc_dropout_probabilities(model: nn.Module, variables: dict, xs, rng: jax.Arr
 
 
 def bald_scores(model: nn.Module, variables: dict, xs, rng: jax.Array, num_samples: int, *,
-                chunk_size: int = 512, method: str = "auto", mesh=None) -> jax.Array:
-    """(n,) BALD mutual information of every example of `xs` from `num_samples` MC-dropout passes."""
-    return _map_pool(_bald_fn, model, variables, xs, rng, num_samples, chunk_size, method, mesh)
+                chunk_size: int = 512, method: str = "auto", mesh=None, task=None) -> jax.Array:
+    """(n,) BALD mutual information of every example of `xs` from `num_samples` MC-dropout passes;
+    for a segmentation `task` the per-pixel mutual information averaged over each image's pixels."""
+    task = Classification(0) if task is None else task  # its reduction over outputs: the identity
+    return _map_pool(_bald_fn, model, variables, xs, rng, num_samples, chunk_size, method, mesh, task)
 
 
 def _check(config: Config) -> None:
@@ -135,8 +170,8 @@ def _check(config: Config) -> None:
         raise ValueError(f"--bald_samples must be at least 2 (with one pass BALD is 0), got {config.bald_samples}")
 
 
-@register_scorer("bald", needs_dropout=True, check=_check)
+@register_scorer("bald", needs_dropout=True, check=_check, tasks=ALL_TASKS)
 def bald(ctx: StrategyContext):
     """Largest mutual information between label and weights under MC dropout (BALD, Gal et al. 2017)."""
     return bald_scores(ctx.model, ctx.variables, ctx.pool_x, ctx.rng, ctx.config.bald_samples,
-                       chunk_size=ctx.config.eval_batch_size, mesh=ctx.mesh)
+                       chunk_size=ctx.config.eval_batch_size, mesh=ctx.mesh, task=ctx.task)

@@ -80,6 +80,7 @@ class Strategy(NamedTuple):
     # `initial_set(experiment, trial_key, labeled, val) -> labeled`: a strategy's own initial training set
     # (same size, outside `val`) in place of the trial's random one; None keeps the random one.
     initial_set: Optional[Callable] = None
+    task_note: str = ""  # why it cannot run on the other tasks (the refusal's message says it)
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -97,12 +98,16 @@ def top_k(scores, k: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:k]
 
 
+# The tasks of strategies that run on dense outputs too.
+ALL_TASKS = ("classification", "segmentation")
+
+
 def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
                       check: Optional[Callable[[Config], None]] = None,
                       tasks: tuple[str, ...] = ("classification",), needs: tuple[str, ...] = (),
                       score: Optional[Callable[[StrategyContext], Any]] = None,
                       check_model: Optional[Callable[[Config, Any], None]] = None,
-                      initial_set: Optional[Callable] = None):
+                      initial_set: Optional[Callable] = None, task_note: str = ""):
     """Register `select(ctx, k) -> k indices` (or `(indices, info)`). `needs`: what it reads from the
     model besides logits (MODEL_NEEDS); a loss module implies "blocks", MC dropout "mc_dropout"."""
     unknown = set(needs) - set(MODEL_NEEDS)
@@ -114,7 +119,7 @@ def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: 
     def decorate(select: Selector) -> Selector:
         description = (select.__doc__ or "").strip().splitlines()[0] if select.__doc__ else ""
         STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks,
-                                    check_model, needs, score, initial_set)
+                                    check_model, needs, score, initial_set, task_note)
         return select
 
     return decorate
@@ -123,7 +128,7 @@ def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: 
 def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
                     check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",),
                     check_model: Optional[Callable[[Config, Any], None]] = None, needs: tuple[str, ...] = (),
-                    initial_set: Optional[Callable] = None):
+                    initial_set: Optional[Callable] = None, task_note: str = ""):
     """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
 
     def decorate(score: Callable[[StrategyContext], Any]):
@@ -134,7 +139,7 @@ def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bo
         select.__doc__ = score.__doc__
         register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check,
                           tasks=tasks, needs=needs, score=score, check_model=check_model,
-                          initial_set=initial_set)(select)
+                          initial_set=initial_set, task_note=task_note)(select)
         return score
 
     return decorate

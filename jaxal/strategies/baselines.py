@@ -18,11 +18,13 @@ import numpy as np
 from jaxal import parallel
 from jaxal import precision as precision_lib
 from jaxal.config import max_labeled
-from jaxal.strategies.base import StrategyContext, register_scorer, register_selector
-from jaxal.train import predict
+from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer, register_selector
+from jaxal.train import features, predict
 
 
 def pool_probabilities(ctx: StrategyContext) -> jax.Array:
+    """(n, *outputs, C) softmax outputs of the whole pool (for per-example outputs; the scores below never
+    hold a pool's dense outputs, see `uncertainty_scores`)."""
     logits, _ = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
     return jax.nn.softmax(logits)
 
@@ -37,7 +39,12 @@ def margin_of(probs: jax.Array) -> jax.Array:
     return top2[..., 0] - top2[..., 1]
 
 
-@register_scorer("random")
+def confidence_of(probs: jax.Array) -> jax.Array:
+    """Probability of the predicted class."""
+    return jnp.max(probs, axis=-1)
+
+
+@register_scorer("random", tasks=ALL_TASKS)
 def random_scores(ctx: StrategyContext):
     """Uniformly random samples."""
     # Drawn at a bucketed size (one program per run) and cut: threefry's bits are per element, so the
@@ -47,25 +54,38 @@ def random_scores(ctx: StrategyContext):
 
 
 # Each uncertainty score is computed per output (an example's class vector, or each pixel's) and reduced
-# to one score per example by the task (`reduce_outputs`: identity, or the mean over pixels).
+# to one score per example by the task (`reduce_outputs`: identity, or the mean over pixels) inside the
+# chunk, so a pool's dense outputs never exist at once.
 
 
-@register_scorer("entropy")
+def _uncertainty_chunk(static, variables, xs):
+    model, task, score_of_probs = static
+    return task.reduce_outputs(score_of_probs(jax.nn.softmax(model.apply(variables, xs, train=False).logits)))
+
+
+def uncertainty_scores(ctx: StrategyContext, score_of_probs) -> jax.Array:
+    """(n,) `score_of_probs` (a module-level function of (..., C) probabilities -> (...)) of every pool
+    example, reduced over its outputs by the task."""
+    return parallel.map_chunks(_uncertainty_chunk, (ctx.model, ctx.task, score_of_probs), ctx.variables,
+                               ctx.pool_x, chunk_size=ctx.config.eval_batch_size, mesh=ctx.mesh)
+
+
+@register_scorer("entropy", tasks=ALL_TASKS)
 def entropy_scores(ctx: StrategyContext):
     """Highest predictive entropy."""
-    return ctx.task.reduce_outputs(entropy_of(pool_probabilities(ctx)))
+    return uncertainty_scores(ctx, entropy_of)
 
 
-@register_scorer("margin")
+@register_scorer("margin", tasks=ALL_TASKS)
 def margin_scores(ctx: StrategyContext):
     """Smallest gap between the two most probable classes."""
-    return -ctx.task.reduce_outputs(margin_of(pool_probabilities(ctx)))
+    return -uncertainty_scores(ctx, margin_of)
 
 
-@register_scorer("least_confidence")
+@register_scorer("least_confidence", tasks=ALL_TASKS)
 def least_confidence_scores(ctx: StrategyContext):
     """Lowest probability of the predicted class."""
-    return -ctx.task.reduce_outputs(jnp.max(pool_probabilities(ctx), axis=-1))
+    return -uncertainty_scores(ctx, confidence_of)
 
 
 # ---- coreset -------------------------------------------------------------------------------------
@@ -137,12 +157,13 @@ def _greedy_k_center(pool_features, valid, labeled_features, num_labeled, k, mes
         return parallel.constrain_replicated(chosen, mesh)
 
 
-@register_selector("coreset", needs=("features",))
+@register_selector("coreset", needs=("features",), tasks=ALL_TASKS)
 def coreset_select(ctx: StrategyContext, k: int) -> np.ndarray:
     """Greedy k-center on penultimate features (Sener & Savarese)."""
-    _, pool_features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
-    _, labeled_features = predict(ctx.model, ctx.variables, ctx.labeled_x, ctx.config.eval_batch_size,
-                                  mesh=ctx.mesh)
+    # Segmentation models' features are their last feature map averaged over its pixels.
+    pool_features = features(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
+    labeled_features = features(ctx.model, ctx.variables, ctx.labeled_x, ctx.config.eval_batch_size,
+                                mesh=ctx.mesh)
     return np.asarray(greedy_k_center(pool_features, labeled_features, k, ctx.mesh,
                                       pool_capacity=ctx.config.subset_size, labeled_capacity=max_labeled(ctx.config),
                                       precision=ctx.config.precision.solvers))

@@ -11,6 +11,13 @@ model in inference mode; the largest norms are selected.
     when the norm is taken inside the expectation.
 Norm ("layer_sum", the reference codes' choice, or "global"), parameter subset and the engine method
 come from `config.gradnorm`.
+
+Segmentation: the loss is the task's, the per-pixel entropy (or expected loss) averaged over the image's
+pixels (`jaxal.tasks`), so ent_gn / exp_gn / lplgrad score one gradient norm per image. Memory per chunk
+of images (XLA's analysis, experiments/bench_segmentation.py): "vmap" holds each image's activations and
+gradient, "ghost" each layer's input patches (T positions x 9 C_in for a 3x3 convolution, so several times
+the activations at full resolution); both grow with the chunk only, and the segmentation presets use
+"vmap". EGL refuses segmentation (see its registration).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from jaxal.config import Config
 from jaxal.models import inference_apply
 from jaxal.parallel import map_chunks
 from jaxal.pytree import PARAM_SUBSETS
-from jaxal.strategies.base import StrategyContext, register_scorer
+from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer
 
 # The task method whose gradient norm each strategy ranks by (`jaxal.tasks`: a loss of one example's
 # logits, reduced over its outputs).
@@ -84,25 +91,27 @@ def query_gradient_norms(ctx: StrategyContext, loss_name: str) -> jax.Array:
                       mesh=ctx.mesh)
 
 
-@register_scorer("exp_gn", check=check_options)
+@register_scorer("exp_gn", check=check_options, tasks=ALL_TASKS)
 def exp_gn_scores(ctx: StrategyContext):
     """Largest gradient norm of the expected loss (Wang et al.; equals ent_gn, see README)."""
     return query_gradient_norms(ctx, "exp_gn")
 
 
-@register_scorer("ent_gn", check=check_options)
+@register_scorer("ent_gn", check=check_options, tasks=ALL_TASKS)
 def ent_gn_scores(ctx: StrategyContext):
     """Largest gradient norm of the prediction entropy (Wang et al.)."""
     return query_gradient_norms(ctx, "ent_gn")
 
 
-@register_scorer("lplgrad", needs_lossnet=True, check=check_options)
+@register_scorer("lplgrad", needs_lossnet=True, check=check_options, tasks=ALL_TASKS)
 def lplgrad_scores(ctx: StrategyContext):
     """Entropy gradient norm of a model trained jointly with the LL4AL loss-prediction module."""
     return query_gradient_norms(ctx, "ent_gn")
 
 
-@register_scorer("egl", check=check_options)
+@register_scorer("egl", check=check_options, task_note=(
+    "the expected gradient length sums ||grad CE(x, y)|| over every labelling y of the output, C^(H*W) label "
+    "maps for an image (a gradient per pixel and class would be H*W*C backward passes per image)"))
 def egl_scores(ctx: StrategyContext):
     """Largest expected gradient length sum_i p_i ||grad CE(x, i)|| (Settles et al.)."""
     options = ctx.config.gradnorm

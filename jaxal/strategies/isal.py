@@ -33,6 +33,10 @@ Sign: the score registered (highest selected) is `-I(z, R) = s_test . G_z`, comp
 pool by `jaxal.influence.influence_scores` (one forward-mode product per chunk, never per-example
 gradients; the top-K loss is one per-example weighted loss, so it is also ONE jvp, not K).
 
+Segmentation: the losses come from the task (`jaxal.tasks`): the reference loss and the Hessian's are the
+cross-entropy averaged over an image's labelled pixels, G_z the gradient of the mean over its pixels of
+each pixel's CE at its arg-max class (`top_k_classes` must be 1).
+
 Strategies
 ----------
 - `isal`: R = `config.influence.reference` ("val" by default: the validation split held out of the
@@ -92,7 +96,7 @@ from jaxal import precision as precision_lib
 from jaxal.config import Config, max_labeled
 from jaxal.models import inference_apply
 from jaxal.pytree import PARAM_SUBSETS, partition, restrict, subset_mask, tree_dot, tree_norm, tree_scale, tree_size
-from jaxal.strategies.base import StrategyContext, register_scorer
+from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer
 
 REFERENCES = ("val", "initial", "labeled", "test")
 VAL_NEEDED = ("needs a validation split: pass --val_size N (held out of the initial set) or "
@@ -115,11 +119,27 @@ def top_k_expected_cross_entropy(logits: jax.Array, k: int) -> jax.Array:
     return jax.nn.logsumexp(logits) - jnp.sum(weights * jnp.take(logits, classes))
 
 
-def unlabeled_example_loss(apply_fn: Callable, top_k_classes: int = 1) -> Callable:
-    """`example_loss_fn(params, x)` whose gradient is G_z: CE at the arg-max class (k = 1) or the
-    top-k expected CE (k > 1)."""
+def labeled_example_loss(apply_fn: Callable, task=None) -> Callable:
+    """`example_loss_fn(params, (x, y))`: the task's supervised loss of one example (CE at the true label;
+    a segmentation's averaged over its labelled pixels). None: classification."""
+    if task is None:
+        return influence.example_loss(apply_fn)
+
+    def loss(params, example):
+        x, y = example
+        return task.supervised_loss(apply_fn(params, x[None]).logits[0], y)
+
+    return loss
+
+
+def unlabeled_example_loss(apply_fn: Callable, top_k_classes: int = 1, task=None) -> Callable:
+    """`example_loss_fn(params, x)` whose gradient is G_z: CE at the arg-max class (k = 1; the task's
+    pseudo-label loss, for segmentation the mean over pixels of CE at each pixel's arg-max) or the
+    top-k expected CE (k > 1, classification only)."""
     if top_k_classes == 1:
-        return influence.example_loss(apply_fn, pseudo_label=True)
+        if task is None:
+            return influence.example_loss(apply_fn, pseudo_label=True)
+        return lambda params, x: task.pseudo_label_loss(apply_fn(params, x[None]).logits[0])
 
     def loss(params, x):
         return top_k_expected_cross_entropy(apply_fn(params, x[None]).logits[0], top_k_classes)
@@ -132,6 +152,9 @@ def unlabeled_example_loss(apply_fn: Callable, top_k_classes: int = 1) -> Callab
 
 def _check_common(config: Config) -> None:
     opts = config.influence
+    if config.task == "segmentation" and opts.top_k_classes != 1:
+        raise ValueError("--influence.top_k_classes > 1 (the expected gradient over the top classes) is for "
+                         "classification; segmentation uses each pixel's arg-max class (1)")
     if opts.solver not in influence.SOLVERS:
         raise ValueError(f"unknown influence solver {opts.solver!r}; choose one of: {', '.join(influence.SOLVERS)}")
     if opts.params not in PARAM_SUBSETS:
@@ -210,28 +233,28 @@ def _reference_set(ctx: StrategyContext, reference: str):
 # trace, so it closes over tracers, not over the weights of one cycle.
 
 
-def _labeled_loss(model, subset: str, variables):
-    """(true-label CE of one example `(x, y)` as a function of the subset, the subset's values)."""
+def _labeled_loss(model, task, subset: str, variables):
+    """(the task's supervised loss of one example `(x, y)` as a function of the subset, the subset's values)."""
     apply = inference_apply(model, variables.get("batch_stats", {}))
-    return restrict(influence.example_loss(apply), variables["params"], subset)
+    return restrict(labeled_example_loss(apply, task), variables["params"], subset)
 
 
 def _reference_gradient(static, variables, chunk):
     """sum over the chunk's real examples of grad CE(z, y) on the subset (`sum_chunks`)."""
-    model, subset, precision = static
+    model, task, subset, precision = static
     (examples, weights) = chunk
     with precision_lib.scope(precision):
-        loss, selected = _labeled_loss(model, subset, variables)
+        loss, selected = _labeled_loss(model, task, subset, variables)
         return influence.weighted_gradient(loss, selected, examples, weights)
 
 
 def _pool_scores(static, consts, xs):
     """`s . G_z` for every pool point of the chunk: one jvp (`map_chunks`)."""
-    model, subset, top_k_classes, precision = static
+    model, task, subset, top_k_classes, precision = static
     variables, s = consts
     with precision_lib.scope(precision):
         apply = inference_apply(model, variables.get("batch_stats", {}))
-        loss, selected = restrict(unlabeled_example_loss(apply, top_k_classes), variables["params"], subset)
+        loss, selected = restrict(unlabeled_example_loss(apply, top_k_classes, task), variables["params"], subset)
         return influence.jvp_scores(loss, selected, s, xs)
 
 
@@ -239,6 +262,7 @@ class SolverSettings(NamedTuple):
     """The static settings of `_solve` (hashable: one compiled program per value and shapes)."""
 
     model: object
+    task: object
     subset: str
     solver: str
     depth: int
@@ -254,7 +278,7 @@ class SolverSettings(NamedTuple):
 def _solve_body(static: SolverSettings, variables, data, num_examples, v, rng, damping, scale, tol, l2):
     """`(H + l2*I + damping*scale*I)^-1 v` on the padded labelled set `data = ((x, y), weights)`: the
     solver's result (`LissaResult`, `CGResult` or the solution)."""
-    loss, selected = _labeled_loss(static.model, static.subset, variables)
+    loss, selected = _labeled_loss(static.model, static.task, static.subset, variables)
     return influence.solve_traced(static.solver, influence.weighted_mean_loss(loss), selected, data, v, rng=rng,
                                   damping=damping, scale=scale, depth=static.depth, repeats=static.repeats,
                                   batch_size=static.batch_size, maxiter=static.maxiter, tol=tol, l2=l2,
@@ -315,14 +339,14 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
     mesh = ctx.mesh
 
     solver_precision = config.precision.solvers
-    total = parallel.sum_chunks(_reference_gradient, (ctx.model, opts.params, solver_precision), variables,
+    total = parallel.sum_chunks(_reference_gradient, (ctx.model, ctx.task, opts.params, solver_precision), variables,
                                 (ref_x, ref_y), chunk_size=opts.chunk_size, mesh=mesh)
     v = tree_scale(total, 1.0 / parallel.num_examples(ref_y))
     v_norm = tree_norm(v)
     info = {"solver": opts.solver if hessian else "identity", "reference": reference,
             "reference_size": int(ref_y.shape[0]), "num_params": int(tree_size(subset)),
             "top_k_classes": int(opts.top_k_classes), "v_norm": _float(v_norm)}
-    pool_static = (ctx.model, opts.params, opts.top_k_classes, solver_precision)
+    pool_static = (ctx.model, ctx.task, opts.params, opts.top_k_classes, solver_precision)
     grad_sim = parallel.map_chunks(_pool_scores, pool_static, (variables, v), ctx.pool_x,
                                    chunk_size=opts.chunk_size, mesh=mesh)
     if not hessian:
@@ -333,15 +357,16 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
         check_exact_fits(config, subset)
     n = int(ctx.labeled_y.shape[0])
     data = pad_labeled(ctx.labeled_x, ctx.labeled_y, labeled_bucket(n, config))
-    static = SolverSettings(ctx.model, opts.params, opts.solver, opts.depth, opts.repeats, opts.batch_size,
-                            opts.cg_maxiter, opts.hvp_chunk_size, opts.exact_block_size, solver_precision, mesh)
+    static = SolverSettings(ctx.model, ctx.task, opts.params, opts.solver, opts.depth, opts.repeats,
+                            opts.batch_size, opts.cg_maxiter, opts.hvp_chunk_size, opts.exact_block_size,
+                            solver_precision, mesh)
     l2 = hessian_l2(config)
     placed = parallel.replicate((variables, data, n, v, ctx.rng), mesh)
     result = _solve(static, *placed, opts.damping, opts.scale, opts.cg_tol, l2)
     result = result if mesh is None else parallel.local(result)
     if opts.solver == "lissa":
         norms = np.asarray(result.norms, np.float64)
-        labeled_loss, _ = _labeled_loss(ctx.model, opts.params, ctx.variables)  # for the error message only
+        labeled_loss, _ = _labeled_loss(ctx.model, ctx.task, opts.params, ctx.variables)  # for the message only
         influence.check_lissa(result, influence.weighted_mean_loss(labeled_loss), subset, data, rng=ctx.rng,
                               damping=opts.damping, scale=opts.scale, batch_size=opts.batch_size, num_examples=n,
                               l2=l2, chunk_size=opts.hvp_chunk_size)
@@ -363,25 +388,25 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
     return scores, info
 
 
-@register_scorer("isal", check=check_configured_reference, check_model=check_model)
+@register_scorer("isal", check=check_configured_reference, check_model=check_model, tasks=ALL_TASKS)
 def isal_scores(ctx: StrategyContext):
     """ISAL: most negative influence -grad L(R)^T H^-1 G_z on the reference set --influence.reference."""
     return influence_selection_scores(ctx, ctx.config.influence.reference)
 
 
-@register_scorer("isal_v2", check=check_fixed_reference, check_model=check_model)
+@register_scorer("isal_v2", check=check_fixed_reference, check_model=check_model, tasks=ALL_TASKS)
 def isal_v2_scores(ctx: StrategyContext):
     """ISAL with the initial (cycle-0) training labelled set as reference set."""
     return influence_selection_scores(ctx, "initial")
 
 
-@register_scorer("isal_v3", check=check_fixed_reference, check_model=check_model)
+@register_scorer("isal_v3", check=check_fixed_reference, check_model=check_model, tasks=ALL_TASKS)
 def isal_v3_scores(ctx: StrategyContext):
     """ISAL with the current training labelled set as reference set."""
     return influence_selection_scores(ctx, "labeled")
 
 
-@register_scorer("grad_sim", check=check_configured_reference)
+@register_scorer("grad_sim", check=check_configured_reference, tasks=ALL_TASKS)
 def grad_sim_scores(ctx: StrategyContext):
     """Gradient similarity grad L(R) . G_z (ISAL with H = I) on the reference set --influence.reference."""
     return influence_selection_scores(ctx, ctx.config.influence.reference, hessian=False)

@@ -5,6 +5,8 @@ The loop trains the loss-prediction module (`jaxal.models.LossNet`) jointly with
 Selection: the LossNet applied to the intermediate block outputs of an inference-mode forward pass
 (BatchNorm running averages, no dropout; the reference's `eval()`), highest predicted loss first.
 The pool is scored in fixed-size jitted chunks (one compilation) by `jaxal.parallel.map_chunks`.
+Segmentation: the predicted loss is an image's (the module pools every block over its pixels), and its
+target the task's supervised loss of the image, the cross-entropy averaged over its labelled pixels.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax
 
 from jaxal import parallel
 from jaxal.models import LossNet
-from jaxal.strategies.base import StrategyContext, register_scorer
+from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer
 
 
 def _predicted_loss_chunk(static, consts, xs) -> jax.Array:
@@ -30,7 +32,7 @@ def predicted_losses(model: nn.Module, variables: dict, lossnet: LossNet, lossne
                                chunk_size=chunk_size, mesh=mesh)
 
 
-@register_scorer("ll4al", needs_lossnet=True)
+@register_scorer("ll4al", needs_lossnet=True, tasks=ALL_TASKS)
 def ll4al(ctx: StrategyContext):
     """Highest loss predicted by a jointly trained loss-prediction module (LL4AL, Yoo & Kweon 2019)."""
     if ctx.lossnet is None or ctx.lossnet_params is None:
