@@ -9,7 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+try:
+    import tensorflow_datasets as tfds
+except ImportError:  # jaxal imports it only for a tfds dataset; its tests skip where it is absent
+    tfds = None
+needs_tfds = pytest.mark.skipif(tfds is None, reason="tensorflow-datasets is not installed")
 
 from jaxal import run
 
@@ -147,6 +151,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path, capsys):
     assert "cannot be read" in capsys.readouterr().err
 
 
+@needs_tfds
 def test_tensorflow_datasets_path_through_the_cli(tmp_path):
     with tfds.testing.mock_data(num_examples=60):
         assert run.main(["--dataset", "mnist", "--strategy", "entropy", "--workdir", str(tmp_path / "run"),

@@ -4,7 +4,11 @@ pixels); `Normalization` turns them into model inputs on the device, checked her
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+try:
+    import tensorflow_datasets as tfds
+except ImportError:  # jaxal imports it only for a tfds dataset; its tests skip where it is absent
+    tfds = None
+needs_tfds = pytest.mark.skipif(tfds is None, reason="tensorflow-datasets is not installed")
 
 from jaxal import data
 from jaxal.data import load_dataset
@@ -82,6 +86,7 @@ def test_digits_split_is_a_fixed_stratified_partition(digits):
 # --- tensorflow-datasets (mocked) ----------------------------------------------------------------
 
 
+@needs_tfds
 @pytest.mark.parametrize(
     "name, shape, num_classes, augmentation, padding, model",
     [
@@ -105,6 +110,7 @@ def test_tfds_source_is_stacked_and_normalised(name, shape, num_classes, augment
     assert len(ds.class_names) == num_classes
 
 
+@needs_tfds
 def test_caltech101_images_of_varying_size_are_resized():
     with mock_tfds(6):
         raw = tfds.data_source("caltech101", split="train")
@@ -130,6 +136,7 @@ def test_resize_keeps_constants_and_is_identity_at_native_size():
     np.testing.assert_array_equal(resized[1], 200)
 
 
+@needs_tfds
 def test_pytorch_cifar_normalization_and_augmentation_override():
     with mock_tfds(4):
         ds = load_dataset("cifar10", normalization="pytorch_cifar", augmentation="crop")
