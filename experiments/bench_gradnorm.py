@@ -12,7 +12,7 @@ tensor's gradient norm), by
     `get_uncertainty` (batch size 1, `model.eval()`, entropy of the posterior, `zero_grad`, backward, the sum
     of `p.grad.norm()` over the parameters) on the torch twin of the same model with jaxal's weights
     (`experiments/torch_reference.py`). Before timing, the torch and jaxal scores of a few samples are
-    compared (float32 tolerance), so the two time the same computation;
+    compared (float32 tolerance; TF32 on a GPU: `timing.check_rtol`), so the two time the same computation;
   - a batched backward pass of the mean loss over the same samples, in batches of the engine's chunk size
     (on CPU, XLA's convolutions slow down per sample in large batches): the floor that no per-example
     method beats by much.
@@ -45,11 +45,10 @@ import numpy as np
 from jaxal import gradnorm
 from jaxal.models import create_model, inference_apply, init_variables
 from jaxal.pytree import tree_size
-from timing import import_torch_reference, time_runs
+from timing import check_rtol, import_torch_reference, time_runs
 
 BENCHES = {"digits_cnn": ("cnn", (8, 8, 1)), "resnet18": ("resnet18", (32, 32, 3))}
 CHECK_SAMPLES = 8
-CHECK_RTOL = 1e-4  # float32: the two frameworks sum in different orders
 
 
 def temp_mib(jitted, *args, **kwargs) -> float:
@@ -63,13 +62,13 @@ def layer_sum_norm(grads) -> jax.Array:
 
 def check_torch(reference, torch_model, engine_norms, xs) -> float:
     """Largest relative difference between the torch reference's scores and jaxal's (per engine) on the
-    first samples of `xs`; raises when it exceeds float32 tolerance (the timings would not compare the same
+    first samples of `xs`; raises when it exceeds `check_rtol()` (the timings would not compare the same
     work)."""
     torch_scores = reference.gradnorm_scores(torch_model, reference.images(xs)).numpy()
     worst = 0.0
     for method, norms in engine_norms.items():
         err = float(np.max(np.abs(torch_scores - np.asarray(norms)) / np.abs(np.asarray(norms))))
-        if not err <= CHECK_RTOL:
+        if not err <= check_rtol():
             raise RuntimeError(f"torch and jaxal ({method}) scores differ by {err:.2e} (relative) on {len(xs)} "
                                f"samples: torch {torch_scores}, jaxal {np.asarray(norms)}")
         worst = max(worst, err)
@@ -123,7 +122,7 @@ def bench(name: str, n: int, repeats: int, chunk_size: int | None, loop_n: int, 
           f"loops timed on {len(loop_xs)} samples")
     if check_err is not None:
         print(f"  checked: torch reference and jaxal (vmap, ghost) scores of {len(check_xs)} samples agree to "
-              f"{check_err:.1e} relative (tolerance {CHECK_RTOL:g})")
+              f"{check_err:.1e} relative (tolerance {check_rtol():g})")
     torch_col = "torch_bs1" in seconds
     print(f"  {'method':<18}{'samples/s':>12}{'x loop':>10}" + (f"{'x torch':>10}" if torch_col else "")
           + f"{'x batched bwd time':>20}{'temp MiB':>12}")

@@ -33,8 +33,10 @@ from jaxal.config import build_config
 from jaxal.models import create_model, inference_apply, init_variables
 from jaxal.pytree import restrict, tree_size
 from jaxal.strategies import isal
+from jaxal.tasks import create_task
 
 SHAPE = (32, 32, 3)
+CLASSIFICATION = create_task("classification", 10)
 MIB = 2**20
 
 
@@ -61,8 +63,9 @@ def programs(model, variables):
 
     def isal_solver(solver, subset):
         opts = build_config(influence=dict(solver=solver, params=subset)).influence
-        static = isal.SolverSettings(model, subset, solver, opts.depth, opts.repeats, opts.batch_size, opts.cg_maxiter,
-                                     opts.hvp_chunk_size, opts.exact_block_size, "highest", None)
+        static = isal.SolverSettings(model, CLASSIFICATION, subset, solver, opts.depth, opts.repeats,
+                                     opts.batch_size, opts.cg_maxiter, opts.hvp_chunk_size,
+                                     opts.exact_block_size, "highest", None)
         body = functools.partial(isal._solve_body, static)
         return lambda n: memory(body, variables, labelled(n), n, subset_of(subset), jax.random.key(0), 0.01, 1e4,
                                 1e-6, 0.0)

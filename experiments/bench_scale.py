@@ -134,7 +134,8 @@ def jax_ready(value):
     return jax.block_until_ready(value)
 
 
-def run_one(preset: str, strategy: str, dataset: str, epochs: int | None, factor: float, seed: int) -> dict:
+def run_one(preset: str, strategy: str, dataset: str, epochs: int | None, factor: float, seed: int,
+            influence_scale: float | None = None) -> dict:
     import jax
 
     from jaxal import loop
@@ -146,6 +147,8 @@ def run_one(preset: str, strategy: str, dataset: str, epochs: int | None, factor
     overrides = dict(dataset=dataset, strategy=strategy, trials=1, cycles=2, seed=seed, progress=False)
     if epochs is not None:
         overrides["epochs"] = epochs
+    if influence_scale is not None:
+        overrides["influence"] = {"scale": influence_scale}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         exp = loop.prepare(build_config(preset, **overrides), Path(workdir) / "run")
@@ -208,7 +211,8 @@ def run_one(preset: str, strategy: str, dataset: str, epochs: int | None, factor
 
 def child_main(args) -> None:
     try:
-        result = run_one(args.child, args.strategy, args.dataset, args.epochs, args.size_factor, args.seed)
+        result = run_one(args.child, args.strategy, args.dataset, args.epochs, args.size_factor, args.seed,
+                         args.influence_scale)
     except Exception as error:  # reported to the parent, which goes on with the next preset
         result = {"preset": args.child, "strategy": args.strategy, "peak_rss_mb": round(max_rss_mb(), 1),
                   "error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-3000:]}
@@ -223,6 +227,8 @@ def run_child(args, preset: str, strategy: str) -> dict:
                "--size-factor", str(args.size_factor), "--seed", str(args.seed)]
     if args.epochs is not None:
         command += ["--epochs", str(args.epochs)]
+    if args.influence_scale is not None:
+        command += ["--influence-scale", str(args.influence_scale)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     begin = time.perf_counter()
     try:
@@ -260,6 +266,10 @@ def main(argv=None) -> None:
     parser.add_argument("--strategies", default=None, help="comma-separated; default: each preset's own")
     parser.add_argument("--epochs", type=int, default=None, help="default: the preset's (200)")
     parser.add_argument("--size-factor", type=float, default=1.0)
+    parser.add_argument("--influence-scale", type=float, default=None,
+                        help="LiSSA's scale for the ISAL presets (default: the preset's, 1e4). A model trained for "
+                             "a few epochs has Hessian eigenvalues far above it and LiSSA diverges (jaxal stops and "
+                             "says which scale to use); LiSSA's cost does not depend on the scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=0, help="seconds per (preset, strategy); 0: none")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -13,8 +13,10 @@ site-packages; the directory is appended to `sys.path` after the project's own p
     python -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch
     python experiments/bench_train.py --torch-site /tmp/torchvenv/lib/python3.11/site-packages
 
-What is timed is `jaxal.train.train_step` exactly as `train_model` calls it: indices of a batch of the
-device-resident pool come from the host, a fresh RNG key is split off per step, the state is donated.
+What is timed is `jaxal.train.train_step` exactly as `train_model` calls it: each step's batch of stored
+uint8 pixels is gathered from the host pool and sent to the device, the model normalises it (`adapt`), a
+fresh RNG key is split off per step, the learning rates come as `learning_rates` gives them, the state is
+donated.
 
 - ResNet-18 (CIFAR stem) on CIFAR-shaped data: 32x32x3, 10 classes, batch 128, augmentation
   "crop_flip" with padding 4 (the reference protocols of DESIGN.md);
@@ -51,11 +53,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxal.models import create_model
-from jaxal.train import TrainOptions, create_train_state, train_step
+from jaxal.data import PYTORCH_CIFAR, Normalization
+from jaxal.models import adapt, create_model
+from jaxal.train import TrainOptions, create_train_state, learning_rates, train_step
 from timing import import_torch_reference, num_cores
 
-POOL_SIZE = 2048  # device-resident pool the batches are drawn from
+POOL_SIZE = 2048  # host pool (uint8, as the loop stores images) the batches are drawn from
 
 
 # ---- jaxal ----------------------------------------------------------------------------------------
@@ -66,25 +69,29 @@ class JaxalStep:
 
     def __init__(self, model_name: str, image_shape, batch_size: int, augmentation: str, padding: int,
                  num_classes: int = 10, seed: int = 0):
-        self.model = create_model(model_name, num_classes)
+        channels = image_shape[-1]
+        normalization = (Normalization(1 / 255, *PYTORCH_CIFAR) if channels == 3
+                         else Normalization(1 / 255, (0.5,), (0.25,)))
+        self.model = adapt(create_model(model_name, num_classes), normalization)
         self.options = TrainOptions(momentum=0.9, weight_decay=5e-4, augmentation=augmentation,
                                     crop_padding=padding)
         rng = np.random.default_rng(seed)
-        self.images = jnp.asarray(rng.standard_normal((POOL_SIZE, *image_shape), dtype=np.float32))
-        self.labels = jnp.asarray(rng.integers(0, num_classes, POOL_SIZE, dtype=np.int32))
+        self.images = rng.integers(0, 256, (POOL_SIZE, *image_shape), dtype=np.uint8)
+        self.labels = rng.integers(0, num_classes, POOL_SIZE, dtype=np.int32)
         self.state = create_train_state(self.model, None, jax.random.key(seed), image_shape, self.options)
         self.batch_size = batch_size
         self.host_rng = rng
         self.key = jax.random.key(seed + 1)
-        self.lr = jnp.float32(0.1)
-        self.detach = jnp.asarray(False)
+        self.lr = learning_rates(0.1, (), 0.1, 0)
+        self.detach = np.asarray(False)
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
             batch = self.host_rng.choice(POOL_SIZE, self.batch_size, replace=False).astype(np.int32)
             self.key, step_key = jax.random.split(self.key)
-            self.state, metrics = train_step(self.state, self.images, self.labels, batch, step_key, self.lr,
-                                             self.detach, model=self.model, lossnet=None, options=self.options)
+            x, y = jnp.asarray(self.images[batch]), jnp.asarray(self.labels[batch])
+            self.state, metrics = train_step(self.state, x, y, step_key, self.lr, self.detach,
+                                             model=self.model, lossnet=None, options=self.options)
         jax.block_until_ready((self.state, metrics))
 
 

@@ -117,6 +117,7 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
         raise RunError(f"the budget is larger than the pool: initial_size + budget * (cycles - 1) = "
                        f"{config.initial_size} + {config.budget} * {config.cycles - 1} = {needed} samples, "
                        f"but {dataset.name} has {pool}; lower --budget or --cycles")
+    task_name = getattr(task, "name", "classification")
     if config.crop_size is not None and (task_name != "segmentation" or not
                                          1 <= config.crop_size <= min(dataset.image_shape[:2])):
         raise RunError(f"--crop_size (training windows) is for segmentation, at least 1 and at most the images' "

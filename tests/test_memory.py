@@ -18,8 +18,10 @@ from jaxal.config import build_config
 from jaxal.models import MLP, create_model, inference_apply, init_variables
 from jaxal.pytree import restrict, tree_size
 from jaxal.strategies import isal
+from jaxal.tasks import create_task
 
 SIZES = (512, 4096)
+CLASSIFICATION = create_task("classification", 10)
 MODELS = {"resnet18": (32, 32, 3), "cnn": (8, 8, 1)}
 
 
@@ -44,8 +46,9 @@ def isal_solver(name, solver, subset):
     a function of the (traced) variables, the padded labelled set and its real count."""
     model, _ = model_and_shapes(name)
     opts = build_config(influence=dict(solver=solver, params=subset, cg_maxiter=3, depth=3)).influence
-    static = isal.SolverSettings(model, subset, solver, opts.depth, opts.repeats, opts.batch_size, opts.cg_maxiter,
-                                 opts.hvp_chunk_size, opts.exact_block_size, "highest", None)
+    static = isal.SolverSettings(model, CLASSIFICATION, subset, solver, opts.depth, opts.repeats,
+                                 opts.batch_size, opts.cg_maxiter, opts.hvp_chunk_size,
+                                 opts.exact_block_size, "highest", None)
 
     def program(variables, data, n):
         v = restrict(lambda p: p, variables["params"], subset)[1]

@@ -173,7 +173,7 @@ def test_out_of_memory_during_a_run_is_reported_with_what_to_lower_and_keeps_fin
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 31373645072 bytes.")
         return np.arange(k)
 
-    monkeypatch.setitem(STRATEGIES, "isal", STRATEGIES["isal"]._replace(select=select))
+    monkeypatch.setitem(STRATEGIES, "isal", STRATEGIES["isal"]._replace(select=select, score=None))
     workdir = tmp_path / "run"
     code = run.main(["--strategy", "isal", "--initial_size", "30", "--val_size", "5", "--budget", "5",
                      "--cycles", "3", "--epochs", "1", "--influence.depth", "3", "--influence.hvp_chunk_size", "64",
@@ -193,7 +193,7 @@ def test_other_runtime_errors_still_raise(tmp_path, monkeypatch):
     def select(ctx, k):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
-    monkeypatch.setitem(STRATEGIES, "random", STRATEGIES["random"]._replace(select=select))
+    monkeypatch.setitem(STRATEGIES, "random", STRATEGIES["random"]._replace(select=select, score=None))
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         run.main(["--strategy", "random", "--initial_size", "20", "--cycles", "2", "--epochs", "1",
                   "--workdir", str(tmp_path / "run"), "--progress", "false"])
