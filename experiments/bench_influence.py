@@ -89,6 +89,11 @@ class TorchISAL:
         """Relative differences (torch vs jaxal) of the HVP on one labelled example and of the scores of
         the first pool examples; raises beyond `check_rtol()`."""
         r = self.reference
+        with r.full_float32():
+            return self._check(loss_fn, params, s, one, pseudo_loss, pool, chunk)
+
+    def _check(self, loss_fn, params, s, one, pseudo_loss, pool, chunk) -> dict:
+        r = self.reference
         loss = r.labelled_loss(self.model, r.images(one[0]), r.labels(one[1]))
         torch_hv = r.flat(r.hessian_vector_product(loss, self.params, self.s)).cpu().numpy()
         jax_hv = r.flat(self.vector(hvp(loss_fn, params, one, s))).cpu().numpy()

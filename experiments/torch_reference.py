@@ -29,6 +29,7 @@ faster. Every function that the benchmarks time synchronises before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -48,6 +49,23 @@ if DEVICE.type == "cuda":
     torch.backends.cudnn.benchmark = True
 else:
     torch.set_num_threads(num_cores())
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Float32 products without TF32 in torch and in JAX (precision "highest"), for the agreement checks
+    only: on a GPU both frameworks compute float32 convolutions and matrix products in TF32 by default,
+    which a second-order product (an HVP) amplifies well beyond float32's rounding. The timings keep the
+    defaults."""
+    import jax
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def synchronize() -> None:

@@ -150,6 +150,7 @@ def test_pytorch_cifar_normalization_and_augmentation_override():
         load_dataset("digits", augmentation="mixup")
 
 
+@needs_tfds
 def test_missing_tfds_data_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="(?s)'mnist' is not available in .*--data-dir"):
         load_dataset("mnist", data_dir=str(tmp_path), download=False)

@@ -358,6 +358,7 @@ def test_segmentation_sources_fail_clearly(tmp_path, monkeypatch):
 
 
 def test_cityscapes_without_the_manual_download_says_how(tmp_path):
+    pytest.importorskip("tensorflow_datasets")  # without it, the message says to install it instead
     with pytest.raises(RuntimeError, match="(?s)cityscapes-dataset.com.*gtFine_trainvaltest.zip.*--data_dir"):
         data.load_dataset("cityscapes", task="segmentation", data_dir=str(tmp_path / "tfds"), download=False)
 
