@@ -1,8 +1,23 @@
 """Test-wide JAX settings, set once before any test touches a device (as equinox's conftest does):
 rank promotion raises, so a silent broadcast is a bug; 8 fake CPU devices, so the mesh code runs
-as it would on one host with 8 accelerators. Single-device code simply uses the first of them."""
+as it would on one host with 8 accelerators. Single-device code simply uses the first of them.
+The `x64` fixture runs a test in float64 (the references' precision: tolerances of ~1e-9); a module
+whose every test needs it says `pytestmark = pytest.mark.usefixtures("x64")`."""
 
 import jax
+import jax.numpy as jnp
+import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def to64(tree):
+    """The floating leaves of `tree` as float64 (under `x64`); other leaves unchanged."""
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)

@@ -15,15 +15,7 @@ from jaxal.strategies import StrategyContext, get_strategy, top_k
 from jaxal.strategies import badge, bald, ll4al
 from jaxal.train import loss_prediction_loss
 
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-def to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+from conftest import to64  # tests/conftest.py
 
 
 def np_entropy(p):

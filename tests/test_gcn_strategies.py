@@ -12,12 +12,6 @@ from jaxal.config import build_config
 from jaxal.strategies import StrategyContext, gcn, get_strategy
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def aff_to_adj(x: np.ndarray) -> np.ndarray:
     """The code's selection_methods.aff_to_adj, in NumPy float64."""
     adj = np.matmul(x, x.transpose())

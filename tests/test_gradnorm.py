@@ -21,10 +21,7 @@ METHODS = ("vmap", "ghost")
 RTOL = 1e-9  # float64; the brief asks for 1e-5, the engine is exact up to summation order
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")  # every test in float64 (conftest)
 
 
 @functools.cache

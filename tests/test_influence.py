@@ -15,15 +15,10 @@ from jaxal import influence
 from jaxal.models import MLP, ResNet18, SmallCNN, inference_apply, init_variables
 from jaxal.pytree import restrict, tree_dot
 
-
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+from conftest import to64  # tests/conftest.py
 
 
-def to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+pytestmark = pytest.mark.usefixtures("x64")  # every test in float64 (conftest)
 
 
 def random_like(seed, tree):

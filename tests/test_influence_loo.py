@@ -27,10 +27,7 @@ N_TRAIN, N_POOL = 150, 60
 NEWTON_STEPS = 30
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")  # every test in float64 (conftest)
 
 
 def example_loss_fn(params, example):

@@ -112,12 +112,6 @@ class Reference:
         return np.stack(rows)
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 # ----------------------------------------------------------------------------- exact references
 
 

@@ -16,12 +16,6 @@ from jaxal.strategies import qbc
 from jaxal.train import TrainOptions, create_train_state, model_variables, train_step
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def committee_probabilities(members=4, n=30, classes=5, seed=0):
     probs = np.random.default_rng(seed).dirichlet(np.full(classes, 0.5), size=(members, n))
     probs[:, 0] = np.eye(classes)[2]  # unanimous, certain

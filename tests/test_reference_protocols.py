@@ -27,17 +27,9 @@ from jaxal.data import load_dataset
 from jaxal.models import MLP, LossNet, ModelOutput, SmallCNN, adapt
 from jaxal.train import TrainOptions, create_train_state, fresh_optimizer, learning_rates, train_step
 
+from conftest import to64  # tests/conftest.py
+
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-def to64(tree):
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def leaves(tree) -> list[np.ndarray]:

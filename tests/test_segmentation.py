@@ -33,12 +33,6 @@ TINY_CHANNELS = (3, 4, 4, 6, 6, 6, 6, 6)
 SHARED = Path(os.environ.get("JAXAL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def np_log_softmax(z):
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))

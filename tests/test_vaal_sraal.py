@@ -3,8 +3,6 @@ uncertainty indicator against NumPy transcriptions of the codes' formulas, the s
 discriminator outputs, the batch statistics of a padded chunk, and the k-center initial set against a
 plain farthest-first loop."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,12 +15,6 @@ from jaxal.strategies import StrategyContext, get_strategy, sraal, vaal
 from jaxal.train import TrainOptions, create_train_state, model_variables
 
 TINY = dict(width=4, latent_dim=8, iterations=3, batch_size=16, discriminator_width=16)
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 def parameter_count(tree) -> int:
