@@ -21,3 +21,11 @@ def x64():
 def to64(tree):
     """The floating leaves of `tree` as float64 (under `x64`); other leaves unchanged."""
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+TIMING_FIELDS = ("train_seconds", "evaluate_seconds", "selection_seconds")
+
+
+def comparable(records):
+    """Cycle records without their timings: what a resumed or a sharded run must reproduce exactly."""
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]

@@ -17,16 +17,13 @@ from jaxal.models import ModelOutput
 from jaxal.strategies import StrategyContext, get_strategy
 from jaxal.strategies.baselines import greedy_k_center, min_squared_distances
 
+from conftest import comparable  # tests/conftest.py
+
 TINY = dict(initial_size=30, budget=10, cycles=3, epochs=2, batch_size=16, progress=False)
-TIMING_FIELDS = ("train_seconds", "evaluate_seconds", "selection_seconds")
 
 
 def quiet(*_):
     pass
-
-
-def comparable(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 # ---- bookkeeping -------------------------------------------------------------------------------

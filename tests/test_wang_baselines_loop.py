@@ -17,21 +17,18 @@ from jaxal.strategies import STRATEGIES, StrategyContext, get_strategy
 from jaxal.strategies.base import register_selector
 from jaxal.train import TrainOptions, create_train_state, model_variables, train_model
 
+from conftest import comparable  # tests/conftest.py
+
 NAMES = ("vaal", "sraal", "coregcn", "uncertaingcn", "qbc")
 SMALL_VAE = dict(width=4, latent_dim=8, iterations=3, batch_size=16, discriminator_width=16)
 OPTIONS = dict(vaal=SMALL_VAE, sraal=SMALL_VAE, gcn=dict(hidden=16, steps=20), qbc=dict(members=3))
 # The shapes the strategy-level tests below compile for (batches of 16, a 512-node graph), so the loop reuses them.
 TINY = dict(initial_size=30, budget=10, cycles=3, epochs=2, batch_size=16, eval_batch_size=16, subset_size=200,
             progress=False, **OPTIONS)
-TIMING_FIELDS = ("train_seconds", "selection_seconds")
 
 
 def quiet(*_):
     pass
-
-
-def comparable(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 def run(tmp_path, name, **overrides):
