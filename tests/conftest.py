@@ -4,12 +4,27 @@ as it would on one host with 8 accelerators. Single-device code simply uses the 
 The `x64` fixture runs a test in float64 (the references' precision: tolerances of ~1e-9); a module
 whose every test needs it says `pytestmark = pytest.mark.usefixtures("x64")`."""
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_compilation_caches():
+    """Each test module starts with JAX's caches cleared and leaves them so. XLA:CPU maps each compiled
+    executable's code into memory (about 3 mappings a program, measured), and the whole suite compiles
+    many thousands of programs in one process: kept all along, they run into the kernel's limit on a
+    process's mappings (vm.max_map_count, 65530 by default), and the suite crashed inside XLA's
+    compiler near its end (twice, in different tests)."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture

@@ -50,9 +50,12 @@ def dumped_programs(folder: Path) -> dict[str, set[str]]:
 
 @pytest.fixture
 def dump_ir(tmp_path):
-    """Every program JAX compiles while the fixture is active is written to the returned folder."""
+    """Every program JAX compiles while the fixture is active is written to the returned folder. The
+    caches are cleared first: a program another test compiled would otherwise not be compiled (nor
+    dumped) again."""
     folder = tmp_path / "ir"
     folder.mkdir()
+    jax.clear_caches()
     previous = jax.config.values["jax_dump_ir_to"]
     jax.config.update("jax_dump_ir_to", str(folder))
     yield folder
