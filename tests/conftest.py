@@ -44,3 +44,9 @@ TIMING_FIELDS = ("train_seconds", "evaluate_seconds", "selection_seconds")
 def comparable(records):
     """Cycle records without their timings: what a resumed or a sharded run must reproduce exactly."""
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+# The strategies that train networks of their own (VAAL and SRAAL's VAE and discriminator, the GCNs, QBC's
+# committee), at test sizes: their defaults are the reference codes' (SRAAL: 20000 iterations a cycle).
+SMALL_VAE = dict(width=4, latent_dim=8, iterations=3, batch_size=16, discriminator_width=16)
+SMALL_STRATEGY_NETWORKS = dict(vaal=SMALL_VAE, sraal=SMALL_VAE, gcn=dict(hidden=16, steps=20), qbc=dict(members=3))

@@ -22,6 +22,8 @@ from jaxal.strategies.base import propose
 from jaxal.tasks import Classification
 from jaxal.train import TrainOptions, create_train_state, model_variables, train_model
 
+from conftest import SMALL_STRATEGY_NETWORKS  # tests/conftest.py
+
 NUM_CLASSES = 3
 K = 4
 
@@ -77,7 +79,7 @@ def test_every_strategy_that_can_run_on_a_users_module_does(data, monkeypatch):
     images, labels = data
     labeled, pool = np.arange(0, 60, 2), np.arange(1, 60, 2)
     model, variables = trained(Mine(), images, labels, labeled)
-    config = build_config(val_size=5, bald_samples=4, influence=dict(depth=10, repeats=1))
+    config = build_config(val_size=5, bald_samples=4, influence=dict(depth=10, repeats=1), **SMALL_STRATEGY_NETWORKS)
     monkeypatch.setattr(gradnorm, "_FALLBACK_WARNED", set())
     ran = []
     with warnings.catch_warnings(record=True) as caught:

@@ -17,14 +17,13 @@ from jaxal.strategies import STRATEGIES, StrategyContext, get_strategy
 from jaxal.strategies.base import register_selector
 from jaxal.train import TrainOptions, create_train_state, model_variables, train_model
 
-from conftest import comparable  # tests/conftest.py
+from conftest import SMALL_STRATEGY_NETWORKS, comparable  # tests/conftest.py
 
 NAMES = ("vaal", "sraal", "coregcn", "uncertaingcn", "qbc")
-SMALL_VAE = dict(width=4, latent_dim=8, iterations=3, batch_size=16, discriminator_width=16)
-OPTIONS = dict(vaal=SMALL_VAE, sraal=SMALL_VAE, gcn=dict(hidden=16, steps=20), qbc=dict(members=3))
+
 # The shapes the strategy-level tests below compile for (batches of 16, a 512-node graph), so the loop reuses them.
 TINY = dict(initial_size=30, budget=10, cycles=3, epochs=2, batch_size=16, eval_batch_size=16, subset_size=200,
-            progress=False, **OPTIONS)
+            progress=False, **SMALL_STRATEGY_NETWORKS)
 
 
 def quiet(*_):
@@ -44,7 +43,7 @@ def trained_context():
     state, _ = train_model(state, data.x_train, data.y_train, np.arange(64), model=model, lossnet=None,
                            options=options, epochs=2, batch_size=32, lr=0.05, lr_milestones=(), lr_gamma=0.1,
                            detach_epoch=100, seed=0)
-    config = build_config(epochs=2, batch_size=16, eval_batch_size=16, **OPTIONS)
+    config = build_config(epochs=2, batch_size=16, eval_batch_size=16, **SMALL_STRATEGY_NETWORKS)
     return StrategyContext(model=model, variables=model_variables(state), pool_x=data.x_train[100:137],
                            labeled_x=data.x_train[:64], labeled_y=data.y_train[:64], num_classes=10, config=config,
                            rng=jax.random.key(1))
