@@ -211,31 +211,30 @@ def train_model(state: TrainState, images, labels, labeled: np.ndarray, *, model
 # ---- inference ------------------------------------------------------------------------------------
 
 
-def _predict_chunk(model: nn.Module, variables, xs) -> tuple[jax.Array, jax.Array]:
+def _predict_chunk(static, variables, xs) -> tuple[jax.Array, ...]:
+    model, outputs = static
     output = model.apply(variables, xs, train=False)
-    return output.logits, output.features
+    return tuple(getattr(output, name) for name in outputs)
+
+
+def _map_outputs(model: nn.Module, variables: dict, xs, outputs: tuple[str, ...], batch_size: int, mesh):
+    """The `outputs` fields of the inference-mode `ModelOutput` of every example, in fixed-size chunks
+    through `parallel.map_chunks` (one compilation; the padding dropped; with a mesh, sharded)."""
+    if xs.shape[0] == 0:
+        shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1, *xs.shape[1:])))
+        return tuple(jnp.zeros((0, *getattr(shapes, name).shape[1:])) for name in outputs)
+    return parallel.map_chunks(_predict_chunk, (model, outputs), variables, xs, chunk_size=batch_size, mesh=mesh)
 
 
 def predict(model: nn.Module, variables: dict, xs, batch_size: int = 512, *, mesh=None) -> tuple[jax.Array, jax.Array]:
-    """(logits, penultimate features) in inference mode, in fixed-size chunks through
-    `parallel.map_chunks` (one compilation; the padding dropped; with a mesh, sharded over devices)."""
-    if xs.shape[0] == 0:
-        shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1, *xs.shape[1:])))
-        return jnp.zeros((0, *shapes.logits.shape[1:])), jnp.zeros((0, *shapes.features.shape[1:]))
-    return parallel.map_chunks(_predict_chunk, model, variables, xs, chunk_size=batch_size, mesh=mesh)
-
-
-def _features_chunk(model: nn.Module, variables, xs) -> jax.Array:
-    return model.apply(variables, xs, train=False).features
+    """(logits, penultimate features) in inference mode (`_map_outputs`)."""
+    return _map_outputs(model, variables, xs, ("logits", "features"), batch_size, mesh)
 
 
 def features(model: nn.Module, variables: dict, xs, batch_size: int = 512, *, mesh=None) -> jax.Array:
-    """(n, d) penultimate features in inference mode, chunked like `predict` but without the logits, which
-    for dense outputs are (n, H, W, C): a pool's would not fit."""
-    if xs.shape[0] == 0:
-        shapes = jax.eval_shape(lambda x: model.apply(variables, x, train=False), jnp.zeros((1, *xs.shape[1:])))
-        return jnp.zeros((0, *shapes.features.shape[1:]))
-    return parallel.map_chunks(_features_chunk, model, variables, xs, chunk_size=batch_size, mesh=mesh)
+    """(n, d) penultimate features in inference mode, without the logits, which for dense outputs are
+    (n, H, W, C): a pool's would not fit."""
+    return _map_outputs(model, variables, xs, ("features",), batch_size, mesh)[0]
 
 
 def _confusion_sum(static, variables, chunk):
