@@ -239,7 +239,7 @@ def inverse_hvp(model, variables: dict, options: DiagnosticsOptions, train_data,
                               chunk_size=options.chunk_size)
         return result.inverse_hvp
     if options.solver == "cg":
-        influence.check_cg(result, damping, stacklevel=3)
+        influence.check_cg(result, damping, stacklevel=3, remedy="raise --diag.damping")
         return result.solution
     return result
 

@@ -189,7 +189,9 @@ def test_exact_and_cg_match_dense_solve():
 def test_cg_rejects_indefinite_and_exact_rejects_large():
     concave = lambda p, batch: -jnp.sum(p["w"] ** 2)
     params = {"w": jnp.ones(4)}
-    with pytest.raises(ValueError, match="not positive definite"):
+    # H = -2 I: with the shift 1 every direction has curvature -1, and the shift must exceed 2.
+    with pytest.raises(ValueError, match=r"not positive definite \(found curvature -1 <= 0 .* the shift must "
+                                         r"exceed 2 at least; now 1\); increase damping"):
         influence.cg(concave, params, None, params, damping=1.0)
     big = {"w": jnp.zeros(20000)}  # 2 x 20000^2 float64 entries: 6 GiB, above the 1 GiB default
     with pytest.raises(ValueError, match=r"dense 20000 x 20000 Hessian .* 5.97 GiB, above the limit of 1 GiB"):

@@ -374,7 +374,9 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
         info.update(lissa_final_norm=_float(norms[:, -1].mean()), lissa_max_norm=_float(norms.max()),
                     lissa_depth=int(opts.depth), lissa_repeats=int(opts.repeats))
     elif opts.solver == "cg":
-        influence.check_cg(result, opts.damping * opts.scale, stacklevel=3)
+        influence.check_cg(result, opts.damping * opts.scale, stacklevel=3,
+                           remedy=f"raise --influence.scale (CG's shift is --influence.damping x "
+                                  f"--influence.scale = {opts.damping:g} x {opts.scale:g})")
         s_test = result.solution
         info.update(cg_iterations=int(result.iterations), cg_residual_norm=_float(result.residual_norm))
     else:
