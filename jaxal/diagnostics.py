@@ -239,7 +239,9 @@ def inverse_hvp(model, variables: dict, options: DiagnosticsOptions, train_data,
                               chunk_size=options.chunk_size)
         return result.inverse_hvp
     if options.solver == "cg":
-        influence.check_cg(result, damping, stacklevel=3, remedy="raise --diag.damping")
+        influence.check_cg(result, damping, stacklevel=3, shift_remedy="raise --diag.damping",
+                           convergence_remedy=f"raise --diag.cg_maxiter (now {options.cg_maxiter}) or "
+                                              f"--diag.cg_tol (now {options.cg_tol:g})")
         return result.solution
     return result
 

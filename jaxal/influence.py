@@ -534,18 +534,19 @@ def _cg_body(loss_fn, params, data, v, damping, tol, l2=0.0, *, maxiter, chunk_s
 _cg = jax.jit(_cg_body, static_argnames=("loss_fn", "maxiter", "chunk_size", "mesh", "precision"))
 
 
-def check_cg(result: CGResult, damping: float, *, remedy: str = "increase damping", stacklevel: int = 2) -> None:
+def check_cg(result: CGResult, damping: float, *, shift_remedy: str = "increase damping",
+             convergence_remedy: str = "raise maxiter or damping", stacklevel: int = 2) -> None:
     """The host checks of `cg` on a `CGResult`: ValueError on non-positive curvature, a RuntimeWarning
-    if `tol` was not reached. `remedy` says how the caller's user raises the shift (their flags)."""
+    if `tol` was not reached. The remedies say what to change in the caller's user's terms (their flags)."""
     curvature = float(result.min_curvature)
     if not curvature > 0:
         # H itself has curvature `curvature - damping` along that direction: a lower bound on the shift.
         raise ValueError(f"cg: H + damping*I is not positive definite (found curvature {curvature:.3g} <= 0 "
                          f"along a search direction, so the shift must exceed {damping - curvature:.3g} at "
-                         f"least; now {damping:.3g}); {remedy}")
+                         f"least; now {damping:.3g}); {shift_remedy}")
     if not bool(result.converged):
         warnings.warn(f"cg stopped after {int(result.iterations)} iterations with residual "
-                      f"{float(result.residual_norm):.3g} > tol*||v||; raise maxiter or damping",
+                      f"{float(result.residual_norm):.3g} > tol*||v||; {convergence_remedy}",
                       RuntimeWarning, stacklevel=stacklevel + 1)
 
 

@@ -225,6 +225,10 @@ def test_lissa_and_cg_rank_like_exact_on_a_convex_problem():
     assert isal.spearman(lissa, exact) > 0.95, isal.spearman(lissa, exact)
     assert cg_info["cg_iterations"] > 0 and lissa_info["lissa_final_norm"] > 0
     assert abs(lissa_info["cosine_s_test_v"] - exact_info["cosine_s_test_v"]) < 0.05
+    # One CG step cannot solve an anisotropic 66-parameter system: the warning names ISAL's flags.
+    with pytest.warns(RuntimeWarning, match=r"cg stopped after 1 iterations .*; raise --influence.cg_maxiter "
+                                            r"\(now 1\) or --influence.cg_tol \(now 1e-12\)"):
+        run(solver="cg", cg_maxiter=1, cg_tol=1e-12)
 
 
 # ----------------------------------------------------------------------------- checks, warnings, errors
