@@ -117,6 +117,16 @@ def test_iterative_solvers_agree_with_the_exact_solve(solver):
         np.testing.assert_allclose(other.s_norm, exact.s_norm, rtol=1e-6)
 
 
+def test_cg_that_stops_early_names_the_diagnostics_flags():
+    with jax.enable_x64(True):
+        model = MLP(num_classes=3, hidden=(5,))
+        prev, nxt, pool_x, train, test = problem(model, (2, 2, 2), 3, jnp.float64)
+        options = DiagnosticsOptions(params="last_layer", solver="cg", cg_maxiter=1, cg_tol=1e-10)
+        with pytest.warns(RuntimeWarning, match=r"cg stopped after 1 iterations .*; raise --diag.cg_maxiter "
+                                                r"\(now 1\) or --diag.cg_tol \(now 1e-10\)"):
+            diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, damping=0.5, options=options)
+
+
 @pytest.fixture(scope="module")
 def cnn_bounds():
     """float32 bounds of a small CNN, all parameters of rank > 1, H^-1 by CG."""
