@@ -240,8 +240,7 @@ def inverse_hvp(model, variables: dict, options: DiagnosticsOptions, train_data,
         return result.inverse_hvp
     if options.solver == "cg":
         influence.check_cg(result, damping, stacklevel=3, shift_remedy="raise --diag.damping",
-                           convergence_remedy=f"raise --diag.cg_maxiter (now {options.cg_maxiter}) or "
-                                              f"--diag.cg_tol (now {options.cg_tol:g})")
+                           convergence_remedy=influence.cg_flags_remedy("--diag.", options.cg_maxiter, options.cg_tol))
         return result.solution
     return result
 

@@ -534,6 +534,11 @@ def _cg_body(loss_fn, params, data, v, damping, tol, l2=0.0, *, maxiter, chunk_s
 _cg = jax.jit(_cg_body, static_argnames=("loss_fn", "maxiter", "chunk_size", "mesh", "precision"))
 
 
+def cg_flags_remedy(prefix: str, maxiter: int, tol: float) -> str:
+    """`check_cg`'s not-converged remedy in a caller's flags `{prefix}cg_maxiter` and `{prefix}cg_tol`."""
+    return f"raise {prefix}cg_maxiter (now {maxiter}) or {prefix}cg_tol (now {tol:g})"
+
+
 def check_cg(result: CGResult, damping: float, *, shift_remedy: str = "increase damping",
              convergence_remedy: str = "raise maxiter or damping", stacklevel: int = 2) -> None:
     """The host checks of `cg` on a `CGResult`: ValueError on non-positive curvature, a RuntimeWarning

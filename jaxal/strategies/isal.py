@@ -377,8 +377,7 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
         influence.check_cg(result, opts.damping * opts.scale, stacklevel=3,
                            shift_remedy=f"raise --influence.scale (CG's shift is --influence.damping x "
                                         f"--influence.scale = {opts.damping:g} x {opts.scale:g})",
-                           convergence_remedy=f"raise --influence.cg_maxiter (now {opts.cg_maxiter}) or "
-                                              f"--influence.cg_tol (now {opts.cg_tol:g})")
+                           convergence_remedy=influence.cg_flags_remedy("--influence.", opts.cg_maxiter, opts.cg_tol))
         s_test = result.solution
         info.update(cg_iterations=int(result.iterations), cg_residual_norm=_float(result.residual_norm))
     else:
