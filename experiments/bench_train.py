@@ -19,7 +19,7 @@ fresh RNG key is split off per step, the learning rates come as `learning_rates`
 donated.
 
 - ResNet-18 (CIFAR stem) on CIFAR-shaped data: 32x32x3, 10 classes, batch 128, augmentation
-  "crop_flip" with padding 4 (the reference protocols of DESIGN.md);
+  "crop_flip" with padding 4 (the reference protocols of docs/design.md);
 - the digits CNN (`create_model("cnn", 10)`) on 8x8x1 digits-shaped data, batch 32 (the digits_quick
   preset) and 128, augmentation "none".
 

@@ -4,7 +4,7 @@ Every field can be overridden from the command line: top-level fields as `--fiel
 section as `--section.field value` (e.g. `--influence.depth 100`). `python -m jaxal.run --help`
 lists them all with their defaults.
 
-Presets (`--preset NAME`) reproduce published protocols (DESIGN.md, "Reference protocols"); each
+Presets (`--preset NAME`) reproduce published protocols (docs/design.md, section 2); each
 docstring line below names its source. The default preset, `digits_quick`, runs on a laptop CPU in
 about a minute on the embedded digits data.
 """
@@ -247,22 +247,27 @@ _REFERENCE_TRAINING = dict(epochs=200, batch_size=128, lr=0.1, momentum=0.9, wei
 PRESETS: dict[str, dict[str, Any]] = {
     # Quick default on the embedded digits: about a minute on 2 CPU cores. A 10-sample validation
     # split is held out of the initial set for every strategy: ISAL's default reference set.
+    #   python -m jaxal.run --strategy exp_gn
     "digits_quick": dict(val_size=10),
     # Annotation rounds on your own images (`jaxal.ActiveLearner`, `python -m jaxal.query`): the defaults,
     # with no labels held out of training (val_size 0), ranking by the entropy's gradient norm.
+    #   python -m jaxal.query --pool photos/ --labels labels.csv --preset annotation --budget 100 --workdir al/
     "annotation": dict(strategy="ent_gn"),
     # Wang et al., AAAI 2022, CIFAR-10 as in their code: 5000 initial, +2500 per cycle, 7 cycles,
     # 3 trials, a random 25000 of the pool scored per cycle, model kept across cycles.
+    #   python -m jaxal.run --preset wang2022_cifar10_code --strategy exp_gn,random
     "wang2022_cifar10_code": dict(dataset="cifar10", model="resnet18", initial_size=5000, budget=2500,
                                   cycles=7, trials=3, subset_size=25000, warm_start=True,
                                   **_REFERENCE_TRAINING),
     # Wang et al., AAAI 2022, CIFAR-10 as in the paper's text: 10% initial, +5% per cycle, up to 40%,
     # the whole pool scored.
+    #   python -m jaxal.run --preset wang2022_cifar10_paper --strategy exp_gn,random
     "wang2022_cifar10_paper": dict(dataset="cifar10", model="resnet18", initial_size=5000, budget=2500,
                                    cycles=7, trials=3, subset_size=None, warm_start=True,
                                    **_REFERENCE_TRAINING),
     # LPLgrad: ResNet-18 + LossNet, 1000 initial, +1000 per cycle, 10 cycles, 5 trials, 10000 scored. Its
     # code never steps the loss module's scheduler: the module keeps lr 0.1 for all 200 epochs.
+    #   python -m jaxal.run --preset lplgrad_cifar10 --strategy lplgrad,ll4al,random
     "lplgrad_cifar10": dict(strategy="lplgrad", dataset="cifar10", model="resnet18", initial_size=1000,
                             budget=1000, cycles=10, trials=5, subset_size=10000, warm_start=True,
                             lossnet=dict(lr_decay=False), **_REFERENCE_TRAINING),
@@ -271,6 +276,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # reference set whose loss the selection lowers) is a validation split of 100 labelled samples held
     # out of the 1000 initial ones and never trained on: 900 samples train in cycle 0, 900 + 1000c in
     # cycle c (`num_labeled` counts the 100 too). Its code's variant (R = the test set) is the next preset.
+    #   python -m jaxal.run --preset isal2021_cifar10 --strategy isal,grad_sim,random
     "isal2021_cifar10": dict(strategy="isal", dataset="cifar10", model="resnet18", initial_size=1000,
                              budget=1000, cycles=10, trials=5, subset_size=None, warm_start=False,
                              val_size=100, **{**_REFERENCE_TRAINING, "normalization": "pycls_cifar"}),
@@ -278,6 +284,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # images with their labels (test_calc_val_grad.py on test_batch), so all 1000 initial samples train
     # (1000c after cycle c) but the test accuracy is no longer an unbiased estimate (a UserWarning says
     # so every cycle). Otherwise as isal2021_cifar10.
+    #   python -m jaxal.run --preset isal2021_cifar10_code --strategy isal
     "isal2021_cifar10_code": dict(strategy="isal", dataset="cifar10", model="resnet18", initial_size=1000,
                                   budget=1000, cycles=10, trials=5, subset_size=None, warm_start=False,
                                   val_size=0, influence=dict(reference="test"),
@@ -285,6 +292,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LL4AL (Yoo & Kweon, CVPR 2019): 1000 initial, +1000 per cycle, 10 cycles, 3 trials, 10000 scored. Its
     # code steps both schedulers at the START of each epoch (MultiStepLR's old calling order), so the
     # x0.1 applies from epoch 159 (0-based), one epoch earlier than in the other codes.
+    #   python -m jaxal.run --preset yoo2019_ll4al_cifar10 --strategy ll4al,random
     "yoo2019_ll4al_cifar10": dict(strategy="ll4al", dataset="cifar10", model="resnet18", initial_size=1000,
                                   budget=1000, cycles=10, trials=3, subset_size=10000, warm_start=True,
                                   **{**_REFERENCE_TRAINING, "lr_milestones": (159,)}),

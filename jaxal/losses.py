@@ -1,7 +1,7 @@
 """Losses of ONE example's logits (shape (C,)), shared by training, the gradient engine and the
 influence engine. Batches take `jax.vmap` of them.
 
-exp-gn as written equals ent-gn (DESIGN.md, "The math", point 2): `expected_loss` is the reference
+exp-gn as written equals ent-gn (docs/design.md, section 1): `expected_loss` is the reference
 code's posterior-weighted cross-entropy, and with the posterior differentiated it is exactly the
 entropy; the tests compare the two implementations.
 """

@@ -1,4 +1,4 @@
-"""Fidelity to the reference codes' training protocols (DESIGN.md, "Reference protocols"), each against an
+"""Fidelity to the reference codes' training protocols (docs/design.md, section 2), each against an
 independent computation:
 
 - warm start: a fresh optimizer every cycle, so the first step of a cycle is torch's SGD from zero
