@@ -95,7 +95,6 @@ def worker(args, name: str, path: Path) -> dict:
     from jaxal.loop import train_options
     from jaxal.models import LossNet, adapt, create_model
     from jaxal.strategies import StrategyContext, get_strategy
-    from jaxal.strategies.base import split_info
     from jaxal.train import model_variables
 
     saved = pickle.loads(path.read_bytes())
@@ -113,15 +112,14 @@ def worker(args, name: str, path: Path) -> dict:
                                           "labeled": (data.x_train[train], data.y_train[train]),
                                           "initial": (data.x_train[train], data.y_train[train])})
     strategy = get_strategy(name)
-    if strategy.check is not None:
-        strategy.check(config)
+    if strategy.requires.check is not None:
+        strategy.requires.check(config)
     before = status_kb("VmRSS")
     exact_peak = reset_peak()
     seconds = []
     for _ in range(2):
         start = time.perf_counter()
-        chosen, _ = split_info(strategy.select(ctx, args.budget))
-        np.asarray(chosen)
+        np.asarray(strategy.select(ctx, args.budget).chosen)
         seconds.append(time.perf_counter() - start)
     peak = status_kb("VmHWM")
     return {"first_seconds": seconds[0], "second_seconds": seconds[1], "peak_rss_mb": peak / 1024,

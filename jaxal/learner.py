@@ -380,7 +380,7 @@ class ActiveLearner:
         if len(train_rows) == 0:
             raise AnnotationError(f"all {len(labelled)} labels are held out for validation (--val_size); label more")
         exp = self._experiment(pool, labels, classes)
-        lossnet = LossNet(config.lossnet.width) if self.strategy.needs_lossnet else None
+        lossnet = LossNet(config.lossnet.width) if self.strategy.requires.lossnet else None
         initial_keys = [id_key(i) for i, _ in self._rounds[0]["new_labels"]] if self._rounds else labelled
         initial_rows = np.asarray(sorted(pool.index[key] for key in initial_keys if key not in set(val_keys)), np.int64)
         digest = _labels_digest(labelled, labels[[pool.index[key] for key in labelled]], val_keys, pool.fingerprint)

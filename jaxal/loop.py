@@ -5,7 +5,7 @@ owns all state (labelled indices, RNG, cycle); strategies are pure functions of 
 
 One cycle, train -> score -> select, is `run_round`; a simulated cycle (`run_cycle`) is a round whose
 oracle is the dataset's labels, and the annotation rounds of `jaxal.learner` are rounds whose oracle is
-a person. Both share its random numbers (`cycle_keys`), its strategy call (`strategies.base.propose`)
+a person. Both share its random numbers (`cycle_keys`), its strategy call (`Strategy.select`)
 and its checks (`validate_settings`, `check_model_outputs`).
 
 Everything is validated before the run directory is touched, so bad input leaves nothing behind.
@@ -32,7 +32,7 @@ from jaxal.config import Config
 from jaxal.data import Dataset, load_dataset
 from jaxal.models import LossNet, accepted_modes, adapt, base_model, create_model, init_variables
 from jaxal.strategies import StrategyContext, get_strategy
-from jaxal.strategies.base import MODEL_NEEDS, propose
+from jaxal.strategies.base import MODEL_NEEDS
 from jaxal.train import TrainOptions, create_train_state, evaluate, fresh_optimizer, model_variables, train_model
 
 # Fields that may differ between a run and its resumption: they change no result.
@@ -69,13 +69,13 @@ def validate_settings(config: Config, task=None) -> None:
             strategy = get_strategy(name)
         except ValueError as error:
             raise RunError(str(error)) from None
-        if task_name not in strategy.tasks:
+        if task_name not in strategy.requires.tasks:
             raise RunError(f"strategy {name} does not support the {task_name} task "
-                           f"(it supports: {', '.join(strategy.tasks)})"
-                           + (f": {strategy.task_note}" if strategy.task_note else ""))
-        if strategy.check is not None:
+                           f"(it supports: {', '.join(strategy.requires.tasks)})"
+                           + (f": {strategy.requires.task_note}" if strategy.requires.task_note else ""))
+        if strategy.requires.check is not None:
             try:  # the check sees the task the run resolved (config.task may be None)
-                strategy.check(dataclasses.replace(config, task=task_name))
+                strategy.requires.check(dataclasses.replace(config, task=task_name))
             except ValueError as error:
                 raise RunError(f"{name}: {error}") from None
     if config.seed < 0:
@@ -141,9 +141,9 @@ def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
 
 
 def check_strategies_fit(config: Config, model, dataset: Dataset) -> None:
-    """Each strategy's model-aware check (`Strategy.check_model`) on the model's variable shapes, so
+    """Each strategy's model-aware check (`Requirements.check_model`) on the model's variable shapes, so
     that what cannot fit (a dense Hessian of ResNet-18) is refused before anything runs."""
-    checks = [(name, get_strategy(name).check_model) for name in config.strategies]
+    checks = [(name, get_strategy(name).requires.check_model) for name in config.strategies]
     checks = [(name, check) for name, check in checks if check is not None]
     if not checks:
         return
@@ -158,7 +158,7 @@ def check_strategies_fit(config: Config, model, dataset: Dataset) -> None:
 def check_model_outputs(model, model_name: str, config: Config, input_shape, dtype, num_classes: int) -> None:
     """Refuse a model that does not follow the contract of `jaxal.models` (logits with `num_classes` on
     the last axis), and each strategy of `config` that needs from the model what it does not give
-    (`Strategy.needs`: features, block outputs, an `mc_dropout` keyword), saying what and why. From the
+    (`Requirements.needs`: features, block outputs, an `mc_dropout` keyword), saying what and why. From the
     output shapes alone (`jax.eval_shape`), before anything is trained."""
     def forward(key):
         return model.init_with_output(key, jnp.zeros((2, *input_shape), dtype), train=False)[0]
@@ -177,11 +177,11 @@ def check_model_outputs(model, model_name: str, config: Config, input_shape, dty
            "mc_dropout": "mc_dropout" in accepted_modes(type(module))}
     for name in config.strategies:
         strategy = get_strategy(name)
-        missing = [need for need in strategy.needs if not has[need]]
+        missing = [need for need in strategy.requires.needs if not has[need]]
         if missing:
             raise RunError(f"strategy {name} cannot run on model {model_name}: it needs "
                            f"{' and '.join(MODEL_NEEDS[m] for m in missing)}, which the model does not give")
-        if strategy.needs_dropout and getattr(module, "dropout_rate", None) is not None and module.dropout_rate <= 0.0:
+        if strategy.requires.dropout and getattr(module, "dropout_rate", None) is not None and module.dropout_rate <= 0.0:
             raise RunError(f"strategy {name} needs MC dropout but model {model_name} has dropout rate 0; "
                            "pass --dropout 0.25 (or another positive rate)")
 
@@ -396,9 +396,9 @@ def run_round(exp: Experiment, strategy, trial_key, cycle: int, state, images, l
                           reference_sets=reference_sets(), mesh=exp.mesh,
                           train_options=options)
     start = time.perf_counter()
-    chosen, scores, info = propose(strategy, ctx, budget)
+    chosen, scores, info = strategy.select(ctx, budget)
     record["selection_seconds"] = time.perf_counter() - start
-    if info is not None:
+    if info:
         record["strategy_info"] = info
     record["num_scored"] = int(len(scored))
     return Round(state, record, scored, check_selection(chosen, len(scored), budget, strategy.name), scores)
@@ -432,11 +432,12 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
     compare the models of consecutive cycles)."""
     config, data = exp.config, exp.dataset
     strategy = get_strategy(strategy_name)
-    lossnet = LossNet(config.lossnet.width) if strategy.needs_lossnet else None
+    lossnet = LossNet(config.lossnet.width) if strategy.requires.lossnet else None
     trial_key = jax.random.fold_in(jax.random.key(config.seed), trial)
     labeled, val = initial_split(config, trial, data.x_train.shape[0])
     if strategy.initial_set is not None:  # the strategy's own initial set (SRAAL's k-center option)
-        labeled = np.sort(np.asarray(strategy.initial_set(exp, trial_key, labeled, val)))
+        labeled = np.sort(np.asarray(strategy.initial_set(config, data.x_train, exp.model, exp.mesh, trial_key,
+                                                           labeled, val)))
     initial = labeled.copy()
     mngr = checkpoint.manager(exp.workdir / "checkpoints" / strategy_name / f"trial_{trial}")
     resumed = checkpoint.restore_latest(mngr, state_template(exp, lossnet))

@@ -89,7 +89,7 @@ def test_bald_scores_compile_once_for_every_pool_size():
 
 def test_bald_registration_and_checks(tmp_path):
     strategy = get_strategy("bald")
-    assert strategy.needs_dropout and not strategy.needs_lossnet
+    assert strategy.requires.dropout and not strategy.requires.lossnet
     with pytest.raises(loop.RunError, match="dropout rate 0"):
         loop.prepare(build_config(strategy="bald", dropout=0.0), tmp_path / "run")
     with pytest.raises(loop.RunError, match="bald_samples"):
@@ -230,8 +230,8 @@ def test_ll4al_scores_equal_lossnet_on_inference_blocks(kind):
                           num_classes=3, config=config, rng=jax.random.key(0), lossnet=lossnet,
                           lossnet_params=lossnet_params)
     strategy = get_strategy("ll4al")
-    assert strategy.needs_lossnet and not strategy.needs_dropout
-    np.testing.assert_array_equal(strategy.select(ctx, 4), top_k(np.asarray(expected), 4))
+    assert strategy.requires.lossnet and not strategy.requires.dropout
+    np.testing.assert_array_equal(strategy.select(ctx, 4).chosen, top_k(np.asarray(expected), 4))
 
 
 def reference_ranking_loss(predicted, target, margin):

@@ -95,7 +95,7 @@ def test_uncertaingcn_selects_the_scores_closest_to_the_margin(monkeypatch):
     scores = np.random.default_rng(4).uniform(size=40).astype(np.float32)
     monkeypatch.setattr(gcn, "train_gcn", lambda x, *args, **kwargs: (jnp.asarray(np.resize(scores, x.shape[0])),
                                                                        jnp.zeros((x.shape[0], 4))))
-    chosen = np.asarray(get_strategy("uncertaingcn").select(ctx, 5)[0])
+    chosen = np.asarray(get_strategy("uncertaingcn").select(ctx, 5).chosen)
     # The code: arg = argsort(-|s - s_margin|) over the subset, then labels subset[arg][-ADDENDUM:].
     arg = np.argsort(-np.abs(scores[:29] - 0.1))
     assert sorted(chosen.tolist()) == sorted(arg[-5:].tolist())
@@ -106,7 +106,7 @@ def test_coregcn_is_greedy_k_center_from_the_labelled_embeddings(monkeypatch):
     hidden = np.random.default_rng(5).normal(size=(40, 4)).astype(np.float32)
     monkeypatch.setattr(gcn, "train_gcn", lambda x, *args, **kwargs: (jnp.zeros(x.shape[0]),
                                                                        jnp.asarray(np.resize(hidden, (x.shape[0], 4)))))
-    chosen = np.asarray(get_strategy("coregcn").select(ctx, 6)[0])
+    chosen = np.asarray(get_strategy("coregcn").select(ctx, 6).chosen)
     # kCenterGreedy with already_selected = the labelled nodes: repeatedly the farthest candidate.
     distance = np.min(np.linalg.norm(hidden[:29, None] - hidden[None, 29:], axis=-1), axis=1)
     expected = []

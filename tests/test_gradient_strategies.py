@@ -37,19 +37,19 @@ def engine_norms(ctx, loss_of_logits, norm):
 @pytest.mark.parametrize("norm", ["layer_sum", "global"])
 def test_strategies_score_what_the_engine_computes(digits_pool, method, norm):
     ctx = context(digits_pool, method=method, norm=norm)
-    ent = ent_gn_scores(ctx)
+    ent = ent_gn_scores(ctx).values
     np.testing.assert_allclose(ent, engine_norms(ctx, gradnorm.entropy_loss, norm), rtol=2e-5)
     # exp_gn as written (posterior differentiated) is the entropy: the same scores to rounding.
-    np.testing.assert_allclose(exp_gn_scores(ctx), ent, rtol=2e-5)
-    np.testing.assert_allclose(lplgrad_scores(ctx), ent, rtol=0)
+    np.testing.assert_allclose(exp_gn_scores(ctx).values, ent, rtol=2e-5)
+    np.testing.assert_allclose(lplgrad_scores(ctx).values, ent, rtol=0)
     expected = gradnorm.expected_gradient_length(inference_apply(ctx.model, ctx.variables["batch_stats"]),
                                                  ctx.variables["params"], ctx.pool_x, norm=norm)
-    np.testing.assert_allclose(egl_scores(ctx), expected, rtol=2e-5)
+    np.testing.assert_allclose(egl_scores(ctx).values, expected, rtol=2e-5)
 
 
 def test_exp_gn_and_ent_gn_select_the_same_samples(digits_pool):
     ctx = context(digits_pool)
-    assert get_strategy("exp_gn").select(ctx, 15).tolist() == get_strategy("ent_gn").select(ctx, 15).tolist()
+    assert get_strategy("exp_gn").select(ctx, 15).chosen.tolist() == get_strategy("ent_gn").select(ctx, 15).chosen.tolist()
 
 
 def test_new_weights_in_a_new_cycle_compile_nothing(digits_pool):

@@ -135,7 +135,7 @@ def test_exact_isal_grad_sim_and_top_k_equal_explicit_loops_and_select_most_nega
     assert info["cosine_s_test_v"] < 0.999  # the Hessian matters here: not a trivial check
 
     # The selected points are those of the most negative influence.
-    chosen, _ = get_strategy("isal").select(ctx, 3)
+    chosen = get_strategy("isal").select(ctx, 3).chosen
     np.testing.assert_array_equal(np.sort(chosen), np.sort(np.argsort(influence_values)[:3]))
 
     grad_sim, grad_sim_info = isal.grad_sim_scores(ctx)
@@ -237,10 +237,10 @@ def test_lissa_and_cg_rank_like_exact_on_a_convex_problem():
 def test_check_rejects_missing_validation_split_and_unknown_names():
     strategy = get_strategy("isal")
     with pytest.raises(ValueError, match=r"needs a validation split: pass --val_size N .* --influence.reference labeled"):
-        strategy.check(build_config(strategy="isal", val_size=0))
-    get_strategy("grad_sim").check(build_config(val_size=0, influence=dict(reference="labeled")))
+        strategy.requires.check(build_config(strategy="isal", val_size=0))
+    get_strategy("grad_sim").requires.check(build_config(val_size=0, influence=dict(reference="labeled")))
     for name in ("isal_v2", "isal_v3"):  # their reference set is fixed, not the validation split
-        get_strategy(name).check(build_config(val_size=0))
+        get_strategy(name).requires.check(build_config(val_size=0))
     cases = [(dict(reference="train"), "val, initial, labeled, test"), (dict(solver="newton"), "lissa, cg, exact"),
              (dict(params="biases"), "all, weights, last_layer"), (dict(depth=0), "depth"),
              (dict(damping=1.5), "damping"), (dict(scale=0.0), "scale")]
@@ -249,7 +249,7 @@ def test_check_rejects_missing_validation_split_and_unknown_names():
             if name == "isal_v2" and "reference" in options:
                 continue
             with pytest.raises(ValueError, match=listed):
-                get_strategy(name).check(build_config(val_size=5, influence=options))
+                get_strategy(name).requires.check(build_config(val_size=5, influence=options))
 
 
 def test_test_reference_warns_and_lissa_divergence_propagates():

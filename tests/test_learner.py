@@ -11,6 +11,7 @@ import jaxal
 from annotation import digit_pool, snapshot
 from jaxal import loop
 from jaxal.learner import AnnotationError
+from jaxal.strategies import Strategy
 
 from conftest import comparable  # tests/conftest.py
 
@@ -93,7 +94,7 @@ def test_killed_round_resumes_to_the_uninterrupted_result(tmp_path, pool, monkey
     expected.append(whole.ask(ids, images, k=K))
 
     # Round 0 is killed during training (nothing checkpointed), round 1 after training (during scoring).
-    real_train, real_propose = loop.train_model, loop.propose
+    real_train, real_select = loop.train_model, Strategy.select
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
@@ -110,11 +111,11 @@ def test_killed_round_resumes_to_the_uninterrupted_result(tmp_path, pool, monkey
     assert resumed.ask(ids, images, k=K) == expected[0]
 
     resumed.tell(*annotate(truth, expected[0].ids[:2]))
-    monkeypatch.setattr(loop, "propose", killed)
+    monkeypatch.setattr(Strategy, "select", killed)
     with pytest.raises(KeyboardInterrupt):
         resumed.ask(ids, images, k=K)
     assert (tmp_path / "killed" / "checkpoints" / "trained" / "1").exists()
-    monkeypatch.setattr(loop, "propose", real_propose)
+    monkeypatch.setattr(Strategy, "select", real_select)
     monkeypatch.setattr(loop, "train_model", no_training)  # the resumed round starts at the scoring
     again = learner(tmp_path / "killed", strategy="badge", warm_start=True)
     again.tell(*labels)

@@ -87,18 +87,18 @@ def context_for_logits(logits, labeled_logits=None, seed=0):
 def test_uncertainty_baselines_rank_hand_made_predictions():
     uniform, confident, two_way = [0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [5.0, 5.0, -10.0]
     ctx = context_for_logits([confident, uniform, two_way])
-    assert list(get_strategy("entropy").select(ctx, 3)) == [1, 2, 0]
-    assert list(get_strategy("least_confidence").select(ctx, 3)) == [1, 2, 0]
+    assert list(get_strategy("entropy").select(ctx, 3).chosen) == [1, 2, 0]
+    assert list(get_strategy("least_confidence").select(ctx, 3).chosen) == [1, 2, 0]
     # margin: uniform and two-way both have a zero top-2 gap; the confident one is last
-    assert get_strategy("margin").select(ctx, 3)[-1] == 0
-    assert set(get_strategy("margin").select(ctx, 2)) == {1, 2}
+    assert get_strategy("margin").select(ctx, 3).chosen[-1] == 0
+    assert set(get_strategy("margin").select(ctx, 2).chosen) == {1, 2}
 
 
 def test_random_baseline_depends_only_on_its_key():
     ctx = context_for_logits(np.zeros((50, 3)))
-    a = get_strategy("random").select(ctx, 10)
-    assert np.array_equal(a, get_strategy("random").select(ctx, 10))
-    assert not np.array_equal(a, get_strategy("random").select(context_for_logits(np.zeros((50, 3)), seed=1), 10))
+    a = get_strategy("random").select(ctx, 10).chosen
+    assert np.array_equal(a, get_strategy("random").select(ctx, 10).chosen)
+    assert not np.array_equal(a, get_strategy("random").select(context_for_logits(np.zeros((50, 3)), seed=1), 10).chosen)
 
 
 def brute_force_greedy_k_center(pool, labeled, k):
@@ -127,7 +127,7 @@ def test_coreset_equals_brute_force_k_center(num_labeled):
     got = np.asarray(greedy_k_center(jnp.asarray(pool, jnp.float32), jnp.asarray(labeled, jnp.float32), 8))
     assert got.tolist() == brute_force_greedy_k_center(pool, labeled, 8)
     ctx = context_for_logits(pool, labeled)
-    assert get_strategy("coreset").select(ctx, 8).tolist() == got.tolist()
+    assert get_strategy("coreset").select(ctx, 8).chosen.tolist() == got.tolist()
 
 
 def test_coreset_is_a_two_approximation_of_the_optimal_k_center():

@@ -76,8 +76,8 @@ def test_every_strategy_is_covered():
 @pytest.mark.parametrize("name", sorted(SCORERS))
 def test_scores_and_selections_on_8_devices_equal_one_device(digits, trained, name):
     one, eight = context(digits, trained, None), context(digits, trained, MESH)
-    scores_one, info_one = _split(SCORERS[name](one))
-    scores_eight, info_eight = _split(SCORERS[name](eight))
+    scores_one, info_one = SCORERS[name](one)
+    scores_eight, info_eight = SCORERS[name](eight)
     assert scores_eight.shape == (37,)
     np.testing.assert_allclose(np.asarray(scores_eight), np.asarray(scores_one), rtol=2e-4, atol=1e-6)
     if info_one and "cosine_s_test_v" in info_one:
@@ -91,12 +91,8 @@ def test_set_selections_on_8_devices_equal_one_device(digits, trained, name):
     assert _chosen(get_strategy(name).select(eight, BUDGET)) == _chosen(get_strategy(name).select(one, BUDGET))
 
 
-def _split(result):
-    return result if isinstance(result, tuple) else (result, None)
-
-
-def _chosen(result):
-    return np.asarray(_split(result)[0]).tolist()
+def _chosen(selection):
+    return np.asarray(selection.chosen).tolist()
 
 
 # ---- padding: 13 candidates on 8 devices --------------------------------------------------------------

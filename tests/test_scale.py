@@ -230,7 +230,7 @@ def test_coreset_badge_and_random_compile_once_across_cycles():
                               labeled_y=jnp.zeros(labeled, jnp.int32), num_classes=5, config=config,
                               rng=jax.random.key(cycle))
         for name in chosen:
-            chosen[name].append(np.asarray(get_strategy(name).select(ctx, 6)))
+            chosen[name].append(np.asarray(get_strategy(name).select(ctx, 6).chosen))
         if sizes is None:
             sizes = {name: fn._cache_size() for name, fn in programs.items()}
     assert {name: fn._cache_size() for name, fn in programs.items()} == sizes

@@ -18,7 +18,6 @@ from jaxal.config import build_config
 from jaxal.data import Normalization
 from jaxal.models import adapt
 from jaxal.strategies import STRATEGIES, StrategyContext
-from jaxal.strategies.base import propose
 from jaxal.tasks import Classification
 from jaxal.train import TrainOptions, create_train_state, model_variables, train_model
 
@@ -85,11 +84,11 @@ def test_every_strategy_that_can_run_on_a_users_module_does(data, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for name, strategy in sorted(STRATEGIES.items()):
-            if strategy.needs_lossnet:  # trained with the loss module: below, through a whole run
+            if strategy.requires.lossnet:  # trained with the loss module: below, through a whole run
                 continue
             loop.check_model_outputs(model, "Mine", build_config(strategy=name), images.shape[1:], images.dtype,
                                      NUM_CLASSES)
-            chosen, scores, _ = propose(strategy, context(model, variables, images, labels, labeled, pool, config), K)
+            chosen, scores, _ = strategy.select(context(model, variables, images, labels, labeled, pool, config), K)
             assert len(set(np.asarray(chosen).tolist())) == K and 0 <= min(chosen) and max(chosen) < len(pool), name
             if scores is not None:
                 assert np.all(np.isfinite(scores)) and list(scores) == sorted(scores, reverse=True), name
@@ -145,7 +144,7 @@ def test_gradient_norms_of_a_users_module_equal_a_python_loop_in_float64(data):
         ctx = context(model, variables, images, labels, labeled, pool, config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fallback warning; counted above
-            scores = np.asarray(STRATEGIES["ent_gn"].score(ctx))
+            scores = np.asarray(STRATEGIES["ent_gn"].score(ctx).values)
         task = Classification(NUM_CLASSES)
 
         # Compiled like the engine: the model normalises uint8 pixels in float32 as its first op, and XLA

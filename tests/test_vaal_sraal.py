@@ -138,7 +138,7 @@ def test_selection_given_fixed_discriminator_outputs(digits_context, monkeypatch
 
     monkeypatch.setattr(vaal, "train_adversarial", fake_train)
     monkeypatch.setattr(vaal, "discriminator_logits", lambda spec, state, xs, mesh=None: jnp.asarray(outputs))
-    chosen = np.asarray(get_strategy(name).select(ctx, 6)[0])
+    chosen = np.asarray(get_strategy(name).select(ctx, 6).chosen)
     if name == "vaal":  # the lowest "labelled" outputs: torch.topk(-preds)
         assert chosen.tolist() == np.argsort(outputs)[:6].tolist()
         assert trained["spec"].labeled_target == 1.0 and not trained["targets"].any()
@@ -200,7 +200,6 @@ def farthest_first(points: np.ndarray, first: int, k: int) -> list:
 def test_kcenter_initial_set_is_farthest_first_on_the_latent_means(monkeypatch):
     """The hook with the VAE training replaced by fixed latent means: a random first centre, then the
     farthest point each time, all outside the validation split; "random" keeps the given set."""
-    from types import SimpleNamespace
 
     images = np.random.default_rng(4).integers(0, 17, size=(60, 8, 8, 1)).astype(np.uint8)
     means = np.random.default_rng(5).normal(size=(60, 3)).astype(np.float32)
@@ -209,15 +208,13 @@ def test_kcenter_initial_set_is_farthest_first_on_the_latent_means(monkeypatch):
     monkeypatch.setattr(vaal, "train_adversarial", lambda *args, **kwargs: (None, {}))
     monkeypatch.setattr(vaal, "latent_means", lambda vae, state, xs, batch_size, mesh=None: jnp.asarray(means[candidates]))
     config = build_config(sraal={**TINY, "initial": "kcenter"})
-    exp = SimpleNamespace(config=config, dataset=SimpleNamespace(x_train=images), model=None, mesh=None)
     labeled = np.arange(20, 30)
-    chosen = sraal.kcenter_initial_set(exp, jax.random.key(7), labeled, val)
+    chosen = sraal.kcenter_initial_set(config, images, None, None, jax.random.key(7), labeled, val)
     assert len(chosen) == 10 and not np.intersect1d(chosen, val).size
     # The first centre is the hook's random draw: recover it as the one not explained by farthest-first.
     matches = [f for f in range(len(candidates))
                if sorted(candidates[farthest_first(means[candidates], f, 10)]) == chosen.tolist()]
     assert matches, "no first centre makes farthest-first select this set"
-    again = sraal.kcenter_initial_set(exp, jax.random.key(7), labeled, val)
+    again = sraal.kcenter_initial_set(config, images, None, None, jax.random.key(7), labeled, val)
     np.testing.assert_array_equal(chosen, again)
-    random_config = SimpleNamespace(**{**exp.__dict__, "config": build_config()})
-    assert sraal.kcenter_initial_set(random_config, jax.random.key(7), labeled, val) is labeled
+    assert sraal.kcenter_initial_set(build_config(), images, None, None, jax.random.key(7), labeled, val) is labeled

@@ -14,7 +14,7 @@ from jaxal.config import build_config
 from jaxal.data import load_dataset
 from jaxal.models import adapt, create_model
 from jaxal.strategies import STRATEGIES, StrategyContext, get_strategy
-from jaxal.strategies.base import register_selector
+from jaxal.strategies.base import Selection, register_selector
 from jaxal.train import TrainOptions, create_train_state, model_variables, train_model
 
 from conftest import SMALL_STRATEGY_NETWORKS, comparable  # tests/conftest.py
@@ -57,8 +57,7 @@ def test_selections_on_8_devices_equal_one_device(trained_context, name):
 
     one = get_strategy(name).select(trained_context, 6)
     eight = get_strategy(name).select(dataclasses.replace(trained_context, mesh=parallel.make_mesh(8)), 6)
-    first = lambda result: np.asarray(result[0] if isinstance(result, tuple) else result).tolist()  # noqa: E731
-    assert first(eight) == first(one)
+    assert eight.chosen.tolist() == one.chosen.tolist()
 
 
 def test_end_to_end_and_resumed_after_a_kill_in_each_strategy(tmp_path, monkeypatch):
@@ -95,8 +94,8 @@ def test_end_to_end_and_resumed_after_a_kill_in_each_strategy(tmp_path, monkeypa
 def test_the_loop_uses_a_strategys_initial_set(tmp_path):
     """The hook replaces the trial's random initial set (the cycle-0 model trains on it)."""
     chosen = np.arange(100, 120)
-    register_selector("test_initial_hook", initial_set=lambda exp, key, labeled, val: chosen)(
-        lambda ctx, k: np.arange(k))
+    register_selector("test_initial_hook", initial_set=lambda config, images, model, mesh, key, labeled, val: chosen)(
+        lambda ctx, k: Selection(np.arange(k)))
     trained_on = []
     try:
         loop.run_experiment(build_config(strategy="test_initial_hook", initial_size=25, val_size=5, cycles=2,

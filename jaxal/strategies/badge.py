@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxal import parallel
 from jaxal import precision as precision_lib
-from jaxal.strategies.base import StrategyContext, register_selector
+from jaxal.strategies.base import Selection, StrategyContext, register_selector
 from jaxal.train import predict
 
 def gradient_embedding_factors(logits: jax.Array, features: jax.Array, include_bias: bool = False
@@ -112,5 +112,5 @@ def badge_select_from_outputs(logits: jax.Array, features: jax.Array, k: int, rn
 def badge(ctx: StrategyContext, k: int) -> np.ndarray:
     """k-means++ seeding on last-layer gradient embeddings at the pseudo-label (BADGE, Ash et al. 2020)."""
     logits, features = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
-    return badge_select_from_outputs(logits, features, k, ctx.rng, mesh=ctx.mesh, capacity=ctx.config.subset_size,
-                                     precision=ctx.config.precision.solvers)
+    return Selection(badge_select_from_outputs(logits, features, k, ctx.rng, mesh=ctx.mesh, capacity=ctx.config.subset_size,
+                                     precision=ctx.config.precision.solvers))

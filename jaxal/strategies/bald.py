@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jaxal import parallel
 from jaxal.config import Config
 from jaxal.models import MLP, VGG16, ResNet18, SmallCNN, base_model
-from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer
+from jaxal.strategies.base import ALL_TASKS, Scores, StrategyContext, register_scorer
 from jaxal.tasks import Classification
 
 # Models whose only dropout sits on the penultimate features, directly before `head`.
@@ -173,5 +173,5 @@ def _check(config: Config) -> None:
 @register_scorer("bald", needs_dropout=True, check=_check, tasks=ALL_TASKS)
 def bald(ctx: StrategyContext):
     """Largest mutual information between label and weights under MC dropout (BALD, Gal et al. 2017)."""
-    return bald_scores(ctx.model, ctx.variables, ctx.pool_x, ctx.rng, ctx.config.bald_samples,
-                       chunk_size=ctx.config.eval_batch_size, mesh=ctx.mesh, task=ctx.task)
+    return Scores(bald_scores(ctx.model, ctx.variables, ctx.pool_x, ctx.rng, ctx.config.bald_samples,
+                       chunk_size=ctx.config.eval_batch_size, mesh=ctx.mesh, task=ctx.task))

@@ -1,12 +1,14 @@
 """The strategy contract and registry.
 
 A strategy is a pure function of a `StrategyContext` (the trained model, the candidate pool, the
-labelled data, the config and an RNG) and the budget k; it returns k distinct indices into
-`ctx.pool_x`, or `(indices, info)` where `info` is a dict of JSON-able diagnostics that the loop
-stores in the cycle's record under "strategy_info" (a scorer may likewise return `(scores, info)`). Most strategies are scores with "take the k largest": register those with
-`register_scorer`, which wraps them with `top_k`. Set-valued strategies (coreset, BADGE) register
-the selection itself with `register_selector`. The loop owns every piece of state; strategies never
-mutate anything.
+labelled data, the task, the config and an RNG). Most strategies score every candidate and take the k
+largest: they return `Scores(values, info)` and are registered with `register_scorer`. Set-valued
+strategies (coreset, BADGE, CoreGCN) choose the set itself, `select_set(ctx, k) -> Selection`, and are
+registered with `register_selector`. Either way `Strategy.select(ctx, k)` gives a `Selection` (chosen,
+scores, info), where `info` holds JSON-able diagnostics that the loop stores in the cycle's record under
+"strategy_info". What a strategy requires (a loss module, dropout, model outputs, tasks, checks of its
+settings) is a separate `Requirements`, checked before a run. The loop owns every piece of state;
+strategies never mutate anything.
 """
 
 from __future__ import annotations
@@ -49,10 +51,23 @@ class StrategyContext:
             object.__setattr__(self, "task", Classification(self.num_classes))
 
 
-Selector = Callable[[StrategyContext, int], np.ndarray]
+class Scores(NamedTuple):
+    """What a scorer returns: one score per candidate (the k largest are chosen) and its diagnostics."""
+
+    values: Any  # (n_pool,)
+    info: dict = {}  # JSON-able diagnostics the loop stores in the cycle's record ("strategy_info")
 
 
-# What a strategy may need from the model beyond its logits (`Strategy.needs`), and how to say so.
+class Selection(NamedTuple):
+    """What a strategy's selection is: k distinct indices into `ctx.pool_x`, best first, their scores (None
+    for a set-valued strategy such as coreset or BADGE, whose picks have no score), and its diagnostics."""
+
+    chosen: np.ndarray
+    scores: Optional[np.ndarray] = None
+    info: dict = {}
+
+
+# What a strategy may need from the model beyond its logits (`Requirements.needs`), and how to say so.
 MODEL_NEEDS = {
     "features": "the penultimate features (ModelOutput.features, or 'features' in a returned dict)",
     "blocks": "intermediate block outputs for the loss-prediction module (ModelOutput.blocks, or 'blocks' "
@@ -61,26 +76,48 @@ MODEL_NEEDS = {
 }
 
 
-class Strategy(NamedTuple):
-    name: str
-    select: Selector
-    needs_lossnet: bool  # the loop trains the LL4AL loss-prediction module jointly
-    needs_dropout: bool  # the model must have a non-zero dropout rate (MC dropout)
-    description: str
-    check: Optional[Callable[[Config], None]] = None  # raises ValueError for settings it cannot run with
-    tasks: tuple[str, ...] = ("classification",)  # the `jaxal.tasks` it can run on (checked before a run)
-    # Raises ValueError for settings that cannot run on this model: `check_model(config, variables)` with
-    # the model's variables as shapes (`jax.eval_shape`), before the run starts (e.g. a dense Hessian
-    # too large to allocate); the message names the option to use instead.
-    check_model: Optional[Callable[[Config, Any], None]] = None
-    # What it needs from the model besides logits: keys of MODEL_NEEDS (checked before a run).
-    needs: tuple[str, ...] = ()
-    # `score(ctx) -> scores` for strategies that take the k largest scores (`register_scorer`), else None.
-    score: Optional[Callable[[StrategyContext], Any]] = None
-    # `initial_set(experiment, trial_key, labeled, val) -> labeled`: a strategy's own initial training set
-    # (same size, outside `val`) in place of the trial's random one; None keeps the random one.
-    initial_set: Optional[Callable] = None
+@dataclasses.dataclass(frozen=True)
+class Requirements:
+    """What a strategy needs to run, checked before a run starts (`jaxal.loop`)."""
+
+    lossnet: bool = False  # the loop trains the LL4AL loss-prediction module jointly
+    dropout: bool = False  # the model must have a non-zero dropout rate (MC dropout)
+    tasks: tuple[str, ...] = ("classification",)  # the `jaxal.tasks` it can run on
     task_note: str = ""  # why it cannot run on the other tasks (the refusal's message says it)
+    needs: tuple[str, ...] = ()  # what it reads from the model besides logits: keys of MODEL_NEEDS
+    check: Optional[Callable[[Config], None]] = None  # raises ValueError for settings it cannot run with
+    # `check_model(config, variables)` with the model's variables as shapes (`jax.eval_shape`): raises
+    # ValueError for settings that cannot run on this model (e.g. a dense Hessian too large to allocate),
+    # naming the option to use instead.
+    check_model: Optional[Callable[[Config, Any], None]] = None
+
+
+# `initial_set(config, images, model, mesh, key, labeled, val) -> labeled`: a strategy's own initial
+# training set (as many indices as `labeled`, outside `val`) in place of the trial's random one.
+InitialSet = Callable[..., np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """A registered strategy: exactly one of `score(ctx) -> Scores` (take the k largest) and
+    `select_set(ctx, k) -> Selection` (a set-valued selection), what it requires, and optionally its own
+    initial set."""
+
+    name: str
+    description: str
+    requires: Requirements
+    score: Optional[Callable[[StrategyContext], Scores]] = None
+    select_set: Optional[Callable[[StrategyContext, int], Selection]] = None
+    initial_set: Optional[InitialSet] = None
+
+    def select(self, ctx: StrategyContext, k: int) -> Selection:
+        """The k chosen candidates, best first, with their scores and the strategy's diagnostics."""
+        if self.score is None:
+            selection = self.select_set(ctx, k)
+            return selection._replace(chosen=np.asarray(selection.chosen).reshape(-1))
+        scores, info = self.score(ctx)
+        chosen = top_k(scores, k)
+        return Selection(chosen, np.asarray(scores, np.float64)[chosen], info)
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -102,65 +139,43 @@ def top_k(scores, k: int) -> np.ndarray:
 ALL_TASKS = ("classification", "segmentation")
 
 
-def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
-                      check: Optional[Callable[[Config], None]] = None,
-                      tasks: tuple[str, ...] = ("classification",), needs: tuple[str, ...] = (),
-                      score: Optional[Callable[[StrategyContext], Any]] = None,
-                      check_model: Optional[Callable[[Config, Any], None]] = None,
-                      initial_set: Optional[Callable] = None, task_note: str = ""):
-    """Register `select(ctx, k) -> k indices` (or `(indices, info)`). `needs`: what it reads from the
-    model besides logits (MODEL_NEEDS); a loss module implies "blocks", MC dropout "mc_dropout"."""
+def _requirements(needs: tuple[str, ...], lossnet: bool, dropout: bool, **fields) -> Requirements:
+    """`needs` checked and completed: a loss module implies "blocks", MC dropout "mc_dropout"."""
     unknown = set(needs) - set(MODEL_NEEDS)
     if unknown:
         raise ValueError(f"unknown model needs {sorted(unknown)}; choose from: {', '.join(MODEL_NEEDS)}")
-    needs = tuple(dict.fromkeys((*needs, *(("blocks",) if needs_lossnet else ()),
-                                 *(("mc_dropout",) if needs_dropout else ()))))
+    needs = tuple(dict.fromkeys((*needs, *(("blocks",) if lossnet else ()), *(("mc_dropout",) if dropout else ()))))
+    return Requirements(lossnet=lossnet, dropout=dropout, needs=needs, **fields)
 
-    def decorate(select: Selector) -> Selector:
-        description = (select.__doc__ or "").strip().splitlines()[0] if select.__doc__ else ""
-        STRATEGIES[name] = Strategy(name, select, needs_lossnet, needs_dropout, description, check, tasks,
-                                    check_model, needs, score, initial_set, task_note)
-        return select
+
+def _description(fn) -> str:
+    return (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+
+
+def register_selector(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
+                      needs: tuple[str, ...] = (), initial_set: Optional[InitialSet] = None, **requirements):
+    """Register a set-valued `select_set(ctx, k) -> Selection`. `needs`: what it reads from the model besides
+    logits (MODEL_NEEDS); `requirements`: the other fields of `Requirements`."""
+
+    def decorate(select_set):
+        requires = _requirements(needs, needs_lossnet, needs_dropout, **requirements)
+        STRATEGIES[name] = Strategy(name, _description(select_set), requires, select_set=select_set,
+                                    initial_set=initial_set)
+        return select_set
 
     return decorate
 
 
 def register_scorer(name: str, *, needs_lossnet: bool = False, needs_dropout: bool = False,
-                    check: Optional[Callable[[Config], None]] = None, tasks: tuple[str, ...] = ("classification",),
-                    check_model: Optional[Callable[[Config, Any], None]] = None, needs: tuple[str, ...] = (),
-                    initial_set: Optional[Callable] = None, task_note: str = ""):
-    """Register `score(ctx) -> (n_pool,) scores`; the k highest are selected."""
+                    needs: tuple[str, ...] = (), initial_set: Optional[InitialSet] = None, **requirements):
+    """Register `score(ctx) -> Scores` with one score per candidate; the k highest are selected."""
 
-    def decorate(score: Callable[[StrategyContext], Any]):
-        def select(ctx: StrategyContext, k: int):
-            chosen, _, info = propose(STRATEGIES[name], ctx, k)
-            return chosen if info is None else (chosen, info)
-
-        select.__doc__ = score.__doc__
-        register_selector(name, needs_lossnet=needs_lossnet, needs_dropout=needs_dropout, check=check,
-                          tasks=tasks, needs=needs, score=score, check_model=check_model,
-                          initial_set=initial_set, task_note=task_note)(select)
+    def decorate(score):
+        requires = _requirements(needs, needs_lossnet, needs_dropout, **requirements)
+        STRATEGIES[name] = Strategy(name, _description(score), requires, score=score, initial_set=initial_set)
         return score
 
     return decorate
-
-
-def propose(strategy: Strategy, ctx: StrategyContext, k: int) -> tuple[np.ndarray, Optional[np.ndarray], Optional[dict]]:
-    """(k chosen indices into ctx.pool_x, best first; their scores, or None for a set-valued strategy
-    such as coreset or BADGE, whose picks have no score; the strategy's info dict or None)."""
-    if strategy.score is None:
-        chosen, info = split_info(strategy.select(ctx, k))
-        return np.asarray(chosen).reshape(-1), None, info
-    scores, info = split_info(strategy.score(ctx))
-    chosen = top_k(scores, k)
-    return chosen, np.asarray(scores, np.float64)[chosen], info
-
-
-def split_info(result) -> tuple[Any, Optional[dict]]:
-    """(value, info) from a strategy's `value` or `(value, info)` result."""
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
-        return result
-    return result, None
 
 
 def get_strategy(name: str) -> Strategy:

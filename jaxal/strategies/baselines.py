@@ -18,7 +18,7 @@ import numpy as np
 from jaxal import parallel
 from jaxal import precision as precision_lib
 from jaxal.config import max_labeled
-from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer, register_selector
+from jaxal.strategies.base import ALL_TASKS, Scores, Selection, StrategyContext, register_scorer, register_selector
 from jaxal.train import features, predict
 
 
@@ -50,7 +50,7 @@ def random_scores(ctx: StrategyContext):
     # Drawn at a bucketed size (one program per run) and cut: threefry's bits are per element, so the
     # first n draws are those of a draw of n.
     n = ctx.pool_x.shape[0]
-    return np.asarray(jax.random.uniform(ctx.rng, (parallel.bucket(n, ctx.config.subset_size),)))[:n]
+    return Scores(np.asarray(jax.random.uniform(ctx.rng, (parallel.bucket(n, ctx.config.subset_size),)))[:n])
 
 
 # Each uncertainty score is computed per output (an example's class vector, or each pixel's) and reduced
@@ -73,19 +73,19 @@ def uncertainty_scores(ctx: StrategyContext, score_of_probs) -> jax.Array:
 @register_scorer("entropy", tasks=ALL_TASKS)
 def entropy_scores(ctx: StrategyContext):
     """Highest predictive entropy."""
-    return uncertainty_scores(ctx, entropy_of)
+    return Scores(uncertainty_scores(ctx, entropy_of))
 
 
 @register_scorer("margin", tasks=ALL_TASKS)
 def margin_scores(ctx: StrategyContext):
     """Smallest gap between the two most probable classes."""
-    return -uncertainty_scores(ctx, margin_of)
+    return Scores(-uncertainty_scores(ctx, margin_of))
 
 
 @register_scorer("least_confidence", tasks=ALL_TASKS)
 def least_confidence_scores(ctx: StrategyContext):
     """Lowest probability of the predicted class."""
-    return -uncertainty_scores(ctx, confidence_of)
+    return Scores(-uncertainty_scores(ctx, confidence_of))
 
 
 # ---- coreset -------------------------------------------------------------------------------------
@@ -164,6 +164,6 @@ def coreset_select(ctx: StrategyContext, k: int) -> np.ndarray:
     pool_features = features(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
     labeled_features = features(ctx.model, ctx.variables, ctx.labeled_x, ctx.config.eval_batch_size,
                                 mesh=ctx.mesh)
-    return np.asarray(greedy_k_center(pool_features, labeled_features, k, ctx.mesh,
+    return Selection(np.asarray(greedy_k_center(pool_features, labeled_features, k, ctx.mesh,
                                       pool_capacity=ctx.config.subset_size, labeled_capacity=max_labeled(ctx.config),
-                                      precision=ctx.config.precision.solvers))
+                                      precision=ctx.config.precision.solvers)))

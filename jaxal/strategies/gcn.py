@@ -43,7 +43,7 @@ import optax
 
 from jaxal import parallel
 from jaxal.config import Config, GCNOptions
-from jaxal.strategies.base import StrategyContext, register_scorer, register_selector
+from jaxal.strategies.base import Scores, Selection, StrategyContext, register_scorer, register_selector
 from jaxal.strategies.baselines import greedy_k_center
 from jaxal.strategies.vaal import initialization_key
 from jaxal.train import predict
@@ -164,7 +164,7 @@ def _check(config: Config) -> None:
 def uncertaingcn_scores(ctx: StrategyContext):
     """GCN labelled-vs-unlabelled scores closest to the margin (UncertainGCN, Caramalau et al. 2021)."""
     scores, _, info = gcn_outputs(ctx)
-    return -np.abs(scores - ctx.config.gcn.margin), info
+    return Scores(-np.abs(scores - ctx.config.gcn.margin), info)
 
 
 @register_selector("coregcn", check=_check, needs=("features",))
@@ -172,4 +172,4 @@ def coregcn_select(ctx: StrategyContext, k: int):
     """Greedy k-center on a labelled-vs-unlabelled GCN's embeddings (CoreGCN, Caramalau et al. 2021)."""
     _, hidden, info = gcn_outputs(ctx)
     num_pool = ctx.pool_x.shape[0]
-    return np.asarray(greedy_k_center(hidden[:num_pool], hidden[num_pool:], k, ctx.mesh)), info
+    return Selection(np.asarray(greedy_k_center(hidden[:num_pool], hidden[num_pool:], k, ctx.mesh)), info=info)

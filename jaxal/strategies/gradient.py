@@ -31,7 +31,7 @@ from jaxal.config import Config
 from jaxal.models import inference_apply
 from jaxal.parallel import map_chunks
 from jaxal.pytree import PARAM_SUBSETS
-from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer
+from jaxal.strategies.base import ALL_TASKS, Scores, StrategyContext, register_scorer
 
 # The task method whose gradient norm each strategy ranks by (`jaxal.tasks`: a loss of one example's
 # logits, reduced over its outputs).
@@ -94,19 +94,19 @@ def query_gradient_norms(ctx: StrategyContext, loss_name: str) -> jax.Array:
 @register_scorer("exp_gn", check=check_options, tasks=ALL_TASKS)
 def exp_gn_scores(ctx: StrategyContext):
     """Largest gradient norm of the expected loss (Wang et al.; equals ent_gn, see README)."""
-    return query_gradient_norms(ctx, "exp_gn")
+    return Scores(query_gradient_norms(ctx, "exp_gn"))
 
 
 @register_scorer("ent_gn", check=check_options, tasks=ALL_TASKS)
 def ent_gn_scores(ctx: StrategyContext):
     """Largest gradient norm of the prediction entropy (Wang et al.)."""
-    return query_gradient_norms(ctx, "ent_gn")
+    return Scores(query_gradient_norms(ctx, "ent_gn"))
 
 
 @register_scorer("lplgrad", needs_lossnet=True, check=check_options, tasks=ALL_TASKS)
 def lplgrad_scores(ctx: StrategyContext):
     """Entropy gradient norm of a model trained jointly with the LL4AL loss-prediction module."""
-    return query_gradient_norms(ctx, "ent_gn")
+    return Scores(query_gradient_norms(ctx, "ent_gn"))
 
 
 @register_scorer("egl", check=check_options, task_note=(
@@ -121,4 +121,5 @@ def egl_scores(ctx: StrategyContext):
     static = (ctx.model, options.norm, options.params, engine_method(ctx, loss, pair))
     # C labelled pairs per example: keep a chunk of pairs as large as a chunk of examples.
     chunk = max(1, options.chunk_size // ctx.num_classes)
-    return map_chunks(_expected_gradient_length, static, ctx.variables, ctx.pool_x, chunk_size=chunk, mesh=ctx.mesh)
+    return Scores(map_chunks(_expected_gradient_length, static, ctx.variables, ctx.pool_x, chunk_size=chunk,
+                             mesh=ctx.mesh))

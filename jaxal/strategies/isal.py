@@ -96,7 +96,7 @@ from jaxal import precision as precision_lib
 from jaxal.config import Config, max_labeled
 from jaxal.models import inference_apply
 from jaxal.pytree import PARAM_SUBSETS, partition, restrict, subset_mask, tree_dot, tree_norm, tree_scale, tree_size
-from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer
+from jaxal.strategies.base import ALL_TASKS, Scores, StrategyContext, register_scorer
 
 REFERENCES = ("val", "initial", "labeled", "test")
 VAL_NEEDED = ("needs a validation split: pass --val_size N (held out of the initial set) or "
@@ -394,22 +394,22 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
 @register_scorer("isal", check=check_configured_reference, check_model=check_model, tasks=ALL_TASKS)
 def isal_scores(ctx: StrategyContext):
     """ISAL: most negative influence -grad L(R)^T H^-1 G_z on the reference set --influence.reference."""
-    return influence_selection_scores(ctx, ctx.config.influence.reference)
+    return Scores(*influence_selection_scores(ctx, ctx.config.influence.reference))
 
 
 @register_scorer("isal_v2", check=check_fixed_reference, check_model=check_model, tasks=ALL_TASKS)
 def isal_v2_scores(ctx: StrategyContext):
     """ISAL with the initial (cycle-0) training labelled set as reference set."""
-    return influence_selection_scores(ctx, "initial")
+    return Scores(*influence_selection_scores(ctx, "initial"))
 
 
 @register_scorer("isal_v3", check=check_fixed_reference, check_model=check_model, tasks=ALL_TASKS)
 def isal_v3_scores(ctx: StrategyContext):
     """ISAL with the current training labelled set as reference set."""
-    return influence_selection_scores(ctx, "labeled")
+    return Scores(*influence_selection_scores(ctx, "labeled"))
 
 
 @register_scorer("grad_sim", check=check_configured_reference, tasks=ALL_TASKS)
 def grad_sim_scores(ctx: StrategyContext):
     """Gradient similarity grad L(R) . G_z (ISAL with H = I) on the reference set --influence.reference."""
-    return influence_selection_scores(ctx, ctx.config.influence.reference, hessian=False)
+    return Scores(*influence_selection_scores(ctx, ctx.config.influence.reference, hessian=False))

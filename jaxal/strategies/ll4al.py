@@ -16,7 +16,7 @@ import jax
 
 from jaxal import parallel
 from jaxal.models import LossNet
-from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer
+from jaxal.strategies.base import ALL_TASKS, Scores, StrategyContext, register_scorer
 
 
 def _predicted_loss_chunk(static, consts, xs) -> jax.Array:
@@ -37,5 +37,5 @@ def ll4al(ctx: StrategyContext):
     """Highest loss predicted by a jointly trained loss-prediction module (LL4AL, Yoo & Kweon 2019)."""
     if ctx.lossnet is None or ctx.lossnet_params is None:
         raise ValueError("ll4al needs the jointly trained LossNet (ctx.lossnet and ctx.lossnet_params)")
-    return predicted_losses(ctx.model, ctx.variables, ctx.lossnet, ctx.lossnet_params, ctx.pool_x,
-                            chunk_size=ctx.config.eval_batch_size, mesh=ctx.mesh)
+    return Scores(predicted_losses(ctx.model, ctx.variables, ctx.lossnet, ctx.lossnet_params, ctx.pool_x,
+                                   chunk_size=ctx.config.eval_batch_size, mesh=ctx.mesh))

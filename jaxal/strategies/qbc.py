@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxal import parallel
 from jaxal.config import Config
 from jaxal.strategies.bald import mutual_information
-from jaxal.strategies.base import StrategyContext, register_scorer
+from jaxal.strategies.base import Scores, StrategyContext, register_scorer
 from jaxal.train import TrainOptions, create_train_state, epoch_batches, learning_rates, model_variables, train_step
 
 DISAGREEMENTS = ("vote_entropy", "consensus_kl")
@@ -133,5 +133,5 @@ def qbc_scores(ctx: StrategyContext):
                              member_keys=jax.random.split(step_key, options.members), seeds=seeds,
                              options=train_options, config=config, mesh=ctx.mesh)
     member_variables = parallel.local(model_variables(states))
-    return committee_disagreement(ctx.model, member_variables, ctx.pool_x, options.disagreement,
-                                  config.eval_batch_size, ctx.mesh)
+    return Scores(committee_disagreement(ctx.model, member_variables, ctx.pool_x, options.disagreement,
+                                         config.eval_batch_size, ctx.mesh))

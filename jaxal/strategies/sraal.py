@@ -44,7 +44,7 @@ import numpy as np
 
 from jaxal.config import Config
 from jaxal.strategies import vaal
-from jaxal.strategies.base import StrategyContext, register_scorer
+from jaxal.strategies.base import Scores, StrategyContext, register_scorer
 from jaxal.strategies.baselines import greedy_k_center
 from jaxal.train import predict
 
@@ -78,27 +78,26 @@ def _check(config: Config) -> None:
             raise ValueError(f"unknown --sraal.{field} {getattr(options, field)!r}; choose one of: {', '.join(allowed)}")
 
 
-def kcenter_initial_set(exp, trial_key, labeled: np.ndarray, val: np.ndarray):
+def kcenter_initial_set(config, images, model, mesh, trial_key, labeled: np.ndarray, val: np.ndarray):
     """The `Strategy.initial_set` hook: with `--sraal.initial kcenter`, as many training indices as the
     random initial set has, by greedy k-center on the latent means of a VAE trained without labels on
     every image outside the validation split (see the module docstring); otherwise `labeled` unchanged."""
-    options = exp.config.sraal
+    options = config.sraal
     if options.initial != "kcenter":
         return labeled
-    images = exp.dataset.x_train
     candidates = np.setdiff1d(np.arange(images.shape[0]), val)
     key = jax.random.fold_in(trial_key, 0x5AA1)  # a stream of its own, apart from the cycles' fold_in(key, c)
     train_key, first_key = jax.random.split(key)
     first_rng = np.random.default_rng(np.asarray(jax.random.key_data(first_key)))
-    vae = vaal.VAE(tuple(images.shape[1:]), options.latent_dim, options.width, vaal.pixel_normalization(exp.model),
+    vae = vaal.VAE(tuple(images.shape[1:]), options.latent_dim, options.width, vaal.pixel_normalization(model),
                    "sraal")
     spec = vaal.AdversarialSpec(vae, vaal.Discriminator(1, 0), options, 0.0, adversarial=False)
     pool = images[candidates]
     state, _ = vaal.train_adversarial(spec, train_key, None, None, pool, np.zeros((len(pool),), np.float32),
-                                      vaal.num_iterations(options, len(pool)), exp.mesh)
-    means = vaal.latent_means(vae, state, pool, options.batch_size, exp.mesh)
+                                      vaal.num_iterations(options, len(pool)), mesh)
+    means = vaal.latent_means(vae, state, pool, options.batch_size, mesh)
     first = int(first_rng.integers(len(pool)))
-    rest = np.asarray(greedy_k_center(means, means[first:first + 1], len(labeled) - 1, exp.mesh))
+    rest = np.asarray(greedy_k_center(means, means[first:first + 1], len(labeled) - 1, mesh))
     return np.sort(candidates[np.concatenate([[first], rest])])
 
 
@@ -114,4 +113,4 @@ def sraal_scores(ctx: StrategyContext):
     state, losses = vaal.train_adversarial(spec, ctx.rng, np.asarray(ctx.labeled_x), np.asarray(ctx.labeled_y),
                                            np.asarray(ctx.pool_x), targets, iterations, ctx.mesh)
     info = {"vae_iterations": iterations, "mean_indicator": float(np.mean(targets)), **losses}
-    return vaal.discriminator_logits(spec, state, ctx.pool_x, ctx.mesh), info
+    return Scores(vaal.discriminator_logits(spec, state, ctx.pool_x, ctx.mesh), info)

@@ -65,7 +65,7 @@ from jaxal.config import Config, VAALOptions
 from jaxal.data import crop_padding
 from jaxal.tasks import AUGMENTATIONS, augment_images
 from jaxal.train import epoch_batches
-from jaxal.strategies.base import StrategyContext, register_scorer
+from jaxal.strategies.base import Scores, StrategyContext, register_scorer
 
 SELECTION_BATCH_NORMS = ("batch", "running")
 KL_REDUCTIONS = ("sum", "batch_mean")
@@ -516,4 +516,4 @@ def vaal_scores(ctx: StrategyContext):
     state, losses = train_adversarial(spec, ctx.rng, np.asarray(ctx.labeled_x), np.asarray(ctx.labeled_y),
                                       np.asarray(ctx.pool_x), targets, iterations, ctx.mesh)
     # The lowest "labelled" output first.
-    return -discriminator_logits(spec, state, ctx.pool_x, ctx.mesh), {"vae_iterations": iterations, **losses}
+    return Scores(-discriminator_logits(spec, state, ctx.pool_x, ctx.mesh), {"vae_iterations": iterations, **losses})
