@@ -139,9 +139,9 @@ def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
 
     minimum = getattr(base_model(model), "min_image_size", 1)
     if min(dataset.image_shape[:2]) < minimum:
-        raise RunError(f"model {model_name} needs images of at least {minimum}x{minimum} pixels, and {dataset.name}'s are "
-                       f"{'x'.join(map(str, dataset.image_shape[:2]))}: its stages would run on 1-pixel maps; choose a "
-                       "smaller model (--model cnn or mlp) or larger images (--image_size)")
+        raise RunError(f"model {model_name} needs images of at least {minimum}x{minimum} pixels, and "
+                       f"{dataset.name}'s are {'x'.join(map(str, dataset.image_shape[:2]))}: its stages would run on "
+                       "1-pixel maps; choose a smaller model (--model cnn or mlp) or larger images (--image_size)")
     output = jax.eval_shape(forward, jax.random.key(0))
     if any(0 in leaf.shape for leaf in jax.tree.leaves(output)):
         raise RunError(f"model {model_name} needs larger images than {dataset.name}'s "

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from annotation import digit_pool, initial_labels, read_to_label, snapshot, write_labels, write_pool
+from annotation import digit_pool, initial_labels, read_to_label, write_labels, write_pool
 from jaxal import ActiveLearner, checkpoint, cli, folders, query, run, workdir as workdir_lock
 from jaxal.learner import AnnotationError, round_folder
 from jaxal.loop import RunError
@@ -162,7 +162,8 @@ def test_a_damaged_config_json_is_named(damage, message, tmp_path, capsys):
     (workdir / "config.json").write_text(damage)
     assert run.main(["--workdir", str(workdir), *RUN_FLAGS, "--cycles", "2"]) == 2
     assert f"{workdir / 'config.json'} {message}" in capsys.readouterr().err
-    assert (workdir / "config.json").read_text() == damage and workdir_lock.contents(workdir) == [workdir / "config.json"]
+    assert (workdir / "config.json").read_text() == damage
+    assert workdir_lock.contents(workdir) == [workdir / "config.json"]
 
 
 def test_a_zeroed_checkpoint_gives_one_short_message(tmp_path, capsys, monkeypatch):
@@ -220,6 +221,13 @@ def test_a_real_cpu_out_of_memory_ends_with_the_report(capsys):
         pytest.fail("a 256 TiB array was allocated")
 
 
+def test_a_disk_error_during_a_run_names_the_file(tmp_path, capsys):
+    args = run.build_parser().parse_args(["--strategy", "entropy"])
+    assert cli.run_command(args, lambda config: (tmp_path / "gone" / "results.csv").write_text("x")) == 2
+    err = capsys.readouterr().err
+    assert f"error: No such file or directory: {tmp_path / 'gone' / 'results.csv'}; what was finished" in err
+
+
 def write_npz(path: Path, y_train, y_test, x=None) -> Path:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(len(y_train) + len(y_test), 8, 8, 1)).astype(np.float32) if x is None else x
@@ -243,7 +251,8 @@ def test_class_labels_are_checked_before_the_run(y_train, y_test, message, tmp_p
 
 
 def test_a_strategy_named_twice_and_resnet18_on_1x1_images_are_refused(tmp_path, capsys):
-    assert run.main(["--workdir", str(tmp_path / "a"), *RUN_FLAGS, "--cycles", "2", "--strategy", "entropy,entropy"]) == 2
+    twice = ["--strategy", "entropy,entropy"]
+    assert run.main(["--workdir", str(tmp_path / "a"), *RUN_FLAGS, "--cycles", "2", *twice]) == 2
     assert "--strategy names entropy more than once" in capsys.readouterr().err
     features = np.random.default_rng(0).normal(size=(54, 5)).astype(np.float32)  # (N, D): 1x1 images, D channels
     path = write_npz(tmp_path / "features.npz", THREE, [0, 1, 2] * 4, x=features)

@@ -16,8 +16,8 @@ Sources, chosen by `name`:
     (`jaxal.folders`): decoded once into a uint8 cache, class names kept.
   - a path to an `.npz` file with arrays x_train, y_train, x_test, y_test: images (N, H, W, C) or
     (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D). uint8 arrays are
-    pixels in 0..255; other real arrays are kept as float32 values. Labels are class indices in [0, C);
-    C = 1 + the largest label of either split.
+    pixels in 0..255; other real arrays are kept as float32 values. Labels are class indices in [0, C),
+    each with a training example (a test label unseen in training is an error), C >= 2.
 Folders and .npz files are normalised by the train split's per-channel mean/std.
 
 Segmentation (`task="segmentation"`): labels are masks (N, H, W), uint8 (int32 only where a label value
@@ -231,8 +231,8 @@ def _check_class_indices(y_train: np.ndarray, y_test: np.ndarray, name: str) -> 
         raise ValueError(f"{name}: y_train holds one class (0); classification needs at least 2")
     if len(present) != num_classes:
         missing = np.setdiff1d(np.arange(min(num_classes, len(present) + 6)), present)[:5]
-        raise ValueError(f"{name}: labels must be the class indices 0 .. C-1, each with a training example, but y_train "
-                         f"holds {len(present)} distinct labels up to {num_classes - 1} (none of "
+        raise ValueError(f"{name}: labels must be the class indices 0 .. C-1, each with a training example, but "
+                         f"y_train holds {len(present)} distinct labels up to {num_classes - 1} (none of "
                          f"{', '.join(map(str, missing))}, ...); renumber the classes 0 .. {len(present) - 1}")
     unseen = np.setdiff1d(np.unique(y_test), present)
     if len(unseen):
