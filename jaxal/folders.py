@@ -336,7 +336,7 @@ def _open_image(data: bytes, name: str) -> Image.Image:
         image.load()
     except Exception as e:  # PIL's plugins raise many types (OSError, SyntaxError, struct.error, ...)
         # PIL names the stream it read (`<_io.BytesIO object at 0x...>`), which tells nobody anything.
-        detail = str(e).replace(repr(stream), "it")
+        detail = str(e).replace(f" {stream!r}", "").replace(repr(stream), "the file")
         raise ValueError(f"cannot read the image {name}: {type(e).__name__}: {detail}") from e
     return image
 

@@ -88,7 +88,7 @@ def test_a_second_query_on_a_busy_workdir_is_refused_and_the_first_round_stays_w
 
 def test_ctrl_c_says_where_a_rerun_resumes_and_the_rerun_finishes(tmp_path):
     workdir, go = tmp_path / "run", tmp_path / "go"
-    args = ["--workdir", str(workdir), *RUN_FLAGS, "--cycles", "3"]
+    args = ["--workdir", str(workdir), *RUN_FLAGS, "--cycles", "2"]
     first = interrupted("trial_0", str(go), "jaxal.run", args)  # stops after cycle 0's checkpoint
     try:
         wait_for(Path(f"{go}.paused"), first)
@@ -107,7 +107,7 @@ def test_ctrl_c_says_where_a_rerun_resumes_and_the_rerun_finishes(tmp_path):
     assert step == 0 and [r["cycle"] for r in meta["records"]] == [0]
     assert run.main(args) == 0
     records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
-    assert [r["cycle"] for r in records] == [0, 1, 2] and records[0] == meta["records"][0]
+    assert [r["cycle"] for r in records] == [0, 1] and records[0] == meta["records"][0]
 
 
 def test_kill_9_just_after_a_rounds_checkpoint_then_the_rerun_writes_every_file(tmp_path):
@@ -293,7 +293,7 @@ def test_image_read_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError) as error:
         folders.read_images(tmp_path / "photos", folders.list_images(tmp_path / "photos"), cache_dir=tmp_path / "c")
     assert str(tmp_path / "photos" / "a" / "img_000.png") in str(error.value)
-    assert "BytesIO" not in str(error.value) and "cannot identify image file it" in str(error.value)
+    assert "BytesIO" not in str(error.value) and str(error.value).endswith("cannot identify image file")
 
 
 # ---- the learner's API ---------------------------------------------------------------------------
