@@ -166,6 +166,18 @@ def test_a_damaged_config_json_is_named(damage, message, tmp_path, capsys):
     assert workdir_lock.contents(workdir) == [workdir / "config.json"]
 
 
+@pytest.mark.parametrize("damage, message", [('{"version": 1, "config": {', "is damaged (not JSON"),
+                                             ("[1, 2]", "is damaged (a JSON list, not an object)"),
+                                             ('{"version": 1}', "is damaged (no config or classes)")])
+def test_a_damaged_learner_json_is_named(damage, message, tmp_path, capsys):
+    workdir = tmp_path / "al"
+    workdir.mkdir()
+    (workdir / "learner.json").write_text(damage)
+    assert query.main(query_args(make_annotation_base(tmp_path), workdir)) == 2
+    assert f"{workdir / 'learner.json'} {message}" in capsys.readouterr().err
+    assert workdir_lock.contents(workdir) == [workdir / "learner.json"]
+
+
 def test_a_zeroed_checkpoint_gives_one_short_message(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "run"
     args = ["--workdir", str(workdir), *RUN_FLAGS, "--cycles", "2"]
