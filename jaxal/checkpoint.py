@@ -10,6 +10,7 @@ reports can never disagree with the state it resumed from.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -51,6 +52,7 @@ def restore_state(mngr: ocp.CheckpointManager, template_state: Any) -> Optional[
     step = mngr.latest_step()
     if step is None:
         return None
+    _silence_abandoned_reads()
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(),
                                                               meta=ocp.args.JsonRestore()))
@@ -75,8 +77,29 @@ def read_meta(mngr: ocp.CheckpointManager) -> Optional[tuple[int, dict]]:
 
 
 def _unreadable(mngr, step: int, error: Exception) -> CheckpointError:
+    # TensorStore appends its whole spec (~60 lines of JSON) to the reason: the first sentence is the news.
+    reason = str(error).split(" [tensorstore_spec=")[0].strip().splitlines()
+    reason = reason[0] if reason else ""
+    reason = reason if len(reason) <= 300 else reason[:300] + " ..."
     return CheckpointError(f"checkpoint {mngr.directory}/{step} cannot be read ({type(error).__name__}: "
-                           f"{error}); delete it or choose another --workdir")
+                           f"{reason}); delete it or choose another --workdir")
+
+
+def _silence_abandoned_reads() -> None:
+    """When one read of a restore fails, orbax gives up and closes its event loop while TensorStore's
+    other reads are still under way; each of those then reports `RuntimeError: Event loop is closed`
+    through `sys.unraisablehook` (a traceback apiece, after the error has been reported). Drop those,
+    and only those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def save(mngr: ocp.CheckpointManager, ckpt: CycleCheckpoint) -> None:

@@ -94,7 +94,9 @@ def distributed_requested(args: argparse.Namespace) -> bool:
 def run_command(args: argparse.Namespace, job: Callable[[config_lib.Config], object]) -> int:
     """What every jaxal command does around its `job(config)`: start the distributed runtime before
     anything touches a device, and turn bad input into a message and exit status 2, and an
-    out-of-memory error into a report of the sizes and what to lower (`jaxal.memory`), exit status 2."""
+    out-of-memory error into a report of the sizes and what to lower (`jaxal.memory`), exit status 2,
+    a filesystem error into a message naming the file (exit status 2), and Ctrl-C into a line saying
+    where a rerun resumes (exit status 130, as shells report SIGINT)."""
     if distributed_requested(args):
         from jaxal.parallel import initialize_distributed
 
@@ -107,8 +109,16 @@ def run_command(args: argparse.Namespace, job: Callable[[config_lib.Config], obj
     try:
         config = config_from_args(args)
         job(config)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: every finished cycle or round is checkpointed
+        where = getattr(interrupt, "resume_from", None)
+        print(f"\ninterrupted; rerun the same command to resume{f' from {where}' if where else ''}", file=sys.stderr)
+        return 130
     except (ValueError, CheckpointError, FloatingPointError, LissaDivergenceError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # the disk: full, gone read-only, a file removed under the run
+        print(f"error: {describe_os_error(error)}; what was finished before is checkpointed: rerun the same "
+              "command once the cause is fixed", file=sys.stderr)
         return 2
     except RuntimeError as error:  # XLA's RESOURCE_EXHAUSTED is a JaxRuntimeError
         if config is None or not is_out_of_memory(error):
@@ -116,3 +126,9 @@ def run_command(args: argparse.Namespace, job: Callable[[config_lib.Config], obj
         print(f"error: {out_of_memory_report(error, config)}", file=sys.stderr)
         return 2
     return 0
+
+
+def describe_os_error(error: OSError) -> str:
+    """'<strerror>: <file>' (both files of a rename): what a person needs, without the traceback."""
+    names = [str(n) for n in (error.filename, error.filename2) if n is not None]
+    return f"{error.strerror or error}" + (f": {' -> '.join(names)}" if names else "")

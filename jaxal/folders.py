@@ -330,11 +330,14 @@ def _read(tree: _Tree, rel: str) -> bytes:
 
 def _open_image(data: bytes, name: str) -> Image.Image:
     """The decoded image in `data`; the one place a file is decoded."""
+    stream = io.BytesIO(data)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(stream)
         image.load()
     except Exception as e:  # PIL's plugins raise many types (OSError, SyntaxError, struct.error, ...)
-        raise ValueError(f"cannot read the image {name}: {type(e).__name__}: {e}") from e
+        # PIL names the stream it read (`<_io.BytesIO object at 0x...>`), which tells nobody anything.
+        detail = str(e).replace(f" {stream!r}", "").replace(repr(stream), "the file")
+        raise ValueError(f"cannot read the image {name}: {type(e).__name__}: {detail}") from e
     return image
 
 

@@ -23,7 +23,7 @@ labels, the proposal, the pool's fingerprint and the record), the trained model 
     random numbers (every one comes from (seed, round)): the result equals an uninterrupted round;
   - a learner opened on an existing workdir continues its rounds (labels told after the last round live
     in memory until the next `ask` uses them: tell them again after a restart, as `jaxal.query` does by
-    reading its CSV files every time).
+    reading its CSV files every time); `forget(ids)` withdraws labels told since the last round.
 Bad input raises `AnnotationError` (a ValueError) before anything is written: a label for an id that is
 not in the pool, a class outside the known set, a second label for an id that differs from the first,
 a pool that changed under a round (ids added or removed, or pixels changed, when no new label came in
@@ -36,6 +36,7 @@ or neither: the distinct labels told before the first round, fixed from then on.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -44,7 +45,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from jaxal import checkpoint, parallel, results, tasks
+from jaxal import checkpoint, parallel, results, tasks, workdir as workdir_lock
 from jaxal.config import Config, build_config
 from jaxal.data import PYTORCH_CIFAR, Dataset, Normalization, channel_stats, crop_padding
 from jaxal.loop import (RESUME_FREE_FIELDS, Experiment, RunError, candidate_pool, check_model_fits,
@@ -120,8 +121,22 @@ def infer_classes(labels) -> tuple:
         return tuple(sorted(values))
     if all(isinstance(v, str) for v in values):
         digits = all(v.isdigit() for v in values)
+        if digits:
+            check_number_spellings(values)
         return tuple(sorted(values, key=(lambda v: (int(v), v)) if digits else None))
     raise AnnotationError("labels mix class indices (int) and class names (str); use one kind")
+
+
+def check_number_spellings(labels) -> None:
+    """Refuse two spellings of one number ("08" and "8"): taken as names they would be two classes."""
+    by_value: dict[int, set] = {}
+    for label in labels:
+        if isinstance(label, str) and label.isdigit():
+            by_value.setdefault(int(label), set()).add(label)
+    spelt_twice = [sorted(spellings) for spellings in by_value.values() if len(spellings) > 1]
+    if spelt_twice:
+        raise AnnotationError(f"the labels {' and '.join(map(repr, spelt_twice[0]))} are one number written two ways, "
+                              "which would make them two classes; write each class one way")
 
 
 def _shorten(values: Sequence, limit: int = 5) -> str:
@@ -292,10 +307,24 @@ class ActiveLearner:
                                   + ". A label once given stays; to correct one, start a new workdir")
         self._labels = updated
 
+    def forget(self, ids) -> None:
+        """Withdraw labels told since the last round (e.g. for ids that are not in the pool). Labels a
+        finished round trained on stay: AnnotationError, and nothing is withdrawn."""
+        keys = [id_key(encode_id(item)) for item in ids]
+        used = self._used_keys()
+        in_rounds = [key for key in keys if key in used]
+        if in_rounds:
+            raise AnnotationError(f"{len(in_rounds)} of these ids were labelled in finished rounds and stay labelled "
+                                  f"({_show_keys(in_rounds)}); only labels told since the last round can be withdrawn")
+        unknown = [key for key in keys if key not in self._labels]
+        if unknown:
+            raise AnnotationError(f"no label was told for {_show_keys(unknown)}; nothing withdrawn")
+        self._labels = {key: value for key, value in self._labels.items() if key not in set(keys)}
+
     def ask(self, pool_ids, pool_images, k: int = 100) -> Proposal:
         """The k ids of the pool to label next. Runs a round if labels came in since the last one (or
         there is none yet), else re-proposes the last round's batch."""
-        if not isinstance(k, (int, np.integer)) or k < 1:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
             raise AnnotationError(f"k must be a positive integer, got {k!r}")
         k = int(k)
         pool = make_pool(pool_ids, pool_images)
@@ -304,10 +333,15 @@ class ActiveLearner:
         classes = self._classes_for_round()
         self._check_labels_in(pool)
         self._check_images(pool)
+        self._write_round_files()  # a run killed between a round's checkpoint and its files
         used = self._used_keys()
         if self._rounds and set(self._labels) == used:
             return self._repropose(pool, k)
-        return self._new_round(pool, k, classes)
+        try:
+            return self._new_round(pool, k, classes)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C: `jaxal.cli` tells where a rerun resumes
+            interrupt.resume_from = f"round {len(self._rounds)}"
+            raise
 
     # ---- checks -----------------------------------------------------------------------------------
 
@@ -330,7 +364,8 @@ class ActiveLearner:
                 raise AnnotationError(f"{len(earlier)} labelled images of earlier rounds are no longer in the pool "
                                       f"({_show_keys(earlier)}): the pool changed under the rounds; restore them or "
                                       "start a new workdir")
-            raise AnnotationError(f"labels for ids that are not in the pool: {_show_keys(unknown)}")
+            raise AnnotationError(f"labels for ids that are not in the pool: {_show_keys(unknown)}; add the images to "
+                                  "the pool, or withdraw the labels with forget(ids)")
 
     def _check_images(self, pool: Pool) -> None:
         if self._settings is None:
@@ -434,15 +469,23 @@ class ActiveLearner:
             trained_mngr.delete(trained_mngr.latest_step())
         trained_mngr.close()
         self._rounds, self._pool_keys = rounds, list(pool.keys)
-        if parallel.is_primary():
-            folder = self.workdir / round_folder(number)
-            folder.mkdir(parents=True, exist_ok=True)
-            results.write_atomic(folder / "round.json", json.dumps(info, indent=1, sort_keys=True))
+        self._write_round_files()
         record = result.record
         self.log(f"round {number}: trained on {len(train_rows)} in {record['train_seconds']:.1f} s (train accuracy "
                  f"{record.get('train_accuracy', float('nan')):.3f}); chose {k} of {record['num_scored']} scored in "
                  f"{record['selection_seconds']:.1f} s")
         return _proposal(info, retrained=True)
+
+    def _write_round_files(self) -> None:
+        """`round_NNN/round.json` of each finished round that lacks it (the checkpoint is the truth; a run
+        killed just after writing it left the file unwritten)."""
+        if not parallel.is_primary():
+            return
+        for info in self._rounds:
+            folder = self.workdir / round_folder(info["round"])
+            if not (folder / "round.json").exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                results.write_atomic(folder / "round.json", json.dumps(info, indent=1, sort_keys=True))
 
     def _validation_keys(self, labelled: list) -> list:
         """Round 0 holds `val_size` of its labels out of training (the reference set R of ISAL's "val");
@@ -500,15 +543,14 @@ class ActiveLearner:
     def _read_settings(self) -> Optional[dict]:
         path = self.workdir / "learner.json"
         if not path.exists():
-            if self.workdir.exists() and any(self.workdir.iterdir()):
+            if self.workdir.is_dir() and workdir_lock.contents(self.workdir):
                 raise RunError(f"{self.workdir} exists and holds no annotation rounds (no learner.json); choose "
                                "another workdir")
             return None
-        try:
-            settings = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise RunError(f"{path} cannot be read ({error}); choose another workdir") from None
-        saved_config = settings["config"]
+        settings = workdir_lock.read_json_object(path, "choose another workdir")
+        saved_config = settings.get("config")
+        if not isinstance(saved_config, dict) or not isinstance(settings.get("classes"), list):
+            raise RunError(f"{path} is damaged (no config or classes); choose another workdir")
         config = self.config
         if config.model is None and self.module is None:
             config = dataclasses.replace(config, model=saved_config.get("model"))
@@ -595,6 +637,7 @@ def _given_classes(num_classes, classes) -> Optional[tuple]:
         classes = tuple(normalize_label(c) for c in classes)
         if len(set(classes)) != len(classes) or len(classes) < 2:
             raise RunError(f"classes must be at least 2 distinct labels, got {classes!r}")
+        check_number_spellings(classes)
         return classes
     return None
 
@@ -604,10 +647,18 @@ def _labels_digest(keys: list, indices: np.ndarray, val_keys: list, fingerprint:
 
 
 def build_config_from(base: Config, overrides: dict) -> Config:
-    """`base` with `overrides` (sections as dicts of fields) applied."""
+    """`base` with `overrides` (sections as dicts of fields) applied; RunError names an unknown field and
+    the fields spelt like it."""
     fields = {}
     for name, value in overrides.items():
+        known = [f.name for f in dataclasses.fields(base)]
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise RunError(f"unknown config field {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else
+                                                               "; see jaxal.config.Config for the fields"))
         current = getattr(base, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            build_config_from(current, value)  # names an unknown field of the section the same way
         fields[name] = dataclasses.replace(current, **value) if dataclasses.is_dataclass(current) and isinstance(
             value, dict) else value
     return dataclasses.replace(base, **fields)

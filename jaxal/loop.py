@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxal import checkpoint, parallel, precision, results, tasks
+from jaxal import checkpoint, parallel, precision, results, tasks, workdir as workdir_lock
 from jaxal.config import Config
 from jaxal.data import Dataset, load_dataset
 from jaxal.models import LossNet, accepted_modes, adapt, base_model, create_model, init_variables
@@ -64,6 +64,10 @@ def validate_settings(config: Config, task=None) -> None:
     task_name = getattr(task, "name", "classification")
     if not config.strategies:
         raise RunError("no strategy given")
+    repeated = sorted({name for name in config.strategies if config.strategies.count(name) > 1})
+    if repeated:  # a second run of one strategy would resume the first's checkpoints: it would not run twice
+        raise RunError(f"--strategy names {', '.join(repeated)} more than once; name each strategy once "
+                       "(--trials repeats a strategy)")
     for name in config.strategies:
         try:
             strategy = get_strategy(name)
@@ -133,6 +137,11 @@ def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
     def forward(key):
         return model.init_with_output(key, jnp.zeros((1, *dataset.image_shape), dataset.x_train.dtype), train=False)[0]
 
+    minimum = getattr(base_model(model), "min_image_size", 1)
+    if min(dataset.image_shape[:2]) < minimum:
+        raise RunError(f"model {model_name} needs images of at least {minimum}x{minimum} pixels, and "
+                       f"{dataset.name}'s are {'x'.join(map(str, dataset.image_shape[:2]))}: its stages would run on "
+                       "1-pixel maps; choose a smaller model (--model cnn or mlp) or larger images (--image_size)")
     output = jax.eval_shape(forward, jax.random.key(0))
     if any(0 in leaf.shape for leaf in jax.tree.leaves(output)):
         raise RunError(f"model {model_name} needs larger images than {dataset.name}'s "
@@ -228,14 +237,15 @@ def open_workdir(exp: Experiment, overwrite: bool) -> None:
     Several processes: all check (read only) before process 0 writes, so all fail or none does."""
     if not overwrite:
         check_workdir(exp)
-    elif exp.workdir.exists() and any(exp.workdir.iterdir()) and not (exp.workdir / "config.json").exists():
+    elif exp.workdir.exists() and workdir_lock.contents(exp.workdir) and not (exp.workdir / "config.json").exists():
         raise RunError(f"--overwrite deletes only jaxal run directories, and {exp.workdir} is not one "
                        "(it has no config.json); choose another --workdir")
     parallel.sync("jaxal-workdir-checked")
     if parallel.is_primary():
         if overwrite and exp.workdir.exists():
-            shutil.rmtree(exp.workdir)
-        exp.workdir.mkdir(parents=True, exist_ok=True)
+            for path in workdir_lock.contents(exp.workdir):  # the lock stays: this process holds it
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        workdir_lock.create(exp.workdir)
         if not (exp.workdir / "config.json").exists():
             results.write_atomic(exp.workdir / "config.json", exp.config.to_json())
     parallel.sync("jaxal-workdir-open")
@@ -253,12 +263,14 @@ def check_workdir(exp: Experiment) -> None:
     """Raise RunError unless the run directory is absent, empty, or holds a run of this config."""
     config_path = exp.workdir / "config.json"
     if config_path.exists():
-        details = config_differences(json.loads(config_path.read_text()), exp.config)
+        saved = workdir_lock.read_json_object(config_path, "delete it (or pass --overwrite) to start the run "
+                                                           "again, or choose another --workdir")
+        details = config_differences(saved, exp.config)
         if details:
             raise RunError(f"{exp.workdir} holds a run with another config ({details}); resume it with the "
                            "same flags, pass --overwrite to start again, or choose another --workdir")
         return
-    if exp.workdir.exists() and any(exp.workdir.iterdir()):
+    if exp.workdir.exists() and workdir_lock.contents(exp.workdir):
         raise RunError(f"{exp.workdir} exists and is not a jaxal run directory; choose another --workdir")
 
 
@@ -449,15 +461,21 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
         state, labeled, records, first_cycle = resumed.state, resumed.labeled, resumed.records, resumed.cycle + 1
         on_cycle(records)
     for cycle in range(first_cycle, config.cycles):
-        trained_on = labeled
-        state, labeled, record, candidates = run_cycle(exp, strategy, trial_key, cycle, state, labeled, val,
-                                                       initial, images, labels, lossnet)
-        record["trial"] = trial
-        if observer is not None:
-            observer(exp, cycle, state, trained_on, record, candidates)
-        records = records + [record]
-        checkpoint.save(mngr, checkpoint.CycleCheckpoint(cycle, state, labeled, val,
-                                                         np.asarray(jax.random.key_data(trial_key)), records))
+        try:
+            trained_on = labeled
+            state, labeled, record, candidates = run_cycle(exp, strategy, trial_key, cycle, state, labeled, val,
+                                                           initial, images, labels, lossnet)
+            record["trial"] = trial
+            if observer is not None:
+                observer(exp, cycle, state, trained_on, record, candidates)
+            records = records + [record]
+            checkpoint.save(mngr, checkpoint.CycleCheckpoint(cycle, state, labeled, val,
+                                                             np.asarray(jax.random.key_data(trial_key)), records))
+        except KeyboardInterrupt as interrupt:  # Ctrl-C: `jaxal.cli` tells where a rerun resumes
+            resume = cycle + 1 if mngr.latest_step() == cycle else cycle  # interrupted after its checkpoint?
+            interrupt.resume_from = (f"cycle {resume}" + (f" (strategy {strategy_name}, trial {trial})"
+                                                           if len(config.strategies) > 1 or config.trials > 1 else ""))
+            raise
         on_cycle(records)
     mngr.close()
     return records
@@ -489,7 +507,14 @@ def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, over
 
 def run_prepared(exp: Experiment, *, overwrite: bool = False, log: Callable[[str], None] = print,
                  observer: Optional[Callable] = None) -> list[dict]:
-    """`run_experiment` for an experiment `prepare` already loaded and validated."""
+    """`run_experiment` for an experiment `prepare` already loaded and validated. Holds the workdir's lock
+    (`jaxal.workdir`) throughout: a second process on the same workdir is refused."""
+    with workdir_lock.hold(exp.workdir, parallel.is_primary()):
+        return _run_holding_the_lock(exp, overwrite, log, observer)
+
+
+def _run_holding_the_lock(exp: Experiment, overwrite: bool, log: Callable[[str], None],
+                          observer: Optional[Callable]) -> list[dict]:
     config = exp.config
     open_workdir(exp, overwrite)
     if parallel.is_primary():

@@ -7,9 +7,9 @@ construction (every sum over a set is a loop over fixed-size chunks) but still d
 a chunk that fits one GPU does not fit another.
 
 During the run: XLA reports an allocation it could not make as a `JaxRuntimeError` whose message
-starts with RESOURCE_EXHAUSTED. `jaxal.run.run_command` turns it into `out_of_memory_report(error,
-config)` on stderr and exit status 2 instead of a traceback: the size that failed, the device's limit
-where the backend reports one, the run's sizes, and the options that lower the memory, per phase and
+starts with RESOURCE_EXHAUSTED (on the CPU also INTERNAL: ... Out of memory allocating ...).
+`jaxal.run.run_command` turns it into `out_of_memory_report(error, config)` on stderr and exit status 2
+instead of a traceback: the size that failed, the device's limit where the backend reports one, the run's sizes, and the options that lower the memory, per phase and
 strategy, with their current values. Cycles finished before the failure are checkpointed (once per
 cycle) in the run directory.
 """
@@ -50,10 +50,14 @@ COMMON_OPTIONS = (("eval_batch_size", "examples per evaluation and inference chu
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is XLA's failed allocation (host or device)."""
+    """Whether `error` is XLA's failed allocation (host or device): RESOURCE_EXHAUSTED where the allocation
+    fails in the call, or (XLA:CPU) `INTERNAL: Error dispatching computation: Out of memory allocating ...`
+    where it fails in a computation dispatched asynchronously and is read later."""
     import jax
 
-    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+    text = str(error)
+    return isinstance(error, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text
+                                                              or "Out of memory allocating" in text)
 
 
 def _gib(n: float) -> str:

@@ -19,7 +19,10 @@ Bad input -- a label for a file that is not in the pool, a class outside the kno
 that differs from an earlier one, a pool that changed under a round (files added or removed with no new
 label to start a new round, or labelled files removed), other settings than the workdir's rounds -- ends
 with a message and exit status 2, and writes nothing. A run killed during a round resumes it when
-started again (from the scoring, if the training had finished).
+started again (from the scoring, if the training had finished); Ctrl-C says so and exits with 130.
+One command at a time per workdir: a second one is refused naming the first's pid (`jaxal.workdir`).
+A labels CSV is read as UTF-8 (with or without a byte-order mark) unless --labels-encoding names another
+encoding; its paths match the pool's file names whatever their Unicode normalisation (NFC or NFD).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import io
 import json
 import posixpath
 import sys
+import unicodedata
 from pathlib import Path
 
 from jaxal import cli
@@ -48,16 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--new-labels", "--new_labels", dest="new_labels", action="append", default=[],
                        help="more path,label rows in another CSV (may be given several times)")
     group.add_argument("--classes", help="every class, comma-separated; without it, the distinct labels of the first round")
+    group.add_argument("--labels-encoding", "--labels_encoding", dest="labels_encoding", default="utf-8-sig",
+                       help="text encoding of the labels CSV files (e.g. cp1252, latin-1); the default reads UTF-8, "
+                            "with or without a byte-order mark")
     return parser
 
 
-def read_label_rows(path: str) -> list[tuple[str, str]]:
+def read_label_rows(path: str, encoding: str = "utf-8-sig") -> list[tuple[str, str]]:
     """(path, label) rows of a labels CSV; a first row `path,label` is a header. ValueError names the
-    file and row of anything malformed."""
+    file and row of anything malformed, and the line and byte of text that is not in `encoding`."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
+        data = Path(path).read_bytes()
     except OSError as error:
         raise ValueError(f"cannot read the labels file {path}: {error.strerror or error}") from None
+    try:
+        text = data.decode(encoding)
+    except LookupError:
+        raise ValueError(f"--labels-encoding: unknown encoding {encoding!r} (e.g. utf-8, cp1252, latin-1)") from None
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}: byte 0x{data[error.start]:02x} (byte {column} of the line) is not "
+                         f"valid {error.encoding}; save the file as UTF-8, or name its encoding with "
+                         "--labels-encoding (e.g. cp1252 or latin-1 for Western European text)") from None
     rows = []
     for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not row or all(not cell.strip() for cell in row):
@@ -82,16 +99,38 @@ def pool_relative(item: str, root: Path) -> str:
     return posixpath.normpath(path)
 
 
+def as_pool_names(rows: list[tuple[str, str]], ids: list[str]) -> list[tuple[str, str]]:
+    """`rows` with each path spelt as the pool spells it where they differ in Unicode normalisation only
+    (macOS writes file names decomposed, NFD; most editors write labels composed, NFC)."""
+    present = set(ids)
+    composed: dict[str, list[str]] = {}
+    for item in ids:
+        composed.setdefault(unicodedata.normalize("NFC", item), []).append(item)
+    out = []
+    for item, label in rows:
+        spellings = composed.get(unicodedata.normalize("NFC", item), [])
+        out.append((spellings[0] if item not in present and len(spellings) == 1 else item, label))
+    return out
+
+
 def run_round(config, args: argparse.Namespace, log=print) -> None:
-    from jaxal import folders, parallel, results
-    from jaxal.learner import ActiveLearner, round_folder
+    from jaxal import folders, parallel, workdir as workdir_lock
 
     root = Path(args.pool)
     ids = folders.list_images(root)
-    rows = [(pool_relative(item, root), label) for path in [args.labels, *args.new_labels]
-            for item, label in read_label_rows(path)]
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    rows = as_pool_names([(pool_relative(item, root), label) for path in [args.labels, *args.new_labels]
+                          for item, label in read_label_rows(path, args.labels_encoding)], ids)
     workdir = Path(config.workdir or "al")
+    with workdir_lock.hold(workdir, parallel.is_primary()):
+        propose_round(config, args, root, ids, rows, workdir, log)
+
+
+def propose_round(config, args: argparse.Namespace, root: Path, ids: list, rows: list, workdir: Path, log) -> None:
+    """One round (or the last one's batch again), holding the workdir's lock; writes the round's files."""
+    from jaxal import folders, parallel, results
+    from jaxal.learner import ActiveLearner, round_folder
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     learner = ActiveLearner(classes=classes, workdir=workdir, config=config, log=log)
     learner.tell([item for item, _ in rows], [label for _, label in rows])
     images = folders.read_images(root, ids, image_size=config.image_size)

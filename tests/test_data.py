@@ -164,7 +164,7 @@ def valid_arrays(rng=np.random.default_rng(0)):
         "x_train": rng.normal(3.0, 2.0, (20, 6, 5, 2)).astype(np.float32),
         "y_train": rng.integers(0, 3, 20),
         "x_test": rng.normal(3.0, 2.0, (7, 6, 5, 2)).astype(np.float32),
-        "y_test": np.array([0, 1, 2, 3, 0, 1, 2]),
+        "y_test": np.array([0, 1, 2, 2, 0, 1, 2]),
     }
 
 
@@ -177,7 +177,7 @@ def save(tmp_path, **arrays):
 def test_npz_round_trip(tmp_path):
     arrays = valid_arrays()
     ds = load_dataset(save(tmp_path, **arrays))
-    check_arrays(ds, 20, 7, (6, 5, 2), 4, np.float32)  # C = 1 + the largest label over both splits
+    check_arrays(ds, 20, 7, (6, 5, 2), 3, np.float32)  # C = 1 + the largest label (every class in training)
     x_train, x_test = (arrays[k].astype(np.float64) for k in ("x_train", "x_test"))
     mean, std = x_train.mean(axis=(0, 1, 2)), x_train.std(axis=(0, 1, 2))
     np.testing.assert_allclose(normalised(ds, ds.x_train), (x_train - mean) / std, rtol=1e-9, atol=1e-9)

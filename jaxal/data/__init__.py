@@ -16,8 +16,8 @@ Sources, chosen by `name`:
     (`jaxal.folders`): decoded once into a uint8 cache, class names kept.
   - a path to an `.npz` file with arrays x_train, y_train, x_test, y_test: images (N, H, W, C) or
     (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D). uint8 arrays are
-    pixels in 0..255; other real arrays are kept as float32 values. Labels are class indices in [0, C);
-    C = 1 + the largest label of either split.
+    pixels in 0..255; other real arrays are kept as float32 values. Labels are class indices in [0, C),
+    each with a training example (a test label unseen in training is an error), C >= 2.
 Folders and .npz files are normalised by the train split's per-channel mean/std.
 
 Segmentation (`task="segmentation"`): labels are masks (N, H, W), uint8 (int32 only where a label value
@@ -211,7 +211,7 @@ def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
         return _load_folder(name, image_size, cache_dir)
     if name.endswith(".npz") or os.path.exists(name):
         x_train, y_train, x_test, y_test = _check_arrays(_read_npz(name))
-        num_classes = int(max(y_train.max(), y_test.max())) + 1
+        num_classes = _check_class_indices(y_train, y_test, name)
         model = "mlp" if x_train.shape[1:3] == (1, 1) else "cnn"
         scale = 1 / 255 if x_train.dtype == np.uint8 else 1.0
         return _from_arrays(name, x_train, y_train, x_test, y_test, num_classes, scale, "none", model, image_size)
@@ -219,6 +219,26 @@ def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
         f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}, a folder (or .tar/.tar.gz) "
         f"with train/<class>/ and test/<class>/ images, or a path to an .npz file with {', '.join(NPZ_KEYS)}"
     )
+
+
+def _check_class_indices(y_train: np.ndarray, y_test: np.ndarray, name: str) -> int:
+    """C, the number of classes, for labels that are the class indices 0 .. C-1, each with a training
+    example; ValueError otherwise (a stray label of 2000000000 would otherwise make the model 2e9 logits
+    wide). A test label unseen in training could never be predicted: an error, as in a folder dataset."""
+    present = np.unique(y_train)
+    num_classes = int(present[-1]) + 1
+    if num_classes < 2:
+        raise ValueError(f"{name}: y_train holds one class (0); classification needs at least 2")
+    if len(present) != num_classes:
+        missing = np.setdiff1d(np.arange(min(num_classes, len(present) + 6)), present)[:5]
+        raise ValueError(f"{name}: labels must be the class indices 0 .. C-1, each with a training example, but "
+                         f"y_train holds {len(present)} distinct labels up to {num_classes - 1} (none of "
+                         f"{', '.join(map(str, missing))}, ...); renumber the classes 0 .. {len(present) - 1}")
+    unseen = np.setdiff1d(np.unique(y_test), present)
+    if len(unseen):
+        raise ValueError(f"{name}: y_test holds labels that y_train does not ({', '.join(map(str, unseen[:5]))}"
+                         f"{', ...' if len(unseen) > 5 else ''}): a class without training examples cannot be learnt")
+    return num_classes
 
 
 def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes, scale, augmentation, model,

@@ -116,6 +116,12 @@ class ResNet18(nn.Module):
     width: int = 64
     dropout_rate: float = 0.0
 
+    @property
+    def min_image_size(self) -> int:
+        """Each stage after the first halves the images (padded convolutions never reach 0 pixels, unlike
+        VGG's pooling): below this size some stages run on 1-pixel maps, mostly padding."""
+        return 2 ** (len(self.stage_sizes) - 1)
+
     @nn.compact
     def __call__(self, x, train: bool = False, mc_dropout: bool = False) -> ModelOutput:
         h = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem")(x)
