@@ -43,11 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--budget is the number of images proposed per round; --dataset, --initial_size, --cycles and "
                "--trials do not apply here.")
     group = parser.add_argument_group("annotation")
-    group.add_argument("--pool", required=True, help="folder (or .tar/.tar.gz) holding every image, labelled or not")
-    group.add_argument("--labels", required=True, help="CSV of path,label rows: the labels you have")
+    group.add_argument("--pool", help="folder (or .tar/.tar.gz) holding every image, labelled or not")
+    group.add_argument("--labels", help="CSV of path,label rows: the labels you have")
     group.add_argument("--new-labels", "--new_labels", dest="new_labels", action="append", default=[],
                        help="more path,label rows in another CSV (may be given several times)")
     group.add_argument("--classes", help="every class, comma-separated; without it, the distinct labels of the first round")
+    studio = parser.add_argument_group("Label Studio (instead of --pool and --labels; the key from $LABEL_STUDIO_API_KEY)")
+    studio.add_argument("--label-studio", "--label_studio", dest="label_studio", metavar="URL",
+                        help="the Label Studio server, e.g. http://localhost:8080: its project is the pool and its "
+                             "annotations the labels; the round's predictions go back into it")
+    studio.add_argument("--project", type=int, help="the Label Studio project id (in its URL: /projects/ID)")
+    studio.add_argument("--from-name", "--from_name", dest="from_name",
+                        help="the <Choices> tag to learn, when the label config has several")
     return parser
 
 
@@ -116,8 +123,23 @@ def run_round(config, args: argparse.Namespace, log=print) -> None:
                         "contact_sheet": str(folder / "contact_sheet.png"), "retrained": proposal.retrained}))
 
 
+def run_label_studio_round(config, args: argparse.Namespace, log=print) -> None:
+    from jaxal import labelstudio
+
+    client = labelstudio.Client(args.label_studio, labelstudio.api_key())
+    labelstudio.run_round(client, args.project, config, from_name=args.from_name, log=log)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.label_studio is not None:
+        if args.project is None or args.pool or args.labels or args.new_labels or args.classes:
+            parser.error("--label-studio takes --project (and --from-name), not --pool/--labels/--new-labels/--classes: "
+                         "the project holds the images, the annotations and the classes")
+        return cli.run_command(args, lambda config: run_label_studio_round(config, args))
+    if not args.pool or not args.labels:
+        parser.error("give --pool and --labels (or --label-studio and --project)")
     return cli.run_command(args, lambda config: run_round(config, args))
 
 
