@@ -96,6 +96,10 @@ class Client:
             return {"Authorization": f"Token {self._key}"}
         if self._access is None or renew:
             answer = self._send("POST", "api/token/refresh/", {}, json={"refresh": self._key})
+            if answer.status_code != 200:
+                raise LabelStudioError(f"Label Studio at {self.url} rejected the personal access token in "
+                                       f"{KEY_VARIABLE} (HTTP {answer.status_code}: {_detail(answer)}); create a new "
+                                       "one in Account & Settings")
             self._access = answer.json()["access"]
         return {"Authorization": f"Bearer {self._access}"}
 
@@ -108,9 +112,6 @@ class Client:
         except requests.RequestException as error:
             reason = type(error).__name__ if isinstance(error, requests.Timeout) else "connection refused or no route"
             raise LabelStudioError(f"cannot reach Label Studio at {self.url} ({reason}); is it running there?") from None
-        if response.status_code in (401, 403) and "api/token/refresh" in path:
-            raise LabelStudioError(f"Label Studio at {self.url} rejected the personal access token in {KEY_VARIABLE} "
-                                   f"(HTTP {response.status_code}); create a new one in Account & Settings")
         return response
 
     def request(self, method: str, path: str, *, ok=(200, 201, 204), **kwargs):
@@ -157,8 +158,8 @@ class Client:
         http(s) URL without it (the key never leaves for another host). UnreadableImage when there is
         no such file."""
         target = urljoin(self.url, url)
-        if urlsplit(target).netloc == urlsplit(self.url).netloc:
-            response = self.request("GET", target, ok=(200, 404, 403, 400))
+        if urlsplit(target).netloc == urlsplit(self.url).netloc:  # any answer but a rejected key is this file's
+            response = self.request("GET", target, ok=range(200, 600))
         else:
             try:
                 response = self._send("GET", target, {})
@@ -178,6 +179,12 @@ class Client:
             if created is not None and created != len(batch):
                 raise LabelStudioError(f"Label Studio kept {created} of {len(batch)} predictions sent to project "
                                        f"{project}; its log says why")
+
+    def retrieve_predictions(self, project: int) -> None:
+        """The Data Manager's "Retrieve Predictions" on every task: Label Studio asks the project's ML
+        backend (/setup, then /predict for the tasks without a prediction of its model version)."""
+        self.json("POST", "api/dm/actions/", params={"id": "retrieve_tasks_predictions", "project": project},
+                  json={"selectedItems": {"all": True, "excluded": []}})
 
     def set_model_version(self, project: int, version: str) -> None:
         self.json("PATCH", f"api/projects/{project}/", json={"model_version": version}, ok=(200,))

@@ -15,6 +15,13 @@ Every flag of `python -m jaxal.run` is here too (--epochs, --model, --gradnorm.n
 "annotation" preset (no labels held out); --budget is the number of images proposed per round. Classes:
 --classes a,b,c, or the distinct labels of the first round (fixed from then on).
 
+With Label Studio instead of a folder and a CSV (the key from $LABEL_STUDIO_API_KEY):
+
+    python -m jaxal.query --label-studio http://localhost:8080 --project 1 --strategy ent_gn --budget 100 --workdir al/
+
+reads the project's annotations and images and writes the round's predictions back into it, their
+scores ordering its task list (`jaxal.labelstudio`); `python -m jaxal.serve` is the ML-backend form.
+
 Bad input -- a label for a file that is not in the pool, a class outside the known set, a second label
 that differs from an earlier one, a pool that changed under a round (files added or removed with no new
 label to start a new round, or labelled files removed), other settings than the workdir's rounds -- ends

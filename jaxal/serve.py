@@ -10,13 +10,14 @@ then, in the project's Settings > Model, connect the model at http://localhost:9
     form of START_TRAINING): starts a round in the background, the same round as `python -m jaxal.query
     --label-studio` (`jaxal.labelstudio.run_round`: it reads the annotations and images with the URL and
     key given here), except that it writes no predictions itself. One round runs at a time; events that
-    come in during one start one more round after it. When a round finishes, the project's
-    model_version is set to it, so that sorting the Data Manager by prediction score ranks by this round;
+    come in during one start one more round after it. When a round finishes, jaxal has Label Studio
+    retrieve its predictions (the Data Manager's "Retrieve Predictions" on every task: Label Studio
+    calls /setup and /predict) and sets the project's model_version to the round's, so that sorting the
+    Data Manager by prediction score ranks by this round;
   - POST /predict: each task's prediction from the latest finished round (the model's label as a
     pre-annotation and the score that puts the round's proposed batch first: `jaxal.labelstudio`); a task
     the round did not see gets an empty result. It never waits for a round in progress.
-Label Studio asks for predictions when an annotator opens a task, or for many tasks with the Data
-Manager's "Retrieve Predictions" action.
+Label Studio also asks for predictions when an annotator opens a task.
 
 Every flag of `python -m jaxal.query` that sets the round (--strategy, --budget, --epochs, --model,
 --image_size, ...) is here too, from the "annotation" preset. Bad flags, an unreachable server or a
@@ -91,10 +92,9 @@ class Backend:
                 summary = labelstudio.run_round(self.client, self.project, self.config, from_name=self.from_name,
                                                 publish=False, log=self.log)
                 self.table = labelstudio.read_predictions(self.workdir)
-                if self.table is not None:
-                    self.client.set_model_version(self.project, self.table["model_version"])
                 self.last_error = None
                 self.log(f"round {summary['round']} ready: /predict answers with {self.model_version}")
+                self._rerank()
             except Exception as error:  # noqa: BLE001 -- a failed round must not stop the backend; it is reported
                 self.last_error = f"{type(error).__name__}: {error}"
                 self.log(f"round not run: {self.last_error}")
@@ -104,6 +104,18 @@ class Backend:
                     self._thread = None
                     return
                 self._again = False
+
+    def _rerank(self) -> None:
+        """Has Label Studio fetch the new round's predictions (it calls /setup, then /predict) and sort by
+        them: its project's model_version may only name a version it has predictions of."""
+        from jaxal import labelstudio
+
+        try:
+            self.client.retrieve_predictions(self.project)
+            self.client.set_model_version(self.project, self.model_version)
+        except labelstudio.LabelStudioError as error:
+            self.log(f"warning: the project does not rank by {self.model_version} yet ({error}); is this backend "
+                     "connected in its Settings > Model?")
 
     # ---- the routes -------------------------------------------------------------------------------------
 
