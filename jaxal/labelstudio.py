@@ -9,10 +9,14 @@ of each as its label (`task_labels`), reads the tasks' images (`ImageReader`: up
 storage, http(s) URLs; each downloaded once, cached in the workdir), and runs the same round as
 `jaxal.query` over them (`jaxal.learner.ActiveLearner`, task ids as its ids). It then writes one
 prediction per unannotated task back in bulk: the model's label as a pre-annotation and a `score` that
-puts the proposed batch first (`ranking_scores`), and sets the project's `model_version` to the round's,
-so that the Data Manager sorted by prediction score shows this round's ranking (Label Studio averages
-the scores of the predictions of the project's model version only). `jaxal.serve` runs the same round
-for Label Studio's ML backend protocol and answers its `/predict` from the round's `predictions.json`.
+puts the proposed batch first (`ranking_scores`: the batch in (0.5, 1], the others in [0, 0.5], as Label
+Studio drops scores outside [0, 1]), and sets the project's `model_version` to the round's, so that the
+Data Manager sorted by prediction score shows this round's ranking (Label Studio averages the scores of
+the predictions of the project's model version only). A rerun without new annotations trains nothing
+(it finishes a round whose predictions were not written yet); tasks added since the last round join
+the pool, deleted ones leave it (labelled ones stay, from the image cache: a label once trained on
+stays, as in `ActiveLearner`), and the round says how many. `jaxal.serve` runs the same round for Label
+Studio's ML backend protocol and answers its `/predict` from the round's `predictions.json`.
 
 The workdir holds `labelstudio.json` (the server's URL, the project, the mapped label config: never the
 key), `images/` (the downloaded image files, named by task id and a hash of the URL), and `learner/`

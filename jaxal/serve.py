@@ -134,13 +134,13 @@ class Backend:
 
         table = self.table  # one read: a round finishing meanwhile changes nothing for this answer
         version = table["model_version"] if table else UNTRAINED
+        spec = labelstudio.LabelSpec(**{**table["spec"], "classes": tuple(table["spec"]["classes"])}) if table else None
         results = []
         for task in body.get("tasks") or []:
             row = table["tasks"].get(str(task.get("id"))) if table else None
             if row is None:
                 results.append({"result": [], "model_version": version})
                 continue
-            spec = labelstudio.LabelSpec(**{**table["spec"], "classes": tuple(table["spec"]["classes"])})
             prediction = labelstudio.label_studio_prediction(task.get("id"), row["label"], row["score"], spec, version)
             prediction.pop("task")
             results.append(prediction)

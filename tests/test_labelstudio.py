@@ -29,7 +29,7 @@ LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 CONFIG = ('<View><Image name="image" value="$image"/><Choices name="label" toName="image" choice="single">'
           '<Choice value="zero"/><Choice value="one"/><Choice value="two"/></Choices></View>')
 BUDGET = 8
-TINY = ["--epochs", "3", "--batch_size", "16", "--model", "cnn", "--image_size", "16", "--progress", "false",
+TINY = ["--epochs", "2", "--batch_size", "16", "--model", "cnn", "--image_size", "8", "--progress", "false",
         "--budget", str(BUDGET)]
 SPEC = labelstudio.LabelSpec("label", "image", "image", ("zero", "one", "two"))
 
@@ -305,9 +305,19 @@ def rest_api_then_ml_backend(server, tmp_path, monkeypatch, capsys, files):
     server.api("DELETE", f"api/tasks/{deleted}/")
     personal = server.api("POST", "api/token/")["token"]
     assert labelstudio.is_personal_access_token(personal)
+    # The round is killed as it starts writing its predictions; the rerun finishes it without training.
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(labelstudio.Client, "import_predictions", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_query(project, workdir, server, key=personal, monkeypatch=monkeypatch)
+    assert "1 tasks were added to the project (they join the pool) and 1 deleted" in capsys.readouterr().out
+    assert server.api("GET", f"api/projects/{project}/")["model_version"] == "jaxal-round-000"
     assert run_query(project, workdir, server, key=personal, monkeypatch=monkeypatch) == 0
     out = capsys.readouterr().out
-    assert "1 tasks were added to the project (they join the pool) and 1 deleted" in out
+    assert "no new annotations since round 1; finishing it" in out and "training" not in out
     second = proposal(workdir, 1)
     assert not set(second) & (set(batch) | set(first) | {deleted})
     assert data_manager_order(server, project, BUDGET) == second
@@ -371,16 +381,16 @@ def ml_backend_rounds(server, project, workdir, key, last_batch, capsys):
         assert backend.last_error is None
         check_backend_round(server, project, workdir, 2, predicted, calls)
 
-        # Now the annotations' own webhooks start the rounds (as many as the events need, one at a time).
-        server.api("PATCH", f"api/webhooks/{webhook['id']}/", json={"is_active": True})
+        # Now an annotation's own webhook (ANNOTATION_CREATED) starts the round: the last of the batch.
         batch = proposal(workdir, 2)
+        annotate(server, batch[:-1])
+        server.api("PATCH", f"api/webhooks/{webhook['id']}/", json={"is_active": True})
         calls = len(predicted)
-        annotate(server, batch)
-        wait_for_rounds(backend_url, lambda h: h["model_version"] > "jaxal-round-002")
+        annotate(server, batch[-1:])
+        assert wait_for_rounds(backend_url, lambda h: h["model_version"] == "jaxal-round-003")
         assert backend.last_error is None
-        number = backend.table["round"]
-        assert not set(proposal(workdir, number)) & set(batch)
-        check_backend_round(server, project, workdir, number, predicted, calls)
+        assert not set(proposal(workdir, 3)) & set(batch)
+        check_backend_round(server, project, workdir, 3, predicted, calls)
     finally:
         httpd.shutdown()
         httpd.server_close()
