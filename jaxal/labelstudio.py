@@ -347,7 +347,7 @@ class ImageReader:
                 arrays.append(array)
         present = {task["id"] for task in tasks}
         for item in sorted(set(keep or ()) - present):
-            files = sorted(self.cache.glob(f"{item}-*"))
+            files = sorted(f for f in self.cache.glob(f"{item}-*") if not f.name.endswith(".partial"))
             if files:
                 ids.append(item)
                 arrays.append(folders.decode_image(files[-1].read_bytes(), f"task {item}", self.image_size))
