@@ -296,13 +296,14 @@ def rest_api_then_ml_backend(server, tmp_path, monkeypatch, capsys, files):
     assert [p["result"][0]["value"]["choices"][0] in SPEC.classes for p in predictions] == [True]
     assert LEGACY_TOKEN.encode() not in all_bytes(workdir)
 
-    # The annotator labels the batch; a task is added and an unlabelled one deleted; the rerun is round 1,
-    # with a personal access token (refresh token) this time.
+    # The annotator labels the batch; a task is added, an unlabelled and a labelled one deleted; the rerun
+    # is round 1, with a personal access token (refresh token) this time.
     annotate(server, batch)
     server.api("POST", f"api/projects/{project}/import", json=[{"image": files.url + "web/" + sorted(
         p.name for p in (server.files / "web").iterdir())[0]}])
     deleted = next(t["id"] for t in tasks[:-1] if t["id"] not in set(first) | set(batch))
     server.api("DELETE", f"api/tasks/{deleted}/")
+    server.api("DELETE", f"api/tasks/{first[0]}/")  # a labelled one: its label and cached image stay
     personal = server.api("POST", "api/token/")["token"]
     assert labelstudio.is_personal_access_token(personal)
     # The round is killed as it starts writing its predictions; the rerun finishes it without training.
@@ -313,7 +314,8 @@ def rest_api_then_ml_backend(server, tmp_path, monkeypatch, capsys, files):
         patch.setattr(labelstudio.Client, "import_predictions", killed)
         with pytest.raises(KeyboardInterrupt):
             run_query(project, workdir, server, key=personal, monkeypatch=monkeypatch)
-    assert "1 tasks were added to the project (they join the pool) and 1 deleted" in capsys.readouterr().out
+    assert ("1 tasks were added to the project (they join the pool) and 2 deleted (they leave it, except the "
+            "labelled ones, from the image cache)") in capsys.readouterr().out
     assert server.api("GET", f"api/projects/{project}/")["model_version"] == "jaxal-round-000"
     assert run_query(project, workdir, server, key=personal, monkeypatch=monkeypatch) == 0
     out = capsys.readouterr().out
