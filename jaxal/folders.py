@@ -183,6 +183,22 @@ def read_images(
     return _cached("pool", source, params, build, cache_dir)["images"]
 
 
+def decode_image(data: bytes, name: str, image_size: int | None = None) -> np.ndarray:
+    """The image file in `data` as (H, W, 1) or (H, W, 3) uint8, resized to image_size when given;
+    ValueError names `name` when it cannot be read."""
+    _check_image_size(image_size)
+    return _pixels(_open_image(data, name), name, image_size)
+
+
+def stack_images(arrays: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """`decode_image` outputs as one (N, H, W, C) array (grey ones widened to RGB when some are in
+    colour); ValueError when they differ in size, naming two."""
+    stack = _Stack(len(arrays))
+    for i, (array, name) in enumerate(zip(arrays, names)):
+        stack.put(i, array, name)
+    return stack.array
+
+
 def source_fingerprint(path: str | os.PathLike) -> str:
     """A hex digest that changes when the source changes: of an archive's size and mtime, or of a
     folder's image file names, sizes and mtimes (a stat per file, no reading)."""

@@ -53,6 +53,7 @@ from jaxal.loop import (RESUME_FREE_FIELDS, Experiment, RunError, candidate_pool
                         validate_settings)
 from jaxal.models import MODELS, LossNet, adapt, create_model
 from jaxal.strategies import get_strategy
+from jaxal.train import model_variables, predict as predict_logits
 
 FORMAT_VERSION = 1
 # Config fields an annotation round does not read (the pool and k come from `ask`): they may differ
@@ -342,6 +343,20 @@ class ActiveLearner:
         except KeyboardInterrupt as interrupt:  # Ctrl-C: `jaxal.cli` tells where a rerun resumes
             interrupt.resume_from = f"round {len(self._rounds)}"
             raise
+
+    def predict(self, pool_ids, pool_images) -> np.ndarray:
+        """Class probabilities (N, C), in the order of `pool_ids`, of the model the last finished round
+        trained (over `classes`), for any images of the round's shape, labelled or not."""
+        if not self._rounds:
+            raise AnnotationError("no finished round yet: ask for a batch first")
+        pool = make_pool(pool_ids, pool_images)
+        self._check_images(pool)
+        exp = self._experiment(pool, np.full((len(pool.keys),), -1, np.int32), self.classes)
+        lossnet = LossNet(self.config.lossnet.width) if self.strategy.needs_lossnet else None
+        variables = parallel.local(model_variables(self._restore_round_state(exp, lossnet)))
+        logits, _ = predict_logits(exp.model, variables, pool.images, self.config.eval_batch_size, mesh=exp.mesh)
+        probabilities = np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
+        return probabilities[[pool.index[id_key(encode_id(i))] for i in pool_ids]]
 
     # ---- checks -----------------------------------------------------------------------------------
 

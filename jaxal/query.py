@@ -15,6 +15,13 @@ Every flag of `python -m jaxal.run` is here too (--epochs, --model, --gradnorm.n
 "annotation" preset (no labels held out); --budget is the number of images proposed per round. Classes:
 --classes a,b,c, or the distinct labels of the first round (fixed from then on).
 
+With Label Studio instead of a folder and a CSV (the key from $LABEL_STUDIO_API_KEY):
+
+    python -m jaxal.query --label-studio http://localhost:8080 --project 1 --strategy ent_gn --budget 100 --workdir al/
+
+reads the project's annotations and images and writes the round's predictions back into it, their
+scores ordering its task list (`jaxal.labelstudio`); `python -m jaxal.serve` is the ML-backend form.
+
 Bad input -- a label for a file that is not in the pool, a class outside the known set, a second label
 that differs from an earlier one, a pool that changed under a round (files added or removed with no new
 label to start a new round, or labelled files removed), other settings than the workdir's rounds -- ends
@@ -47,14 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="--budget is the number of images proposed per round; --dataset, --initial_size, --cycles and "
                "--trials do not apply here.")
     group = parser.add_argument_group("annotation")
-    group.add_argument("--pool", required=True, help="folder (or .tar/.tar.gz) holding every image, labelled or not")
-    group.add_argument("--labels", required=True, help="CSV of path,label rows: the labels you have")
+    group.add_argument("--pool", help="folder (or .tar/.tar.gz) holding every image, labelled or not")
+    group.add_argument("--labels", help="CSV of path,label rows: the labels you have")
     group.add_argument("--new-labels", "--new_labels", dest="new_labels", action="append", default=[],
                        help="more path,label rows in another CSV (may be given several times)")
     group.add_argument("--classes", help="every class, comma-separated; without it, the distinct labels of the first round")
     group.add_argument("--labels-encoding", "--labels_encoding", dest="labels_encoding", default="utf-8-sig",
                        help="text encoding of the labels CSV files (e.g. cp1252, latin-1); the default reads UTF-8, "
                             "with or without a byte-order mark")
+    studio = parser.add_argument_group("Label Studio (instead of --pool and --labels; the key from $LABEL_STUDIO_API_KEY)")
+    studio.add_argument("--label-studio", "--label_studio", dest="label_studio", metavar="URL",
+                        help="the Label Studio server, e.g. http://localhost:8080: its project is the pool and its "
+                             "annotations the labels; the round's predictions go back into it")
+    studio.add_argument("--project", type=int, help="the Label Studio project id (in its URL: /projects/ID)")
+    studio.add_argument("--from-name", "--from_name", dest="from_name",
+                        help="the <Choices> tag to learn, when the label config has several")
     return parser
 
 
@@ -155,8 +169,24 @@ def propose_round(config, args: argparse.Namespace, root: Path, ids: list, rows:
                         "contact_sheet": str(folder / "contact_sheet.png"), "retrained": proposal.retrained}))
 
 
+def run_label_studio_round(config, args: argparse.Namespace, log=print) -> None:
+    from jaxal import labelstudio, parallel, workdir as workdir_lock
+
+    client = labelstudio.Client(args.label_studio, labelstudio.api_key())
+    with workdir_lock.hold(Path(config.workdir or "al"), parallel.is_primary()):
+        labelstudio.run_round(client, args.project, config, from_name=args.from_name, log=log)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.label_studio is not None:
+        if args.project is None or args.pool or args.labels or args.new_labels or args.classes:
+            parser.error("--label-studio takes --project (and --from-name), not --pool/--labels/--new-labels/--classes: "
+                         "the project holds the images, the annotations and the classes")
+        return cli.run_command(args, lambda config: run_label_studio_round(config, args))
+    if not args.pool or not args.labels:
+        parser.error("give --pool and --labels (or --label-studio and --project)")
     return cli.run_command(args, lambda config: run_round(config, args))
 
 

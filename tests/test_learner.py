@@ -213,3 +213,24 @@ print("ok", jaxal.ActiveLearner.__name__)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok ActiveLearner" in result.stdout
     assert "tensorflow-datasets" in result.stdout  # asking for a tfds dataset says what to install
+
+
+def test_predict_gives_the_last_rounds_model_in_the_order_asked(tmp_path, pool):
+    ids, images, truth = pool
+    a = learner(tmp_path / "a")
+    a.tell(*first_labels(truth))
+    with pytest.raises(AnnotationError, match="no finished round yet"):
+        a.predict(ids, images)
+    a.ask(ids, images, k=K)
+    probabilities = a.predict(ids, images)
+    assert probabilities.shape == (len(ids), 3) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    # The round's own evaluation (a confusion matrix summed over chunks) counted the same train accuracy.
+    held_out = {i for i in a.rounds[0]["val"]}
+    trained = [i for i in first_labels(truth)[0] if i not in held_out]
+    classes = ["zero", "one", "two"]
+    hits = [int(np.argmax(probabilities[ids.index(i)])) == classes.index(truth[i]) for i in trained]
+    assert abs(sum(hits) / len(hits) - a.rounds[0]["record"]["train_accuracy"]) < 1e-9
+    # A learner opened afresh on the workdir, the ids in another order: the same rows, in that order.
+    order = np.random.default_rng(1).permutation(len(ids))
+    again = learner(tmp_path / "a").predict([ids[i] for i in order], images[order])
+    np.testing.assert_allclose(again, probabilities[order], atol=1e-6)
