@@ -208,10 +208,7 @@ def load_boxes(
         raise ValueError(f"max_boxes must be a positive integer, got {max_boxes!r}")
     name = str(source)
     if name in TFDS_SOURCES:
-        from jaxal.data import boxes_tfds
-
-        defaults = TFDS_SOURCES[name]
-        read = boxes_tfds.reader(name, data_dir)
+        defaults, read = TFDS_SOURCES[name], _tfds_reader(name, data_dir)
     else:
         root = _local_root(source, cache_dir)
         if (root / "Annotations").is_dir():
@@ -500,6 +497,92 @@ def _coco_annotations(file: Path, data: dict, index: dict, on_invalid: str, imag
                                 np.asarray(crowd, np.float32).reshape(-1, 5), dropped))
         files.append(path)
     return anns, files
+
+
+# --- tensorflow-datasets ---------------------------------------------------------------------------
+
+
+def _tfds_class_names(name: str, data_dir) -> list[str]:
+    import tensorflow_datasets as tfds
+
+    return list(tfds.builder(name, data_dir=data_dir).info.features["objects"]["label"].names)
+
+
+def _tfds_reader(name: str, data_dir):
+    def read(splits, on_invalid):
+        try:
+            import tensorflow_datasets as tfds  # only here: every other source works without it
+        except ImportError:
+            raise ValueError(f"{name} is read with tensorflow-datasets, which is not installed here: "
+                             "pip install tensorflow-datasets (or pass a VOC or COCO folder)") from None
+        try:
+            names = _tfds_class_names(name, data_dir)
+        except Exception as e:  # tfds raises many types; coco's builder imports TensorFlow
+            raise RuntimeError(f"cannot open the tfds dataset {name} ({type(e).__name__}: {e}); "
+                               f"{_TFDS_HINT.format(name=name)}") from e
+
+        def read_split(split):
+            try:  # SkipDecoding: the image bytes; their header gives the size without decoding the pixels
+                source = tfds.data_source(name, split=split, data_dir=data_dir,
+                                          decoders={"image": tfds.decode.SkipDecoding()})
+            except Exception as e:
+                raise RuntimeError(f"the split {split!r} of {name} is not available ({type(e).__name__}: {e}); "
+                                   f"{_TFDS_HINT.format(name=name)}") from e
+            if len(source) == 0:
+                raise ValueError(f"the split {split!r} of {name} is empty")
+            anns = [_tfds_annotation(name, split, i, source[i], on_invalid) for i in range(len(source))]
+            return anns, lambda i: _tfds_pixels(source[i]["image"], f"{name} {split}[{i}]")
+
+        return names, read_split
+
+    return read
+
+
+_TFDS_HINT = ("on a machine with internet access and TensorFlow run python -c \"import tensorflow_datasets as "
+              "tfds; tfds.data_source('{name}', data_dir='DIR')\", copy DIR here and pass data_dir")
+
+
+def _tfds_image(image, where: str) -> Image.Image | np.ndarray:
+    if isinstance(image, (bytes, np.bytes_)):
+        return folders._open_image(bytes(image), where)
+    return np.asarray(image, np.uint8)
+
+
+def _tfds_pixels(image, where: str) -> np.ndarray:
+    opened = _tfds_image(image, where)
+    if isinstance(opened, Image.Image):
+        return as_rgb(opened, where)
+    return np.repeat(opened, 3, axis=2) if opened.ndim == 3 and opened.shape[2] == 1 else opened
+
+
+def _tfds_annotation(name: str, split: str, i: int, example: dict, on_invalid: str) -> _Annotation:
+    """voc/*: image/filename, objects {bbox, label, is_difficult}; coco/*: image/id, objects {bbox, label,
+    is_crowd}. bbox: normalised [ymin, xmin, ymax, xmax]."""
+    where = f"{name} {split}[{i}]"
+    image = _tfds_image(example["image"], where)
+    height, width = (image.height, image.width) if isinstance(image, Image.Image) else image.shape[:2]
+    objects = example["objects"]
+    bbox = np.asarray(objects["bbox"], np.float64).reshape(-1, 4)
+    labels = np.asarray(objects["label"], np.int32).reshape(-1)
+    difficult = np.asarray(objects.get("is_difficult", np.zeros(len(labels), bool)), bool).reshape(-1)
+    crowd = np.asarray(objects.get("is_crowd", np.zeros(len(labels), bool)), bool).reshape(-1)
+    if not len(bbox) == len(labels) == len(difficult) == len(crowd):
+        raise ValueError(f"{where}: objects have {len(bbox)} boxes but {len(labels)} labels")
+    boxes = bbox[:, [1, 0, 3, 2]] * np.array([width, height, width, height], np.float64)
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    valid &= (bbox >= 0).all(axis=1) & (bbox <= 1).all(axis=1)
+    if on_invalid == "error" and not valid.all():
+        k = int(np.flatnonzero(~valid)[0])
+        raise ValueError(f"{where}: the box {bbox[k].tolist()} (normalised ymin, xmin, ymax, xmax) has zero area "
+                         "or reaches outside the image; pass on_invalid='drop' (--boxes.on_invalid drop)")
+    keep, crowd_keep = valid & ~crowd, valid & crowd
+    image_id = example.get("image/filename", example.get("image/id", i))
+    image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
+    return _Annotation(
+        os.path.splitext(image_id)[0], int(height), int(width), boxes[keep], labels[keep], difficult[keep],
+        np.concatenate([boxes[crowd_keep], labels[crowd_keep, None]], axis=1).astype(np.float32),
+        int((~valid).sum()),
+    )
 
 
 # --- images ----------------------------------------------------------------------------------------
