@@ -113,8 +113,8 @@ def test_voc_fixed_canvas_and_archive(voc, tmp_path):
     root, _ = voc
     fixed = B.load_boxes(root, canvas=(20, 40))  # landscape within 20x40, portrait within 40x20
     assert fixed.canvases == ((32, 64), (64, 32))  # rounded up to 32
-    np.testing.assert_allclose(fixed.train.scales, [min(20 / 40, 40 / 60), min(40 / 60, 20 / 40), min(20 / 30, 40 / 50)],
-                               rtol=1e-6)
+    scales = [min(20 / 40, 40 / 60), min(40 / 60, 20 / 40), min(20 / 30, 40 / 50)]
+    np.testing.assert_allclose(fixed.train.scales, scales, rtol=1e-6)
     archive = tmp_path / "voc.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root.parent.parent, arcname="VOCdevkit")
@@ -164,7 +164,8 @@ def test_bad_voc_input_is_refused_naming_the_file(voc, what):
 
 
 def test_unknown_class_in_val_is_refused(tmp_path):
-    images = {"a": (20, 20, "RGB", [("dog", False, (1, 1, 10, 10))]), "b": (20, 20, "RGB", [("cow", False, (1, 1, 5, 5))])}
+    images = {"a": (20, 20, "RGB", [("dog", False, (1, 1, 10, 10))]),
+              "b": (20, 20, "RGB", [("cow", False, (1, 1, 5, 5))])}
     make_voc(tmp_path, images, {"train": ["a"], "val": ["b"], "test": ["a"]})
     with pytest.raises(ValueError, match=r"b\.xml: unknown class name 'cow'"):
         B.load_boxes(tmp_path, canvas=20)

@@ -122,7 +122,8 @@ def random_case(seed, n_images=12, n_classes=3):
         for _ in range(rng.integers(0, 6)):
             x, y = rng.integers(1, 60, 2)
             w, h = rng.integers(5, 40, 2)
-            objects.append((int(x), int(y), int(x + w), int(y + h), int(rng.integers(n_classes)), bool(rng.random() < 0.2)))
+            cls, difficult = int(rng.integers(n_classes)), bool(rng.random() < 0.2)
+            objects.append((int(x), int(y), int(x + w), int(y + h), cls, difficult))
         truth_voc.append(objects)
         for o in objects:
             for _ in range(rng.integers(0, 3)):

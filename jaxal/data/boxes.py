@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
+import shutil
 import tarfile
 import threading
 import xml.etree.ElementTree as ElementTree
@@ -102,7 +104,7 @@ class _Annotation:
 class _ImageReader:
     """Decodes a split's images at their canvas; keeps them when the split is cached."""
 
-    def __init__(self, decode: Callable[[int], np.ndarray], count: int, cache: bool):
+    def __init__(self, decode: Callable[[int], np.ndarray], cache: bool):
         self.decode = decode  # index -> uint8 (h, w, 3) original image
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
         self.lock = threading.Lock()
@@ -288,8 +290,6 @@ def _extracted(archive: Path, cache_dir) -> Path:
         raise ValueError(f"cannot read the archive {archive}: {e}") from e
     finally:
         if partial.exists():
-            import shutil
-
             shutil.rmtree(partial, ignore_errors=True)
     return target
 
@@ -444,7 +444,8 @@ def _coco_json(root: Path, split: str) -> dict:
     file = _coco_file(root, split)
     if not file.is_file():
         there = sorted(p.name for p in (root / "annotations").glob("instances_*.json"))
-        raise ValueError(f"{file} does not exist: no split {split!r} (found {', '.join(there) or 'no instances_*.json'})")
+        found = ", ".join(there) or "no instances_*.json"
+        raise ValueError(f"{file} does not exist: no split {split!r} (found {found})")
     try:
         data = json.loads(file.read_text())
         _ = data["images"], data["annotations"], data["categories"]
@@ -543,14 +544,24 @@ _TFDS_HINT = ("on a machine with internet access and TensorFlow run python -c \"
 
 
 def _tfds_image(image, where: str) -> Image.Image | np.ndarray:
+    """The encoded image opened (header read, pixels decoded later), or an already decoded array."""
+    if isinstance(image, np.ndarray) and image.dtype.kind in "OS" and image.ndim == 0:
+        image = image.item()  # SkipDecoding may hand the bytes over as a 0-d array
     if isinstance(image, (bytes, np.bytes_)):
-        return folders._open_image(bytes(image), where)
+        try:
+            return Image.open(io.BytesIO(bytes(image)))
+        except Exception as e:  # PIL raises many types for bytes it cannot identify
+            raise ValueError(f"cannot read the image {where}: {type(e).__name__}: {e}") from e
     return np.asarray(image, np.uint8)
 
 
 def _tfds_pixels(image, where: str) -> np.ndarray:
     opened = _tfds_image(image, where)
     if isinstance(opened, Image.Image):
+        try:
+            opened.load()
+        except Exception as e:
+            raise ValueError(f"cannot read the image {where}: {type(e).__name__}: {e}") from e
         return as_rgb(opened, where)
     return np.repeat(opened, 3, axis=2) if opened.ndim == 3 and opened.shape[2] == 1 else opened
 
@@ -670,7 +681,7 @@ def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache_bytes, na
         boxes[i, :m] = a.boxes * np.float32(scale)
         classes[i, :m], difficult[i, :m] = a.classes, a.difficult
     image_bytes = sum(int(np.prod(canvases[b])) * 3 for b in buckets)
-    reader = _ImageReader(decode, n, cache=image_bytes <= cache_bytes)
+    reader = _ImageReader(decode, cache=image_bytes <= cache_bytes)
     return BoxSplit(tuple(a.image_id for a in anns), boxes, classes, difficult, scales, original, resized,
                     buckets, canvases, tuple(a.crowd for a in anns), sum(a.dropped for a in anns), reader)
 
@@ -678,7 +689,9 @@ def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache_bytes, na
 # --- batches ---------------------------------------------------------------------------------------
 
 
-def batch_plan(split: BoxSplit, indices, batch_size: int, *, rng=None, drop_remainder: bool = False) -> list[np.ndarray]:
+def batch_plan(
+    split: BoxSplit, indices, batch_size: int, *, rng=None, drop_remainder: bool = False
+) -> list[np.ndarray]:
     """`indices` in batches of one bucket each: in the given order without `rng`; else shuffled within
     each bucket and the batches in a random order."""
     if batch_size < 1:

@@ -64,7 +64,8 @@ class Norm(nn.Module):
                 mean.value = (1 - _MOMENTUM) * mean.value + _MOMENTUM * m
                 var.value = (1 - _MOMENTUM) * var.value + _MOMENTUM * v * n / max(n - 1, 1)
         shape = (1,) * (x.ndim - 1) + (c,)  # explicit: the project raises on implicit rank promotion
-        return (x - m.reshape(shape)) * jax.lax.rsqrt(v + _EPS).reshape(shape) * scale.reshape(shape) + bias.reshape(shape)
+        inv = jax.lax.rsqrt(v + _EPS) * scale
+        return (x - m.reshape(shape)) * inv.reshape(shape) + bias.reshape(shape)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
@@ -92,7 +93,8 @@ class Block(nn.Module):
             h = nn.relu(Norm(**self.norm, name="bn2")(_conv(self.width, 3, self.stride, "conv2")(h)))
             h = Norm(**self.norm, name="bn3")(_conv(self.width * 4, 1, 1, "conv3")(h))
         if self.stride != 1 or x.shape[-1] != self.width * expansion:
-            x = Norm(**self.norm, name="downsample_bn")(_conv(self.width * expansion, 1, self.stride, "downsample_conv")(x))
+            x = _conv(self.width * expansion, 1, self.stride, "downsample_conv")(x)
+            x = Norm(**self.norm, name="downsample_bn")(x)
         return nn.relu(h + x)
 
 
