@@ -95,6 +95,7 @@ def test_voc_boxes_canvas_buckets_and_images(voc):
     np.testing.assert_array_equal(train.difficult, [[False, True], [False, False], [False, False]])
     np.testing.assert_allclose(train.boxes[1, 0], np.array([2, 3, 20, 50]) * 0.5, rtol=1e-6)
     np.testing.assert_array_equal(train.num_boxes(), [2, 1, 0])
+    np.testing.assert_allclose(train.areas[0], [60 * 40, 20 * 16])  # VOC: box areas, original pixels
     np.testing.assert_array_equal(train.boxes[2], 0)  # the negative: padding only
     for rows in ([0, 2], [1]):
         images = train.read_images(rows)
@@ -208,6 +209,7 @@ def test_coco_crowd_apart_ids_mapped_invalid_dropped(tmp_path):
     np.testing.assert_array_equal(train.classes, [[0, 1], [1, -1], [-1, -1]])
     # the crowd region is no training label; it is kept, in original pixels, for the evaluator
     assert [c.tolist() for c in train.crowd] == [[], [[0, 0, 60, 40, 0]], []]
+    np.testing.assert_array_equal(train.areas, [[898, 1], [200, 0], [0, 0]])  # COCO's annotated areas
     assert not train.difficult.any()
 
 

@@ -10,8 +10,9 @@ from jaxal.data.boxes import BoxSplit
 from jaxal.detection import evaluate as E
 
 
-def make_split(per_image, scale=1.0, size=(100, 100), crowd=None) -> BoxSplit:
-    """per_image: list of [(x1, y1, x2, y2, class, difficult)] in ORIGINAL pixels."""
+def make_split(per_image, scale=1.0, size=(100, 100), crowd=None, areas=None) -> BoxSplit:
+    """per_image: list of [(x1, y1, x2, y2, class, difficult)] in ORIGINAL pixels; areas (n, b) as
+    annotated (default: the boxes' w x h)."""
     n, b = len(per_image), max(1, max(len(p) for p in per_image))
     boxes = np.zeros((n, b, 4), np.float32)
     classes = np.full((n, b), -1, np.int32)
@@ -23,7 +24,9 @@ def make_split(per_image, scale=1.0, size=(100, 100), crowd=None) -> BoxSplit:
         tuple(str(i) for i in range(n)), boxes, classes, difficult, np.full(n, scale, np.float32),
         np.tile(np.array(size, np.int32), (n, 1)), np.tile((np.array(size) * scale).astype(np.int32), (n, 1)),
         np.zeros(n, np.int32), ((int(size[0] * scale), int(size[1] * scale)),),
-        tuple(np.asarray(c, np.float32).reshape(-1, 5) for c in (crowd or [[]] * n)), 0, None,
+        tuple(np.asarray(c, np.float32).reshape(-1, 5) for c in (crowd or [[]] * n)),
+        np.asarray(areas, np.float32) if areas is not None else np.prod(boxes[..., 2:] - boxes[..., :2], -1) / scale**2,
+        0, None,
     )
 
 
@@ -213,6 +216,10 @@ def test_coco_areas_are_original_pixels():
     truth = [[(10, 10, 50, 50, 0, False)]]
     got = E.coco_metrics(make_split(truth, 0.5), [0], make_detections(perfect(truth), 0.5), num_classes=1)
     assert got["apm"] == pytest.approx(1.0) and np.isnan(got["aps"]) and np.isnan(got["apl"])
+    # an annotated (mask) area, as COCO's, decides the range rather than the box's
+    annotated = E.coco_metrics(make_split(truth, 0.5, areas=[[900.0]]), [0], make_detections(perfect(truth), 0.5),
+                               num_classes=1)
+    assert annotated["aps"] == pytest.approx(1.0) and np.isnan(annotated["apm"])
 
 
 def test_coco_difficult_and_crowd_are_ignored():

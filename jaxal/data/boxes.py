@@ -27,7 +27,9 @@ multiple of `size_divisor` (mmdetection's Pad(size_divisor=32)).
 Boxes: each image's boxes are padded to `max_boxes` (None: the largest count of the dataset); class -1
 marks padding. VOC's `difficult` flag is kept (evaluation ignores those boxes). An image without boxes is
 a valid negative. COCO's crowd boxes (iscrowd=1) are not training labels, as in COCO: they are kept
-apart (`BoxSplit.crowd`) for the evaluator, where pycocotools ignores the detections they cover. A box
+apart (`BoxSplit.crowd`) for the evaluator, where pycocotools ignores the detections they cover. `BoxSplit.areas`
+holds each box's area in original pixels for COCO's size ranges: COCO's annotated (mask) area where the
+source gives one, else the box's. A box
 with zero area as written (VOC xmax <= xmin or ymax <= ymin -- VOC's inclusive convention would read
 xmin == xmax as one pixel, but such boxes are clicks, not objects; COCO w or h <= 0) or reaching outside
 the image (VOC xmin < 1 or xmax > width; COCO beyond the image by more than one pixel, clipped when less)
@@ -99,6 +101,7 @@ class _Annotation:
     difficult: np.ndarray  # bool (M,)
     crowd: np.ndarray  # float32 (K, 5): x1, y1, x2, y2, class of COCO's crowd regions
     dropped: int  # invalid boxes left out
+    areas: np.ndarray | None = None  # float64 (M,): COCO's annotated (mask) areas; None: box areas
 
 
 class _ImageReader:
@@ -122,6 +125,8 @@ class BoxSplit:
     buckets: np.ndarray  # int32 (N,): index into canvases
     canvases: tuple[tuple[int, int], ...]  # (H, W) per bucket (the dataset's)
     crowd: tuple[np.ndarray, ...]  # per image float32 (K, 5) crowd regions, ORIGINAL pixels + class
+    areas: np.ndarray  # float32 (N, B): ORIGINAL-pixel areas for COCO's size ranges (COCO's annotated
+    # areas -- of the masks -- where the source has them, else the boxes' w x h); 0 for padding
     dropped: int  # invalid boxes dropped (on_invalid="drop")
     reader: _ImageReader = dataclasses.field(repr=False)
 
@@ -469,7 +474,7 @@ def _coco_annotations(file: Path, data: dict, index: dict, on_invalid: str, imag
         if not path.is_file():
             raise ValueError(f"the image file {path} of {file} (image id {im['id']}) does not exist")
         height, width = int(im["height"]), int(im["width"])
-        boxes, classes, crowd, dropped = [], [], [], 0
+        boxes, classes, areas, crowd, dropped = [], [], [], [], 0
         for ann in per_image[int(im["id"])]:
             if int(ann["category_id"]) not in index:
                 raise ValueError(f"{file}: annotation {ann.get('id')} has the unknown category_id {ann['category_id']}")
@@ -493,9 +498,10 @@ def _coco_annotations(file: Path, data: dict, index: dict, on_invalid: str, imag
             else:
                 boxes.append(box)
                 classes.append(index[int(ann["category_id"])])
+                areas.append(float(ann.get("area", (box[2] - box[0]) * (box[3] - box[1]))))
         anns.append(_Annotation(str(im["id"]), height, width, np.asarray(boxes, np.float64).reshape(-1, 4),
                                 np.asarray(classes, np.int32), np.zeros(len(classes), bool),
-                                np.asarray(crowd, np.float32).reshape(-1, 5), dropped))
+                                np.asarray(crowd, np.float32).reshape(-1, 5), dropped, np.asarray(areas, np.float64)))
         files.append(path)
     return anns, files
 
@@ -587,12 +593,13 @@ def _tfds_annotation(name: str, split: str, i: int, example: dict, on_invalid: s
         raise ValueError(f"{where}: the box {bbox[k].tolist()} (normalised ymin, xmin, ymax, xmax) has zero area "
                          "or reaches outside the image; pass on_invalid='drop' (--boxes.on_invalid drop)")
     keep, crowd_keep = valid & ~crowd, valid & crowd
+    areas = np.asarray(objects["area"], np.float64).reshape(-1)[keep] if "area" in objects else None
     image_id = example.get("image/filename", example.get("image/id", i))
     image_id = image_id.decode() if isinstance(image_id, bytes) else str(image_id)
     return _Annotation(
         os.path.splitext(image_id)[0], int(height), int(width), boxes[keep], labels[keep], difficult[keep],
         np.concatenate([boxes[crowd_keep], labels[crowd_keep, None]], axis=1).astype(np.float32),
-        int((~valid).sum()),
+        int((~valid).sum()), areas,
     )
 
 
@@ -669,6 +676,7 @@ def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache_bytes, na
     original = np.empty((n, 2), np.int32)
     resized = np.empty((n, 2), np.int32)
     buckets = np.empty(n, np.int32)
+    areas = np.zeros((n, max_boxes), np.float32)
     for i, a in enumerate(anns):
         m = len(a.classes)
         if m > max_boxes:
@@ -680,10 +688,12 @@ def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache_bytes, na
         buckets[i] = bucket_of(a.height, a.width)
         boxes[i, :m] = a.boxes * np.float32(scale)
         classes[i, :m], difficult[i, :m] = a.classes, a.difficult
+        box_areas = (a.boxes[:, 2] - a.boxes[:, 0]) * (a.boxes[:, 3] - a.boxes[:, 1])
+        areas[i, :m] = box_areas if a.areas is None else a.areas
     image_bytes = sum(int(np.prod(canvases[b])) * 3 for b in buckets)
     reader = _ImageReader(decode, cache=image_bytes <= cache_bytes)
     return BoxSplit(tuple(a.image_id for a in anns), boxes, classes, difficult, scales, original, resized,
-                    buckets, canvases, tuple(a.crowd for a in anns), sum(a.dropped for a in anns), reader)
+                    buckets, canvases, tuple(a.crowd for a in anns), areas, sum(a.dropped for a in anns), reader)
 
 
 # --- batches ---------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ boxes -- and pycocotools' per-image records, bounded the same way.
 `coco_metrics`: pycocotools' COCOeval (bbox) over a COCO object built from the split -- COCO's matching is
 not reimplemented. Crowd regions (`BoxSplit.crowd`) and VOC's difficult boxes enter as iscrowd=1 (as
 mmdetection's VOC-to-COCO converter writes difficult boxes), so pycocotools ignores the detections they
-cover. Areas for APs/APm/APl are box areas w x h (the split holds no masks; official COCO numbers use the
-annotations' mask areas, so APs/m/l can differ slightly from them; AP, AP50 and AP75 do not use areas).
+cover. Areas for APs/APm/APl are the split's `areas`: COCO's annotated (mask) areas where the source gives
+them, as the official evaluation uses, else box areas w x h (VOC).
 
 `voc_map`: the VOC devkit's voc_eval: detections of a class sorted by score, each matched to the ground
 truth box of its image with the largest IoU; over `iou` (strictly) and not yet taken: a true positive;
@@ -51,12 +51,13 @@ def _original_detections(split, indices: np.ndarray, detections: dict):
 
 
 def _original_truth(split, indices: np.ndarray):
-    """(image row, box in original pixels, class, difficult) of every real box of the images."""
+    """(image row, box in original pixels, class, difficult, area) of every real box of the images."""
     classes = split.classes[indices]
     rows, slots = np.nonzero(classes >= 0)
     scale = split.scales[indices].astype(np.float64)
     boxes = split.boxes[indices][rows, slots].astype(np.float64) / scale[rows, None]
-    return rows, boxes, classes[rows, slots].astype(np.int64), split.difficult[indices][rows, slots]
+    return (rows, boxes, classes[rows, slots].astype(np.int64), split.difficult[indices][rows, slots],
+            split.areas[indices][rows, slots].astype(np.float64))
 
 
 # --- COCO ------------------------------------------------------------------------------------------
@@ -68,14 +69,15 @@ def coco_ground_truth(split, indices, num_classes: int):
     from pycocotools.coco import COCO
 
     indices = np.asarray(indices, np.int64)
-    rows, boxes, classes, difficult = _original_truth(split, indices)
+    rows, boxes, classes, difficult, areas = _original_truth(split, indices)
     annotations = []
-    for row, box, cls, diff in zip(rows, boxes, classes, difficult):
-        annotations.append(_coco_annotation(len(annotations) + 1, int(row), box, int(cls), bool(diff)))
+    for row, box, cls, diff, area in zip(rows, boxes, classes, difficult, areas):
+        annotations.append(_coco_annotation(len(annotations) + 1, int(row), box, int(cls), bool(diff), area))
     for row, i in enumerate(indices):
         for region in split.crowd[i]:
-            annotations.append(_coco_annotation(len(annotations) + 1, row, region[:4].astype(np.float64),
-                                                int(region[4]), True))
+            box = region[:4].astype(np.float64)
+            area = (box[2] - box[0]) * (box[3] - box[1])
+            annotations.append(_coco_annotation(len(annotations) + 1, row, box, int(region[4]), True, area))
     h, w = split.original_sizes[indices].T
     coco = COCO()
     coco.dataset = {
@@ -88,10 +90,10 @@ def coco_ground_truth(split, indices, num_classes: int):
     return coco
 
 
-def _coco_annotation(ann_id: int, image: int, box: np.ndarray, cls: int, crowd: bool) -> dict:
+def _coco_annotation(ann_id: int, image: int, box: np.ndarray, cls: int, crowd: bool, area: float) -> dict:
     x1, y1, x2, y2 = (float(v) for v in box)
     return {"id": ann_id, "image_id": image, "category_id": cls, "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd)}
+            "area": float(area), "iscrowd": int(crowd)}
 
 
 def coco_metrics(split, indices, detections: dict, *, num_classes: int | None = None) -> dict:
@@ -190,7 +192,7 @@ def voc_map(split, indices, detections: dict, iou: float = 0.5, *, use_07_metric
     indices = np.asarray(indices, np.int64).reshape(-1)
     num_classes = int(num_classes if num_classes is not None else split.classes.max() + 1)
     d_rows, d_boxes, d_scores, d_classes = _original_detections(split, indices, detections)
-    t_rows, t_boxes, t_classes, t_difficult = _original_truth(split, indices)
+    t_rows, t_boxes, t_classes, t_difficult, _ = _original_truth(split, indices)
     per_class = np.array([
         _class_ap(d_rows[d_classes == c], d_boxes[d_classes == c], d_scores[d_classes == c],
                   t_rows[t_classes == c], t_boxes[t_classes == c], t_difficult[t_classes == c], iou, use_07_metric)
