@@ -338,3 +338,19 @@ def test_bccd(tmp_path):
     assert per_class.tolist() == [361, 4155 - 2, 372]
     with pytest.raises(ValueError, match=r"BloodImage_003(38|43)\.xml.*zero area"):
         B.load_boxes(BCCD, canvas=320, cache_dir=tmp_path, on_invalid="error")
+
+
+def test_archive_members_outside_the_tree_are_refused(tmp_path, monkeypatch):
+    import io
+
+    archive = tmp_path / "evil.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    for without_filter in (False, True):  # Python < 3.11.4 has no extraction filters: the own check
+        if without_filter:
+            monkeypatch.delattr(tarfile, "data_filter")
+        with pytest.raises(ValueError, match=r"evil\.tar\.gz"):
+            B.load_boxes(archive, canvas=30, cache_dir=tmp_path / "cache")
+        assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "cache" / "outside.txt").exists()

@@ -289,7 +289,10 @@ def _extracted(archive: Path, cache_dir) -> Path:
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     try:
         with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(partial, filter="data")  # "data": no absolute paths, links out or devices
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+                tar.extractall(partial, filter="data")  # no absolute paths, links out of the tree or devices
+            else:
+                tar.extractall(partial, members=_safe_members(tar, archive))
         os.replace(partial, target)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ValueError(f"cannot read the archive {archive}: {e}") from e
@@ -297,6 +300,14 @@ def _extracted(archive: Path, cache_dir) -> Path:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def _safe_members(tar: tarfile.TarFile, archive: Path):
+    for member in tar:
+        parts = Path(member.name).parts
+        if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+            raise ValueError(f"{archive}: the member {member.name} is not a plain file inside the archive's tree")
+        yield member
 
 
 # --- PASCAL VOC ------------------------------------------------------------------------------------
