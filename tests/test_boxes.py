@@ -79,7 +79,8 @@ def canvas_of(pixels: np.ndarray, scale: float, canvas_hw) -> tuple[np.ndarray, 
 
 def test_voc_boxes_canvas_buckets_and_images(voc):
     root, pixels = voc
-    ds = B.load_boxes(root.parent.parent, canvas=30, size_divisor=8, cache_bytes=0)
+    with pytest.warns(UserWarning, match="dropped 2 invalid box.* images land;"):
+        ds = B.load_boxes(root.parent.parent, canvas=30, size_divisor=8, cache_bytes=0)
     assert ds.class_names == ("cat", "dog")  # the train split's names, sorted
     # landscape: 30/60 -> 20x30 and 15x25 (the tallest is 20) -> (24, 32); portrait 60x40 -> 30x20 -> (32, 24)
     assert ds.canvases == ((24, 32), (32, 24))
@@ -329,7 +330,8 @@ BCCD = BCCD / "bccd-voc.tar.gz"
 
 @pytest.mark.skipif(not BCCD.exists(), reason="the shared BCCD archive is absent")
 def test_bccd(tmp_path):
-    ds = B.load_boxes(BCCD, canvas=320, cache_dir=tmp_path)
+    with pytest.warns(UserWarning, match="dropped 2 invalid box.* images BloodImage_003(43, BloodImage_00338|38, BloodImage_00343);"):
+        ds = B.load_boxes(BCCD, canvas=320, cache_dir=tmp_path)
     assert ds.class_names == ("Platelets", "RBC", "WBC") and ds.canvases == ((256, 320),)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (205, 87, 72)
     total = sum(int(s.num_boxes().sum()) for s in (ds.train, ds.val, ds.test))

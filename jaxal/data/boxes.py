@@ -54,6 +54,7 @@ import os
 import shutil
 import tarfile
 import threading
+import warnings
 import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -244,7 +245,17 @@ def load_boxes(
         None if a is None else _split(a[0], a[1], canvas, canvases, bucket_of, max_boxes, cache_bytes, name)
         for a in annotated
     ]
+    _warn_dropped(name, everything)
     return BoxDataset(name, tuple(names), canvases, built[0], built[1], built[2])
+
+
+def _warn_dropped(name: str, anns: Sequence[_Annotation]) -> None:
+    where = [a.image_id for a in anns if a.dropped]
+    if where:
+        count = sum(a.dropped for a in anns)
+        shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+        warnings.warn(f"{name}: dropped {count} invalid box(es) (zero area or outside the image) of the images "
+                      f"{shown}; on_invalid='error' (--boxes.on_invalid error) refuses them", stacklevel=3)
 
 
 def _check_canvas(canvas) -> None:
