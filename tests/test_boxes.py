@@ -82,6 +82,7 @@ def test_voc_boxes_canvas_buckets_and_images(voc):
     with pytest.warns(UserWarning, match="dropped 2 invalid box.* images land;"):
         ds = B.load_boxes(root.parent.parent, canvas=30, size_divisor=8, cache_bytes=0)
     assert ds.class_names == ("cat", "dog")  # the train split's names, sorted
+    assert ds.train.num_classes == ds.test.num_classes == 2
     # landscape: 30/60 -> 20x30 and 15x25 (the tallest is 20) -> (24, 32); portrait 60x40 -> 30x20 -> (32, 24)
     assert ds.canvases == ((24, 32), (32, 24))
     train = ds.train

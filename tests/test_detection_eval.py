@@ -10,7 +10,7 @@ from jaxal.data.boxes import BoxSplit
 from jaxal.detection import evaluate as E
 
 
-def make_split(per_image, scale=1.0, size=(100, 100), crowd=None, areas=None) -> BoxSplit:
+def make_split(per_image, scale=1.0, size=(100, 100), crowd=None, areas=None, num_classes=3) -> BoxSplit:
     """per_image: list of [(x1, y1, x2, y2, class, difficult)] in ORIGINAL pixels; areas (n, b) as
     annotated (default: the boxes' w x h)."""
     n, b = len(per_image), max(1, max(len(p) for p in per_image))
@@ -26,7 +26,7 @@ def make_split(per_image, scale=1.0, size=(100, 100), crowd=None, areas=None) ->
         np.zeros(n, np.int32), ((int(size[0] * scale), int(size[1] * scale)),),
         tuple(np.asarray(c, np.float32).reshape(-1, 5) for c in (crowd or [[]] * n)),
         np.asarray(areas, np.float32) if areas is not None else np.prod(boxes[..., 2:] - boxes[..., :2], -1) / scale**2,
-        0, None,
+        0, num_classes, None,
     )
 
 
@@ -159,7 +159,7 @@ def test_voc_map_matches_the_devkit_loop(seed, iou, use_07):
     truth, dets = to_continuous(truth_voc, dets_voc, len(truth_voc))
     scale = 0.75  # canvas coordinates: evaluation divides by the scale again
     got = E.voc_map(make_split(truth, scale), np.arange(len(truth)), make_detections(dets, scale), iou,
-                    use_07_metric=use_07, num_classes=3)
+                    use_07_metric=use_07)  # the split's 3 classes
     expected = [devkit_voc_eval(truth_voc, dets_voc, c, iou, use_07) for c in range(3)]
     np.testing.assert_allclose(got["per_class_ap"], expected, rtol=1e-12, atol=1e-12)
     assert got["map50"] == pytest.approx(np.mean(expected), abs=1e-12)

@@ -129,6 +129,7 @@ class BoxSplit:
     areas: np.ndarray  # float32 (N, B): ORIGINAL-pixel areas for COCO's size ranges (COCO's annotated
     # areas -- of the masks -- where the source has them, else the boxes' w x h); 0 for padding
     dropped: int  # invalid boxes dropped (on_invalid="drop")
+    num_classes: int  # the dataset's (a split need not hold every class)
     reader: _ImageReader = dataclasses.field(repr=False)
 
     def __len__(self) -> int:
@@ -242,7 +243,8 @@ def load_boxes(
     if max_boxes is None:
         max_boxes = max([len(a.classes) for a in everything] + [1])
     built = [
-        None if a is None else _split(a[0], a[1], canvas, canvases, bucket_of, max_boxes, cache_bytes, name)
+        None if a is None
+        else _split(a[0], a[1], canvas, canvases, bucket_of, max_boxes, cache_bytes, name, len(names))
         for a in annotated
     ]
     _warn_dropped(name, everything)
@@ -689,7 +691,7 @@ def _canvases(anns: Sequence[_Annotation], canvas, size_divisor: int):
     return tuple(shapes), lambda height, width: index[width < height]
 
 
-def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache_bytes, name) -> BoxSplit:
+def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache_bytes, name, num_classes) -> BoxSplit:
     n = len(anns)
     boxes = np.zeros((n, max_boxes, 4), np.float32)
     classes = np.full((n, max_boxes), -1, np.int32)
@@ -715,7 +717,8 @@ def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache_bytes, na
     image_bytes = sum(int(np.prod(canvases[b])) * 3 for b in buckets)
     reader = _ImageReader(decode, cache=image_bytes <= cache_bytes)
     return BoxSplit(tuple(a.image_id for a in anns), boxes, classes, difficult, scales, original, resized,
-                    buckets, canvases, tuple(a.crowd for a in anns), areas, sum(a.dropped for a in anns), reader)
+                    buckets, canvases, tuple(a.crowd for a in anns), areas, sum(a.dropped for a in anns),
+                    num_classes, reader)
 
 
 # --- batches ---------------------------------------------------------------------------------------

@@ -99,11 +99,11 @@ def _coco_annotation(ann_id: int, image: int, box: np.ndarray, cls: int, crowd: 
 def coco_metrics(split, indices, detections: dict, *, num_classes: int | None = None) -> dict:
     """{"ap": AP@[.5:.95], "ap50", "ap75", "aps", "apm", "apl", "per_class_ap": (C,)} from pycocotools
     (maxDets 100 per image), NaN where COCO reports -1 (no ground truth in that range). `num_classes`
-    defaults to 1 + the largest class of the split."""
+    defaults to the split's."""
     from pycocotools.cocoeval import COCOeval
 
     indices = np.asarray(indices, np.int64).reshape(-1)
-    num_classes = int(num_classes if num_classes is not None else split.classes.max() + 1)
+    num_classes = int(num_classes if num_classes is not None else split.num_classes)
     truth = coco_ground_truth(split, indices, num_classes)
     rows, boxes, scores, classes = _original_detections(split, indices, detections)
     nan = float("nan")
@@ -190,7 +190,7 @@ def voc_map(split, indices, detections: dict, iou: float = 0.5, *, use_07_metric
     """{"map50": mean AP over the classes with a non-difficult box, "per_class_ap": (C,) NaN for a class
     without one}: the VOC devkit's algorithm (see the module docstring); `iou` the match threshold."""
     indices = np.asarray(indices, np.int64).reshape(-1)
-    num_classes = int(num_classes if num_classes is not None else split.classes.max() + 1)
+    num_classes = int(num_classes if num_classes is not None else split.num_classes)
     d_rows, d_boxes, d_scores, d_classes = _original_detections(split, indices, detections)
     t_rows, t_boxes, t_classes, t_difficult, _ = _original_truth(split, indices)
     per_class = np.array([
