@@ -331,7 +331,8 @@ BCCD = BCCD / "bccd-voc.tar.gz"
 
 @pytest.mark.skipif(not BCCD.exists(), reason="the shared BCCD archive is absent")
 def test_bccd(tmp_path):
-    with pytest.warns(UserWarning, match="dropped 2 invalid box.* images BloodImage_003(43, BloodImage_00338|38, BloodImage_00343);"):
+    dropped = "dropped 2 invalid box.* images BloodImage_003(43, BloodImage_00338|38, BloodImage_00343);"
+    with pytest.warns(UserWarning, match=dropped):
         ds = B.load_boxes(BCCD, canvas=320, cache_dir=tmp_path)
     assert ds.class_names == ("Platelets", "RBC", "WBC") and ds.canvases == ((256, 320),)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (205, 87, 72)
