@@ -340,6 +340,20 @@ def test_bccd(tmp_path):
     assert total == 4155 + 372 + 361 - 2 and ds.dropped == 2  # the README's counts, less the 2 zero-area boxes
     per_class = sum(np.bincount(s.classes[s.classes >= 0], minlength=3) for s in (ds.train, ds.val, ds.test))
     assert per_class.tolist() == [361, 4155 - 2, 372]
+    # the first train image's boxes, read here from its XML with a regex: (xmin - 1, ymin - 1, xmax, ymax) / 2
+    import re
+
+    first = ds.train.image_ids[0]
+    with tarfile.open(BCCD) as tar:
+        xml = tar.extractfile(f"bccd/Annotations/{first}.xml").read().decode()
+    found = [(name, *map(float, coords)) for name, *coords in re.findall(
+        r"<name>(\w+)</name>.*?<xmin>(\d+)</xmin>\s*<ymin>(\d+)</ymin>\s*<xmax>(\d+)</xmax>\s*<ymax>(\d+)</ymax>",
+        xml, re.S)]
+    m = int(ds.train.num_boxes([0])[0])
+    assert m == len(found) > 0
+    np.testing.assert_allclose(ds.train.boxes[0, :m], [[(x1 - 1) / 2, (y1 - 1) / 2, x2 / 2, y2 / 2]
+                                                       for _, x1, y1, x2, y2 in found])
+    assert [ds.class_names[c] for c in ds.train.classes[0, :m]] == [f[0] for f in found]
     with pytest.raises(ValueError, match=r"BloodImage_003(38|43)\.xml.*zero area"):
         B.load_boxes(BCCD, canvas=320, cache_dir=tmp_path, on_invalid="error")
 
@@ -358,3 +372,13 @@ def test_archive_members_outside_the_tree_are_refused(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"evil\.tar\.gz"):
             B.load_boxes(archive, canvas=30, cache_dir=tmp_path / "cache")
         assert not (tmp_path / "outside.txt").exists() and not (tmp_path / "cache" / "outside.txt").exists()
+
+
+def test_cache_is_decided_for_the_whole_dataset(voc):
+    root, _ = voc
+    # canvas 30, divisor 8: 6 images over the splits (5 landscape at 24x32, 1 portrait at 32x24), 2304 bytes each
+    total = 6 * 24 * 32 * 3
+    fits = B.load_boxes(root, canvas=30, size_divisor=8, cache_bytes=total)
+    assert all(s.reader.cache is not None for s in (fits.train, fits.val, fits.test))
+    over = B.load_boxes(root, canvas=30, size_divisor=8, cache_bytes=total - 1)
+    assert all(s.reader.cache is None for s in (over.train, over.val, over.test))

@@ -36,8 +36,8 @@ the image (VOC xmin < 1 or xmax > width; COCO beyond the image by more than one 
 is invalid: `on_invalid="drop"` drops it and counts it in `BoxSplit.dropped`, "error" refuses the dataset.
 
 Images are not held in memory: `BoxSplit.read_images` decodes, resizes and pads on demand, and `batches`
-does so in worker threads (grain), a few batches ahead. A split whose canvas images fit in `cache_bytes`
-keeps each image once decoded (uint8 at its canvas), so epochs after the first decode nothing.
+does so in worker threads (grain), a few batches ahead. A dataset whose canvas images (all splits) fit in
+`cache_bytes` keeps each image once decoded (uint8 at its canvas), so epochs after the first decode nothing.
 
 Bad input raises ValueError naming the file: an XML that does not parse, an unknown class name, a missing
 image file, an empty split, a box count over `max_boxes`.
@@ -207,8 +207,8 @@ def load_boxes(
 
     Splits default to the source's (None for `val_split` means no validation split). `class_names`
     fixes the classes (an annotation naming another is an error); without it VOC's are the names of the
-    train split's boxes, sorted, and COCO's / tfds' come from the source. `cache_bytes`: a split whose
-    canvas images fit keeps them in memory once decoded (0: never). `data_dir`: tfds' data_dir.
+    train split's boxes, sorted, and COCO's / tfds' come from the source. `cache_bytes`: a dataset whose
+    canvas images (all splits together) fit keeps them in memory once decoded (0: never). `data_dir`: tfds' data_dir.
     """
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
@@ -242,9 +242,11 @@ def load_boxes(
     canvases, bucket_of = _canvases(everything, canvas, size_divisor)
     if max_boxes is None:
         max_boxes = max([len(a.classes) for a in everything] + [1])
+    canvas_bytes = sum(3 * math.prod(canvases[bucket_of(a.height, a.width)]) for a in everything)
+    cache = canvas_bytes <= cache_bytes
     built = [
         None if a is None
-        else _split(a[0], a[1], canvas, canvases, bucket_of, max_boxes, cache_bytes, name, len(names))
+        else _split(a[0], a[1], canvas, canvases, bucket_of, max_boxes, cache, name, len(names))
         for a in annotated
     ]
     _warn_dropped(name, everything)
@@ -691,7 +693,7 @@ def _canvases(anns: Sequence[_Annotation], canvas, size_divisor: int):
     return tuple(shapes), lambda height, width: index[width < height]
 
 
-def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache_bytes, name, num_classes) -> BoxSplit:
+def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache: bool, name, num_classes) -> BoxSplit:
     n = len(anns)
     boxes = np.zeros((n, max_boxes, 4), np.float32)
     classes = np.full((n, max_boxes), -1, np.int32)
@@ -714,8 +716,7 @@ def _split(anns, decode, canvas, canvases, bucket_of, max_boxes, cache_bytes, na
         classes[i, :m], difficult[i, :m] = a.classes, a.difficult
         box_areas = (a.boxes[:, 2] - a.boxes[:, 0]) * (a.boxes[:, 3] - a.boxes[:, 1])
         areas[i, :m] = box_areas if a.areas is None else a.areas
-    image_bytes = sum(int(np.prod(canvases[b])) * 3 for b in buckets)
-    reader = _ImageReader(decode, cache=image_bytes <= cache_bytes)
+    reader = _ImageReader(decode, cache)
     return BoxSplit(tuple(a.image_id for a in anns), boxes, classes, difficult, scales, original, resized,
                     buckets, canvases, tuple(a.crowd for a in anns), areas, sum(a.dropped for a in anns),
                     num_classes, reader)
