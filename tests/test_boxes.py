@@ -83,6 +83,9 @@ def test_voc_boxes_canvas_buckets_and_images(voc):
         ds = B.load_boxes(root.parent.parent, canvas=30, size_divisor=8, cache_bytes=0)
     assert ds.class_names == ("cat", "dog")  # the train split's names, sorted
     assert ds.train.num_classes == ds.test.num_classes == 2
+    assert ds.describe() == (f"{root.parent.parent}: 2 classes; train 3 images / 3 boxes, val 1 images / 1 boxes, "
+                             "test 2 images / 1 boxes; canvas 24x32 and 32x24 (HxW); 2 invalid boxes dropped; "
+                             "images streamed from disk")
     # landscape: 30/60 -> 20x30 and 15x25 (the tallest is 20) -> (24, 32); portrait 60x40 -> 30x20 -> (32, 24)
     assert ds.canvases == ((24, 32), (32, 24))
     train = ds.train

@@ -184,6 +184,15 @@ class BoxDataset:
     def dropped(self) -> int:
         return sum(s.dropped for s in (self.train, self.val, self.test) if s is not None)
 
+    def describe(self) -> str:
+        """One line for a run's header: classes, images and boxes per split, canvases, dropped boxes."""
+        splits = [(n, s) for n, s in (("train", self.train), ("val", self.val), ("test", self.test)) if s is not None]
+        counts = ", ".join(f"{n} {len(s)} images / {int(s.num_boxes().sum())} boxes" for n, s in splits)
+        canvases = " and ".join(f"{h}x{w}" for h, w in self.canvases)
+        held = "cached in memory once decoded" if self.train.reader.cache is not None else "streamed from disk"
+        return (f"{self.name}: {self.num_classes} classes; {counts}; canvas {canvases} (HxW); "
+                f"{self.dropped} invalid boxes dropped; images {held}")
+
 
 # --- loading ---------------------------------------------------------------------------------------
 
