@@ -765,8 +765,10 @@ def batches(
     prefetch: int = 2,
     workers: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of `indices` (one bucket each, see `batch_plan`), decoded in `workers` threads, up to
-    `prefetch` batches ahead: {"images" uint8 (n, H, W, 3), "boxes", "classes", "difficult", "indices"}.
+    """Batches of `indices` (one bucket each, see `batch_plan`): {"images" uint8 (n, H, W, 3), "boxes",
+    "classes", "difficult", "indices"}. A batch is decoded, resized and padded by one of `workers` threads
+    (0: in the caller's thread); max(prefetch, workers) batches are decoding or ready at a time, which
+    bounds the loader's memory (grain's buffer holds both: a smaller one would idle threads).
 
     `flip` (needs `rng`) mirrors each image with probability 1/2 within its own resized width (the padding
     stays at the right) and its boxes with it: x1' = w - x2, x2' = w - x1."""
@@ -785,7 +787,7 @@ def batches(
     dataset = grain.MapDataset.range(len(plan)).map(load)
     if workers == 0:
         return iter(dataset)
-    options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(prefetch, 1))
+    options = grain.ReadOptions(num_threads=workers, prefetch_buffer_size=max(prefetch, workers, 1))
     return iter(dataset.to_iter_dataset(options))
 
 
