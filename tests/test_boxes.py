@@ -227,6 +227,10 @@ def test_coco_bad_input(tmp_path):
     (tmp_path / "train2017" / "c.png").unlink()
     with pytest.raises(ValueError, match=r"c\.png of .*instances_train2017\.json .*does not exist"):
         B.load_boxes(tmp_path, canvas=30)
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(
+        json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    with pytest.raises(ValueError, match=r"instances_train2017\.json has no images"):
+        B.load_boxes(tmp_path, canvas=30)
     (tmp_path / "annotations" / "instances_train2017.json").write_text("{")
     with pytest.raises(ValueError, match=r"cannot parse .*instances_train2017\.json"):
         B.load_boxes(tmp_path, canvas=30)
