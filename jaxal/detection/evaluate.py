@@ -3,18 +3,20 @@
 Both take a `BoxSplit`, the `indices` of the evaluated images and their detections in canvas pixels:
     {"boxes": (n, K, 4) x1, y1, x2, y2, "scores": (n, K), "classes": (n, K) int, "valid": (n, K) bool}
 and divide boxes by the image's `scale` first. Memory: the detections are K per image (K = the decoder's
-max_per_img), so evaluation holds O(K x images) numbers -- 5000 COCO val images at K = 100 are 3.5 MB of
-boxes -- and pycocotools' per-image records, bounded the same way.
+max_per_img), so evaluation holds O(K x images) numbers -- 5000 COCO val images at K = 100 are 500k boxes,
+16 MB as float64 -- and pycocotools' per-image records, bounded the same way.
 
 `coco_metrics`: pycocotools' COCOeval (bbox) over a COCO object built from the split -- COCO's matching is
 not reimplemented. Crowd regions (`BoxSplit.crowd`) and VOC's difficult boxes enter as iscrowd=1 (as
-mmdetection's VOC-to-COCO converter writes difficult boxes), so pycocotools ignores the detections they
+mmdetection's VOC-to-COCO converter writes difficult boxes: tools/dataset_converters/pascal_voc.py,
+cvt_to_coco_json, `difficult_flag == 1` -> `iscrowd = 1`), so pycocotools ignores the detections they
 cover. Areas for APs/APm/APl are the split's `areas`: COCO's annotated (mask) areas where the source gives
 them, as the official evaluation uses, else box areas w x h (VOC).
 
-`voc_map`: the VOC devkit's voc_eval: detections of a class sorted by score, each matched to the ground
-truth box of its image with the largest IoU; over `iou` (strictly) and not yet taken: a true positive;
-matched to a difficult box: neither; else a false positive. AP is the area under the precision envelope
+`voc_map`: the VOC devkit's voc_eval (as py-faster-rcnn's lib/datasets/voc_eval.py transcribes it):
+detections of a class sorted by score, each matched to the ground truth box of its image with the largest
+IoU; over `iou` (strictly) and not yet taken: a true positive; matched to a difficult box: neither; else a
+false positive. AP is the area under the precision envelope
 at every recall step (VOC2010+ "all-point"), or the 11-point mean (VOC2007) with `use_07_metric`.
 The devkit's `+ 1` in widths is VOC's inclusive pixel count; in jaxal's continuous coordinates
 (x1 = xmin - 1, x2 = xmax) the plain x2 - x1 is that same width.
