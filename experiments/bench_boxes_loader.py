@@ -3,8 +3,9 @@ dataset grows. Synthetic VOC folders of N random 640x480 JPEGs (a few boxes each
 temporary folder; for each N a fresh Python process loads the dataset with the cache off (images
 streamed from disk) and reads one shuffled, flipped epoch at the canvas, reporting its peak RSS (the
 process's high-water mark, so one process per N) and the loader's images/s. Peak RSS should not grow
-with N: only the boxes (N x max_boxes x 4 floats) and a few prefetched batches are held. The last line
-printed is one JSON object.
+with N: only the boxes (N x max_boxes x 4 floats) and a few prefetched batches are held. Then, when the
+shared BCCD archive is present, two epochs of its train split at canvas 320 with the image cache on: the
+first decodes, the second reads the cached canvas images. The last line printed is one JSON object.
 
     python experiments/bench_boxes_loader.py                       # N = 200 and 800, canvas 512
     python experiments/bench_boxes_loader.py --sizes 200 2000 --canvas 800 --batch 8 --workers 2
@@ -68,6 +69,23 @@ def measure(root: str, canvas: int, batch: int, workers: int | None) -> dict:
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1)}
 
 
+def bccd_epochs(path: Path, batch: int, workers: int | None) -> dict:
+    """images/s of a decoding epoch and of a cached one, side by side, in this process."""
+    from jaxal.data import boxes
+
+    with tempfile.TemporaryDirectory() as cache:
+        ds = boxes.load_boxes(path, canvas=320, cache_dir=cache)
+        rates = []
+        for epoch in range(2):
+            start = time.perf_counter()
+            for _ in boxes.batches(ds.train, np.arange(len(ds.train)), batch, rng=np.random.default_rng(epoch),
+                                   flip=True, workers=workers):
+                pass
+            rates.append(len(ds.train) / (time.perf_counter() - start))
+    return {"decoding_images_per_s": round(rates[0], 1), "cached_images_per_s": round(rates[1], 1),
+            "ratio": round(rates[1] / rates[0], 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 800])
@@ -94,6 +112,13 @@ def main() -> None:
     sizes = sorted(results)
     ratio = results[sizes[-1]]["peak_rss_mib"] / results[sizes[0]]["peak_rss_mib"]
     print(f"peak RSS ratio N={sizes[-1]} / N={sizes[0]}: {ratio:.3f} (images x{sizes[-1] / sizes[0]:.0f})")
+    bccd = Path(os.environ.get("JAXAL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    bccd = bccd / "bccd-voc.tar.gz"
+    if bccd.exists():
+        results["bccd_train_320"] = bccd_epochs(bccd, args.batch, args.workers)
+        r = results["bccd_train_320"]
+        print(f"BCCD train at 320: {r['decoding_images_per_s']} images/s decoding, {r['cached_images_per_s']} "
+              f"cached ({r['ratio']}x)")
     print(json.dumps({"cores": os.cpu_count(), "load_average": os.getloadavg()[0], "batch": args.batch,
                       "rss_ratio": round(ratio, 3), **{str(k): v for k, v in results.items()}}))
 
