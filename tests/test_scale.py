@@ -15,7 +15,7 @@ import pytest
 from jaxal import diagnostics, run
 from jaxal.config import build_config
 from jaxal.models import MLP, ModelOutput, init_variables
-from jaxal.strategies import STRATEGIES, StrategyContext, get_strategy
+from jaxal.strategies import STRATEGIES, Selection, StrategyContext, get_strategy
 from jaxal.strategies import badge, baselines
 
 # ---- precision: the policy in the lowered programs -------------------------------------------------
@@ -174,9 +174,9 @@ def test_out_of_memory_during_a_run_is_reported_with_what_to_lower_and_keeps_fin
         calls.append(k)
         if len(calls) == 2:
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 31373645072 bytes.")
-        return np.arange(k)
+        return Selection(np.arange(k))
 
-    monkeypatch.setitem(STRATEGIES, "isal", STRATEGIES["isal"]._replace(select=select, score=None))
+    monkeypatch.setitem(STRATEGIES, "isal", dataclasses.replace(STRATEGIES["isal"], select_set=select, score=None))
     workdir = tmp_path / "run"
     code = run.main(["--strategy", "isal", "--initial_size", "30", "--val_size", "5", "--budget", "5",
                      "--cycles", "3", "--epochs", "1", "--influence.depth", "3", "--influence.hvp_chunk_size", "64",
@@ -196,7 +196,7 @@ def test_other_runtime_errors_still_raise(tmp_path, monkeypatch):
     def select(ctx, k):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
-    monkeypatch.setitem(STRATEGIES, "random", STRATEGIES["random"]._replace(select=select, score=None))
+    monkeypatch.setitem(STRATEGIES, "random", dataclasses.replace(STRATEGIES["random"], select_set=select, score=None))
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         run.main(["--strategy", "random", "--initial_size", "20", "--cycles", "2", "--epochs", "1",
                   "--workdir", str(tmp_path / "run"), "--progress", "false"])
