@@ -1,0 +1,1 @@
+"""Object detection: target assignment, losses, decoding of FCOS."""
