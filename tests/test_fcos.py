@@ -5,20 +5,17 @@
 import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxal.detection import losses, targets
+from detection_toys import ISAL, STRIDES, TV, toy_fcos  # noqa: F401
 from jaxal.models import fcos
 
 pytestmark = pytest.mark.usefixtures("x64")
 
-STRIDES = (8, 16, 32)
-ISAL = dataclasses.replace(fcos.FCOS_ISAL, strides=STRIDES, norm_groups=4)
-TV = dataclasses.replace(fcos.FCOS_TV, strides=STRIDES, norm_groups=4)
 SHAPES = ((8, 8), (4, 4), (2, 2))  # a 64x64 canvas
 NUM_CLASSES = 3
 
@@ -286,23 +283,12 @@ def test_image_loss_gradients_are_finite_and_jvp_matches_grad(config):
 
 # ---------------------------------------------------------------- the Flax model
 
-
-class ToyBackbone(nn.Module):
-    """Two stages, strides 8 and 16 (a test backbone; the FPN adds the third level)."""
-
-    @nn.compact
-    def __call__(self, x, train=False):
-        c3 = nn.relu(nn.Conv(8, (3, 3), (8, 8), padding=((1, 1), (1, 1)))(x))
-        c4 = nn.relu(nn.Conv(8, (3, 3), (2, 2), padding=((1, 1), (1, 1)))(c3))
-        return c3, c4
-
-
 @pytest.mark.parametrize("config", [ISAL, TV], ids=["isal", "tv"])
 def test_model_outputs_levels_and_shares_the_head(config):
-    model = fcos.FCOS(ToyBackbone(), NUM_CLASSES, config, channels=16, stacked_convs=2)
+    model = toy_fcos(config, NUM_CLASSES)
     x = jnp.zeros((2, 64, 64, 3))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-    out = jax.jit(model.apply)(variables, x)
+    out = jax.jit(model.apply)(variables, x)["logits"]
     assert fcos.level_shapes(jax.tree.map(lambda a: a[0], out)) == SHAPES
     head = variables["params"]["head"]
     # one set of head weights for all levels; no tower biases in isal (GN), biases in tv

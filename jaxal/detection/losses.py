@@ -3,7 +3,7 @@
 Every loss is a SUM over an image's locations of a per-location term, divided by a normaliser:
 
 | config | classification (focal, all P x C) | box (positives) | centerness BCE (positives) |
-| fcos_isal (mmdet v2.4 `FCOSHead.loss`) | / (num_pos + num_imgs) | IoU loss x ctr target / sum(ctr targets) | / num_pos |
+| fcos_isal (mmdet v2.4 `FCOSHead.loss`) | / (num_pos + num_imgs) | IoU loss x ctr target / sum(ctr t.) | / num_pos |
 | fcos_tv (torchvision `FCOSHead.compute_loss`) | / max(1, num_fg) | GIoU loss / max(1, num_fg) | / max(1, num_fg) |
 
 mmdet with no positive returns `pos_bbox_preds.sum()` (0) for the box and centerness terms, here 0 too.

@@ -30,11 +30,13 @@ levels. Two configurations, each following its source:
   `(4s, 8s)` exclusive, every loss over `max(1, num_foreground)`; test: score `sqrt(sigmoid(cls) x
   sigmoid(ctr))` > 0.2, 1000 candidates per level, per-class NMS 0.6, 100 detections.
 
-The model's output is a dict of per-level maps (tuples over levels, finest first): "cls" (n, h, w, C)
+The model returns {"logits": maps, "features": ...} (what `jaxal.models.adapt` turns into a ModelOutput
+whose `logits` is a pytree): maps are per-level (tuples over levels, finest first): "cls" (n, h, w, C)
 logits, "reg" (n, h, w, 4) distances (left, top, right, bottom) IN PIXELS (both configs: mmdet's exp is
 in pixels; torchvision's relu output is multiplied by the stride here, where its box coder would),
-"ctr" (n, h, w) centerness logits, and "features": the tower outputs' global average pools (n, 2 x
-channels), for coreset. `jaxal.detection` holds the targets, losses and decoding that read them.
+"ctr" (n, h, w) centerness logits; "features" is the mean over levels of the two towers' global average
+pools (n, 2 x channels) (ISAL's coreset features, its appendix D.2). `jaxal.detection` holds the targets,
+losses and decoding that read the maps.
 
 The head's convolutions are applied once per level with shared weights: their gradient is the sum of
 the per-level gradients (what `jaxal.gradnorm` handles for a layer called several times).
@@ -205,7 +207,7 @@ class FCOS(nn.Module):
         head = FCOSHead(self.num_classes, self.config, self.channels, self.stacked_convs, name="head")
         outs = [head(p, i) for i, p in enumerate(levels)]
         cls, reg, ctr, pooled = zip(*outs)
-        return {"cls": tuple(cls), "reg": tuple(reg), "ctr": tuple(ctr),
+        return {"logits": {"cls": tuple(cls), "reg": tuple(reg), "ctr": tuple(ctr)},
                 "features": jnp.mean(jnp.stack(pooled), 0)}
 
 
@@ -213,8 +215,8 @@ def flatten_levels(outputs: dict):
     """One image's per-level maps ((h, w, ...) per level) -> points concatenated over levels, row-major
     within each (mmdet's `permute(0, 2, 3, 1).reshape` + `cat`, torchvision's `(N, HWA, K)`):
     cls (P, C), reg (P, 4), ctr (P,)."""
-    cat = lambda maps, k: jnp.concatenate([m.reshape((-1,) + m.shape[2:]) if k else m.reshape(-1) for m in maps])  # noqa: E731
-    return cat(outputs["cls"], 1), cat(outputs["reg"], 1), cat(outputs["ctr"], 0)
+    points = lambda maps: jnp.concatenate([m.reshape((-1,) + m.shape[2:]) for m in maps])  # noqa: E731
+    return points(outputs["cls"]), points(outputs["reg"]), points(outputs["ctr"])
 
 
 def level_shapes(outputs: dict) -> tuple[tuple[int, int], ...]:
