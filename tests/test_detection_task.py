@@ -2,6 +2,8 @@
 level equals vmap(grad); exp-gn = ent-gn; jvp influence scores equal a per-image jax.grad loop; the
 training step goes through the task's batch loss."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,9 @@ pytestmark = pytest.mark.usefixtures("x64")
 N = 3
 
 
+@functools.lru_cache(maxsize=None)
 def setup(config):
+    """Model, apply_fn, float64 params and images; built once per config for the module."""
     model = toy_fcos(config)
     xs = jax.random.normal(jax.random.PRNGKey(0), (N, 64, 64, 3))
     params = jax.jit(model.init)(jax.random.PRNGKey(1), xs[:1])["params"]
@@ -30,6 +34,10 @@ def setup(config):
         return ModelOutput(out["logits"], out["features"])
 
     return model, apply_fn, params, to64(xs)
+
+
+def one_image_outputs(model, params, xs):
+    return jax.tree.map(lambda a: a[0], jax.jit(model.apply)({"params": params}, xs[:1])["logits"])
 
 
 def labels():
@@ -81,11 +89,11 @@ def test_ghost_refuses_what_it_cannot_form():
 def test_expected_loss_equals_entropy_with_gradients():
     model, _, params, xs = setup(ISAL)
     task = tasks.Detection(3, config=ISAL, top_k=20)
-    outputs = jax.tree.map(lambda a: a[0], model.apply({"params": params}, xs[:1])["logits"])
-    for f in (task.entropy, task.expected_loss):
-        assert np.isfinite(float(f(outputs)))
-    np.testing.assert_allclose(float(task.expected_loss(outputs)), float(task.entropy(outputs)), rtol=1e-12)
-    g1, g2 = jax.grad(task.entropy)(outputs), jax.grad(task.expected_loss)(outputs)
+    outputs = one_image_outputs(model, params, xs)
+    values = jax.jit(lambda o: (task.entropy(o), task.expected_loss(o)))(outputs)
+    assert np.isfinite(float(values[0]))
+    np.testing.assert_allclose(float(values[1]), float(values[0]), rtol=1e-12)
+    g1, g2 = jax.jit(lambda o: (jax.grad(task.entropy)(o), jax.grad(task.expected_loss)(o)))(outputs)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-14)
     # only the top-k locations carry gradient
@@ -116,11 +124,11 @@ def test_jvp_influence_scores_equal_a_per_image_grad_loop(config):
 def test_pseudo_label_loss_is_the_loss_at_the_image_own_detections():
     model, _, params, xs = setup(ISAL)
     task = tasks.Detection(3, config=ISAL, pseudo_score=0.2, max_boxes=10)
-    outputs = jax.tree.map(lambda a: a[0], model.apply({"params": params}, xs[:1])["logits"])
-    label = task.pseudo_labels(outputs)
+    outputs = one_image_outputs(model, params, xs)
+    label, pseudo, direct = jax.jit(lambda o: (task.pseudo_labels(o), task.pseudo_label_loss(o),
+                                               task.supervised_loss(o, task.pseudo_labels(o))))(outputs)
     assert 0 < int((label["classes"] >= 0).sum()) <= 10
-    np.testing.assert_allclose(float(task.pseudo_label_loss(outputs)), float(task.supervised_loss(outputs, label)),
-                               rtol=1e-12)
+    np.testing.assert_allclose(float(pseudo), float(direct), rtol=1e-12)
 
 
 def test_augment_refuses_crops():
