@@ -80,6 +80,13 @@ def schedule(config: Config, num_images: int) -> training.Schedule:
     return training.Schedule.epochs(config.epochs, num_images, **kwargs)
 
 
+def trainable_mask(params):
+    """The frozen stage and the BatchNorm affines of the ResNet (mmdet frozen_stages=1, norm_eval, BN
+    requires_grad=False) are outside the optimiser: no update, no weight decay; the rest trains."""
+    mask = jax.tree.map(lambda _: True, params)
+    return {**mask, "backbone": resnet.trainable_mask(params["backbone"], frozen_stages=1)}
+
+
 def fresh_variables(detector, config: Config, rng, canvas, backbone_variables):
     variables = training.init_detector(detector, rng, canvas)
     if backbone_variables is not None:
@@ -120,7 +127,8 @@ def run_detection(config: Config, workdir: Path, *, log: Callable[[str], None] =
                 start = time.perf_counter()
                 key = jax.random.PRNGKey(config.seed * 1000 + trial * 100 + cycle)
                 variables = fresh_variables(detector, config, key, data.canvases[0], backbone_variables)
-                variables, history = training.train(detector, variables, pool, labelled, plan, rng, flip=b.flip)
+                variables, history = training.train(detector, variables, pool, labelled, plan, rng, flip=b.flip,
+                                                    trainable=trainable_mask(variables["params"]))
                 train_seconds = time.perf_counter() - start
                 start = time.perf_counter()
                 found = training.detect(detector, variables, data.test, test_indices, config.eval_batch_size)

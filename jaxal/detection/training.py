@@ -18,6 +18,7 @@ A fresh detector each cycle (ISAL retrains from scratch each step): `init_detect
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -94,9 +95,14 @@ class Detector:
         return self.model.apply(variables, x, train=train)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: nn.Module, rng, canvas):
+    return model.init(rng, jnp.zeros((1, *canvas, 3), jnp.float32), train=False)
+
+
 def init_detector(detector: Detector, rng, canvas) -> dict:
-    x = jnp.zeros((1, *canvas, 3), jnp.float32)
-    variables = jax.jit(detector.model.init, static_argnames="train")(rng, x, train=False)
+    """Fresh weights (compiled once per model and canvas)."""
+    variables = _init(detector.model, rng, tuple(canvas))
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
