@@ -136,7 +136,7 @@ def run_detection(config: Config, workdir: Path, *, log: Callable[[str], None] =
                 voc = evaluate.voc_map(data.test, test_indices, found, num_classes=data.num_classes)
                 record = {"strategy": strategy, "trial": trial, "cycle": cycle, "num_labeled": int(len(labelled)),
                           "num_boxes": int(pool.num_boxes(labelled).sum()), "iterations": plan.iterations,
-                          "final_loss": float(history[-1]["loss"]),
+                          "first_loss": float(history[0]["loss"]), "final_loss": float(history[-1]["loss"]),
                           **{f"test_{k}": float(coco[k]) for k in evaluate.COCO_KEYS},
                           "test_map50": float(voc["map50"]),
                           "test_per_class_ap": [None if np.isnan(v) else float(v) for v in coco["per_class_ap"]],

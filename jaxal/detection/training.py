@@ -146,7 +146,8 @@ def train(detector: Detector, variables: dict, split, indices, schedule: Schedul
         raise ValueError("no labelled images to train the detector on")
     params = variables["params"]
     # torch's first momentum step is buf = d; starting from buf = 0 with `momentum * 0 + d` is the same.
-    state = (params, jax.tree.map(jnp.zeros_like, params), variables["batch_stats"])
+    # (a copy: the step donates its state, and the caller keeps `variables`)
+    state = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.zeros_like, params), variables["batch_stats"])
     multipliers = param_groups(params, trainable)
     history, it = [], 0
     static = _Step(detector, schedule)
