@@ -2,7 +2,6 @@
 `FCOSHead` (`_get_target_single`, `centerness_target`, `loss`) and torchvision's `FCOS.compute_loss` /
 `FCOSHead.compute_loss`, on hand-made images (float64, ~1e-9); the Flax model's shapes and sharing."""
 
-import dataclasses
 import math
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxal.detection import losses, targets
-from detection_toys import ISAL, STRIDES, TV, toy_fcos  # noqa: F401
+from detection_toys import ISAL, TV, toy_fcos
 from jaxal.models import fcos
 
 pytestmark = pytest.mark.usefixtures("x64")
