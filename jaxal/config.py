@@ -156,6 +156,33 @@ class QBCOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class BoxesOptions:
+    """Box datasets (`jaxal.data.boxes`, --task detection)."""
+
+    canvas: int = 1333  # longer side of the canvas images are resized into (keeping the aspect) and padded
+    max_boxes: Optional[int] = None  # boxes per image kept (padded); None: the dataset's largest count
+    on_invalid: str = "drop"  # invalid boxes (zero area, outside the image): "drop" (ISAL) or "error"
+    flip: bool = True  # random horizontal flip of the training images (mmdet flip_ratio=0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionOptions:
+    """--task detection (FCOS, `jaxal.detection`): the detector's configuration and its mmdetection-style
+    schedule in iterations (`jaxal.detection.training`)."""
+
+    config: str = "fcos_isal"  # "fcos_isal" (mmdet v2.4 as ISAL runs it) or "fcos_tv" (torchvision)
+    # Iterations per cycle; None: --epochs epochs of the labelled set at --batch_size (ceil per epoch).
+    # The learning rate is multiplied by --lr_gamma at the fractions 8/12 and 11/12 of the iterations.
+    iterations: Optional[int] = None
+    warmup_iters: int = 500  # mmdet warmup="constant": lr x warmup_ratio for these first iterations
+    warmup_ratio: float = 0.001
+    grad_clip: Optional[float] = 10.0  # global-norm clipping (ISAL's COCO config; its VOC config: 8)
+    channels: int = 256  # FPN and head width
+    stacked_convs: int = 4  # convolutions per head tower
+    backbone_weights: Optional[str] = None  # torchvision ResNet state dict (.pth / .npz); None: from scratch
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     # What to run.
     strategy: str = "exp_gn"  # one strategy or several separated by commas, e.g. "entropy,random"
@@ -163,7 +190,7 @@ class Config:
     # test/<class>/ images, or a path to an .npz.
     dataset: str = "digits"
     data_dir: Optional[str] = None  # tensorflow-datasets data directory
-    task: Optional[str] = None  # "classification" or "segmentation" (masks); None: classification
+    task: Optional[str] = None  # "classification", "segmentation" (masks) or "detection" (boxes); None: classification
     # Segmentation: the mask value of void pixels (no loss, no metric); None: 255 if the masks hold it, else
     # none (a named dataset's own: 11 for "camvid"). The classes are the values below it.
     ignore_label: Optional[int] = None
@@ -212,6 +239,8 @@ class Config:
     sraal: SRAALOptions = SRAALOptions()
     gcn: GCNOptions = GCNOptions()
     qbc: QBCOptions = QBCOptions()
+    boxes: BoxesOptions = BoxesOptions()
+    detection: DetectionOptions = DetectionOptions()
     # Output.
     workdir: Optional[str] = None  # None: runs/<dataset>-<strategy>
     progress: bool = True
@@ -323,9 +352,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                                 batch_size=8, lr=0.01, momentum=0.9, weight_decay=1e-4, lr_milestones=(40,),
                                 lr_gamma=0.1, warm_start=True, crop_size=688, eval_batch_size=2,
                                 gradnorm=dict(method="vmap", chunk_size=2), influence=dict(chunk_size=2)),
+    # Object detection on BCCD (blood cells, 3 classes; the archive bccd-voc.tar.gz in $JAXAL_SHARED_DATA,
+    # or --dataset PATH to a VOC folder): pool = train (205), reference set = val (87), test = test (72).
+    # Sized for 2 CPU cores: canvas 320 (320x240), FCOS (ISAL's mmdet config) on ResNet-18 from scratch
+    # with a 64-channel FPN/head of 2 convolutions, 20 initial + 20 per cycle, 3 cycles, 200 iterations
+    # per cycle at batch 4 (12 epochs of 20 images are fewer steps than mmdet's 500-iteration warm-up, so
+    # the warm-up is 50 iterations here), a fresh detector each cycle as ISAL.
+    #   python -m jaxal.run --preset bccd_fcos --strategy random
+    "bccd_fcos": dict(strategy="random", dataset="bccd", task="detection", model="fcos_r18", initial_size=20,
+                      budget=20, cycles=3, trials=1, batch_size=4, lr=0.01, momentum=0.9, weight_decay=1e-4,
+                      lr_gamma=0.1, eval_batch_size=8, warm_start=False,
+                      boxes=dict(canvas=320), detection=dict(iterations=200, warmup_iters=50, channels=64,
+                                                             stacked_convs=2)),
 }
 # The preset of a run that names none: digits_quick, or camvid_segnet for --task segmentation.
-DEFAULT_PRESETS = {None: "digits_quick", "classification": "digits_quick", "segmentation": "camvid_segnet"}
+DEFAULT_PRESETS = {None: "digits_quick", "classification": "digits_quick", "segmentation": "camvid_segnet",
+                   "detection": "bccd_fcos"}
 
 
 def build_config(preset: Optional[str] = None, **overrides) -> Config:

@@ -12,8 +12,11 @@ Two reductions (DESIGN.md, "The math", point 1):
 and backward pass with respect to the layer outputs gives each layer's input `a` and output gradient `d`
 per example, and each layer's per-example weight gradient is `sum_t a_t d_t^T` over its positions t
 (pixels for a convolution, via patches), whose squared norm is taken directly or, where cheaper, as
-`sum_{t,s} (a_t . a_s)(d_t . d_s)` ("ghost norm"). It supports models built from flax Dense, Conv and
-BatchNorm; `method="vmap"` works for any loss and is the reference the tests compare against. The
+`sum_{t,s} (a_t . a_s)(d_t . d_s)` ("ghost norm"). It supports models built from flax Dense, Conv,
+BatchNorm and GroupNorm; a Dense, Conv or GroupNorm may be applied several times in one forward pass
+(a detector's head, once per pyramid level): its per-example gradient is the sum over the calls, i.e.
+over the positions of all calls together. `method="vmap"` works for any loss and is the reference the
+tests compare against. The
 ghost pass honours the parameter subset: only the layers that own a selected parameter get an output
 perturbation and have their inputs recorded, so the backward pass stops at the earliest of them (a
 "last_layer" subset costs a forward pass and the head's backward).
@@ -214,13 +217,34 @@ def _supported(context, x) -> bool:
     any parameter of theirs in the subset is reported missing."""
     module = context.module
     return context.method_name == "__call__" and (
-        type(module) in (nn.Dense, nn.BatchNorm) or (type(module) is nn.Conv and _is_plain_conv(module, x)))
+        type(module) in (nn.Dense, nn.BatchNorm) or (type(module) is nn.Conv and _is_plain_conv(module, x))
+        or (type(module) is nn.GroupNorm and _is_plain_group_norm(module)))
+
+
+def _is_plain_group_norm(module: nn.GroupNorm) -> bool:
+    """GroupNorm over all of one example's axes (flax's default), by `num_groups`, one device."""
+    return (module.reduction_axes is None and module.group_size is None and module.axis_name is None
+            and module.num_groups is not None)
+
+
+def _group_norm_xhat(module: nn.GroupNorm, x: jax.Array) -> jax.Array:
+    """The normalised input of a GroupNorm (flax `GroupNorm.__call__`: statistics per example and group over
+    all other axes; `use_fast_variance`: E[x^2] - E[x]^2 clipped at 0), so that y = xhat * scale + bias."""
+    groups = module.num_groups
+    g = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+    axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
+    mean = jnp.mean(g, axes, keepdims=True)
+    if module.use_fast_variance:
+        var = jnp.maximum(jnp.mean(jnp.square(g), axes, keepdims=True) - jnp.square(mean), 0)
+    else:
+        var = jnp.mean(jnp.square(g - mean), axes, keepdims=True)
+    return ((g - mean) * jax.lax.rsqrt(var + module.epsilon)).reshape(x.shape)
 
 
 class _Layer(NamedTuple):
     """What the ghost path records about one layer while tracing (static facts only)."""
 
-    kind: str  # "dense" (Dense, or Conv as a Dense on patches) or "batch_norm"
+    kind: str  # "dense" (Dense, or Conv as a Dense on patches), "batch_norm" or "group_norm"
     names: tuple[str, ...]  # its parameters
     feature_axes: tuple[int, ...] = ()
 
@@ -229,8 +253,11 @@ def _layer_inputs(params, xs, loss: ExampleLoss, eps, layers: dict, wanted: Opti
     """Batched forward pass with `eps[path]` added to the output of every Dense/Conv/BatchNorm layer in
     `wanted` (None: every one), so that the gradient with respect to eps is each example's output
     gradient. Returns (sum of losses, inputs), where inputs[path] is what the layer's parameter gradient
-    is formed from: the Dense input, the Conv patches, or the normalised BatchNorm input. Fills `layers`
-    with static facts at trace time. Layers outside `wanted` run unchanged and record nothing."""
+    is formed from: the Dense input, the Conv patches, or the normalised BatchNorm/GroupNorm input, one
+    entry per CALL of the layer (a Dense, Conv or GroupNorm applied several times with the same weights,
+    as FCOS's head once per pyramid level, has several; eps[path] is a list with one array per call).
+    Fills `layers` with static facts at trace time. Layers outside `wanted` run unchanged and record
+    nothing."""
     inputs = {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -238,22 +265,28 @@ def _layer_inputs(params, xs, loss: ExampleLoss, eps, layers: dict, wanted: Opti
         key = "/".join(module.path)
         if not _supported(context, args[0] if args else None) or (wanted is not None and key not in wanted):
             return next_fun(*args, **kwargs)
-        if key in inputs:
-            raise ValueError(f"method='ghost' needs each layer called once per forward pass; {key} is shared: "
+        if key in inputs and type(module) is nn.BatchNorm:
+            raise ValueError(f"method='ghost' needs each BatchNorm called once per forward pass; {key} is shared: "
                              "use method='vmap'")
         x = args[0]
+        calls = inputs.setdefault(key, [])
         if type(module) is nn.Dense:
-            inputs[key] = x.reshape(x.shape[0], -1, x.shape[-1])
+            calls.append(x.reshape(x.shape[0], -1, x.shape[-1]))
             layers[key] = _Layer("dense", ("kernel",) + (("bias",) if module.use_bias else ()))
         elif type(module) is nn.Conv:
-            inputs[key] = _conv_patches(module, x)
+            calls.append(_conv_patches(module, x))
             layers[key] = _Layer("dense", ("kernel",) + (("bias",) if module.use_bias else ()))
+        elif type(module) is nn.GroupNorm:
+            calls.append(_group_norm_xhat(module, x))
+            names = (("scale",) if module.use_scale else ()) + (("bias",) if module.use_bias else ())
+            layers[key] = _Layer("group_norm", names, (x.ndim - 1,))
         else:
-            inputs[key], axes = _batch_norm_xhat(module, x, args[1:], kwargs)
+            xhat, axes = _batch_norm_xhat(module, x, args[1:], kwargs)
+            calls.append(xhat)
             names = (("scale",) if module.use_scale else ()) + (("bias",) if module.use_bias else ())
             layers[key] = _Layer("batch_norm", names, axes)
         y = next_fun(*args, **kwargs)
-        return y if eps is None else y + eps[key]
+        return y if eps is None else y + eps[key][len(calls) - 1]
 
     with nn.intercept_methods(interceptor):
         losses = loss.batch_losses(params, xs)
@@ -276,32 +309,41 @@ def _ghost_squares(loss: ExampleLoss, params, xs, wanted: Optional[frozenset] = 
             y = next_fun(*args, **kwargs)
             key = "/".join(context.module.path)
             if _supported(context, args[0] if args else None) and (wanted is None or key in wanted):
-                shapes[key] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+                shapes.setdefault(key, []).append(jax.ShapeDtypeStruct(y.shape, y.dtype))
             return y
 
         with nn.intercept_methods(interceptor):
             return loss.batch_losses(p, x)
 
     jax.eval_shape(output_shapes, params, xs)
-    eps = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+    eps = {k: [jnp.zeros(s.shape, s.dtype) for s in calls] for k, calls in shapes.items()}
     grad_fn = jax.grad(lambda e: _layer_inputs(params, xs, loss, e, layers, wanted), has_aux=True)
     deltas, inputs = grad_fn(eps)
 
     squares = {}
     for key, layer in layers.items():
-        path, a, d = tuple(key.split("/")), inputs[key], deltas[key]
-        n = d.shape[0]
+        path = tuple(key.split("/"))
+        n = deltas[key][0].shape[0]
         if layer.kind == "dense":
-            d = d.reshape(n, -1, d.shape[-1])
+            # A layer applied several times: its per-example gradient sums `a_t d_t^T` over the positions
+            # of every call, i.e. over the calls' positions concatenated.
+            a = jnp.concatenate(inputs[key], axis=1)
+            d = jnp.concatenate([dk.reshape(n, -1, dk.shape[-1]) for dk in deltas[key]], axis=1)
             squares[path + ("kernel",)] = _outer_sum_squares(a, d)
             if "bias" in layer.names:
                 squares[path + ("bias",)] = jnp.sum(jnp.square(jnp.sum(d, axis=1)), axis=1)
-        else:  # batch norm: y = xhat * scale + bias, summed over the non-feature axes of one example
-            other = tuple(i for i in range(1, d.ndim) if i not in layer.feature_axes)
+        else:  # batch/group norm: y = xhat * scale + bias, summed over the non-feature axes and the calls
+            def summed(term):
+                parts = []
+                for a, d in zip(inputs[key], deltas[key]):
+                    other = tuple(i for i in range(1, d.ndim) if i not in layer.feature_axes)
+                    parts.append(jnp.sum(term(a, d), axis=other))
+                return sum(parts)
+
             if "scale" in layer.names:
-                squares[path + ("scale",)] = _leaf_squares([jnp.sum(d * a, axis=other)])[:, 0]
+                squares[path + ("scale",)] = _leaf_squares([summed(lambda a, d: d * a)])[:, 0]
             if "bias" in layer.names:
-                squares[path + ("bias",)] = _leaf_squares([jnp.sum(d, axis=other)])[:, 0]
+                squares[path + ("bias",)] = _leaf_squares([summed(lambda a, d: d)])[:, 0]
     return squares
 
 
@@ -321,7 +363,8 @@ def _ghost_selection(covered, params: PyTree, params_filter: ParamsFilter) -> li
     missing = _uncovered(covered, mask)
     if missing:
         raise ValueError("method='ghost' handles flax Dense, Conv (plain: no groups, mask, input dilation or "
-                         "circular/reflect/causal padding) and BatchNorm layers only; no per-example gradient for "
+                         "circular/reflect/causal padding), BatchNorm and GroupNorm layers only; no per-example "
+                         "gradient for "
                          f"{['/'.join(p) for p in missing]}: use method='vmap' or a subset without them")
     return [path for path, m in mask.items() if m]
 
@@ -335,7 +378,8 @@ _FALLBACK_WARNED: set[str] = set()
 
 def ghost_or_vmap(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filter: ParamsFilter = "all") -> str:
     """"ghost" when the ghost path forms the per-example gradient of every selected parameter of this
-    model (its layers are flax Dense, plain Conv and BatchNorm, each called once), else "vmap", saying so
+    model (its layers are flax Dense, plain Conv, GroupNorm and BatchNorm, each BatchNorm called once), else
+    "vmap", saying so
     once per process and model with a warning that names the layers. Decided from a shapes-only trace
     on one example of `xs`; the strategies use it so that any model runs (`jaxal.models`)."""
     one = jax.tree.map(lambda a: a[:1], xs)
@@ -343,11 +387,12 @@ def ghost_or_vmap(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filte
         covered = jax.eval_shape(lambda p, x: _ghost_squares(loss_fn, p, x), params, one)
         missing = ["/".join(p) for p in _uncovered(covered, traverse_util.flatten_dict(_mask(params, params_filter)))]
         reason = f"it has no per-example gradient for {missing[:6]}{' ...' if len(missing) > 6 else ''}"
-    except ValueError as error:  # a layer called twice per pass (shared weights)
+    except ValueError as error:  # a BatchNorm called twice per pass (shared weights)
         missing, reason = ["(shared layer)"], str(error)
     if not missing:
         return "ghost"
-    message = (f"--gradnorm.method ghost handles flax Dense, plain Conv and BatchNorm layers; {reason}, so the "
+    message = (f"--gradnorm.method ghost handles flax Dense, plain Conv, BatchNorm and GroupNorm layers; {reason}, "
+               "so the "
                "per-example gradient norms of this model use method 'vmap' (the same norms, more memory per chunk: "
                "lower --gradnorm.chunk_size if it runs out)")
     if message not in _FALLBACK_WARNED:

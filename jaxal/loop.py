@@ -502,6 +502,10 @@ def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, over
     """Run (or resume) every strategy and trial of `config`; returns all per-cycle records.
     `observer`, if given, is called after every cycle (see `run_trial`); `model`: a Flax module of your
     own instead of `config.model` (see `jaxal.models` for what it must return)."""
+    if config.task == "detection":  # boxes stream from disk per batch: `jaxal.detection.active`
+        from jaxal.detection import active
+
+        return active.maybe_run(config, workdir, overwrite, log)
     return run_prepared(prepare(config, workdir, model=model), overwrite=overwrite, log=log, observer=observer)
 
 

@@ -20,7 +20,7 @@ CSV_COLUMNS = ("strategy", "trial", "cycle", "num_labeled", "test_accuracy", "tr
                "train_loss", "train_seconds", "evaluate_seconds", "selection_seconds", "num_scored")
 CSV_HEAD, CSV_TAIL = CSV_COLUMNS[:4], CSV_COLUMNS[6:]
 # A metric's label on the plot and in the summary.
-METRIC_LABELS = {"accuracy": "test accuracy", "miou": "test mIoU"}
+METRIC_LABELS = {"accuracy": "test accuracy", "miou": "test mIoU", "ap": "test AP@[.5:.95]"}
 
 
 def csv_columns(records: list[dict]) -> list[str]:
@@ -58,15 +58,17 @@ def write_csv(path: Path, records: list[dict]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def learning_curves(records: list[dict], metric: str = "accuracy") -> dict[str, dict[int, list[tuple[int, float]]]]:
-    """strategy -> trial -> [(num_labeled, test_<metric>)] in cycle order."""
+def learning_curves(records: list[dict], metric: str = "accuracy", x: str = "num_labeled"
+                    ) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """strategy -> trial -> [(x, test_<metric>)] in cycle order; x = num_labeled (or num_boxes)."""
     curves: dict = defaultdict(lambda: defaultdict(list))
     for r in sorted(records, key=lambda r: (r["strategy"], r["trial"], r["cycle"])):
-        curves[r["strategy"]][r["trial"]].append((r["num_labeled"], r[f"test_{metric}"]))
+        curves[r["strategy"]][r["trial"]].append((r[x], r[f"test_{metric}"]))
     return curves
 
 
-def plot_learning_curve(path: Path, records: list[dict], title: str = "", metric: str = "accuracy") -> None:
+def plot_learning_curve(path: Path, records: list[dict], title: str = "", metric: str = "accuracy",
+                        x: str = "num_labeled", xlabel: str = "labelled samples") -> None:
     """The test metric (accuracy, or a segmentation's mIoU) vs labelled samples: a thin line per trial,
     and with several trials the mean with a +-1 standard deviation band, one colour per strategy."""
     import matplotlib
@@ -75,7 +77,7 @@ def plot_learning_curve(path: Path, records: list[dict], title: str = "", metric
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    curves = learning_curves(records, metric)
+    curves = learning_curves(records, metric, x)
     for color, (strategy, trials) in zip(plt.cm.tab10.colors * 3, sorted(curves.items())):
         for trial, points in sorted(trials.items()):
             xs, ys = zip(*points)
@@ -88,7 +90,7 @@ def plot_learning_curve(path: Path, records: list[dict], title: str = "", metric
             mean, std = acc.mean(0), acc.std(0)
             ax.plot(xs, mean, color=color, lw=2, label=f"{strategy} (mean of {len(trials)})")
             ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.15)
-    ax.set_xlabel("labelled samples")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(METRIC_LABELS.get(metric, f"test {metric}"))
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -105,6 +107,9 @@ def write_results(workdir: Path, records: list[dict], title: str = "", metric: s
     write_csv(workdir / "results.csv", records)
     if records:
         plot_learning_curve(workdir / "learning_curve.png", records, title, metric)
+        if "num_boxes" in records[0]:  # detection: the cost in boxes
+            plot_learning_curve(workdir / "learning_curve_boxes.png", records, title, metric, "num_boxes",
+                                "boxes in the labelled set")
 
 
 def summary_table(records: list[dict], metric: str = "accuracy") -> str:

@@ -48,6 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxal import losses
+from jaxal.detection import decode as detection_decode
+from jaxal.detection import losses as detection_losses
+from jaxal.models.fcos import FCOS_ISAL, FCOSConfig, flatten_levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +272,80 @@ def segmentation_metrics(confusion) -> dict:
             "iou": [float(v) if p else None for v, p in zip(iou, present)]}
 
 
-TASKS = {"classification": Classification, "segmentation": Segmentation}
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """Boxes: a detector's outputs are FCOS's per-level maps (a pytree, `jaxal.models.fcos`), a label is an
+    image's padded box array {"boxes" (B, 4) canvas pixels, "classes" (B,) with -1 padding, "difficult"
+    (B,)} (a batch stacks them). The per-example losses take ONE image's maps (every leaf without the
+    batch axis), as the other tasks' take one example's logits, so `vmap`, the gradient engines and the
+    strategies go through them unchanged.
+
+    - `supervised_loss`: the FCOS loss of the config normalised by THAT image's positives (what ISAL's
+      batch-1 code differentiates); `batch_loss`: the training loss, normalised by the batch's positives
+      (train.py uses it where a task has one).
+    - `entropy` / `expected_loss` (ent-gn / exp-gn): the binary entropy of the sigmoid class posteriors,
+      summed over the classes and over the image's `top_k` highest-scoring locations (score = max class
+      probability x centerness, the decoding's; the choice of locations is piecewise constant and carries
+      no gradient); the expected BCE under the model's own Bernoulli posteriors, differentiated, is the
+      same function (tested).
+    - `pseudo_label_loss`: the image's loss at its own detections with score >= `pseudo_score` (ISAL).
+    Evaluation is by AP (`jaxal.detection.evaluate`), not by a confusion matrix; augmentation (the
+    horizontal flip, mirrored within each image's own width) is the loader's, so `augment` refuses crops.
+    """
+
+    num_classes: int
+    ignore_label: Optional[int] = None
+    config: FCOSConfig = FCOS_ISAL
+    top_k: int = 100
+    pseudo_score: float = 0.5
+    max_boxes: int = 100
+
+    name: ClassVar[str] = "detection"
+    metric: ClassVar[str] = "ap"
+
+    # ---- losses of one image ----
+    def supervised_loss(self, outputs, label):
+        return detection_losses.image_loss(outputs, label, self.config)
+
+    def batch_loss(self, outputs, labels):
+        return detection_losses.batch_loss(outputs, labels, self.config)
+
+    def _top_logits(self, outputs):
+        """(k, C) class logits at the image's top-k locations by max sigmoid(cls) x sigmoid(ctr)."""
+        cls, _, ctr = flatten_levels(outputs)
+        score = jax.lax.stop_gradient(jax.nn.sigmoid(cls).max(-1) * jax.nn.sigmoid(ctr))
+        _, top = jax.lax.top_k(score, min(self.top_k, score.shape[0]))
+        return cls[top]
+
+    def entropy(self, outputs):
+        z = self._top_logits(outputs)
+        p = jax.nn.sigmoid(z)
+        return -jnp.sum(p * jax.nn.log_sigmoid(z) + (1 - p) * jax.nn.log_sigmoid(-z))
+
+    def expected_loss(self, outputs):
+        """sum over locations and classes of E_{y ~ Bernoulli(p)} BCE(z, y) = p BCE(z, 1) + (1-p) BCE(z, 0)."""
+        bce = detection_losses.binary_cross_entropy_with_logits
+        z = self._top_logits(outputs)
+        p = jax.nn.sigmoid(z)
+        return jnp.sum(p * bce(z, jnp.ones_like(z)) + (1 - p) * bce(z, jnp.zeros_like(z)))
+
+    def pseudo_labels(self, outputs):
+        """One image's own detections with score >= pseudo_score, as a label (no gradient)."""
+        detections = detection_decode.decode_image(jax.lax.stop_gradient(outputs), self.config)
+        return detection_decode.pseudo_labels(detections, self.pseudo_score, self.max_boxes)
+
+    def pseudo_label_loss(self, outputs):
+        return self.supervised_loss(outputs, self.pseudo_labels(outputs))
+
+    # ---- augmentation ----
+    def augment(self, rng, images, labels, mode: str, padding: int, window: Optional[int] = None):
+        if mode != "none" or window is not None:
+            raise ValueError("detection's augmentation is the loader's horizontal flip (--boxes.flip); "
+                             f"augmentation {mode!r} and training windows are for images without boxes")
+        return images, labels
+
+
+TASKS = {"classification": Classification, "segmentation": Segmentation, "detection": Detection}
 
 
 def create_task(name: str, num_classes: int, ignore_label: Optional[int] = None):

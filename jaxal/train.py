@@ -145,9 +145,14 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr
     def loss_fn(params):
         output, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, x,
                                       train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        per_example = jax.vmap(task.supervised_loss)(output.logits, y)
-        loss = jnp.mean(per_example)
-        metrics = {"loss": loss, "accuracy": jnp.mean(task.correct_fraction(output.logits, y))}
+        if hasattr(task, "batch_loss"):  # detection: normalised by the whole batch's positives, not a mean
+            loss = task.batch_loss(output.logits, y)
+            per_example = jax.vmap(task.supervised_loss)(output.logits, y) if lossnet is not None else None
+            metrics = {"loss": loss}
+        else:
+            per_example = jax.vmap(task.supervised_loss)(output.logits, y)
+            loss = jnp.mean(per_example)
+            metrics = {"loss": loss, "accuracy": jnp.mean(task.correct_fraction(output.logits, y))}
         if lossnet is not None:
             blocks = [jnp.where(detach_features, jax.lax.stop_gradient(b), b) for b in output.blocks]
             predicted = lossnet.apply({"params": params["lossnet"]}, blocks)

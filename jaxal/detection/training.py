@@ -1,0 +1,199 @@
+"""Training and inference of an FCOS detector on a box split (`jaxal.data.boxes`), streamed per batch.
+
+The schedule is mmdetection v2.4's as ISAL's FCOS config sets it, in ITERATIONS (mmcv's
+`StepLrUpdaterHook` with `by_epoch=True` steps at epochs, warm-up counts iterations):
+  lr(it) = base_lr * gamma ** (number of step epochs passed)        (`step=[8, 11]`, gamma 0.1)
+  during the first `warmup_iters` iterations, warm-up "constant": lr * warmup_ratio   (500, 0.001)
+The optimiser is torch's SGD as mmcv's `OptimizerHook` drives it: the gradient clipped to global norm
+`grad_clip` (`clip_grad_norm_`, ISAL: 10), then `d = g + wd_p * p`, `buf = momentum * buf + d` (the
+first step: `buf = d`), `p -= lr_p * buf`. `paramwise_cfg=dict(bias_lr_mult=2., bias_decay_mult=0.)`:
+the conv biases (mmcv: every `bias` except normalisation layers') have twice the learning rate and no
+weight decay; GroupNorm's scale and bias, and the Scales, have the base ones. Frozen backbone stages
+(mmdet `frozen_stages=1`, `norm_eval`: `requires_grad=False`) are not in the optimiser at all: no update
+and no decay (`jaxal.models.resnet.trainable_mask`).
+
+A fresh detector each cycle (ISAL retrains from scratch each step): `init_detector` draws new weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxal.data import Normalization
+from jaxal.data import boxes as boxes_lib
+from jaxal.detection import decode, losses
+from jaxal.models.fcos import FCOSConfig
+
+# torchvision's ImageNet statistics (jaxal.models.resnet's weights expect them); ISAL's caffe-style
+# weights used BGR means without std -- a documented deviation.
+IMAGENET = Normalization(1 / 255, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    iterations: int
+    batch_size: int = 8                       # ISAL: samples_per_gpu=2 x 4 GPUs
+    base_lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001               # _base_/schedules/schedule_1x.py
+    steps: tuple[float, ...] = (8 / 12, 11 / 12)  # step=[8, 11] of 12 epochs, as fractions of the run
+    gamma: float = 0.1
+    bias_lr_mult: float = 2.0
+    bias_decay_mult: float = 0.0
+    grad_clip: Optional[float] = 10.0
+
+    @classmethod
+    def epochs(cls, epochs: int, num_images: int, **kwargs) -> "Schedule":
+        """`epochs` epochs of `num_images` images at the batch size (mmdet's per-epoch iterations, ceil)."""
+        batch = kwargs.get("batch_size", cls.batch_size)
+        return cls(iterations=epochs * math.ceil(num_images / batch), **kwargs)
+
+
+def learning_rate(schedule: Schedule, iteration: int) -> float:
+    """The base lr at `iteration` (0-based), warm-up included (mmcv LrUpdaterHook `get_warmup_lr`,
+    "constant": `regular_lr * warmup_ratio` while `cur_iter < warmup_iters`)."""
+    passed = sum(iteration >= round(f * schedule.iterations) for f in schedule.steps)
+    lr = schedule.base_lr * schedule.gamma ** passed
+    return lr * schedule.warmup_ratio if iteration < schedule.warmup_iters else lr
+
+
+def param_groups(params, trainable=None):
+    """Per parameter (lr multiplier, decay multiplier) as two pytrees: conv/dense biases 2 and 0,
+    normalisation parameters and the rest 1 and 1; `trainable` (a bool pytree or None) zeroes both."""
+    flat = traverse_util.flatten_dict(params)
+    train = traverse_util.flatten_dict(trainable) if trainable is not None else {}
+
+    def is_conv_bias(path):
+        return path[-1] == "bias" and "norm" not in path[-2] and "bn" not in path[-2]
+
+    lr = {p: (2.0 if is_conv_bias(p) else 1.0) * float(train.get(p, True)) for p in flat}
+    decay = {p: (0.0 if is_conv_bias(p) else 1.0) * float(train.get(p, True)) for p in flat}
+    return traverse_util.unflatten_dict(lr), traverse_util.unflatten_dict(decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class Detector:
+    """A Flax detector (jaxal.models.fcos.FCOS), its config and input normalisation; hashable."""
+
+    model: nn.Module
+    config: FCOSConfig
+    normalization: Optional[Normalization] = IMAGENET  # None: inputs as given (tests in float64)
+
+    def apply(self, variables, images, train=False):
+        x = images if self.normalization is None else self.normalization(images)
+        return self.model.apply(variables, x, train=train)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: nn.Module, rng, canvas):
+    return model.init(rng, jnp.zeros((1, *canvas, 3), jnp.float32), train=False)
+
+
+def init_detector(detector: Detector, rng, canvas) -> dict:
+    """Fresh weights (compiled once per model and canvas)."""
+    variables = _init(detector.model, rng, tuple(canvas))
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    detector: Detector
+    schedule: Schedule
+
+
+def _train_step(static: _Step, state, batch, lr, multipliers):
+    detector, schedule = static.detector, static.schedule
+    params, momentum, batch_stats = state
+    lr_mult, decay_mult = multipliers
+
+    def loss_fn(p):
+        out = detector.apply({"params": p, "batch_stats": batch_stats}, batch["images"], train=False)
+        parts = losses.batch_parts(out["logits"], batch, detector.config)
+        return parts["cls"] + parts["box"] + parts["ctr"], parts
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = jax.tree.map(lambda g, m: g * (m > 0), grads, lr_mult)  # frozen: not in the optimiser
+    if schedule.grad_clip is not None:  # torch clip_grad_norm_: scale by max_norm / (norm + 1e-6) if larger
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, schedule.grad_clip / (norm + 1e-6)), grads)
+    d = jax.tree.map(lambda g, p, m: g + schedule.weight_decay * m * p, grads, params, decay_mult)
+    momentum = jax.tree.map(lambda b, di: schedule.momentum * b + di, momentum, d)
+    params = jax.tree.map(lambda p, b, m: p - lr * m * b, params, momentum, lr_mult)
+    return (params, momentum, batch_stats), {"loss": loss, **parts}
+
+
+_train_step_jit = jax.jit(_train_step, static_argnums=0, donate_argnums=1)
+
+
+def train(detector: Detector, variables: dict, split, indices, schedule: Schedule, rng: np.random.Generator, *,
+          trainable=None, flip: bool = True, log_every: int = 0, workers: Optional[int] = None) -> tuple[dict, list]:
+    """`schedule.iterations` SGD steps on batches of `indices` (reshuffled each epoch, flipped at random),
+    from `variables`. BatchNorm statistics stay frozen (mmdet `norm_eval=True`; GroupNorm has none).
+    Returns the trained variables and the per-iteration losses."""
+    indices = np.asarray(indices)
+    if len(indices) == 0:
+        raise ValueError("no labelled images to train the detector on")
+    params = variables["params"]
+    # torch's first momentum step is buf = d; starting from buf = 0 with `momentum * 0 + d` is the same.
+    # (a copy: the step donates its state, and the caller keeps `variables`)
+    state = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.zeros_like, params), variables["batch_stats"])
+    multipliers = param_groups(params, trainable)
+    history, it = [], 0
+    static = _Step(detector, schedule)
+    while it < schedule.iterations:
+        for batch in boxes_lib.batches(split, indices, schedule.batch_size, rng=rng, flip=flip, workers=workers):
+            if it >= schedule.iterations:
+                break
+            batch = {k: jnp.asarray(batch[k]) for k in ("images", "boxes", "classes", "difficult")}
+            state, metrics = _train_step_jit(static, state, batch, jnp.float32(learning_rate(schedule, it)),
+                                             multipliers)
+            loss = float(metrics["loss"]) if log_every or it == schedule.iterations - 1 else None
+            if loss is not None and not np.isfinite(loss):
+                raise FloatingPointError(f"detector training diverged at iteration {it}: loss {loss}")
+            if log_every and it % log_every == 0:
+                print(f"  iteration {it}: loss {loss:.4f} lr {learning_rate(schedule, it):.2e}", flush=True)
+            history.append(metrics)
+            it += 1
+    return {"params": state[0], "batch_stats": state[2]}, history
+
+
+def _detect_batch(detector: Detector, variables, images, sizes):
+    out = detector.apply(variables, images)
+    return decode.decode_batch(out["logits"], detector.config, sizes)
+
+
+_detect_batch_jit = jax.jit(_detect_batch, static_argnums=0)
+
+
+def detect(detector: Detector, variables: dict, split, indices, batch_size: int = 8, *,
+           workers: Optional[int] = None) -> dict:
+    """Detections of `indices` in their order: {"boxes" (n, M, 4) canvas pixels, "scores", "classes",
+    "valid"} (M = max_per_img); memory of the detections only (M x images)."""
+    indices = np.asarray(indices)
+    position = {int(i): k for k, i in enumerate(indices)}
+    m = detector.config.max_per_img
+    out = {"boxes": np.zeros((len(indices), m, 4), np.float32), "scores": np.zeros((len(indices), m), np.float32),
+           "classes": np.zeros((len(indices), m), np.int32), "valid": np.zeros((len(indices), m), bool)}
+    for batch in boxes_lib.batches(split, indices, batch_size, workers=workers):
+        n = len(batch["indices"])
+        images = batch["images"]
+        sizes = split.resized_sizes[batch["indices"]].astype(np.float32)
+        if n < batch_size:  # one compiled shape per canvas: pad the last batch
+            images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)])
+            sizes = np.concatenate([sizes, np.ones((batch_size - n, 2), np.float32)])
+        found = jax.device_get(_detect_batch_jit(detector, variables, jnp.asarray(images), jnp.asarray(sizes)))
+        rows = [position[int(i)] for i in batch["indices"]]
+        for key in out:
+            out[key][rows] = found[key][:n]
+    return out
