@@ -159,8 +159,11 @@ def maybe_run(config: Config, workdir: Optional[str | Path], overwrite: bool, lo
     """The loop's entry: runs a detection config, None for the other tasks."""
     if config.task != "detection":
         return None
+    from jaxal import workdir as workdir_lock
+
     path = Path(workdir or config.workdir or f"runs/{Path(str(config.dataset)).name}-detection-{config.strategy}")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"{path} already holds a run; pass --overwrite or another --workdir (detection runs do not "
-                         "resume yet)")
-    return run_detection(config, path, log=log)
+    with workdir_lock.hold(path):
+        if any(p.name != workdir_lock.LOCK_NAME for p in path.iterdir()) and not overwrite:
+            raise ValueError(f"{path} already holds a run; pass --overwrite or another --workdir (detection runs do "
+                             "not resume yet)")
+        return run_detection(config, path, log=log)
