@@ -163,7 +163,7 @@ def maybe_run(config: Config, workdir: Optional[str | Path], overwrite: bool, lo
 
     path = Path(workdir or config.workdir or f"runs/{Path(str(config.dataset)).name}-detection-{config.strategy}")
     with workdir_lock.hold(path):
-        if any(p.name != workdir_lock.LOCK_NAME for p in path.iterdir()) and not overwrite:
+        if workdir_lock.contents(path) and not overwrite:
             raise ValueError(f"{path} already holds a run; pass --overwrite or another --workdir (detection runs do "
                              "not resume yet)")
         return run_detection(config, path, log=log)
