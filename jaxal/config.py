@@ -57,10 +57,12 @@ class InfluenceOptions:
 @dataclasses.dataclass(frozen=True)
 class PrecisionOptions:
     """Matrix-product precision (see `jaxal.precision`): GPUs compute float32 products in TF32 by
-    default. "default" (the backend's fast mode) or "highest" (true float32)."""
+    default. "default" (the backend's fast mode) or "highest" (true float32); training also "bfloat16"."""
 
     solvers: str = "highest"  # HVPs, solvers, influence jvps and gradients, coreset/BADGE distances, diagnostics
-    training: str = "default"  # training, evaluation and plain inference, gradient-norm scores
+    # training, evaluation and plain inference, gradient-norm scores; "bfloat16": mixed-precision training
+    # (bf16 activations and products, float32 parameters, optimizer state, BatchNorm statistics and loss)
+    training: str = "default"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxal import parallel, tasks
-from jaxal.models import LossNet, init_variables
+from jaxal import parallel, precision, tasks
+from jaxal.models import Adapted, LossNet, init_variables
 
 
 @flax.struct.dataclass
@@ -60,6 +60,9 @@ class TrainOptions:
     task: Any = flax.struct.field(pytree_node=False, default=None)
     # Segmentation: train on random crop_size x crop_size windows of the images and masks; None: whole images.
     crop_size: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+    # Mixed precision (`--precision.training bfloat16`, `jaxal.precision`): the dtype of the step's
+    # activations and products; the parameters, optimizer state and BatchNorm statistics stay float32.
+    compute_dtype: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
@@ -142,14 +145,20 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr
     task = options.task if options.task is not None else _CLASSIFICATION
     x, y = task.augment(augment_rng, x, y, options.augmentation, options.crop_padding, options.crop_size)
 
+    compute_model, x = in_compute_dtype(model, x, options.compute_dtype)
+
     def loss_fn(params):
-        output, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, x,
-                                      train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-        per_example = jax.vmap(task.supervised_loss)(output.logits, y)
+        model_params = precision.cast_floating(params["model"], options.compute_dtype)
+        output, updates = compute_model.apply({"params": model_params, "batch_stats": state.batch_stats}, x,
+                                              train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        logits = output.logits.astype(jnp.float32)  # the loss and its softmax in float32
+        per_example = jax.vmap(task.supervised_loss)(logits, y)
         loss = jnp.mean(per_example)
-        metrics = {"loss": loss, "accuracy": jnp.mean(task.correct_fraction(output.logits, y))}
+        metrics = {"loss": loss, "accuracy": jnp.mean(task.correct_fraction(logits, y))}
         if lossnet is not None:
-            blocks = [jnp.where(detach_features, jax.lax.stop_gradient(b), b) for b in output.blocks]
+            # The loss module (a few small dense layers) reads the blocks in float32.
+            blocks = [jnp.where(detach_features, jax.lax.stop_gradient(b), b).astype(jnp.float32)
+                      for b in output.blocks]
             predicted = lossnet.apply({"params": params["lossnet"]}, blocks)
             ranking = loss_prediction_loss(predicted, per_example, options.lossnet_margin)
             loss = loss + options.lossnet_weight * ranking
@@ -161,6 +170,16 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr
     params = {part: jax.tree.map(lambda p, u: p - lr[part] * u, state.params[part], updates[part])
               for part in state.params}
     return parallel.constrain_replicated((TrainState(state.step + 1, params, batch_stats, opt_state), metrics), mesh)
+
+
+def in_compute_dtype(model: nn.Module, x: jax.Array, dtype) -> tuple[nn.Module, jax.Array]:
+    """(model, batch) that compute in `dtype` (None: unchanged): an `Adapted` model casts its normalised
+    input (the stored pixels stay as they are until then); a bare module gets its floating batch cast."""
+    if dtype is None:
+        return model, x
+    if isinstance(model, Adapted):
+        return model.clone(compute_dtype=dtype), x
+    return model, x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def epoch_batches(rng: np.random.Generator, labeled: np.ndarray, batch_size: int, multiple: int = 1) -> np.ndarray:
