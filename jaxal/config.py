@@ -25,6 +25,8 @@ class GradNormOptions:
     chunk_size: int = 256  # examples per compiled chunk: bounds memory, never changes the result
     # "ghost": per-layer norms from layer inputs and output gradients, no per-example gradient is
     # materialised (Dense/Conv/BatchNorm models); "vmap": jax.vmap(jax.grad), any model. Same norms.
+    # "auto": the ghost engine with Bu et al.'s per-layer rule (Gram matrices where 2T^2 <= K*F, the
+    # layer's per-example gradient elsewhere); "ghost" chooses per layer by multiply-adds.
     method: str = "ghost"
 
 
