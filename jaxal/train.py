@@ -285,7 +285,8 @@ def train_model(state: TrainState, images, labels, labeled: np.ndarray, *, model
     dtype; device arrays work too); returns the state and the last epoch's metrics. `input_pipeline`:
     how each step's batch reaches the devices (`INPUT_PIPELINES`, the module docstring); every choice
     trains alike. With a `mesh`: data parallel, the state comes back replicated over it."""
-    pipeline = resolve_input_pipeline(input_pipeline, _nbytes(images, labels, rows=len(labeled)), mesh)
+    resident_rows = parallel.bucket(len(labeled))  # what the resident copy holds, padding included
+    pipeline = resolve_input_pipeline(input_pipeline, _nbytes(images, labels, rows=resident_rows), mesh)
     resident = _ResidentBatches(images, labels, labeled, mesh) if pipeline == "resident" else None
     host_rng = np.random.default_rng(seed)
     state = parallel.replicate(state, mesh)
