@@ -26,7 +26,9 @@ estimate) and `gpu_speed.log` (every child's output) -- at most 6 files, what a 
 Time: `--budget-s` (default 540, inside a 10-minute command) is shared by the stages; a stage starts only
 when its estimate (`ESTIMATES`, seconds on an H100, compilation included) fits in what is left, and a
 child still running when the budget ends is stopped (the stage is not marked done, so the next run
-retries it). The estimates add up to about 14 minutes: plan on two commands.
+retries it). The estimates are guesses from the earlier H100 runs (compilation of ResNet-18 programs, 30-45
+s each, dominates), not measurements; they add up to about 14 minutes, so plan on two commands and expect
+the last stage (influence) to be the one left over when the device time runs out.
 
 The per-trial estimate (cycle0): the protocol trains 7 cycles on 5000, 7500, ..., 20000 labelled images,
 so the training of a trial is the steady epoch time at 5000 x 200 epochs x (5000 + 7500 + ... + 20000) /
