@@ -5,7 +5,7 @@ On the GPU machine, from the repository root, with CIFAR-10's archive carried al
     python3 experiments/gpu_speed.py --out "$OUT" --state .gpu_state --dataset .gpu_data/cifar10-jpeg.tar.gz
 
 and, if it stops at its time budget with stages left, the same command again (finished stages are skipped).
-On any machine, at toy sizes (the check that the script runs; a few minutes on 2 CPU cores):
+On any machine, at toy sizes (the check that the script runs; random CIFAR-shaped images for cycle0):
 
     python experiments/gpu_speed.py --quick --out /tmp/gpu_speed_quick --state /tmp/gpu_speed_quick_state
 
@@ -79,19 +79,16 @@ def stage_command(stage: str, quick: bool, dataset: str | None) -> list[str] | N
             "--strategies", "ent_gn", "--precision-training", "bfloat16", *sizes]
 
 
-def toy_cifar(folder: Path, per_class: int = 80, test_per_class: int = 10) -> Path:
-    """A CIFAR-shaped image folder of random 32x32 PNGs (train/<class>/, test/<class>/), for --quick."""
+def toy_cifar(path: Path, train: int = 7600, test: int = 100) -> Path:
+    """A CIFAR-shaped `.npz` of random uint8 images, for --quick: as many training images as the preset's
+    own sizes need to pass validation (5000 initial + 2500), which bench_scale then scales down."""
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, count in (("train", per_class), ("test", test_per_class)):
-        for label in range(10):
-            target = folder / split / f"class{label}"
-            target.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(target / f"{i:04d}.png")
-    return folder
+    np.savez(path, x_train=rng.integers(0, 256, (train, 32, 32, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 10, train).astype(np.int32),
+             x_test=rng.integers(0, 256, (test, 32, 32, 3), dtype=np.uint8), y_test=rng.integers(0, 10, test).astype(np.int32))
+    return path
 
 
 def trial_estimate(cycle0: dict) -> dict | None:
@@ -171,7 +168,7 @@ def main(argv=None) -> dict:
     dataset = args.dataset
     if args.quick and dataset is None:
         toy = Path(tempfile.mkdtemp(prefix="gpu_speed_toy_cifar_"))
-        dataset = str(toy_cifar(toy / "cifar10"))
+        dataset = str(toy_cifar(toy / "cifar10.npz"))
     if dataset is None:
         shared = os.environ.get("JAXAL_SHARED_DATA") or str(REPO.parent / "shared" / "data")
         candidates = [REPO / ".gpu_data" / "cifar10-jpeg.tar.gz", Path(shared) / "cifar10-jpeg.tar.gz"]
@@ -196,8 +193,9 @@ def main(argv=None) -> dict:
             began = time.perf_counter()
             result, why = run_stage(command, left - 5, log)
             seconds = time.perf_counter() - began
-            if result is None:
-                print(f"{stage}: FAILED after {seconds:.0f} s: {why} (see gpu_speed.log)", flush=True)
+            errors = [r["error"] for r in (result or {}).get("results", []) if "error" in r]  # bench_scale's runs
+            if result is None or errors:
+                print(f"{stage}: FAILED after {seconds:.0f} s: {why or errors[0][:300]} (see gpu_speed.log)", flush=True)
                 continue
             result = {"stage_seconds": round(seconds, 1), "device": device, "quick": args.quick, "result": result}
             done_file.write_text(json.dumps(result, indent=1))
