@@ -4,8 +4,11 @@ For ResNet-18 on CIFAR-shaped inputs (32x32x3, 10 classes) and the digits CNN (8
 times, on the same random inputs, the entropy-gradnorm score (ent-gn; AL-GradNorm's default scheme) of every
 example, reduced as the reference code does (`norm="layer_sum"`: the sum over all parameter tensors of each
 tensor's gradient norm), by
-  - the engine, `method="vmap"` (`vmap(grad)` in one jitted function) and `method="ghost"`
-    (layer inputs x output gradients, no per-example gradient materialised);
+  - the engine, `method="vmap"` (`vmap(grad)` in one jitted function), `method="ghost"` (layer inputs x
+    output gradients, each layer by the Gram matrices or its per-example gradient, whichever takes fewer
+    multiply-adds) and `method="auto"` (the same, each layer by Bu et al.'s rule: Gram matrices where
+    2 T^2 <= K F, i.e. where they hold less than the layer's per-example gradient); the choice of each
+    layer under both rules is printed;
   - the reference method in JAX: a Python loop of a jitted gradient at batch size 1 (+ its norm), with JAX's
     asynchronous dispatch (the fastest form of that loop);
   - the reference code itself, in PyTorch, when torch is importable (`--torch-site`): AL-GradNorm's
@@ -17,9 +20,10 @@ tensor's gradient norm), by
     (on CPU, XLA's convolutions slow down per sample in large batches): the floor that no per-example
     method beats by much.
 Times are the best of `--repeats` runs after a first run (compiling, for JAX), the repeats of all methods
-interleaved so that load from other processes hits them alike; the two loops are timed on `--loop-n`
-samples and scaled to the pool. Memory: the temporary buffers of each compiled JAX program (XLA's memory
-analysis, per method) and the process's peak RSS at the end.
+interleaved so that load from other processes hits them alike (CPU seconds of the process are reported
+beside them); the two loops are timed on `--loop-n` samples and scaled to the pool. Memory: the
+temporary buffers of each compiled JAX program (XLA's memory analysis, per method) and the process's
+peak RSS at the end.
 The last line printed is one JSON object of ratios (speedups > 1 are good; costs < 1 are good); the torch
 keys are null when torch was skipped.
 
@@ -48,6 +52,7 @@ from jaxal.pytree import tree_size
 from timing import check_rtol, import_torch_reference, time_runs
 
 BENCHES = {"digits_cnn": ("cnn", (8, 8, 1)), "resnet18": ("resnet18", (32, 32, 3))}
+ENGINES = ("vmap", "ghost", "auto")
 CHECK_SAMPLES = 8
 
 
@@ -75,6 +80,19 @@ def check_torch(reference, torch_model, engine_norms, xs) -> float:
     return worst
 
 
+def print_layer_engines(loss_fn, params, xs) -> None:
+    """Each Dense/Conv layer's shapes and how "ghost" and "auto" form its per-example kernel norm."""
+    rules = {m: gradnorm.layer_engines(loss_fn, params, xs, m) for m in gradnorm.LAYERWISE_METHODS}
+    print(f"  {'layer':<34}{'T':>6}{'K':>6}{'F':>6}{'2T^2':>9}{'K*F':>9}{'ghost':>8}{'auto':>8}")
+    word = {True: "gram", False: "grad"}
+    for key, e in rules["auto"].items():
+        print(f"  {key:<34}{e.positions:>6}{e.inputs:>6}{e.outputs:>6}{2 * e.positions ** 2:>9}"
+              f"{e.inputs * e.outputs:>9}{word[rules['ghost'][key].gram]:>8}{word[e.gram]:>8}")
+    differ = [k for k in rules["auto"] if rules["auto"][k].gram != rules["ghost"][k].gram]
+    print(f"  (gram: ghost norm from the (T, T) Gram matrices; grad: the (K, F) per-example gradient; the rules "
+          f"differ on {len(differ)} of {len(rules['auto'])} layers)")
+
+
 def bench(name: str, n: int, repeats: int, chunk_size: int | None, loop_n: int, reference) -> dict:
     arch, shape = BENCHES[name]
     model = create_model(arch, 10)
@@ -97,6 +115,7 @@ def bench(name: str, n: int, repeats: int, chunk_size: int | None, loop_n: int, 
         "batched_backward": lambda: [batched(params, c) for c in chunks],
         "vmap": engine("vmap"),
         "ghost": engine("ghost"),
+        "auto": engine("auto"),
         "loop_bs1": lambda: [grad_norm_1(params, x) for x in loop_xs],
     }
     check_err = None
@@ -104,35 +123,39 @@ def bench(name: str, n: int, repeats: int, chunk_size: int | None, loop_n: int, 
         torch_model = reference.twin(arch, variables, shape)
         check_xs = xs[:min(CHECK_SAMPLES, n)]
         with reference.full_float32():  # the check without TF32; the timings below keep the defaults
-            check_err = check_torch(reference, torch_model, {m: engine(m, check_xs)() for m in ("vmap", "ghost")},
+            check_err = check_torch(reference, torch_model, {m: engine(m, check_xs)() for m in ENGINES},
                                     check_xs)
         torch_xs = reference.images(loop_xs)
         fns["torch_bs1"] = lambda: reference.gradnorm_scores(torch_model, torch_xs)
-    best = {k: t.best for k, t in time_runs(fns, repeats).items()}
+    timings = time_runs(fns, repeats)
+    best = {k: t.best for k, t in timings.items()}
     # Scaled to n samples: the batched backward runs over whole chunks, the loops over loop_n samples.
     scale = {"batched_backward": n / (len(chunks) * size), "loop_bs1": n / len(loop_xs), "torch_bs1": n / len(loop_xs)}
     seconds = {k: v * scale.get(k, 1.0) for k, v in best.items()}
+    cpu_seconds = {k: t.best_cpu * scale.get(k, 1.0) for k, t in timings.items()}
     chunk = chunks[0]
     mib = {
         "batched_backward": temp_mib(batched, params, chunk),
         "vmap": temp_mib(gradnorm._vmap_squares, loss_fn, params, chunk, params_filter="all"),
         "ghost": temp_mib(gradnorm._ghost_squares_jit, loss_fn, params, chunk),
+        "auto": temp_mib(gradnorm._ghost_squares_jit, loss_fn, params, chunk, None, "auto"),
         "loop_bs1": temp_mib(grad_norm_1, params, xs[0]),
     }
     print(f"\n{name}: N={n}, {tree_size(params)} parameters, chunk_size={chunk_size}, "
           f"loops timed on {len(loop_xs)} samples")
+    print_layer_engines(loss_fn, params, chunk)
     if check_err is not None:
-        print(f"  checked: torch reference and jaxal (vmap, ghost) scores of {len(check_xs)} samples agree to "
+        print(f"  checked: torch reference and jaxal ({', '.join(ENGINES)}) scores of {len(check_xs)} samples agree to "
               f"{check_err:.1e} relative (tolerance {check_rtol():g})")
     torch_col = "torch_bs1" in seconds
     print(f"  {'method':<18}{'samples/s':>12}{'x loop':>10}" + (f"{'x torch':>10}" if torch_col else "")
-          + f"{'x batched bwd time':>20}{'temp MiB':>12}")
+          + f"{'x batched bwd time':>20}{'temp MiB':>12}{'CPU s':>9}")
     for method, sec in seconds.items():
         vs_torch = f"{seconds['torch_bs1'] / sec:>10.2f}" if torch_col else ""
         temp = f"{mib[method]:>12.1f}" if method in mib else f"{'-':>12}"
         print(f"  {method:<18}{n / sec:>12.1f}{seconds['loop_bs1'] / sec:>10.2f}{vs_torch}"
-              f"{sec / seconds['batched_backward']:>20.2f}{temp}")
-    return {"seconds": seconds, "check_err": check_err}
+              f"{sec / seconds['batched_backward']:>20.2f}{temp}{cpu_seconds[method]:>9.2f}")
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "temp_mib": mib, "check_err": check_err}
 
 
 def main(argv=None) -> dict:
@@ -159,15 +182,19 @@ def main(argv=None) -> dict:
     for name, n in (("digits_cnn", args.cnn_n), ("resnet18", args.resnet_n)):
         result = bench(name, n, args.repeats, args.chunk_size or None, min(args.loop_n, n), reference)
         sec = result["seconds"]
-        best = min(("vmap", "ghost"), key=sec.get)
-        for method in ("vmap", "ghost"):
+        best = min(ENGINES, key=sec.get)
+        for method in ENGINES:
             ratios[f"{name}_{method}_speedup_vs_loop"] = round(sec["loop_bs1"] / sec[method], 3)
             ratios[f"{name}_{method}_cost_vs_batched_backward"] = round(sec[method] / sec["batched_backward"], 3)
+        cpu = result["cpu_seconds"]
+        ratios[f"{name}_auto_time_vs_ghost"] = round(sec["auto"] / sec["ghost"], 3)
+        ratios[f"{name}_auto_cpu_time_vs_ghost"] = round(cpu["auto"] / cpu["ghost"], 3)
+        ratios[f"{name}_auto_temp_mib_vs_ghost"] = round(result["temp_mib"]["auto"] / result["temp_mib"]["ghost"], 3)
         ratios[f"{name}_best_method"] = best
         ratios[f"{name}_speedup_vs_loop"] = ratios[f"{name}_{best}_speedup_vs_loop"]
         ratios[f"{name}_cost_vs_batched_backward"] = ratios[f"{name}_{best}_cost_vs_batched_backward"]
         torch_sec = sec.get("torch_bs1")
-        for method in ("vmap", "ghost", "loop_bs1"):
+        for method in (*ENGINES, "loop_bs1"):
             key = "jax_loop" if method == "loop_bs1" else method
             ratios[f"{name}_{key}_speedup_vs_torch"] = None if torch_sec is None else round(torch_sec / sec[method], 3)
         ratios[f"{name}_speedup_vs_torch"] = ratios[f"{name}_{best}_speedup_vs_torch"]

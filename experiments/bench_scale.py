@@ -135,7 +135,7 @@ def jax_ready(value):
 
 
 def run_one(preset: str, strategy: str, dataset: str, epochs: int | None, factor: float, seed: int,
-            influence_scale: float | None = None) -> dict:
+            influence_scale: float | None = None, training_precision: str | None = None) -> dict:
     import jax
 
     from jaxal import loop
@@ -149,6 +149,8 @@ def run_one(preset: str, strategy: str, dataset: str, epochs: int | None, factor
         overrides["epochs"] = epochs
     if influence_scale is not None:
         overrides["influence"] = {"scale": influence_scale}
+    if training_precision is not None:
+        overrides["precision"] = {"training": training_precision}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         exp = loop.prepare(build_config(preset, **overrides), Path(workdir) / "run")
@@ -193,6 +195,7 @@ def run_one(preset: str, strategy: str, dataset: str, epochs: int | None, factor
     stats = jax.local_devices()[0].memory_stats() or {}
     return {
         "preset": preset, "strategy": strategy, "epochs": config.epochs,
+        "training_precision": config.precision.training,
         "sizes": {"train_labeled": train_labeled, "val": config.val_size, "budget": config.budget,
                   "scored": record["num_scored"], "test": int(exp.dataset.x_test.shape[0])},
         "seconds": {"load": round(load_seconds, 2), "train": round(record["train_seconds"], 2),
@@ -212,7 +215,7 @@ def run_one(preset: str, strategy: str, dataset: str, epochs: int | None, factor
 def child_main(args) -> None:
     try:
         result = run_one(args.child, args.strategy, args.dataset, args.epochs, args.size_factor, args.seed,
-                         args.influence_scale)
+                         args.influence_scale, args.precision_training)
     except Exception as error:  # reported to the parent, which goes on with the next preset
         result = {"preset": args.child, "strategy": args.strategy, "peak_rss_mb": round(max_rss_mb(), 1),
                   "error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-3000:]}
@@ -229,6 +232,8 @@ def run_child(args, preset: str, strategy: str) -> dict:
         command += ["--epochs", str(args.epochs)]
     if args.influence_scale is not None:
         command += ["--influence-scale", str(args.influence_scale)]
+    if args.precision_training is not None:
+        command += ["--precision-training", args.precision_training]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     begin = time.perf_counter()
     try:
@@ -270,6 +275,9 @@ def main(argv=None) -> None:
                         help="LiSSA's scale for the ISAL presets (default: the preset's, 1e4). A model trained for "
                              "a few epochs has Hessian eigenvalues far above it and LiSSA diverges (jaxal stops and "
                              "says which scale to use); LiSSA's cost does not depend on the scale")
+    parser.add_argument("--precision-training", default=None,
+                        help="--precision.training of the runs (default: the preset's, 'default'; 'bfloat16': "
+                             "mixed-precision training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=0, help="seconds per (preset, strategy); 0: none")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

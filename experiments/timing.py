@@ -12,27 +12,32 @@ from typing import Callable, NamedTuple
 class Timing(NamedTuple):
     first: float  # seconds of the first run (for jitted code: compilation included)
     best: float  # best of the timed runs
+    # Best CPU seconds of this process over the timed runs (all threads; on a CPU backend the work itself,
+    # which load from other processes on a shared machine stretches less than the wall time).
+    best_cpu: float = float("nan")
 
 
 def time_runs(fns: dict[str, Callable], repeats: int) -> dict[str, Timing]:
-    """First-run and best wall time of each `fn()` over `repeats` runs, waiting for the device
-    (`jax.block_until_ready` on the result; a torch function synchronises before it returns). The repeats
-    are interleaved, one round of every function at a time, so that load from other processes on a shared
-    machine hits all of them alike. JAX is imported here, not at module level: bench_parallel sets its
-    fake devices before JAX starts."""
+    """First-run and best wall time (and process CPU time) of each `fn()` over `repeats` runs, waiting for
+    the device (`jax.block_until_ready` on the result; a torch function synchronises before it returns).
+    The repeats are interleaved, one round of every function at a time, so that load from other processes
+    on a shared machine hits all of them alike. JAX is imported here, not at module level: bench_parallel
+    sets its fake devices before JAX starts."""
     import jax
 
-    def run(fn) -> float:
-        start = time.perf_counter()
+    def run(fn) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
-    first = {name: run(fn) for name, fn in fns.items()}
+    first = {name: run(fn)[0] for name, fn in fns.items()}
     best = dict.fromkeys(fns, float("inf"))
+    best_cpu = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
-            best[name] = min(best[name], run(fn))
-    return {name: Timing(first[name], best[name]) for name in fns}
+            wall, cpu = run(fn)
+            best[name], best_cpu[name] = min(best[name], wall), min(best_cpu[name], cpu)
+    return {name: Timing(first[name], best[name], best_cpu[name]) for name in fns}
 
 
 def best_time(fn: Callable, repeats: int) -> float:

@@ -25,6 +25,8 @@ class GradNormOptions:
     chunk_size: int = 256  # examples per compiled chunk: bounds memory, never changes the result
     # "ghost": per-layer norms from layer inputs and output gradients, no per-example gradient is
     # materialised (Dense/Conv/BatchNorm models); "vmap": jax.vmap(jax.grad), any model. Same norms.
+    # "auto": the ghost engine with Bu et al.'s per-layer rule (Gram matrices where 2T^2 <= K*F, the
+    # layer's per-example gradient elsewhere); "ghost" chooses per layer by multiply-adds.
     method: str = "ghost"
 
 
@@ -57,10 +59,12 @@ class InfluenceOptions:
 @dataclasses.dataclass(frozen=True)
 class PrecisionOptions:
     """Matrix-product precision (see `jaxal.precision`): GPUs compute float32 products in TF32 by
-    default. "default" (the backend's fast mode) or "highest" (true float32)."""
+    default. "default" (the backend's fast mode) or "highest" (true float32); training also "bfloat16"."""
 
     solvers: str = "highest"  # HVPs, solvers, influence jvps and gradients, coreset/BADGE distances, diagnostics
-    training: str = "default"  # training, evaluation and plain inference, gradient-norm scores
+    # training, evaluation and plain inference, gradient-norm scores; "bfloat16": mixed-precision training
+    # (bf16 activations and products, float32 parameters, optimizer state, BatchNorm statistics and loss)
+    training: str = "default"
 
 
 @dataclasses.dataclass(frozen=True)

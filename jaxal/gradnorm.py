@@ -3,7 +3,7 @@
 The score of an example x is a norm of `g(x) = grad_theta loss(theta, x)`, computed for every example of
 the pool with `jax.vmap(jax.grad(loss))` inside one jitted function, with the model in inference mode
 (BatchNorm running averages, no dropout), as the reference codes score each sample alone in eval mode.
-Two reductions (DESIGN.md, "The math", point 1):
+Two reductions (docs/design.md, section 1):
   - "global": the L2 norm of the whole flattened gradient (what the theory's bound uses);
   - "layer_sum": the sum over parameter tensors of each tensor's L2 norm (what the reference codes rank by,
     `sum(p.grad.norm() for p in model.parameters())`).
@@ -12,11 +12,15 @@ Two reductions (DESIGN.md, "The math", point 1):
 and backward pass with respect to the layer outputs gives each layer's input `a` and output gradient `d`
 per example, and each layer's per-example weight gradient is `sum_t a_t d_t^T` over its positions t
 (pixels for a convolution, via patches), whose squared norm is taken directly or, where cheaper, as
-`sum_{t,s} (a_t . a_s)(d_t . d_s)` ("ghost norm"). It supports models built from flax Dense, Conv,
-BatchNorm and GroupNorm; a Dense, Conv or GroupNorm may be applied several times in one forward pass
-(a detector's head, once per pyramid level): its per-example gradient is the sum over the calls, i.e.
-over the positions of all calls together. `method="vmap"` works for any loss and is the reference the
-tests compare against. The
+`sum_{t,s} (a_t . a_s)(d_t . d_s)` ("ghost norm"). The choice is made per layer from its shapes (T
+positions, K inputs and F outputs per position): `method="ghost"` takes the one with fewer multiply-adds
+(the (K, F) gradient costs T*K*F, the two Gram matrices T*T*(K+F)); `method="auto"` takes the one with the
+smaller per-example intermediate, the mixed ghost clipping rule of Bu, Mao & Xu (NeurIPS 2022): the Gram
+matrices where 2*T^2 <= K*F, the per-example gradient elsewhere (`layer_engines` lists the choices). It
+supports models built from flax Dense, Conv, BatchNorm and GroupNorm; a Dense, Conv or GroupNorm may be
+applied several times in one forward pass (a detector's head, once per pyramid level): its per-example
+gradient is the sum over the calls, i.e. over the positions of all calls together. `method="vmap"` works
+for any loss and is the reference the tests compare against. The
 ghost pass honours the parameter subset: only the layers that own a selected parameter get an output
 perturbation and have their inputs recorded, so the backward pass stops at the earliest of them (a
 "last_layer" subset costs a forward pass and the head's backward).
@@ -44,7 +48,8 @@ from jaxal.losses import cross_entropy, entropy_loss, expected_loss  # noqa: F40
 from jaxal.pytree import PARAM_SUBSETS, combine, partition, subset_mask
 
 NORMS = ("global", "layer_sum")
-METHODS = ("vmap", "ghost")
+METHODS = ("vmap", "ghost", "auto")
+LAYERWISE_METHODS = ("ghost", "auto")  # the methods that run the per-layer (ghost) engine
 
 PyTree = Any
 ParamsFilter = str | Callable[[PyTree], PyTree]
@@ -128,8 +133,8 @@ def _vmap_chunk(static, params, chunk):
 
 
 def _ghost_chunk(static, params, chunk):
-    loss_fn, layers = static
-    return _ghost_squares_jit(loss_fn, params, chunk, layers)
+    loss_fn, layers, method = static
+    return _ghost_squares_jit(loss_fn, params, chunk, layers, method)
 
 
 def _egl_chunk(static, params, chunk):
@@ -189,12 +194,22 @@ def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
     return patches.reshape(x.shape[0], math.prod(out), -1)
 
 
-def _outer_sum_squares(a: jax.Array, d: jax.Array) -> jax.Array:
+def uses_gram(t: int, k: int, f: int, method: str) -> bool:
+    """Whether a layer of T positions, K inputs and F outputs per position gets its per-example norm from
+    the Gram matrices (ghost norm) rather than from its materialised (K, F) gradient. "ghost": whichever
+    needs fewer multiply-adds (T*T*(K+F) against T*K*F); "auto": whichever holds less per example (2*T^2
+    against K*F), Bu et al.'s mixed ghost clipping rule (their code: `use_gc = 2*T**2 <= d*p`)."""
+    if method == "auto":
+        return 2 * t * t <= k * f
+    return t * k * f > t * t * (k + f)
+
+
+def _outer_sum_squares(a: jax.Array, d: jax.Array, method: str = "ghost") -> jax.Array:
     """Per-example `||sum_t a_t d_t^T||_F^2` for a (N, T, K), d (N, T, F): materialise the (K, F) gradient
-    (cost T*K*F) or use the Gram matrices (cost T*T*(K+F)), whichever is cheaper for this layer."""
+    or use the Gram matrices, as `uses_gram` decides for this layer."""
     _, t, k = a.shape
     f = d.shape[-1]
-    if t * k * f <= t * t * (k + f):
+    if not uses_gram(t, k, f, method):
         return jnp.sum(jnp.square(jnp.einsum("ntk,ntf->nkf", a, d)), axis=(1, 2))
     return jnp.sum(jnp.einsum("ntk,nsk->nts", a, a) * jnp.einsum("ntf,nsf->nts", d, d), axis=(1, 2))
 
@@ -293,13 +308,14 @@ def _layer_inputs(params, xs, loss: ExampleLoss, eps, layers: dict, wanted: Opti
     return jnp.sum(losses), inputs
 
 
-def _ghost_squares(loss: ExampleLoss, params, xs, wanted: Optional[frozenset] = None
+def _ghost_squares(loss: ExampleLoss, params, xs, wanted: Optional[frozenset] = None, method: str = "ghost"
                    ) -> dict[tuple[str, ...], jax.Array]:
     """{parameter path: (N,) squared norms of the per-example gradient} for every parameter of a
     supported layer in `wanted` (layer paths "a/b"; None: every layer), from one batched forward pass
     and one backward pass to the outputs of those layers only. The output perturbations are injected at
     the wanted layers alone, so autodiff stops at the earliest of them: a last-layer subset costs a
-    forward pass and the head's backward, not a backward pass through the whole network."""
+    forward pass and the head's backward, not a backward pass through the whole network. `method`: the
+    per-layer rule of `uses_gram`."""
     layers: dict[str, _Layer] = {}
     shapes = {}
 
@@ -329,7 +345,7 @@ def _ghost_squares(loss: ExampleLoss, params, xs, wanted: Optional[frozenset] = 
             # of every call, i.e. over the calls' positions concatenated.
             a = jnp.concatenate(inputs[key], axis=1)
             d = jnp.concatenate([dk.reshape(n, -1, dk.shape[-1]) for dk in deltas[key]], axis=1)
-            squares[path + ("kernel",)] = _outer_sum_squares(a, d)
+            squares[path + ("kernel",)] = _outer_sum_squares(a, d, method)
             if "bias" in layer.names:
                 squares[path + ("bias",)] = jnp.sum(jnp.square(jnp.sum(d, axis=1)), axis=1)
         else:  # batch/group norm: y = xhat * scale + bias, summed over the non-feature axes and the calls
@@ -348,7 +364,7 @@ def _ghost_squares(loss: ExampleLoss, params, xs, wanted: Optional[frozenset] = 
 
 
 # One program per loss and set of wanted layers (the subset); both norms reduce the same squares.
-_ghost_squares_jit = jax.jit(_ghost_squares, static_argnums=(0, 3))
+_ghost_squares_jit = jax.jit(_ghost_squares, static_argnums=(0, 3, 4))
 
 
 def _wanted_layers(params: PyTree, params_filter: ParamsFilter) -> frozenset:
@@ -376,12 +392,13 @@ def _uncovered(covered, mask: dict) -> list[tuple[str, ...]]:
 _FALLBACK_WARNED: set[str] = set()
 
 
-def ghost_or_vmap(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filter: ParamsFilter = "all") -> str:
-    """"ghost" when the ghost path forms the per-example gradient of every selected parameter of this
-    model (its layers are flax Dense, plain Conv, GroupNorm and BatchNorm, each BatchNorm called once), else
-    "vmap", saying so
-    once per process and model with a warning that names the layers. Decided from a shapes-only trace
-    on one example of `xs`; the strategies use it so that any model runs (`jaxal.models`)."""
+def ghost_or_vmap(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filter: ParamsFilter = "all",
+                  method: str = "ghost") -> str:
+    """`method` ("ghost" or "auto") when the ghost path forms the per-example gradient of every selected
+    parameter of this model (its layers are flax Dense, plain Conv, GroupNorm and BatchNorm, each BatchNorm
+    called once), else "vmap", saying so once per process and model with a warning that names the layers.
+    Decided from a shapes-only trace on one example of `xs`; the strategies use it so that any model runs
+    (`jaxal.models`)."""
     one = jax.tree.map(lambda a: a[:1], xs)
     try:
         covered = jax.eval_shape(lambda p, x: _ghost_squares(loss_fn, p, x), params, one)
@@ -390,8 +407,8 @@ def ghost_or_vmap(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filte
     except ValueError as error:  # a BatchNorm called twice per pass (shared weights)
         missing, reason = ["(shared layer)"], str(error)
     if not missing:
-        return "ghost"
-    message = (f"--gradnorm.method ghost handles flax Dense, plain Conv, BatchNorm and GroupNorm layers; {reason}, "
+        return method
+    message = (f"--gradnorm.method {method} handles flax Dense, plain Conv, BatchNorm and GroupNorm layers; {reason}, "
                "so the "
                "per-example gradient norms of this model use method 'vmap' (the same norms, more memory per chunk: "
                "lower --gradnorm.chunk_size if it runs out)")
@@ -413,25 +430,56 @@ def per_example_grad_norms(loss_fn: Callable, params: PyTree, xs: PyTree, *, nor
     norm: "global" (L2 of the flattened gradient) or "layer_sum" (sum of per-tensor L2 norms).
     params_filter: a subset of `jaxal.pytree.PARAM_SUBSETS` or a callable params -> boolean mask.
     chunk_size: examples per compiled call, to bound memory (per-example gradients are chunk x |theta|).
-    method: "vmap" (`vmap(grad)`, any loss) or "ghost" (`loss_fn` from `example_loss`, models of Dense,
-      Conv and BatchNorm layers in inference mode; no per-example gradient is materialised).
+    method: "vmap" (`vmap(grad)`, any loss), or "ghost" or "auto" (`loss_fn` from `example_loss`, models of
+      Dense, Conv and BatchNorm layers in inference mode; no per-example gradient of the whole model is
+      materialised; the two differ in the per-layer rule, `uses_gram`).
     The parameters are not modified. `loss_fn` is a static argument of the jitted function, so reuse the
     same object to reuse the compiled code.
     """
     _check(norm, params_filter, method)
-    if method == "ghost" and not isinstance(loss_fn, ExampleLoss):
-        raise ValueError("method='ghost' needs the loss built by example_loss(apply_fn, loss_of_logits)")
+    if method in LAYERWISE_METHODS and not isinstance(loss_fn, ExampleLoss):
+        raise ValueError(f"method={method!r} needs the loss built by example_loss(apply_fn, loss_of_logits)")
     _check_nonempty(params, params_filter)
-    if method == "ghost":
+    if method in LAYERWISE_METHODS:
         # Find unsupported layers before any work, from a shapes-only trace on one example.
         one = jax.tree.map(lambda a: a[:1], xs)
         wanted = _wanted_layers(params, params_filter)
         covered = jax.eval_shape(lambda p, x: _ghost_squares(loss_fn, p, x, wanted), params, one)
         selection = _ghost_selection(covered, params, params_filter)
-        squares = parallel.map_chunks(_ghost_chunk, (loss_fn, wanted), params, xs, chunk_size=chunk_size)
+        squares = parallel.map_chunks(_ghost_chunk, (loss_fn, wanted, method), params, xs, chunk_size=chunk_size)
         return _reduce(jnp.stack([squares[path] for path in selection], axis=-1), norm)
     squares = parallel.map_chunks(_vmap_chunk, (loss_fn, params_filter), params, xs, chunk_size=chunk_size)
     return _reduce(squares, norm)
+
+
+class LayerEngine(NamedTuple):
+    """How the ghost path forms one Dense/Conv layer's per-example kernel norm (`layer_engines`)."""
+
+    positions: int  # T: 1 for a Dense on vectors, the output pixels of a convolution
+    inputs: int  # K per position: the Dense input width, the Conv patch size (kernel pixels x channels)
+    outputs: int  # F per position
+    gram: bool  # True: ghost norm from the two (T, T) Gram matrices; False: the (K, F) gradient itself
+
+
+def layer_engines(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, method: str = "auto",
+                  params_filter: ParamsFilter = "all") -> dict[str, LayerEngine]:
+    """{layer path "a/b": LayerEngine} of every Dense/Conv layer the ghost path handles for `method`
+    ("ghost" or "auto"), from a shapes-only trace on one example of `xs` (what the benchmark prints)."""
+    if method not in LAYERWISE_METHODS:
+        raise ValueError(f"layer_engines describes the methods {', '.join(LAYERWISE_METHODS)}, not {method!r}")
+    one = jax.tree.map(lambda a: a[:1], xs)
+    wanted = _wanted_layers(params, params_filter)
+    layers: dict[str, _Layer] = {}
+    _, inputs = jax.eval_shape(lambda p, x: _layer_inputs(p, x, loss_fn, None, layers, wanted), params, one)
+    flat = traverse_util.flatten_dict(params)
+    engines = {}
+    for key, layer in layers.items():
+        if layer.kind == "dense":
+            t = sum(call.shape[1] for call in inputs[key])  # positions of every call of the layer
+            k = inputs[key][0].shape[2]
+            f = flat[tuple(key.split("/")) + ("kernel",)].shape[-1]
+            engines[key] = LayerEngine(t, k, f, uses_gram(t, k, f, method))
+    return engines
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "params_filter"))

@@ -84,9 +84,9 @@ def validate_settings(config: Config, task=None) -> None:
                 raise RunError(f"{name}: {error}") from None
     if config.seed < 0:
         raise RunError(f"--seed must be a non-negative integer, got {config.seed}")
-    for field in ("solvers", "training"):
+    for field, allowed in (("solvers", precision.PRECISIONS), ("training", precision.TRAINING_PRECISIONS)):
         try:
-            precision.check(getattr(config.precision, field), f"--precision.{field}")
+            precision.check(getattr(config.precision, field), f"--precision.{field}", allowed)
         except ValueError as error:
             raise RunError(str(error)) from None
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
@@ -321,7 +321,8 @@ def add_selection(labeled: np.ndarray, candidates: np.ndarray, chosen: np.ndarra
 
 def train_options(config: Config, data: Dataset, task=None) -> TrainOptions:
     return TrainOptions(config.momentum, config.weight_decay, data.augmentation, data.crop_padding,
-                        config.lossnet.margin, config.lossnet.weight, task, config.crop_size)
+                        config.lossnet.margin, config.lossnet.weight, task, config.crop_size,
+                        precision.compute_dtype(config.precision.training))
 
 
 def metric_fields(prefix: str, metrics: dict) -> dict:

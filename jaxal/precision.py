@@ -16,6 +16,15 @@ each other all lose digits that TF32 does not have. The policy (`--precision.*`,
   norm scores of exp_gn/ent_gn/egl/lplgrad, which rank by a norm that a 1e-3 relative error does not
   reorder in any way that matters.
 
+- `training` may also be "bfloat16" (`--precision.training bfloat16`, off by default: the presets reproduce
+  the references in float32/TF32): mixed-precision training. The train step computes the model's
+  activations, matrix products and convolutions in bfloat16 from bfloat16 copies of the parameters
+  (`compute_dtype`, `cast_floating`), while the parameters themselves, their gradients and updates, the
+  optimizer state and the BatchNorm statistics stay float32; the logits are cast back to float32 before
+  the loss and its softmax. bfloat16 has float32's exponent range, so no loss scaling is needed. Everything
+  else that `training` governs (evaluation, plain inference, gradient-norm scores) runs from the float32
+  parameters at the backend's default, as with "default"; the solvers keep `solvers`.
+
 How it is applied: the jitted bodies trace their products under `jax.default_matmul_precision(value)`
 (`scope` below), which writes the precision into every `dot_general` and `convolution` of the program
 (`precision = [HIGHEST, HIGHEST]` in its StableHLO; a test reads it back). The value is a static argument
@@ -27,17 +36,42 @@ CPUs have no TF32: there every setting computes the same numbers.
 from __future__ import annotations
 
 PRECISIONS = ("default", "highest")
+TRAINING_PRECISIONS = PRECISIONS + ("bfloat16",)  # --precision.training's values
 SOLVERS_DEFAULT = "highest"
 
 
-def check(value: str, flag: str) -> None:
-    if value not in PRECISIONS:
-        raise ValueError(f"{flag} must be one of {', '.join(PRECISIONS)}, got {value!r}")
+def check(value: str, flag: str, allowed: tuple[str, ...] = PRECISIONS) -> None:
+    if value not in allowed:
+        raise ValueError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def matmul_precision(value: str) -> str:
+    """The matrix-product precision of a `--precision.*` value: bfloat16 training leaves the float32
+    products outside its train step (evaluation, inference, scores) at the backend's default."""
+    return "default" if value == "bfloat16" else value
+
+
+def compute_dtype(training: str):
+    """The dtype the train step computes in under `--precision.training` (None: the parameters' own)."""
+    import jax.numpy as jnp
+
+    return jnp.bfloat16 if training == "bfloat16" else None
+
+
+def cast_floating(tree, dtype):
+    """The floating leaves of `tree` as `dtype` (`None`: unchanged). Differentiating through the cast gives
+    gradients in the leaves' own dtype, so float32 parameters get float32 gradients."""
+    if dtype is None:
+        return tree
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def scope(value: str):
-    """A context in which traced matrix products take precision `value`."""
-    check(value, "precision")
+    """A context in which traced matrix products take precision `value` (a `--precision.*` value)."""
+    check(value, "precision", TRAINING_PRECISIONS)
     import jax
 
-    return jax.default_matmul_precision(value)
+    return jax.default_matmul_precision(matmul_precision(value))

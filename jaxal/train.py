@@ -11,10 +11,19 @@ metrics come from the task (`jaxal.tasks`). With a loss-prediction module (LL4AL
 trains it jointly: target loss + weight * ranking loss of the predicted losses, the block features
 detached after `detach_epoch`.
 
-Data: the labelled images stay on the host in their stored dtype (uint8); each step's batch is
-gathered there and sent to the devices, each device receiving only its share of it, so training
-never needs the pool (or the labelled set) on a device. The model normalises the pixels on the
-device (`jaxal.models.adapt`).
+Data: the images stay in their stored dtype (uint8) until a batch is on the device, where the model
+normalises the pixels (`jaxal.models.adapt`); training never needs the pool on a device. How a step
+gets its batch (`train_model`'s `input_pipeline`, `INPUT_PIPELINES`):
+  - "resident": the labelled set (images and labels) is copied to the device once per `train_model`
+    call, padded to a bucket (`parallel.bucket`) so the gather compiles for few sizes, and each step's
+    batch is gathered there from one index array sent per epoch: no host gather or copy per step;
+  - "prefetch": each batch is gathered on the host and sent to the device one step ahead, so its copy
+    overlaps the step before it;
+  - "host": gathered and sent when its step is dispatched (what jaxal did before);
+  - "auto" (default): "resident" when the labelled set takes at most `RESIDENT_MAX_FRACTION` of a device's
+    memory (`RESIDENT_MAX_BYTES` where the backend does not say, as on a CPU) and one process drives
+    every device, else "prefetch". A CIFAR-size labelled set (20000 x 3 KiB = 61 MB) is resident.
+All four give the same batches in the same order, so the same training to the bit.
 
 Data parallel (`mesh`): the batch is split over the mesh's `data` axis and the parameters are
 replicated; the jitted step is the same program, and the compiler all-reduces the gradients and the
@@ -24,6 +33,7 @@ global batch (to float rounding). The batch is rounded up to a multiple of D (`e
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Optional
 
@@ -34,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxal import parallel, tasks
-from jaxal.models import LossNet, init_variables
+from jaxal import parallel, precision, tasks
+from jaxal.models import Adapted, LossNet, init_variables
 
 
 @flax.struct.dataclass
@@ -60,6 +70,9 @@ class TrainOptions:
     task: Any = flax.struct.field(pytree_node=False, default=None)
     # Segmentation: train on random crop_size x crop_size windows of the images and masks; None: whole images.
     crop_size: Optional[int] = flax.struct.field(pytree_node=False, default=None)
+    # Mixed precision (`--precision.training bfloat16`, `jaxal.precision`): the dtype of the step's
+    # activations and products; the parameters, optimizer state and BatchNorm statistics stay float32.
+    compute_dtype: Any = flax.struct.field(pytree_node=False, default=None)
 
 
 def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
@@ -142,19 +155,26 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr
     task = options.task if options.task is not None else _CLASSIFICATION
     x, y = task.augment(augment_rng, x, y, options.augmentation, options.crop_padding, options.crop_size)
 
+    compute_model, x = in_compute_dtype(model, x, options.compute_dtype)
+
     def loss_fn(params):
-        output, updates = model.apply({"params": params["model"], "batch_stats": state.batch_stats}, x,
-                                      train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        model_params = precision.cast_floating(params["model"], options.compute_dtype)
+        output, updates = compute_model.apply({"params": model_params, "batch_stats": state.batch_stats}, x,
+                                              train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+        # The loss and its softmax in float32 (a detector's logits are a tree of per-level maps).
+        logits = jax.tree.map(lambda a: a.astype(jnp.float32), output.logits)
         if hasattr(task, "batch_loss"):  # detection: normalised by the whole batch's positives, not a mean
-            loss = task.batch_loss(output.logits, y)
-            per_example = jax.vmap(task.supervised_loss)(output.logits, y) if lossnet is not None else None
+            loss = task.batch_loss(logits, y)
+            per_example = jax.vmap(task.supervised_loss)(logits, y) if lossnet is not None else None
             metrics = {"loss": loss}
         else:
-            per_example = jax.vmap(task.supervised_loss)(output.logits, y)
+            per_example = jax.vmap(task.supervised_loss)(logits, y)
             loss = jnp.mean(per_example)
-            metrics = {"loss": loss, "accuracy": jnp.mean(task.correct_fraction(output.logits, y))}
+            metrics = {"loss": loss, "accuracy": jnp.mean(task.correct_fraction(logits, y))}
         if lossnet is not None:
-            blocks = [jnp.where(detach_features, jax.lax.stop_gradient(b), b) for b in output.blocks]
+            # The loss module (a few small dense layers) reads the blocks in float32.
+            blocks = [jnp.where(detach_features, jax.lax.stop_gradient(b), b).astype(jnp.float32)
+                      for b in output.blocks]
             predicted = lossnet.apply({"params": params["lossnet"]}, blocks)
             ranking = loss_prediction_loss(predicted, per_example, options.lossnet_margin)
             loss = loss + options.lossnet_weight * ranking
@@ -166,6 +186,16 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr
     params = {part: jax.tree.map(lambda p, u: p - lr[part] * u, state.params[part], updates[part])
               for part in state.params}
     return parallel.constrain_replicated((TrainState(state.step + 1, params, batch_stats, opt_state), metrics), mesh)
+
+
+def in_compute_dtype(model: nn.Module, x: jax.Array, dtype) -> tuple[nn.Module, jax.Array]:
+    """(model, batch) that compute in `dtype` (None: unchanged): an `Adapted` model casts its normalised
+    input (the stored pixels stay as they are until then); a bare module gets its floating batch cast."""
+    if dtype is None:
+        return model, x
+    if isinstance(model, Adapted):
+        return model.clone(compute_dtype=dtype), x
+    return model, x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def epoch_batches(rng: np.random.Generator, labeled: np.ndarray, batch_size: int, multiple: int = 1) -> np.ndarray:
@@ -182,14 +212,88 @@ def epoch_batches(rng: np.random.Generator, labeled: np.ndarray, batch_size: int
     return np.resize(order, num_batches * batch).reshape(num_batches, batch).astype(np.int32)
 
 
+# ---- input pipeline -------------------------------------------------------------------------------
+
+INPUT_PIPELINES = ("auto", "resident", "prefetch", "host")
+RESIDENT_MAX_FRACTION = 0.1  # "auto": the labelled set stays on a device if it takes at most this share
+RESIDENT_MAX_BYTES = 1 << 30  # ... or at most this, where the backend does not report its memory (CPU)
+
+
+def resolve_input_pipeline(pipeline: str, nbytes: int, mesh=None) -> str:
+    """The pipeline "auto" stands for with a labelled set of `nbytes` (see the module docstring)."""
+    if pipeline not in INPUT_PIPELINES:
+        raise ValueError(f"input_pipeline must be one of {', '.join(INPUT_PIPELINES)}, got {pipeline!r}")
+    if pipeline != "auto":
+        return pipeline
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    stats = device.memory_stats() or {}
+    limit = RESIDENT_MAX_FRACTION * stats["bytes_limit"] if stats.get("bytes_limit") else RESIDENT_MAX_BYTES
+    return "resident" if jax.process_count() == 1 and nbytes <= limit else "prefetch"
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_batch(sharding) -> Any:
+    """A jitted `(resident set, (steps, batch) positions, step) -> that step's batch`, placed as `sharding`
+    (split over a mesh's `data` axis; None: one device)."""
+    def gather(resident, positions, step):
+        rows = jax.lax.dynamic_index_in_dim(positions, step, keepdims=False)
+        return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), resident)
+
+    return jax.jit(gather, out_shardings=sharding)
+
+
+def _to_devices(tree, mesh):
+    """`tree` on the device (replicated over a mesh): sent now, asynchronously."""
+    return jax.device_put(tree) if mesh is None else parallel.replicate(tree, mesh)
+
+
+class _ResidentBatches:
+    """The labelled set on the device(s), replicated over a mesh; `epoch(batches)` yields each batch of
+    dataset indices gathered there."""
+
+    def __init__(self, images, labels, labeled: np.ndarray, mesh):
+        self.order = np.sort(labeled)
+        rows = np.resize(self.order, parallel.bucket(len(self.order)))  # padding repeats real rows, never read
+        self.data = _to_devices((images[rows], labels[rows]), mesh)
+        self.mesh = mesh
+        self.gather = _gather_batch(parallel.data_sharded(mesh))
+
+    def epoch(self, batches: np.ndarray):
+        positions = _to_devices(np.searchsorted(self.order, batches).astype(np.int32), self.mesh)
+        for step in range(len(batches)):
+            yield self.gather(self.data, positions, np.int32(step))
+
+
+def _host_batches(images, labels, batches: np.ndarray, mesh, ahead: int):
+    """Each batch gathered on the host and sent to the device(s) `ahead` steps before its own (0: as its
+    step is dispatched, the batch going with the call). The copies are asynchronous, so a batch sent
+    ahead travels while the steps before it run."""
+    def send(batch):
+        placed = parallel.shard_batch((images[batch], labels[batch]), mesh)
+        return jax.device_put(placed) if mesh is None and ahead else placed
+
+    queue = collections.deque(send(batch) for batch in batches[:ahead])
+    for i in range(len(batches)):
+        if i + ahead < len(batches):
+            queue.append(send(batches[i + ahead]))
+        yield queue.popleft()
+
+
+def _nbytes(*arrays, rows: int) -> int:
+    return sum(rows * int(np.prod(a.shape[1:])) * np.dtype(a.dtype).itemsize for a in arrays)
+
+
 def train_model(state: TrainState, images, labels, labeled: np.ndarray, *, model: nn.Module,
                 lossnet: Optional[LossNet], options: TrainOptions, epochs: int, batch_size: int, lr: float,
                 lr_milestones, lr_gamma: float, detach_epoch: int, seed: int, mesh=None,
-                lossnet_lr_decay: bool = True) -> tuple[TrainState, dict]:
+                lossnet_lr_decay: bool = True, input_pipeline: str = "auto") -> tuple[TrainState, dict]:
     """Train for `epochs` over the labelled indices of `images`/`labels` (host arrays in their stored
-    dtype; device arrays work too); returns the state and the last epoch's metrics. Each step's batch is
-    gathered on the host and split over the devices (see the module docstring). With a `mesh`: data
-    parallel, the state comes back replicated over it."""
+    dtype; device arrays work too); returns the state and the last epoch's metrics. `input_pipeline`:
+    how each step's batch reaches the devices (`INPUT_PIPELINES`, the module docstring); every choice
+    trains alike. With a `mesh`: data parallel, the state comes back replicated over it."""
+    resident_rows = parallel.bucket(len(labeled))  # what the resident copy holds, padding included
+    pipeline = resolve_input_pipeline(input_pipeline, _nbytes(images, labels, rows=resident_rows), mesh)
+    resident = _ResidentBatches(images, labels, labeled, mesh) if pipeline == "resident" else None
     host_rng = np.random.default_rng(seed)
     state = parallel.replicate(state, mesh)
     key = jax.random.key(seed)
@@ -199,9 +303,10 @@ def train_model(state: TrainState, images, labels, labeled: np.ndarray, *, model
         detach = np.asarray(epoch > detach_epoch)  # the reference's `epoch > epoch_loss`
         sums = {}
         batches = epoch_batches(host_rng, labeled, batch_size, parallel.mesh_size(mesh))
-        for batch in batches:
+        placed = (resident.epoch(batches) if resident is not None
+                  else _host_batches(images, labels, batches, mesh, ahead=int(pipeline == "prefetch")))
+        for x, y in placed:
             key, step_key = jax.random.split(key)
-            x, y = parallel.shard_batch((images[batch], labels[batch]), mesh)
             step_key, step_lr, step_detach = parallel.replicate((step_key, epoch_lr, detach), mesh)
             state, step_metrics = train_step(state, x, y, step_key, step_lr, step_detach,
                                              model=model, lossnet=lossnet, options=options, mesh=mesh)

@@ -13,7 +13,7 @@ import pytest
 from jaxal import gradnorm
 from jaxal.gradnorm import (cross_entropy, entropy_loss, example_loss, expected_gradient_length, expected_loss,
                             per_example_grad_norms)
-from jaxal.models import MLP, ResNet18, SmallCNN, inference_apply, init_variables
+from jaxal.models import MLP, ModelOutput, ResNet18, SmallCNN, inference_apply, init_variables
 
 N = 7  # examples; odd, so chunk sizes 2 and 3 leave a padded last chunk
 NUM_CLASSES = 4
@@ -281,3 +281,39 @@ def test_ghost_last_layer_costs_a_forward_pass_not_a_backward_through_every_laye
     assert forward <= last_flops < 1.01 * forward
     assert all_flops > 2.5 * last_flops
     assert last_temp < 0.2 * all_temp
+
+
+class _EveryLayerKind(nn.Module):
+    """The layer kinds the ghost path handles, at shapes where the per-layer rules of "ghost" and "auto" take
+    the Gram matrices for some layers and the per-example gradient for others."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.Conv(3, (3, 3), padding=((1, 0), (1, 1)))(x)  # 5x6 positions, asymmetric padding
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.5)(h))  # scale and bias
+        h = nn.Conv(8, (3, 2), strides=2, padding="VALID", kernel_dilation=(1, 2), name="strided")(h)
+        h = nn.Conv(6, (1, 1), use_bias=False)(nn.relu(h))
+        h = nn.relu(nn.Dense(5)(h.reshape(h.shape[0], -1, h.shape[-1])))  # a Dense over positions
+        features = h.reshape(h.shape[0], -1)
+        return ModelOutput(nn.Dense(NUM_CLASSES, name="head")(features), features)
+
+
+def test_layer_rules_give_the_vmap_norms_for_every_layer_kind():
+    model = _EveryLayerKind()
+    xs = jax.random.normal(jax.random.key(6), (N, 6, 6, 2), jnp.float64)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(7), xs))
+    _, updated = model.apply(variables, 2.0 * xs + 1.0, train=True, mutable=["batch_stats"])
+    loss_fn = example_loss(inference_apply(model, updated["batch_stats"]), entropy_loss)
+    params = variables["params"]
+    engines = {method: gradnorm.layer_engines(loss_fn, params, xs, method) for method in gradnorm.LAYERWISE_METHODS}
+    # The strided, dilated convolution by hand: out rows (6 - 3)//2 + 1 = 2, columns (5 - 3)//2 + 1 = 2 (the
+    # output width of the first conv is 5), patches of 3 x 2 pixels x 3 channels, 8 features.
+    assert engines["auto"]["strided"] == gradnorm.LayerEngine(4, 18, 8, gram=True)
+    assert engines["auto"]["Conv_0"] == gradnorm.LayerEngine(30, 18, 3, gram=False)
+    for method in gradnorm.LAYERWISE_METHODS:  # both branches of each rule are exercised
+        assert {e.gram for e in engines[method].values()} == {True, False}, engines[method]
+    for norm in gradnorm.NORMS:
+        expected = per_example_grad_norms(loss_fn, params, xs, norm=norm, method="vmap")
+        for method in gradnorm.LAYERWISE_METHODS:
+            got = per_example_grad_norms(loss_fn, params, xs, norm=norm, method=method, chunk_size=4)
+            np.testing.assert_allclose(got, expected, rtol=RTOL)

@@ -306,6 +306,9 @@ class Adapted(nn.Module):
 
     module: nn.Module
     normalization: Any  # jaxal.data.Normalization: hashable, a static part of the model
+    # The dtype the normalised input is cast to (bfloat16 training, `jaxal.train.in_compute_dtype`); None:
+    # float32. With parameters cast alike, flax layers then compute in that dtype.
+    compute_dtype: Any = None
 
     def setup(self):
         nn.share_scope(self, self.module)
@@ -313,7 +316,10 @@ class Adapted(nn.Module):
     def __call__(self, x, train: bool = False, mc_dropout: bool = False) -> ModelOutput:
         modes = {"train": train, "mc_dropout": mc_dropout}
         accepted = accepted_modes(type(self.module))
-        return as_model_output(self.module(self.normalization(x), **{k: v for k, v in modes.items() if k in accepted}))
+        x = self.normalization(x)
+        if self.compute_dtype is not None:
+            x = x.astype(self.compute_dtype)
+        return as_model_output(self.module(x, **{k: v for k, v in modes.items() if k in accepted}))
 
 
 def adapt(model: nn.Module, normalization) -> Adapted:

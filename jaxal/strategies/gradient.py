@@ -74,12 +74,12 @@ def _expected_gradient_length(static, variables, xs):
 
 
 def engine_method(ctx: StrategyContext, loss: gradnorm.ExampleLoss, examples) -> str:
-    """The configured engine, or "vmap" (with a warning, once) where the ghost engine does not know the
-    model's layers: any model runs (`gradnorm.ghost_or_vmap`)."""
+    """The configured engine, or "vmap" (with a warning, once) where the ghost engine ("ghost", "auto")
+    does not know the model's layers: any model runs (`gradnorm.ghost_or_vmap`)."""
     options = ctx.config.gradnorm
-    if options.method != "ghost":
+    if options.method not in gradnorm.LAYERWISE_METHODS:
         return options.method
-    return gradnorm.ghost_or_vmap(loss, ctx.variables["params"], examples, options.params)
+    return gradnorm.ghost_or_vmap(loss, ctx.variables["params"], examples, options.params, options.method)
 
 
 def query_gradient_norms(ctx: StrategyContext, loss_name: str) -> jax.Array:
