@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jaxal import influence, parallel
+from conftest import count_traces
+from jaxal import influence
 from jaxal.config import build_config
 from jaxal.loop import run_experiment
 from jaxal.models import MLP, ModelOutput, init_variables
@@ -303,21 +304,24 @@ def test_every_variant_runs_in_the_loop_on_digits(tmp_path):
 def test_new_weights_and_a_growing_labelled_set_compile_nothing(solver):
     """Three cycles: re-initialised weights and BatchNorm statistics, a labelled set growing within one
     bucket, another pool size. The solver, the mean gradient and the pool scores compile once."""
-    compiled = {"solve": isal._solve, "pool": parallel._compiled(isal._pool_scores),
-                "gradient": parallel._compiled(isal._reference_gradient)}
     options = dict(solver=solver, depth=20, repeats=2, batch_size=3, damping=0.01, scale=100.0)
     scores, sizes = [], None
-    for cycle, n_labeled in enumerate((12, 20, 31)):
-        model, variables = tiny_bn_problem(seed=cycle)
-        ctx = make_context(model, variables, n_labeled=n_labeled, n_pool=9 + cycle, seed=cycle,
-                           reference="labeled", **options)
-        result, info = isal.isal_scores(ctx)
-        scores.append(np.asarray(jax.block_until_ready(result)))
-        assert info["solver"] == solver
-        if sizes is None:
-            sizes = {name: fn._cache_size() for name, fn in compiled.items()}
+    # The functions the compiled bodies call run only while a program is traced: the solve's body
+    # (`influence.inverse_hvp`) calls `solve_traced`, the pool scores `jvp_scores`, v `weighted_gradient`.
+    with count_traces(influence, "solve_traced") as solve, count_traces(influence, "jvp_scores") as pool, \
+            count_traces(influence, "weighted_gradient") as gradient:
+        for cycle, n_labeled in enumerate((12, 20, 31)):
+            model, variables = tiny_bn_problem(seed=cycle)
+            ctx = make_context(model, variables, n_labeled=n_labeled, n_pool=9 + cycle, seed=cycle,
+                               reference="labeled", **options)
+            result, info = isal.isal_scores(ctx)
+            scores.append(np.asarray(jax.block_until_ready(result)))
+            assert info["solver"] == solver
+            if sizes is None:
+                sizes = (solve.count, pool.count, gradient.count)  # pool and v may be cached by earlier tests
+                assert solve.count == 1  # its settings are this test's own
+        assert (solve.count, pool.count, gradient.count) == sizes
     assert isal.labeled_bucket(12, ctx.config) == isal.labeled_bucket(31, ctx.config) == 345  # the run's largest
-    assert {name: fn._cache_size() for name, fn in compiled.items()} == sizes
     assert not np.allclose(scores[0], scores[1][:9])  # the new weights were used
 
 
