@@ -13,11 +13,12 @@ Conventions
 - Functions that take a loss function jit it as a *static* argument, so the compiled program is
   cached per loss-function object and per shape: build the loss once and reuse it (a new lambda per
   call compiles again, and the closure's arrays become constants of the program).
-  A caller whose loss closes over arrays that change (trained weights, BatchNorm statistics) should
-  instead build the loss INSIDE its own jitted function, from traced arguments, and call the
-  un-jitted bodies there: `solve_traced`, `jvp_scores`, `weighted_gradient` (with
-  `jaxal.parallel.map_chunks`/`sum_chunks`), then `check_lissa`/`check_cg` on the host. The program
-  is then compiled once per settings and shapes, whatever the weights (`jaxal.strategies.isal`).
+  A caller whose loss depends on arrays that change (trained weights, BatchNorm statistics) uses the
+  entry point instead, `inverse_hvp` (with `reference_gradient` for v): it takes the loss of one example
+  as a function of the variables, `example_loss(variables, example)`, and builds the restricted loss
+  INSIDE its jitted program from the traced variables, so the program is compiled once per settings
+  and shapes, whatever the weights. ISAL (`jaxal.strategies.isal`) and the bound diagnostics
+  (`jaxal.diagnostics`) both call it, with the one options type `jaxal.config.SolverOptions`.
 - A padded batch (fixed size, so one program serves a growing labelled set) is `(batch, weights)`
   with `weighted_mean_loss`: weights 1 for the real examples, 0 for the padding. `lissa` draws its
   minibatches among the first `num_examples` rows only, and every product over a set stops at them.
@@ -65,11 +66,11 @@ leave-one-out / add-one retraining.
 
 Damping conventions
 -------------------
-- `lissa(damping=d, scale=s)` solves `(H + d*s*I) x = v` (relative damping, the convention of
-  Koh & Liang's and ISAL's code); with ISAL's defaults d=0.01, s=1e4 that is `(H + 100 I)^-1 v`.
-- `cg(damping=mu)` and `exact_inverse_hvp(damping=mu)` solve `(H + mu*I) x = v` (absolute shift);
-  the LiSSA system above is `mu = d*s`. `solve(method, ...)` takes LiSSA's (damping, scale) for every
-  method and passes `mu = damping*scale` to cg/exact, so all three methods target the same system.
+- ONE convention for users (`SolverOptions`, `--influence.*`, `--diag.*`, `solve`, `inverse_hvp`):
+  LiSSA's relative damping (Koh & Liang's and ISAL's code), `(H + d*s*I) x = v` for damping d and
+  scale s, whatever the solver; with ISAL's defaults d=0.01, s=1e4 that is `(H + 100 I)^-1 v`. The
+  absolute term of a weight decay is `l2` (`(H + l2*I + d*s*I) x = v`).
+- Inside, `cg(damping=mu)` and `exact_inverse_hvp(damping=mu)` take the absolute shift `mu = d*s`.
 
 LiSSA, derived
 --------------
@@ -87,6 +88,18 @@ eigenvalues of order 100 or more, so ISAL under its defaults ranks much like the
 similarity `grad L(R) . grad L(z)`; `LissaResult.cosine_to_v` reports how close `s_test` is to v.
 With a PSD minibatch Hessian below the scale, `||h_t|| <= ||v|| sum_{k<=t} (1-d)^k`; `lissa` raises
 `LissaDivergenceError` when the norm is non-finite or exceeds `divergence_factor` times that bound.
+
+Per-tensor scales (ISAL's detection code divides each tensor's product by its own scale: 100, 8000 and
+5000 for FCOS's classification, regression and centerness kernels). With D the diagonal matrix of the
+scales, `h_{t+1} = v + (1 - d) h_t - D^-1 H_t h_t`; the fixed point solves `(d I + D^-1 H) h* = v`, i.e.
+`h* = (H + d D)^-1 D v`, and `lissa` returns each tensor of h_T over its own scale, `D^-1 h*` in the limit
+(for a single scale, `(H + d s I)^-1 v` as above). The iteration matrix `(1 - d) I - D^-1 H` is
+symmetric in the inner product weighted by D, so the recursion contracts when `0 <= D^-1/2 H_t D^-1/2
+<= I`, in the norm `sqrt(sum_k s_k ||h_k||^2)`: the norms `lissa` records and checks are that norm over
+sqrt(max_k s_k), the plain norm for a single scale, and the bound above holds for them as it stands.
+ISAL's detection code also restarts a tensor of the chain from v when its product holds a NaN
+(`nan_reset`); it scores with h_T itself rather than `D^-1 h_T` (multiply each tensor of the result by
+its scale to get that).
 """
 
 from __future__ import annotations

@@ -85,6 +85,18 @@ from jaxal.diagnostics.bounds import (LOSSES, QUANTITIES, TEST_LOSSES, BoundOpti
 from jaxal.diagnostics.observer import DiagnosticsObserver, default_workdir, run_diagnostics
 from jaxal.diagnostics.report import csv_columns, format_tables, plot_fig3, read_rows, write_outputs
 
+
+
+def __getattr__(name: str):
+    if name == "DiagnosticsOptions":  # the earlier name: say what replaced it
+        raise ImportError("jaxal.diagnostics.DiagnosticsOptions is now BoundOptions, whose solve options are "
+                             "jaxal.config.SolverOptions' (ISAL's names): lissa_scale/lissa_depth/lissa_repeats/"
+                             "lissa_batch_size are scale/depth/repeats/batch_size, damping is relative (the shift "
+                             "is damping x scale) and the weight decay is hessian_weight_decay=True; "
+                             "cycle_bounds takes that absolute term as l2=")
+    raise AttributeError(f"module 'jaxal.diagnostics' has no attribute {name!r}")
+
+
 __all__ = ["LOSSES", "QUANTITIES", "TEST_LOSSES", "BoundOptions", "Bounds", "DiagnosticsObserver", "ModelLoss",
            "check_options", "csv_columns", "cycle_bounds", "default_workdir", "format_tables", "plot_fig3",
            "read_rows", "run_diagnostics", "selection_overlap", "summarise", "top_k_overlap",
