@@ -1069,6 +1069,8 @@ def inverse_hvp(example_loss: Callable, variables: dict, data: PyTree, v: PyTree
     check_solver_options(options, flags)
     subset = options.params if subset is None else subset
     selected = select(variables["params"], subset)
+    if not jax.tree.leaves(selected):
+        raise ValueError(f"{flags}params: the parameter subset {subset!r} selects no parameters")
     scale = options.scale if scale is None else scale
     scale = jax.tree_util.tree_map_with_path(scale, selected) if callable(scale) else tensor_scales(scale, selected)
     if options.solver != "lissa" and len(set(float(s) for s in jax.tree.leaves(scale))) > 1:

@@ -319,6 +319,11 @@ def test_command_rejects_bad_options_before_training(tmp_path, capsys, flags, me
     assert not workdir.exists()
 
 
+def test_the_earlier_options_type_says_what_replaced_it():
+    with pytest.raises(ImportError, match="DiagnosticsOptions is now BoundOptions.*damping is relative"):
+        from jaxal.diagnostics import DiagnosticsOptions  # noqa: F401
+
+
 def test_command_initialises_several_processes_first(tmp_path, capsys, monkeypatch):
     """--coordinator/--num_processes/--process_id reach `jaxal.parallel.initialize_distributed` (as in
     `jaxal.run.main`), before the options are even read."""
