@@ -919,21 +919,23 @@ def weighted_gradient(example_loss_fn: Callable, params: PyTree, xs: PyTree, wei
     return jax.grad(total)(params)
 
 
-def _weighted_gradient(static, params, chunk):
-    example_loss_fn, precision = static
-    xs, weights = chunk
-    with precision_lib.scope(precision):
-        return weighted_gradient(example_loss_fn, params, xs, weights)
+class _OfParams(NamedTuple):
+    """`example_loss_fn(params, example)` as an `example_loss(variables, example)` of the entry point."""
+
+    example_loss_fn: Callable
+
+    def __call__(self, variables, example):
+        return self.example_loss_fn(variables["params"], example)
 
 
 def mean_gradient(example_loss_fn: Callable, params: PyTree, data: PyTree, *,
                   chunk_size: int | None = None, mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT) -> PyTree:
     """`grad (1/n) sum_i example_loss_fn(params, z_i)` over `data` (e.g. `grad L(R)` of a reference
-    set, ISAL's `v`), in chunks of `chunk_size` to bound memory (split over the devices of a `mesh`);
-    padded examples get weight zero, so the result is the exact mean for any chunking."""
-    total = parallel.sum_chunks(_weighted_gradient, (example_loss_fn, precision), params, data, chunk_size=chunk_size,
-                                mesh=mesh)
-    return tree_scale(total, 1.0 / parallel.num_examples(data))
+    set, ISAL's `v`): `reference_gradient` for a loss of the parameters alone, in chunks of `chunk_size`
+    (default: the whole set in one) split over the devices of a `mesh`; padded examples get weight zero,
+    so the result is the exact mean for any chunking."""
+    return reference_gradient(_OfParams(example_loss_fn), {"params": params}, data, subset="all",
+                              chunk_size=chunk_size, mesh=mesh, precision=precision)
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -991,14 +993,15 @@ def _gradient_chunk(static, variables, chunk):
         return weighted_gradient(loss, selected, examples, weights)
 
 
-def reference_gradient(example_loss: Callable, variables: dict, data: PyTree, *, subset, chunk_size: int,
+def reference_gradient(example_loss: Callable, variables: dict, data: PyTree, *, subset, chunk_size: Optional[int],
                        reduce: str = "mean", mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT) -> PyTree:
     """`v = sum_j grad example_loss(z_j)` over the reference set `data` (rows on the leading axis) with
     respect to the tensors of `subset`, divided by the set's size with `reduce="mean"` (ISAL's
     classification code, Koh & Liang's `grad L(R)`) or not with `reduce="sum"` (ISAL's detection code and
-    the bound diagnostics sum). The set goes through in chunks of `chunk_size` rows, the last one padded
-    with weight 0 (`jaxal.parallel.sum_chunks`): one compiled program for every set size, and the memory of
-    one chunk whatever the size of the set."""
+    the bound diagnostics sum). The set goes through in chunks of `chunk_size` rows (None: one chunk),
+    the last one padded with weight 0 (`jaxal.parallel.sum_chunks`): one compiled program for every set
+    size, and the memory of one chunk whatever the size of the set. (The chunks are a host loop of one
+    compiled program, so the set itself never has to fit on the device.)"""
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
     total = parallel.sum_chunks(_gradient_chunk, (example_loss, subset, precision), variables, data,
