@@ -365,3 +365,18 @@ def test_lissa_num_examples_draws_among_the_real_rows_only():
     full = dict(kwargs, batch_size=None)
     np.testing.assert_allclose(flat(influence.lissa(weighted, params, (padded, weights), v, **full)),
                                flat(influence.lissa(loss_fn, params, (xs, ys), v, **full)), rtol=1e-10)
+
+
+def test_a_run_saved_before_the_solver_options_grew_still_resumes():
+    """config.json of an earlier run lacks the fields added since (`--influence.nan_reset`): they held
+    their defaults there, so the same flags resume it; a changed field still differs."""
+    import json
+
+    from jaxal.loop import config_differences
+
+    config = build_config(strategy="isal", val_size=5)
+    saved = json.loads(config.to_json())
+    del saved["influence"]["nan_reset"]
+    assert config_differences(saved, config) == ""
+    assert "nan_reset" in config_differences(saved, build_config(strategy="isal", val_size=5,
+                                                                  influence=dict(nan_reset=True)))
