@@ -422,8 +422,9 @@ def test_lissa_nan_reset_restarts_the_tensor_from_v_as_a_python_loop_of_isals_ru
     v, key = {"a": jnp.asarray(rng.normal(size=3)), "b": jnp.asarray(rng.normal(size=2))}, jax.random.key(4)
     loss_fn = influence.mean_loss(separable_example_loss)
     kwargs = dict(rng=key, depth=depth, repeats=repeats, damping=damping, scale=scales, batch_size=batch_size)
-    with pytest.raises(influence.LissaDivergenceError, match="non-finite"):  # the default: a NaN stops the run
-        influence.lissa(loss_fn, params, data, v, **kwargs)
+    # By default a NaN propagates: non-finite norms, which `check_lissa` turns into LissaDivergenceError.
+    default = influence.lissa(loss_fn, params, data, v, check=False, return_diagnostics=True, **kwargs)
+    assert not np.isfinite(np.asarray(default.norms)).all() and int(np.sum(default.nan_resets)) == 0
     result = influence.lissa(loss_fn, params, data, v, nan_reset=True, return_diagnostics=True, **kwargs)
 
     hessian_of = jax.jit(jax.hessian(lambda p, batch: loss_fn(p, batch)))
@@ -487,7 +488,7 @@ def test_inverse_hvp_takes_the_callers_loss_subset_and_per_tensor_scales():
     grads = [np.asarray(jax.grad(lambda k: mlp_loss({"params": with_head_kernel(k)}, (x, y)))(kernel)).ravel()
              for x, y in zip(*ref)]
     total = influence.reference_gradient(mlp_loss, variables, ref, subset=head_kernel, chunk_size=3, reduce="sum")
-    mean = influence.reference_gradient(mlp_loss, variables, ref, subset=head_kernel, chunk_size=4)
+    mean = influence.reference_gradient(mlp_loss, variables, ref, subset=head_kernel, chunk_size=3)
     np.testing.assert_allclose(flat(total), np.sum(grads, axis=0), rtol=1e-10)
     np.testing.assert_allclose(flat(mean), np.mean(grads, axis=0), rtol=1e-10)
 
