@@ -13,9 +13,10 @@ Several processes (hosts, or processes on one host): start the same command in e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
-from typing import Callable, get_args, get_origin
+from typing import Callable, Optional, get_args, get_origin, get_type_hints
 
 from jaxal import config as config_lib
 
@@ -68,23 +69,56 @@ def metavar(kind) -> str:
     return kind.__name__.upper()
 
 
+def _flag_values(args: argparse.Namespace, kinds: dict) -> dict:
+    """{dotted name: value} for every flag of `kinds` (dotted name -> type) given on the command line: the
+    one reading of flag text into values, for the config and for a command's own options."""
+    values = {}
+    for name, text in vars(args).items():
+        if name in kinds:
+            try:
+                values[name] = config_lib.parse_value(text, kinds[name])
+            except ValueError as error:
+                raise ValueError(f"--{name}: cannot read {text!r} ({error})") from None
+    return values
+
+
 def config_from_args(args: argparse.Namespace) -> config_lib.Config:
     """The preset's config with every config flag given on the command line applied."""
-    kinds = {name: kind for name, kind, _, _ in config_lib.flat_fields()}
     overrides: dict = {}
-    for name, text in vars(args).items():
-        if name not in kinds:
-            continue
-        try:
-            value = config_lib.parse_value(text, kinds[name])
-        except ValueError as error:
-            raise ValueError(f"--{name}: cannot read {text!r} ({error})") from None
+    for name, value in _flag_values(args, {name: kind for name, kind, _, _ in config_lib.flat_fields()}).items():
         section, _, field = name.rpartition(".")
         if section:
             overrides.setdefault(section, {})[field] = value
         else:
             overrides[name] = value
     return config_lib.build_config(args.preset, **overrides)
+
+
+def add_options_flags(parser: argparse.ArgumentParser, prefix: str, options_type: type, title: str,
+                      retired: Optional[dict] = None) -> None:
+    """A flag `--{prefix}.{field}` for every field of the dataclass `options_type` (a command's own options,
+    outside the config), and hidden flags for the `retired` names, which `options_from_args` answers with
+    their message."""
+    group = parser.add_argument_group(title)
+    hints, defaults = get_type_hints(options_type), options_type()
+    for field in dataclasses.fields(options_type):
+        group.add_argument(f"--{prefix}.{field.name}", dest=f"{prefix}.{field.name}", default=argparse.SUPPRESS,
+                           metavar=metavar(hints[field.name]), help=f"default: {getattr(defaults, field.name)!r}")
+    for name in retired or {}:
+        group.add_argument(f"--{prefix}.{name}", dest=f"{prefix}.{name}", default=argparse.SUPPRESS,
+                           help=argparse.SUPPRESS)
+
+
+def options_from_args(args: argparse.Namespace, prefix: str, options_type: type, retired: Optional[dict] = None):
+    """`options_type` with every `--{prefix}.*` flag given applied; ValueError with the message of a
+    retired flag (what to use instead)."""
+    for name, message in (retired or {}).items():
+        if f"{prefix}.{name}" in vars(args):
+            raise ValueError(f"--{prefix}.{name}: {message}")
+    hints = get_type_hints(options_type)
+    kinds = {f"{prefix}.{field.name}": hints[field.name] for field in dataclasses.fields(options_type)}
+    values = _flag_values(args, kinds)
+    return options_type(**{name[len(prefix) + 1:]: value for name, value in values.items()})
 
 
 def distributed_requested(args: argparse.Namespace) -> bool:

@@ -31,20 +31,23 @@ class GradNormOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class InfluenceOptions:
-    """Influence scoring (isal, grad_sim); defaults reproduce ISAL (Liu et al., ICCV 2021)."""
+class SolverOptions:
+    """The inverse-HVP solve `s = (H + l2*I + damping*scale*I)^-1 v` of `jaxal.influence.inverse_hvp`, one
+    options type for every caller (ISAL's `--influence.*`, the bound diagnostics' `--diag.*`): H is the
+    Hessian of the mean training loss over the labelled set with respect to the parameter subset `params`,
+    `l2` the weight decay when `hessian_weight_decay`. ONE damping convention, LiSSA's (Koh & Liang's and
+    ISAL's code): `damping` is relative, the shift is `damping * scale` for every solver (for cg and exact
+    `scale` only sets that shift). Defaults: ISAL's (Liu et al., ICCV 2021)."""
 
     solver: str = "lissa"  # "lissa", "cg" or "exact" (dense, small parameter subsets only)
-    reference: str = "val"  # reference set R: "val", "initial" (ISAL_v2), "labeled" (ISAL_v3), "test"
+    params: str = "weights"  # parameter subset of H: "weights" (rank > 1, ISAL), "last_layer" or "all"
     depth: int = 250  # LiSSA steps per chain
     repeats: int = 4  # independent LiSSA chains, averaged
-    damping: float = 0.01  # LiSSA converges to (H + damping * scale * I)^-1 v
-    scale: float = 1e4  # must exceed the largest Hessian eigenvalue, or LiSSA diverges
-    batch_size: int = 1  # labelled samples per Hessian-vector product
+    damping: float = 0.01  # relative: every solver solves (H + damping * scale * I) s = v
+    scale: float = 1e4  # LiSSA: must exceed the largest Hessian eigenvalue, or the recursion diverges
+    batch_size: Optional[int] = 1  # labelled samples per LiSSA Hessian-vector product; none: the whole set
     cg_maxiter: int = 100
     cg_tol: float = 1e-6  # CG stops at ||residual|| <= cg_tol * ||v||
-    top_k_classes: int = 1  # 1: pseudo-label = arg-max class; K > 1: expected gradient over the top K
-    params: str = "weights"  # ISAL differentiates every parameter of rank > 1
     chunk_size: int = 256  # pool and reference-set examples per compiled chunk (memory only)
     # Labelled examples per Hessian-vector product: every product over the labelled set (cg, exact,
     # full-batch lissa, a minibatch larger than this) is a sum over chunks of this size (memory only).
@@ -54,6 +57,17 @@ class InfluenceOptions:
     hessian_weight_decay: bool = False
     exact_block_size: int = 32  # exact: basis vectors per assembly pass (memory ~ this x hvp_chunk_size)
     exact_max_gib: float = 1.0  # exact: refused if the dense Hessian and its factors need more than this
+    # LiSSA: a chain's tensor whose Hessian-vector product has a NaN restarts from v (ISAL's detection
+    # code); false: a NaN stops the run with LissaDivergenceError.
+    nan_reset: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class InfluenceOptions(SolverOptions):
+    """Influence scoring (isal, grad_sim): the solve's options plus the reference set and G_z."""
+
+    reference: str = "val"  # reference set R: "val", "initial" (ISAL_v2), "labeled" (ISAL_v3), "test"
+    top_k_classes: int = 1  # 1: pseudo-label = arg-max class; K > 1: expected gradient over the top K
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,11 +13,12 @@ Conventions
 - Functions that take a loss function jit it as a *static* argument, so the compiled program is
   cached per loss-function object and per shape: build the loss once and reuse it (a new lambda per
   call compiles again, and the closure's arrays become constants of the program).
-  A caller whose loss closes over arrays that change (trained weights, BatchNorm statistics) should
-  instead build the loss INSIDE its own jitted function, from traced arguments, and call the
-  un-jitted bodies there: `solve_traced`, `jvp_scores`, `weighted_gradient` (with
-  `jaxal.parallel.map_chunks`/`sum_chunks`), then `check_lissa`/`check_cg` on the host. The program
-  is then compiled once per settings and shapes, whatever the weights (`jaxal.strategies.isal`).
+  A caller whose loss depends on arrays that change (trained weights, BatchNorm statistics) uses the
+  entry point instead, `inverse_hvp` (with `reference_gradient` for v): it takes the loss of one example
+  as a function of the variables, `example_loss(variables, example)`, and builds the restricted loss
+  INSIDE its jitted program from the traced variables, so the program is compiled once per settings
+  and shapes, whatever the weights. ISAL (`jaxal.strategies.isal`) and the bound diagnostics
+  (`jaxal.diagnostics`) both call it, with the one options type `jaxal.config.SolverOptions`.
 - A padded batch (fixed size, so one program serves a growing labelled set) is `(batch, weights)`
   with `weighted_mean_loss`: weights 1 for the real examples, 0 for the padding. `lissa` draws its
   minibatches among the first `num_examples` rows only, and every product over a set stops at them.
@@ -65,11 +66,11 @@ leave-one-out / add-one retraining.
 
 Damping conventions
 -------------------
-- `lissa(damping=d, scale=s)` solves `(H + d*s*I) x = v` (relative damping, the convention of
-  Koh & Liang's and ISAL's code); with ISAL's defaults d=0.01, s=1e4 that is `(H + 100 I)^-1 v`.
-- `cg(damping=mu)` and `exact_inverse_hvp(damping=mu)` solve `(H + mu*I) x = v` (absolute shift);
-  the LiSSA system above is `mu = d*s`. `solve(method, ...)` takes LiSSA's (damping, scale) for every
-  method and passes `mu = damping*scale` to cg/exact, so all three methods target the same system.
+- ONE convention for users (`SolverOptions`, `--influence.*`, `--diag.*`, `solve`, `inverse_hvp`):
+  LiSSA's relative damping (Koh & Liang's and ISAL's code), `(H + d*s*I) x = v` for damping d and
+  scale s, whatever the solver; with ISAL's defaults d=0.01, s=1e4 that is `(H + 100 I)^-1 v`. The
+  absolute term of a weight decay is `l2` (`(H + l2*I + d*s*I) x = v`).
+- Inside, `cg(damping=mu)` and `exact_inverse_hvp(damping=mu)` take the absolute shift `mu = d*s`.
 
 LiSSA, derived
 --------------
@@ -87,12 +88,25 @@ eigenvalues of order 100 or more, so ISAL under its defaults ranks much like the
 similarity `grad L(R) . grad L(z)`; `LissaResult.cosine_to_v` reports how close `s_test` is to v.
 With a PSD minibatch Hessian below the scale, `||h_t|| <= ||v|| sum_{k<=t} (1-d)^k`; `lissa` raises
 `LissaDivergenceError` when the norm is non-finite or exceeds `divergence_factor` times that bound.
+
+Per-tensor scales (ISAL's detection code divides each tensor's product by its own scale: 100, 8000 and
+5000 for FCOS's classification, regression and centerness kernels). With D the diagonal matrix of the
+scales, `h_{t+1} = v + (1 - d) h_t - D^-1 H_t h_t`; the fixed point solves `(d I + D^-1 H) h* = v`, i.e.
+`h* = (H + d D)^-1 D v`, and `lissa` returns each tensor of h_T over its own scale, `D^-1 h*` in the limit
+(for a single scale, `(H + d s I)^-1 v` as above). The iteration matrix `(1 - d) I - D^-1 H` is
+symmetric in the inner product weighted by D, so the recursion contracts when `0 <= D^-1/2 H_t D^-1/2
+<= I`, in the norm `sqrt(sum_k s_k ||h_k||^2)`: the norms `lissa` records and checks are that norm over
+sqrt(max_k s_k), the plain norm for a single scale, and the bound above holds for them as it stands.
+ISAL's detection code also restarts a tensor of the chain from v when its product holds a NaN
+(`nan_reset`); it scores with h_T itself rather than `D^-1 h_T` (multiply each tensor of the result by
+its scale to get that).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -106,8 +120,11 @@ from jax.sharding import PartitionSpec as P
 
 from jaxal import parallel
 from jaxal import precision as precision_lib
+from jaxal.config import SolverOptions
 from jaxal.losses import cross_entropy, pseudo_label_cross_entropy  # noqa: F401  (the engine's losses)
-from jaxal.pytree import tree_add_scaled, tree_dot, tree_norm, tree_scale, tree_size
+from jaxal.padding import pad_rows
+from jaxal.pytree import (PARAM_SUBSETS, partition, restrict, subset_mask, tree_add_scaled, tree_dot, tree_norm,
+                          tree_scale, tree_size)
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -439,24 +456,6 @@ def _dense_hessian_body(loss_fn, params, data, l2=0.0, *, chunk_size=DEFAULT_CHU
     return 0.5 * (hessian + hessian.T)
 
 
-def _dense_hessian_jit(loss_fn, params, data, l2, *, chunk_size, block_size, precision):
-    with precision_lib.scope(precision):
-        return _dense_hessian_body(loss_fn, params, data, l2, chunk_size=chunk_size, block_size=block_size)
-
-
-_dense_hessian = jax.jit(_dense_hessian_jit, static_argnames=("loss_fn", "chunk_size", "block_size", "precision"))
-
-
-def dense_hessian(loss_fn: LossFn, params: PyTree, data: PyTree, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                  block_size: int = DEFAULT_EXACT_BLOCK_SIZE, l2: float = 0.0,
-                  max_bytes: int = DEFAULT_EXACT_MAX_BYTES, precision: str = precision_lib.SOLVERS_DEFAULT
-                  ) -> jax.Array:
-    """The (P, P) Hessian of `loss_fn(., data)` (plus `l2*I`) on the flattened parameters
-    (`jax.flatten_util.ravel_pytree` order), assembled from chunked HVPs; refused above `max_bytes`."""
-    check_exact_memory(params, max_bytes=max_bytes, block_size=block_size)
-    return _dense_hessian(loss_fn, params, data, l2, chunk_size=chunk_size, block_size=block_size, precision=precision)
-
-
 def _exact_body(loss_fn, params, data, v, damping, l2=0.0, *, chunk_size=DEFAULT_CHUNK_SIZE,
                 block_size=DEFAULT_EXACT_BLOCK_SIZE, num_examples=None, mesh=None,
                 precision=precision_lib.SOLVERS_DEFAULT):
@@ -586,8 +585,9 @@ class LissaDivergenceError(RuntimeError):
 
 class LissaResult(NamedTuple):
     inverse_hvp: PyTree  # mean over chains of h_T / scale, the estimate of (H + damping*scale*I)^-1 v
-    norms: jax.Array  # (repeats, depth + 1): ||h_t|| per chain for t = 0..depth (h_0 = v)
+    norms: jax.Array  # (repeats, depth + 1): ||h_t|| per chain for t = 0..depth (h_0 = v; `_scaled_norm`)
     cosine_to_v: jax.Array  # cosine between the estimate and v (near 1: the solve is close to a multiple of v)
+    nan_resets: jax.Array  # (repeats,): tensors restarted from v after a NaN product (`nan_reset` only)
 
 
 def chains_split_over_devices(mesh, repeats: int, batch_size: Optional[int]) -> bool:
@@ -599,51 +599,79 @@ def chains_split_over_devices(mesh, repeats: int, batch_size: Optional[int]) -> 
     return devices > 1 and batch_size is not None and (repeats >= devices or batch_size < devices)
 
 
-def _lissa_chain(loss_fn, params, data, v, damping, scale, l2, num_examples, key, *, depth, batch_size,
-                 chunk_size, mesh):
-    """One chain: (h_depth, ||h_t|| for t = 0..depth)."""
+def tensor_scales(scale, v: PyTree) -> PyTree:
+    """LiSSA's scale as one number per tensor of `v`: `scale` itself if it has `v`'s structure (a pytree
+    of numbers, None where `v` has None), a number broadcast to every tensor otherwise."""
+    if jax.tree.structure(scale) == jax.tree.structure(v):
+        return scale
+    leaves = jax.tree.leaves(scale)
+    if len(leaves) != 1 or np.ndim(leaves[0]) != 0:
+        raise ValueError("LiSSA's scale must be a number or a pytree of numbers with the structure of the "
+                         f"parameters solved for ({jax.tree.structure(v)}), got {jax.tree.structure(scale)}")
+    return jax.tree.map(lambda _: leaves[0], v)
+
+
+def _scaled_norm(h: PyTree, scales: PyTree) -> jax.Array:
+    """`sqrt(sum_k (s_k / max s) ||h_k||^2)`: the norm in which the recursion contracts (see `lissa`);
+    the plain norm when every tensor has the same scale."""
+    largest = functools.reduce(jnp.maximum, jax.tree.leaves(scales))
+    return jnp.sqrt(sum(s / largest * jnp.vdot(x, x) for x, s in zip(jax.tree.leaves(h), jax.tree.leaves(scales))))
+
+
+def _lissa_chain(loss_fn, params, data, v, damping, scales, l2, num_examples, key, *, depth, batch_size,
+                 chunk_size, mesh, nan_reset=False):
+    """One chain: (h_depth, ||h_t|| for t = 0..depth, the number of tensors reset to v)."""
     n = _num_rows(data) if num_examples is None else num_examples
 
-    def step(h, key):
+    def updated(v_, h_, hv_, s_):
+        h_new = v_ + (1 - damping) * h_ - hv_ / s_
+        return jnp.where(jnp.any(jnp.isnan(hv_)), v_, h_new) if nan_reset else h_new  # ISAL's reset: to v
+
+    def step(carry, key):
+        h, resets = carry
         if batch_size is None:
             batch, real = data, num_examples
         else:  # a fresh minibatch, indices drawn uniformly with replacement among the real rows
             idx = jax.random.randint(key, (batch_size,), 0, n)
             batch, real = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data), None
         hv = set_hvp(loss_fn, params, batch, h, chunk_size=chunk_size, num_examples=real, l2=l2, mesh=mesh)
-        h = jax.tree.map(lambda v_, h_, hv_: v_ + (1 - damping) * h_ - hv_ / scale, v, h, hv)
-        return h, tree_norm(h)
+        if nan_reset:
+            resets = resets + sum(jnp.any(jnp.isnan(x)).astype(jnp.int32) for x in jax.tree.leaves(hv))
+        h = jax.tree.map(updated, v, h, hv, scales)
+        return (h, resets), _scaled_norm(h, scales)
 
-    h, norms = lax.scan(step, v, jax.random.split(key, depth))
-    return h, jnp.concatenate([tree_norm(v)[None].astype(norms.dtype), norms])
+    (h, resets), norms = lax.scan(step, (v, jnp.zeros((), jnp.int32)), jax.random.split(key, depth))
+    return h, jnp.concatenate([_scaled_norm(v, scales)[None].astype(norms.dtype), norms]), resets
 
 
 def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, l2=0.0, *, depth, repeats, batch_size,
                   chunk_size=DEFAULT_CHUNK_SIZE, mesh=None, num_examples=None,
-                  precision=precision_lib.SOLVERS_DEFAULT):
+                  precision=precision_lib.SOLVERS_DEFAULT, nan_reset=False):
     # `num_examples` (traced): draw among the first rows only, the rest of `data` being padding.
-    settings = dict(depth=depth, batch_size=batch_size, chunk_size=chunk_size)
+    settings = dict(depth=depth, batch_size=batch_size, chunk_size=chunk_size, nan_reset=nan_reset)
     keys = jax.random.split(rng, repeats)
+    scales = tensor_scales(scale, v)
     with precision_lib.scope(precision):
         if batch_size is None:  # deterministic: every chain is the same chain, so run one
-            h, norms = _lissa_chain(loss_fn, params, data, v, damping, scale, l2, num_examples, keys[0], mesh=mesh,
-                                    **settings)
+            h, norms, resets = _lissa_chain(loss_fn, params, data, v, damping, scales, l2, num_examples, keys[0],
+                                            mesh=mesh, **settings)
             total, norms = tree_scale(h, repeats), jnp.broadcast_to(norms, (repeats, depth + 1))
+            resets = jnp.broadcast_to(resets, (repeats,))
         elif chains_split_over_devices(mesh, repeats, batch_size):
-            total, norms = _sharded_chains(loss_fn, params, data, v, damping, scale, l2, num_examples, keys,
-                                           mesh=mesh, **settings)
+            total, norms, resets = _sharded_chains(loss_fn, params, data, v, damping, scales, l2, num_examples, keys,
+                                                   mesh=mesh, **settings)
         else:  # side by side; on a mesh with fewer chains than devices, each minibatch split over them
-            chain = functools.partial(_lissa_chain, loss_fn, params, data, v, damping, scale, l2, num_examples,
+            chain = functools.partial(_lissa_chain, loss_fn, params, data, v, damping, scales, l2, num_examples,
                                       mesh=mesh, **settings)
-            hs, norms = jax.vmap(chain)(keys)
+            hs, norms, resets = jax.vmap(chain)(keys)
             total = jax.tree.map(lambda x: jnp.sum(x, axis=0), hs)
-        estimate = tree_scale(total, 1.0 / (repeats * scale))
+        estimate = jax.tree.map(lambda x, s: x / (repeats * s), total, scales)
         cosine = tree_dot(estimate, v) / (tree_norm(estimate) * tree_norm(v))
-    return LissaResult(estimate, norms, cosine)
+    return LissaResult(estimate, norms, cosine, resets)
 
 
 def _sharded_chains(loss_fn, params, data, v, damping, scale, l2, num_examples, keys, *, mesh, **settings):
-    """(sum of h_depth over the chains, norms): the chains split over the mesh's devices, padded to a
+    """(sum of h_depth over the chains, norms, resets): the chains split over the mesh's devices, padded to a
     multiple of their count by repeating the last key; the padded chains are left out of the sum."""
     repeats = keys.shape[0]
     padded = parallel.round_up(repeats, parallel.mesh_size(mesh))
@@ -653,21 +681,23 @@ def _sharded_chains(loss_fn, params, data, v, damping, scale, l2, num_examples, 
     def local(keys, real, params, data, v, damping, scale, l2, num_examples):
         chain = functools.partial(_lissa_chain, loss_fn, params, data, v, damping, scale, l2, num_examples,
                                   mesh=None, **settings)
-        hs, norms = jax.vmap(chain)(keys)
+        hs, norms, resets = jax.vmap(chain)(keys)
         total = jax.tree.map(lambda x: jnp.sum(jnp.where(real.reshape(-1, *[1] * (x.ndim - 1)), x, 0), axis=0), hs)
-        return jax.lax.psum(total, parallel.DATA_AXIS), norms
+        return jax.lax.psum(total, parallel.DATA_AXIS), norms, resets
 
     # check_vma=False: with JAX 0.10's type check on, the vmapped scans of `local` made every chain
     # draw the same minibatches (their carries start from the unsharded v); the chains are what is split.
     split, whole = P(parallel.DATA_AXIS), P()
-    total, norms = jax.shard_map(local, mesh=mesh, in_specs=(split, split) + (whole,) * 7, out_specs=(whole, split),
-                                  check_vma=False)(
+    total, norms, resets = jax.shard_map(local, mesh=mesh, in_specs=(split, split) + (whole,) * 7,
+                                         out_specs=(whole, split, split), check_vma=False)(
         keys, real, params, data, v, damping, scale, l2, num_examples)
-    return total, parallel.constrain_replicated(norms[:repeats], mesh)  # the host reads every chain's norms
+    # The host reads every chain's norms and resets.
+    return (total, parallel.constrain_replicated(norms[:repeats], mesh),
+            parallel.constrain_replicated(resets[:repeats], mesh))
 
 
 _lissa_jit = jax.jit(_lissa_chains, static_argnames=("loss_fn", "depth", "repeats", "batch_size", "chunk_size", "mesh",
-                                                     "precision"))
+                                                     "precision", "nan_reset"))
 
 
 def _divergence_bound(v_norm: float, damping: float, depth: int) -> np.ndarray:
@@ -677,6 +707,11 @@ def _divergence_bound(v_norm: float, damping: float, depth: int) -> np.ndarray:
     if damping > 0:
         return v_norm * (1.0 - (1.0 - damping) ** (t + 1)) / damping
     return v_norm * (t + 1)
+
+
+def _format_scale(scale) -> str:
+    leaves = [float(s) for s in jax.tree.leaves(scale)]
+    return f"{leaves[0]:g}" if len(set(leaves)) == 1 else "per tensor [" + ", ".join(f"{s:g}" for s in leaves) + "]"
 
 
 def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, norms, bound,
@@ -704,7 +739,7 @@ def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, 
                 for i in range(min(8, m // batch_size))]
         lam_mini = max(lams, key=abs)
     estimate = max(abs(lam_full), abs(lam_mini))
-    return (f"LiSSA diverged: {what}, with scale={scale:g}, damping={damping:g}. The recursion "
+    return (f"LiSSA diverged: {what}, with scale={_format_scale(scale)}, damping={damping:g}. The recursion "
             f"converges only if scale exceeds the largest eigenvalue of every minibatch Hessian (and "
             f"damping*scale exceeds minus the most negative one). power_iteration estimates the largest-"
             f"magnitude eigenvalue at {lam_full:.4g} on {m} labelled examples and {lam_mini:.4g} on "
@@ -712,10 +747,11 @@ def _divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, 
 
 
 def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.Array,
-          depth: int = 250, repeats: int = 4, damping: float = 0.01, scale: float = 1e4,
+          depth: int = 250, repeats: int = 4, damping: float = 0.01, scale: float | PyTree = 1e4,
           batch_size: int | None = 1, l2: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE, check: bool = True,
           divergence_factor: float = 10.0, return_diagnostics: bool = False, mesh=None,
-          num_examples: int | jax.Array | None = None, precision: str = precision_lib.SOLVERS_DEFAULT):
+          num_examples: int | jax.Array | None = None, precision: str = precision_lib.SOLVERS_DEFAULT,
+          nan_reset: bool = False):
     """LiSSA estimate of `(H + l2*I + damping*scale*I)^-1 v` (Agarwal et al. 2017; Koh & Liang 2017).
 
     `h_0 = v`, `h_{t+1} = v + (1 - damping) h_t - H_t h_t / scale` for t < depth, where `H_t` is the
@@ -725,6 +761,23 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
     averaged over `repeats` independent chains. See the module docstring for the derivation: the fixed
     point is `(H + damping*scale*I)^-1 v` (with the defaults, ISAL's, `(H + 100 I)^-1 v`), reached only
     if `scale` exceeds the largest eigenvalue of the minibatch Hessians.
+
+    Per-tensor scales (ISAL's detection code: 100, 8000 and 5000 for FCOS's classification, regression
+    and centerness kernels): `scale` may be a pytree with one number per tensor of `v` (see
+    `tensor_scales`). With D the diagonal matrix holding each tensor's scale on its coordinates, the
+    recursion is `h_{t+1} = v + (1 - damping) h_t - D^-1 H_t h_t`, whose fixed point solves
+    `(damping I + D^-1 H) h* = v`, i.e. `h* = (H + damping D)^-1 D v`, and the result, each tensor of
+    `h_depth` divided by its own scale, converges to `D^-1 (H + damping D)^-1 D v`: for one scale s,
+    `(H + damping s I)^-1 v` as above; with several, the damping of each block is its own `damping * s_k`
+    and the blocks are reweighted (ISAL's detection code scores with `h_depth` itself, i.e. `D` times
+    this result). The recursion contracts when `0 <= D^-1/2 H_t D^-1/2 <= I`, in the norm
+    `||h||_D = sqrt(sum_k s_k ||h_k||^2)`; `norms` are that norm over the largest scale's square root
+    (the plain norm for one scale), so the divergence bound below holds for them unchanged.
+
+    `nan_reset=True` (ISAL's detection code): at a step where a tensor's Hessian-vector product holds a
+    NaN, that tensor of the chain restarts from v (`h_k = v_k`), the others update as usual;
+    `LissaResult.nan_resets` counts the restarts of each chain. By default a NaN propagates and the
+    check raises `LissaDivergenceError`.
 
     All chains and steps are ONE jitted function: the chains side by side (`jax.vmap`), each a
     `lax.scan` over its steps, compiled once per loss function, shapes and static settings; `rng`, `v`,
@@ -747,7 +800,8 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
         raise ValueError(f"lissa needs 0 <= damping < 1, got {damping}")
     placed = parallel.replicate((params, data, v, rng, num_examples), mesh)
     result = _lissa_jit(loss_fn, *placed[:4], damping, scale, l2, depth=depth, repeats=repeats, batch_size=batch_size,
-                        chunk_size=chunk_size, mesh=mesh, num_examples=placed[4], precision=precision)
+                        chunk_size=chunk_size, mesh=mesh, num_examples=placed[4], precision=precision,
+                        nan_reset=nan_reset)
     result = result if mesh is None else parallel.local(result)
     if check:
         check_lissa(result, loss_fn, params, data, rng=rng, damping=damping, scale=scale, batch_size=batch_size,
@@ -756,7 +810,7 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
 
 
 def check_lissa(result: LissaResult, loss_fn: LossFn, params: PyTree, data: PyTree, *, rng: jax.Array,
-                damping: float, scale: float, batch_size: int | None, divergence_factor: float = 10.0,
+                damping: float, scale: float | PyTree, batch_size: int | None, divergence_factor: float = 10.0,
                 num_examples: int | None = None, l2: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
     """The divergence check of `lissa` on a `LissaResult` (a host sync): raises
     `LissaDivergenceError` with a suggested scale. `loss_fn`, `params` and `data` serve only to
@@ -781,7 +835,8 @@ def solve(method: str, loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree,
     """`(H + l2*I + damping*scale*I)^-1 v` by `method` in SOLVERS, all in LiSSA's damping convention:
     "lissa" samples minibatches of `data`; "cg" and "exact" use the full-set Hessian on `data` with the
     absolute shift `damping*scale` (with ISAL's defaults, 100). `rng` is needed by "lissa" only. Every
-    HVP over a set goes through `set_hvp` in chunks of `chunk_size` rows."""
+    HVP over a set goes through `set_hvp` in chunks of `chunk_size` rows. (A caller whose loss closes
+    over trained weights uses `inverse_hvp`, which compiles once per run.)"""
     common = dict(l2=l2, chunk_size=chunk_size, num_examples=num_examples, mesh=mesh, precision=precision)
     if method == "lissa":
         if rng is None:
@@ -800,16 +855,21 @@ def solve_traced(method: str, loss_fn: LossFn, params: PyTree, data: PyTree, v: 
                  rng: jax.Array | None = None, damping=0.01, scale=1e4, depth: int = 250, repeats: int = 4,
                  batch_size: int | None = 1, maxiter: int = 100, tol=1e-6, l2=0.0,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, block_size: int = DEFAULT_EXACT_BLOCK_SIZE,
-                 num_examples=None, mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT):
+                 num_examples=None, mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT,
+                 nan_reset: bool = False):
     """The body of `solve` for use INSIDE a caller's jitted function, whose loss may close over traced
     arrays (the trained variables): no jit of its own (it is traced into the caller's program) and no
     host checks. Returns the `LissaResult` ("lissa"), the `CGResult` ("cg") or the solution
     ("exact"); on the host, check them with `check_lissa` / `check_cg` (and `check_exact_memory`
-    beforehand). `damping`, `scale`, `tol`, `l2` and `num_examples` may be traced; the rest is static."""
+    beforehand). `damping`, `scale`, `tol`, `l2` and `num_examples` may be traced; the rest is static.
+    `scale` may hold one number per tensor for "lissa" only (`lissa`); `nan_reset` is LiSSA's."""
     common = dict(chunk_size=chunk_size, num_examples=num_examples, mesh=mesh, precision=precision)
     if method == "lissa":
         return _lissa_chains(loss_fn, params, data, v, rng, damping, scale, l2, depth=depth, repeats=repeats,
-                             batch_size=batch_size, **common)
+                             batch_size=batch_size, nan_reset=nan_reset, **common)
+    if jax.tree.structure(scale).num_leaves != 1:
+        raise ValueError(f"per-tensor scales are LiSSA's: the {method} solver takes one scale (its shift is "
+                         f"damping * scale)")
     if method == "cg":
         return _cg_body(loss_fn, params, data, v, damping * scale, tol, l2, maxiter=maxiter, **common)
     if method == "exact":
@@ -859,18 +919,197 @@ def weighted_gradient(example_loss_fn: Callable, params: PyTree, xs: PyTree, wei
     return jax.grad(total)(params)
 
 
-def _weighted_gradient(static, params, chunk):
-    example_loss_fn, precision = static
-    xs, weights = chunk
-    with precision_lib.scope(precision):
-        return weighted_gradient(example_loss_fn, params, xs, weights)
+class _OfParams(NamedTuple):
+    """`example_loss_fn(params, example)` as an `example_loss(variables, example)` of the entry point."""
+
+    example_loss_fn: Callable
+
+    def __call__(self, variables, example):
+        return self.example_loss_fn(variables["params"], example)
 
 
 def mean_gradient(example_loss_fn: Callable, params: PyTree, data: PyTree, *,
                   chunk_size: int | None = None, mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT) -> PyTree:
     """`grad (1/n) sum_i example_loss_fn(params, z_i)` over `data` (e.g. `grad L(R)` of a reference
-    set, ISAL's `v`), in chunks of `chunk_size` to bound memory (split over the devices of a `mesh`);
-    padded examples get weight zero, so the result is the exact mean for any chunking."""
-    total = parallel.sum_chunks(_weighted_gradient, (example_loss_fn, precision), params, data, chunk_size=chunk_size,
-                                mesh=mesh)
-    return tree_scale(total, 1.0 / parallel.num_examples(data))
+    set, ISAL's `v`): `reference_gradient` for a loss of the parameters alone, in chunks of `chunk_size`
+    (default: the whole set in one) split over the devices of a `mesh`; padded examples get weight zero,
+    so the result is the exact mean for any chunking."""
+    return reference_gradient(_OfParams(example_loss_fn), {"params": params}, data, subset="all",
+                              chunk_size=chunk_size, mesh=mesh, precision=precision)
+
+
+# ----------------------------------------------------------------------------- the entry point
+# What ISAL (`jaxal.strategies.isal`), the bound diagnostics (`jaxal.diagnostics`) and any other caller
+# use: one options type (`SolverOptions`), one check of it, one compiled solve per run, one reference-
+# gradient sum. The caller supplies `example_loss(variables, example) -> scalar`, the training loss of ONE
+# example (a classifier's CE at its label, a detector's loss of one image), as a hashable object (a
+# module-level function, or a NamedTuple of hashable settings with a `__call__`): it is a static setting
+# of the compiled programs, and it receives the trained variables as TRACED arguments, so new weights
+# every cycle compile nothing and are never baked into a program as constants.
+
+
+def check_solver_options(options: SolverOptions, flags: str = "--influence.") -> None:
+    """ValueError naming the caller's flag (`{flags}name`) for a setting the solve cannot run with."""
+    if options.solver not in SOLVERS:
+        raise ValueError(f"{flags}solver: unknown solver {options.solver!r}; choose one of: {', '.join(SOLVERS)}")
+    if not callable(options.params) and options.params not in PARAM_SUBSETS:
+        raise ValueError(f"{flags}params: unknown parameter subset {options.params!r}; choose one of: "
+                         f"{', '.join(PARAM_SUBSETS)}")
+    for name in ("depth", "repeats", "cg_maxiter", "chunk_size", "hvp_chunk_size", "exact_block_size"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"{flags}{name} must be at least 1, got {getattr(options, name)}")
+    if options.batch_size is not None and options.batch_size < 1:
+        raise ValueError(f"{flags}batch_size must be at least 1 (or none: the whole set), got {options.batch_size}")
+    # `not x > 0` also rejects NaN, which every ordered comparison lets through.
+    if not (math.isfinite(options.damping) and 0 <= options.damping < 1):
+        raise ValueError(f"{flags}damping must be in [0, 1) (it is relative: the shift is damping x scale), "
+                         f"got {options.damping}")
+    for name in ("scale", "exact_max_gib"):
+        if not (math.isfinite(getattr(options, name)) and getattr(options, name) > 0):
+            raise ValueError(f"{flags}{name} must be a finite number > 0, got {getattr(options, name)}")
+    if not (math.isfinite(options.cg_tol) and options.cg_tol >= 0):
+        raise ValueError(f"{flags}cg_tol must be a finite number >= 0, got {options.cg_tol}")
+
+
+def select(params: PyTree, subset) -> PyTree:
+    """The tensors of `subset` (a name of `jaxal.pytree.PARAM_SUBSETS` or a function `params -> mask`),
+    None elsewhere: the structure of `v`, of the solution and of per-tensor scales."""
+    return partition(params, subset_mask(params, subset))[0]
+
+
+def _subset_loss(example_loss: Callable, subset, variables: dict) -> tuple[Callable, PyTree]:
+    """(the loss of one example as a function of the subset's tensors, those tensors), the other
+    parameters and the other collections (BatchNorm statistics) held at `variables`."""
+    return restrict(lambda params, example: example_loss({**variables, "params": params}, example),
+                    variables["params"], subset)
+
+
+def _gradient_chunk(static, variables, chunk):
+    """`sum_i w_i grad example_loss(z_i)` over a chunk of the reference set (`parallel.sum_chunks`)."""
+    example_loss, subset, precision = static
+    examples, weights = chunk
+    with precision_lib.scope(precision):
+        loss, selected = _subset_loss(example_loss, subset, variables)
+        return weighted_gradient(loss, selected, examples, weights)
+
+
+def reference_gradient(example_loss: Callable, variables: dict, data: PyTree, *, subset, chunk_size: Optional[int],
+                       reduce: str = "mean", mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT) -> PyTree:
+    """`v = sum_j grad example_loss(z_j)` over the reference set `data` (rows on the leading axis) with
+    respect to the tensors of `subset`, divided by the set's size with `reduce="mean"` (ISAL's
+    classification code, Koh & Liang's `grad L(R)`) or not with `reduce="sum"` (ISAL's detection code and
+    the bound diagnostics sum). The set goes through in chunks of `chunk_size` rows (None: one chunk),
+    the last one padded with weight 0 (`jaxal.parallel.sum_chunks`): one compiled program for every set
+    size, and the memory of one chunk whatever the size of the set. (The chunks are a host loop of one
+    compiled program, so the set itself never has to fit on the device.)"""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    total = parallel.sum_chunks(_gradient_chunk, (example_loss, subset, precision), variables, data,
+                                chunk_size=chunk_size, mesh=mesh)
+    return total if reduce == "sum" else tree_scale(total, 1.0 / parallel.num_examples(data))
+
+
+class _Settings(NamedTuple):
+    """The static settings of `_solve` (hashable): one compiled program per value and shapes."""
+
+    example_loss: Callable
+    subset: Any
+    solver: str
+    depth: int
+    repeats: int
+    batch_size: Optional[int]
+    maxiter: int
+    chunk_size: int  # rows per Hessian-vector product
+    block_size: int  # exact: basis vectors per assembly pass
+    precision: str
+    mesh: Any
+    nan_reset: bool
+
+
+def _solve_body(static: _Settings, variables, data, num_examples, v, rng, damping, scale, tol, l2):
+    """The solver's result (`LissaResult`, `CGResult` or the solution) on the padded labelled set
+    `data = (examples, weights)`, the loss built from the traced variables."""
+    loss, selected = _subset_loss(static.example_loss, static.subset, variables)
+    return solve_traced(static.solver, weighted_mean_loss(loss), selected, data, v, rng=rng, damping=damping,
+                        scale=scale, depth=static.depth, repeats=static.repeats, batch_size=static.batch_size,
+                        maxiter=static.maxiter, tol=tol, l2=l2, chunk_size=static.chunk_size,
+                        block_size=static.block_size, num_examples=num_examples, mesh=static.mesh,
+                        precision=static.precision, nan_reset=static.nan_reset)
+
+
+_solve = jax.jit(_solve_body, static_argnums=0)
+
+
+class InverseHVP(NamedTuple):
+    solution: PyTree  # s, with the structure of `v` (the subset's tensors, None elsewhere)
+    info: dict  # JSON-able: the solver's own numbers (LiSSA's norms and resets, CG's iterations and residual)
+
+
+def inverse_hvp(example_loss: Callable, variables: dict, data: PyTree, v: PyTree, *, options: SolverOptions,
+                rng: jax.Array, l2: float = 0.0, scale=None, subset=None, capacity: Optional[int] = None,
+                mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT, flags: str = "--influence.",
+                ) -> InverseHVP:
+    """`s = (H + l2*I + damping*scale*I)^-1 v` by `options.solver`, H the Hessian of the mean of
+    `example_loss(variables, z)` over the labelled set `data` (rows on the leading axis, e.g. `(x, y)`)
+    with respect to the tensors of `subset` (default `options.params`; a name or a function
+    `params -> mask`), the other parameters and collections held at `variables`.
+
+    - Damping: ONE convention for every solver, LiSSA's (Koh & Liang's and ISAL's code): `damping` is
+      relative and the shift is `damping * scale`; `l2` (absolute) adds the Hessian of a weight decay
+      `l2/2 ||theta||^2` (the training objective's, `hessian_weight_decay`).
+    - `scale` (default `options.scale`): for LiSSA, a number, a pytree with one number per tensor of the
+      subset (the structure of `select(variables["params"], subset)`), or a function `(path, tensor) ->
+      number` mapped over those tensors; see `lissa` for what per-tensor scales converge to.
+    - `options.nan_reset`: LiSSA's restart of a tensor from v after a NaN product (`lissa`).
+    - The labelled set is padded on the host (`jaxal.padding.pad_rows`) to `jaxal.parallel.bucket(n,
+      capacity)` rows with weight 0, and the solvers run over the real rows only (LiSSA draws among
+      them, with the same draws as on the unpadded set): with `capacity` the run's largest labelled set,
+      the solve compiles once per run whatever the weights and the set's size. Every product over the
+      set is a sum over chunks of `options.hvp_chunk_size` rows (`set_hvp`).
+    - Host checks after the solve: LiSSA's divergence (`LissaDivergenceError`), CG's curvature
+      (ValueError) and tolerance (a warning), worded in the caller's flags (`flags` + field name).
+    Returns `InverseHVP(solution, info)`."""
+    check_solver_options(options, flags)
+    subset = options.params if subset is None else subset
+    selected = select(variables["params"], subset)
+    if not jax.tree.leaves(selected):
+        raise ValueError(f"{flags}params: the parameter subset {subset!r} selects no parameters")
+    scale = options.scale if scale is None else scale
+    scale = jax.tree_util.tree_map_with_path(scale, selected) if callable(scale) else tensor_scales(scale, selected)
+    if options.solver != "lissa" and len(set(float(s) for s in jax.tree.leaves(scale))) > 1:
+        raise ValueError(f"per-tensor scales are LiSSA's: {flags}solver {options.solver} takes one scale "
+                         f"(its shift is damping x scale)")
+    if options.solver == "exact":
+        check_exact_memory(selected, max_bytes=int(options.exact_max_gib * 2**30), block_size=options.exact_block_size,
+                           flag=f"{flags}exact_max_gib")
+    n = parallel.num_examples(data)
+    padded = pad_rows(data, parallel.bucket(n, capacity))
+    if options.solver != "lissa":
+        scale = float(jax.tree.leaves(scale)[0])
+    static = _Settings(example_loss, subset, options.solver, options.depth, options.repeats, options.batch_size,
+                       options.cg_maxiter, options.hvp_chunk_size, options.exact_block_size, precision, mesh,
+                       options.nan_reset)
+    result = _solve(static, *parallel.replicate((variables, padded, n, v, rng), mesh), options.damping,
+                    parallel.replicate(scale, mesh), options.cg_tol, l2)
+    result = result if mesh is None else parallel.local(result)
+    info = {}
+    if options.solver == "lissa":
+        loss, _ = _subset_loss(example_loss, subset, variables)  # for the divergence message only
+        check_lissa(result, weighted_mean_loss(loss), selected, padded, rng=rng, damping=options.damping,
+                    scale=scale, batch_size=options.batch_size, num_examples=n, l2=l2,
+                    chunk_size=options.hvp_chunk_size)
+        norms = np.asarray(result.norms, np.float64)
+        info.update(lissa_final_norm=float(norms[:, -1].mean()), lissa_max_norm=float(norms.max()),
+                    lissa_depth=int(options.depth), lissa_repeats=int(options.repeats))
+        if options.nan_reset:
+            info.update(lissa_nan_resets=int(np.sum(result.nan_resets)))
+        return InverseHVP(result.inverse_hvp, info)
+    if options.solver == "cg":
+        shift = options.damping * scale
+        check_cg(result, shift + l2, stacklevel=3,
+                 shift_remedy=f"raise {flags}damping or {flags}scale (CG's shift is damping x scale = "
+                              f"{options.damping:g} x {scale:g})",
+                 convergence_remedy=cg_flags_remedy(flags, options.cg_maxiter, options.cg_tol))
+        info.update(cg_iterations=int(result.iterations), cg_residual_norm=float(result.residual_norm))
+        return InverseHVP(result.solution, info)
+    return InverseHVP(result, info)

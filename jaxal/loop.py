@@ -255,6 +255,10 @@ def config_differences(saved: dict, config: Config, free_fields=RESUME_FREE_FIEL
     """'field: saved there vs current now, ...' for the fields (up to 5) that differ, other than
     `free_fields`; empty if none does."""
     current = json.loads(config.to_json())  # tuples become lists, as in the saved file
+    # A field added since the run was saved (absent there) holds its default in that run.
+    defaults = json.loads(Config().to_json())
+    saved = {**defaults, **{k: {**defaults[k], **v} if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v
+                            for k, v in saved.items()}}
     differing = sorted(k for k in set(saved) | set(current) if k not in free_fields and saved.get(k) != current.get(k))
     return ", ".join(f"{k}: {saved.get(k)!r} there vs {current.get(k)!r} now" for k in differing[:5])
 

@@ -1,6 +1,7 @@
 """Parameter subsets and pytree vector arithmetic shared by the gradient and influence engines.
 
-A subset is chosen by name:
+A subset is chosen by name, or by a function `params -> mask` (a pytree of bools, True where a tensor
+belongs to the subset: e.g. a detector's three head kernels), of which the names are instances:
   - "all": every parameter (the reference codes of Wang et al. and LPLgrad);
   - "weights": tensors of rank > 1, i.e. no biases and no BatchNorm scales/offsets (ISAL);
   - "last_layer": the classifier layer, the subtree named `head` (see `jaxal.models`).
@@ -20,8 +21,11 @@ PARAM_SUBSETS = ("all", "weights", "last_layer")
 PyTree = Any
 
 
-def subset_mask(params: PyTree, subset: str) -> PyTree:
-    """A pytree of bools, True where a parameter belongs to `subset`."""
+def subset_mask(params: PyTree, subset: str | Callable[[PyTree], PyTree]) -> PyTree:
+    """A pytree of bools, True where a parameter belongs to `subset` (a name, or a function of the
+    parameters returning that mask)."""
+    if callable(subset):
+        return subset(params)
     if subset == "all":
         return jax.tree.map(lambda _: True, params)
     if subset == "weights":
@@ -44,7 +48,7 @@ def combine(selected: PyTree, rest: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: b if a is None else a, selected, rest, is_leaf=lambda x: x is None)
 
 
-def restrict(fn: Callable, params: PyTree, subset: str) -> tuple[Callable, PyTree]:
+def restrict(fn: Callable, params: PyTree, subset: str | Callable[[PyTree], PyTree]) -> tuple[Callable, PyTree]:
     """`(fn_of_subset, selected)` where `fn_of_subset(selected, *args) == fn(params, *args)`:
     the function to differentiate when only a subset of the parameters counts."""
     selected, rest = partition(params, subset_mask(params, subset))

@@ -50,9 +50,12 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_csv(path: Path, records: list[dict]) -> None:
+def write_csv(path: Path, records: list[dict], columns: list[str] | None = None) -> None:
+    """The records as a CSV table, rewritten whole: `columns` (default: the run's, `csv_columns`) in
+    that order, an empty cell where a record lacks one, fields outside them left out."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=csv_columns(records), extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(records) if columns is None else columns,
+                            extrasaction="ignore", restval="")
     writer.writeheader()
     writer.writerows(records)
     write_atomic(path, buffer.getvalue())

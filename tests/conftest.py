@@ -4,7 +4,9 @@ as it would on one host with 8 accelerators. Single-device code simply uses the 
 The `x64` fixture runs a test in float64 (the references' precision: tolerances of ~1e-9); a module
 whose every test needs it says `pytestmark = pytest.mark.usefixtures("x64")`."""
 
+import contextlib
 import gc
+import types
 
 import jax
 import jax.numpy as jnp
@@ -50,3 +52,23 @@ def comparable(records):
 # committee), at test sizes: their defaults are the reference codes' (SRAAL: 20000 iterations a cycle).
 SMALL_VAE = dict(width=4, latent_dim=8, iterations=3, batch_size=16, discriminator_width=16)
 SMALL_STRATEGY_NETWORKS = dict(vaal=SMALL_VAE, sraal=SMALL_VAE, gcn=dict(hidden=16, steps=20), qbc=dict(members=3))
+
+
+@contextlib.contextmanager
+def count_traces(owner, name: str):
+    """`with count_traces(module, "fn") as traces:` ... `traces.count`: the calls of `owner.name` meanwhile.
+    Give it a function that runs only while JAX traces a program (a jitted body, or a function that body
+    calls): every call is then one new compilation and a cache hit adds nothing. The public way to check
+    "compiled once" (JAX's `_cache_size()` is private)."""
+    traces = types.SimpleNamespace(count=0)
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        traces.count += 1
+        return original(*args, **kwargs)
+
+    setattr(owner, name, counted)
+    try:
+        yield traces
+    finally:
+        setattr(owner, name, original)

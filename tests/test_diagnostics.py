@@ -13,8 +13,11 @@ import pytest
 import processes  # tests/processes.py: the multi-process helpers
 from jax.flatten_util import ravel_pytree
 
-from jaxal import diagnostics, gradnorm, parallel
-from jaxal.diagnostics import DiagnosticsOptions
+from conftest import count_traces
+from jaxal import diagnostics, gradnorm, influence, parallel
+from jaxal.diagnostics import BoundOptions
+from jaxal.diagnostics.__main__ import main
+from jaxal.diagnostics import bounds as bounds_lib
 from jaxal.models import MLP, SmallCNN, init_variables
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -90,8 +93,8 @@ def test_exact_target_and_approximations_match_explicit_gradients_and_dense_inve
     with jax.enable_x64(True):
         model = MLP(num_classes=3, hidden=(5,))
         prev, nxt, pool_x, train, test = problem(model, (2, 2, 2), 3, jnp.float64)
-        options = DiagnosticsOptions(solver="exact", params=subset, test_loss=test_loss)
-        bounds = diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, options=options, damping=0.05)
+        options = BoundOptions(solver="exact", params=subset, test_loss=test_loss)
+        bounds = diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, options=options, l2=0.05)
         expected, s_norm = reference_bounds(model, prev, nxt, pool_x, train, test, subset=subset,
                                             test_loss=test_loss, damping=0.05)
         # Approx-1 is checked here against |explicit gradients . dense solve|, independently of Target.
@@ -105,26 +108,29 @@ def test_exact_target_and_approximations_match_explicit_gradients_and_dense_inve
 
 @pytest.mark.parametrize("solver", ["cg", "lissa"])
 def test_iterative_solvers_agree_with_the_exact_solve(solver):
-    """The same damped system (H + mu I) s = v by every solver (LiSSA deterministic: full batch per step)."""
+    """The same damped system (H + mu I) s = v by every solver (LiSSA deterministic: full batch per step),
+    the shift mu = 0.5 given as the weight-decay term l2 or as damping x scale (the one convention)."""
     with jax.enable_x64(True):
         model = MLP(num_classes=3, hidden=(5,))
         prev, nxt, pool_x, train, test = problem(model, (2, 2, 2), 3, jnp.float64)
-        run = lambda **kw: diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, damping=0.5,  # noqa: E731
-                                                    options=DiagnosticsOptions(params="last_layer", **kw))["ent"]
+        run = lambda l2=0.5, **kw: diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, l2=l2,  # noqa: E731
+                                                            options=BoundOptions(params="last_layer", **kw))["ent"]
         exact = run(solver="exact")
-        other = run(solver=solver, lissa_scale=5.0, lissa_depth=400, cg_tol=1e-10)
+        other = run(solver=solver, scale=5.0, depth=400, cg_tol=1e-10)
         np.testing.assert_allclose(other.target, exact.target, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(other.s_norm, exact.s_norm, rtol=1e-6)
+        relative = run(l2=0.0, solver=solver, damping=0.1, scale=5.0, depth=400, cg_tol=1e-10)
+        np.testing.assert_allclose(relative.target, other.target, rtol=1e-9, atol=1e-12)
 
 
 def test_cg_that_stops_early_names_the_diagnostics_flags():
     with jax.enable_x64(True):
         model = MLP(num_classes=3, hidden=(5,))
         prev, nxt, pool_x, train, test = problem(model, (2, 2, 2), 3, jnp.float64)
-        options = DiagnosticsOptions(params="last_layer", solver="cg", cg_maxiter=1, cg_tol=1e-10)
+        options = BoundOptions(params="last_layer", solver="cg", cg_maxiter=1, cg_tol=1e-10)
         with pytest.warns(RuntimeWarning, match=r"cg stopped after 1 iterations .*; raise --diag.cg_maxiter "
                                                 r"\(now 1\) or --diag.cg_tol \(now 1e-10\)"):
-            diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, damping=0.5, options=options)
+            diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, l2=0.5, options=options)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +138,8 @@ def cnn_bounds():
     """float32 bounds of a small CNN, all parameters of rank > 1, H^-1 by CG."""
     model = SmallCNN(num_classes=4, channels=(4, 8), hidden=16)
     prev, nxt, pool_x, train, test = problem(model, (6, 6, 1), 4, jnp.float32, n_pool=40, n_train=12, n_test=10)
-    options = DiagnosticsOptions(solver="cg", params="weights", cg_maxiter=300, cg_tol=1e-5)
-    return diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, options=options, damping=5.0)
+    options = BoundOptions(solver="cg", params="weights", cg_maxiter=300, cg_tol=1e-5)
+    return diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, options=options, l2=5.0)
 
 
 def test_cauchy_schwarz_holds_for_every_sample(cnn_bounds):
@@ -168,8 +174,8 @@ def test_expected_and_entropy_columns_agree():
         model = SmallCNN(num_classes=4, channels=(4, 8), hidden=16)
         prev, nxt, pool_x, train, test = problem(model, (6, 6, 1), 4, jnp.float64, n_pool=20, n_train=12,
                                                  n_test=10)
-        bounds = diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, damping=0.1,
-                                          options=DiagnosticsOptions(solver="exact", params="last_layer"))
+        bounds = diagnostics.cycle_bounds(model, prev, nxt, pool_x, train, test, l2=0.1,
+                                          options=BoundOptions(solver="exact", params="last_layer"))
         exp, ent = bounds["exp"], bounds["ent"]
         for field in FIELDS:
             np.testing.assert_allclose(getattr(exp, field), getattr(ent, field), rtol=1e-9, atol=1e-14,
@@ -180,25 +186,26 @@ def test_expected_and_entropy_columns_agree():
 def test_the_pool_passes_and_the_solve_compile_once_for_a_whole_run():
     """New weights (another cycle), a larger labelled set and another pool size reuse the compiled pool and
     test passes and the solve: the variables are traced arguments, not constants of a program built around
-    a closure, and the labelled set is padded to a fixed size with weights."""
+    a closure, and the labelled set is padded to a fixed size with weights. Traces are counted by the
+    functions the compiled bodies call: the pool pass and Table 1's norms call `per_example_grad_norms`
+    (twice and once), the test gradient `weighted_gradient`, the solve `solve_traced`."""
     model = MLP(num_classes=3, hidden=(5,))
-    options = DiagnosticsOptions(params="last_layer", chunk_size=4)
+    options = BoundOptions(params="last_layer", chunk_size=4)
     prev, nxt, pool_x, train, test = problem(model, (2, 2, 2), 3, jnp.float32, n_pool=7, n_train=9)
-    passes = [parallel._compiled(fn) for fn in (diagnostics._pool_pass, diagnostics._gradient_sum,
-                                                 diagnostics._true_label_norms)] + [diagnostics._solve]
-    before = [fn._cache_size() for fn in passes]  # the cache is shared with the other tests of the session
     smaller = jax.tree.map(lambda a: a[:6], train)
-    diagnostics.cycle_bounds(model, prev, nxt, pool_x, smaller, test, options=options, damping=0.1)
-    diagnostics.true_label_grad_norms(model, nxt, pool_x, jnp.zeros(7, jnp.int32), chunk_size=4)
-    sizes = [fn._cache_size() for fn in passes]
-    assert [b - a for a, b in zip(before, sizes)] == [2, 2, 1, 1]  # one pass per loss (exp, ent), one solve
     newer = init_variables(model, jax.random.key(7), (2, 2, 2))
-    first = diagnostics.cycle_bounds(model, nxt, newer, pool_x[:5], train, test, options=options, damping=0.1)
-    diagnostics.true_label_grad_norms(model, newer, pool_x[:5], jnp.zeros(5, jnp.int32), chunk_size=4)
-    assert [fn._cache_size() for fn in passes] == sizes
+    with count_traces(bounds_lib.gradnorm, "per_example_grad_norms") as norms, \
+            count_traces(influence, "weighted_gradient") as gradient, count_traces(influence, "solve_traced") as solve:
+        diagnostics.cycle_bounds(model, prev, nxt, pool_x, smaller, test, options=options, l2=0.1)
+        diagnostics.true_label_grad_norms(model, nxt, pool_x, jnp.zeros(7, jnp.int32), chunk_size=4)
+        # one pool pass per loss (exp, ent: two norms each), one norm pass, one gradient per loss, one solve
+        assert (norms.count, gradient.count, solve.count) == (2 * 2 + 1, 2, 1)
+        first = diagnostics.cycle_bounds(model, nxt, newer, pool_x[:5], train, test, options=options, l2=0.1)
+        diagnostics.true_label_grad_norms(model, newer, pool_x[:5], jnp.zeros(5, jnp.int32), chunk_size=4)
+        assert (norms.count, gradient.count, solve.count) == (5, 2, 1)
     # ... and the results are those of the new weights, not of weights baked into the first program.
-    again = diagnostics.cycle_bounds(model, nxt, newer, pool_x[:5], train, test, damping=0.1,
-                                     options=DiagnosticsOptions(params="last_layer", chunk_size=5))
+    again = diagnostics.cycle_bounds(model, nxt, newer, pool_x[:5], train, test, l2=0.1,
+                                     options=BoundOptions(params="last_layer", chunk_size=5))
     np.testing.assert_allclose(first["ent"].target, again["ent"].target, rtol=1e-5)
     np.testing.assert_allclose(first["ent"].grad_norm_prev, again["ent"].grad_norm_prev, rtol=1e-5)
 
@@ -241,7 +248,7 @@ def test_command_end_to_end_on_digits(tmp_path, capsys):
     argv = ["--dataset", "digits", "--strategy", "entropy,random", "--cycles", "2", "--epochs", "2",
             "--initial_size", "40", "--budget", "15", "--subset_size", "100", "--progress", "false",
             "--workdir", str(workdir), "--diag.k", "10"]
-    assert diagnostics.main(argv) == 0
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     for title in ("Fig. 3 (entropy)", "Table 1", "Table 2", "Table 3"):
         assert title in printed
@@ -255,7 +262,7 @@ def test_command_end_to_end_on_digits(tmp_path, capsys):
     for r in pairs:
         assert r["ent_cauchy_schwarz_violations"] == 0 and r["num_pool"] == 100
         assert 0 <= r["ent_overlap_target_approx3"] <= 10 and 0 <= r["table1_overlap"] <= 15
-        assert r["solver"] == "exact" and r["params"] == "last_layer" and r["damping"] == 5e-4
+        assert r["solver"] == "exact" and r["params"] == "last_layer" and r["hessian_shift"] == 5e-4
     header = (workdir / "diagnostics.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["strategy", "trial", "cycle", "num_labeled"] and "ent_approx3_mean" in header
     assert (workdir / "diagnostics_fig3.png").read_bytes().startswith(PNG_MAGIC)
@@ -278,15 +285,22 @@ def test_command_end_to_end_on_digits(tmp_path, capsys):
     (["--diag.table1_params", "head"], "--diag.table1_params"),
     (["--diag.k", "0"], "--diag.k"),
     (["--diag.k", "500", "--subset_size", "100"], "--diag.k"),
-    (["--diag.damping", "-1"], "--diag.damping"),
-    (["--diag.damping", "nan"], "--diag.damping"),
-    (["--diag.solver", "lissa", "--diag.damping", "20"], "--diag.lissa_scale"),
+    (["--diag.damping", "-1", "--diag.scale", "10"], "--diag.damping"),
+    (["--diag.damping", "nan", "--diag.scale", "10"], "--diag.damping"),
+    (["--diag.damping", "1", "--diag.scale", "10"], "--diag.damping must be in [0, 1)"),
+    # The old absolute --diag.damping, and the old LiSSA flags: what to use instead, not another system.
+    (["--diag.damping", "0.1"], "the old --diag.damping MU is --diag.hessian_weight_decay false"),
+    (["--diag.lissa_scale", "20"], "--diag.lissa_scale: now --diag.scale"),
+    (["--diag.lissa_depth", "10"], "--diag.lissa_depth: now --diag.depth"),
+    (["--diag.lissa_repeats", "2"], "--diag.lissa_repeats: now --diag.repeats"),
+    (["--diag.lissa_batch_size", "4"], "--diag.lissa_batch_size: now --diag.batch_size"),
     (["--diag.cg_maxiter", "0"], "--diag.cg_maxiter"),
     (["--diag.cg_tol=-1e-3"], "--diag.cg_tol"),
-    (["--diag.lissa_scale", "0"], "--diag.lissa_scale"),
-    (["--diag.lissa_depth", "0"], "--diag.lissa_depth"),
-    (["--diag.lissa_repeats", "0"], "--diag.lissa_repeats"),
-    (["--diag.lissa_batch_size", "0"], "--diag.lissa_batch_size"),
+    (["--diag.scale", "0"], "--diag.scale"),
+    (["--diag.depth", "0"], "--diag.depth"),
+    (["--diag.repeats", "0"], "--diag.repeats"),
+    (["--diag.batch_size", "0"], "--diag.batch_size"),
+    (["--diag.hvp_chunk_size", "0"], "--diag.hvp_chunk_size"),
     (["--diag.chunk_size", "0"], "--diag.chunk_size"),
     (["--diag.seed", "-1"], "--diag.seed"),
     (["--diag.chunk_size", "many"], "--diag.chunk_size"),
@@ -299,10 +313,15 @@ def test_command_end_to_end_on_digits(tmp_path, capsys):
 ])
 def test_command_rejects_bad_options_before_training(tmp_path, capsys, flags, message):
     workdir = tmp_path / "run"
-    assert diagnostics.main([*flags, "--workdir", str(workdir)]) == 2
+    assert main([*flags, "--workdir", str(workdir)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert not workdir.exists()
+
+
+def test_the_earlier_options_type_says_what_replaced_it():
+    with pytest.raises(ImportError, match="DiagnosticsOptions is now BoundOptions.*damping is relative"):
+        from jaxal.diagnostics import DiagnosticsOptions  # noqa: F401
 
 
 def test_command_initialises_several_processes_first(tmp_path, capsys, monkeypatch):
@@ -312,9 +331,9 @@ def test_command_initialises_several_processes_first(tmp_path, capsys, monkeypat
     monkeypatch.setattr(parallel, "initialize_distributed", lambda *a: calls.append(a))
     argv = ["--coordinator", "127.0.0.1:1", "--num_processes", "2", "--process_id", "1", "--diag.k", "0",
             "--workdir", str(tmp_path / "run")]
-    assert diagnostics.main(argv) == 2
+    assert main(argv) == 2
     assert calls == [("127.0.0.1:1", 2, 1)] and "--diag.k" in capsys.readouterr().err
-    assert diagnostics.main(["--diag.k", "0", "--workdir", str(tmp_path / "run")]) == 2
+    assert main(["--diag.k", "0", "--workdir", str(tmp_path / "run")]) == 2
     assert len(calls) == 1  # no flag, no initialisation
 
 

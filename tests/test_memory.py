@@ -42,17 +42,18 @@ def temp_bytes(fn, *args) -> int:
 
 
 def isal_solver(name, solver, subset):
-    """ISAL's solver program (`isal._solve`) as the strategy compiles it, its settings from the config:
-    a function of the (traced) variables, the padded labelled set and its real count."""
+    """ISAL's solver program (`jaxal.influence.inverse_hvp`'s `_solve`) as the strategy compiles it, its
+    settings from the config: a function of the (traced) variables, the padded labelled set and its real
+    count."""
     model, _ = model_and_shapes(name)
     opts = build_config(influence=dict(solver=solver, params=subset, cg_maxiter=3, depth=3)).influence
-    static = isal.SolverSettings(model, CLASSIFICATION, subset, solver, opts.depth, opts.repeats,
+    static = influence._Settings(isal.LabeledLoss(model, CLASSIFICATION), subset, solver, opts.depth, opts.repeats,
                                  opts.batch_size, opts.cg_maxiter, opts.hvp_chunk_size,
-                                 opts.exact_block_size, "highest", None)
+                                 opts.exact_block_size, "highest", None, False)
 
     def program(variables, data, n):
         v = restrict(lambda p: p, variables["params"], subset)[1]
-        return isal._solve_body(static, variables, data, n, v, jax.random.key(0), 0.01, 1e4, 1e-6, 0.0)
+        return influence._solve_body(static, variables, data, n, v, jax.random.key(0), 0.01, 1e4, 1e-6, 0.0)
 
     return program
 

@@ -128,8 +128,8 @@ def test_diagnostics_run_at_highest(dump_ir):
     rng = np.random.default_rng(0)
     x = lambda n: jnp.asarray(rng.normal(size=(n, 2, 3, 1)), jnp.float32)  # noqa: E731
     y = lambda n: jnp.asarray(rng.integers(0, 3, size=n))  # noqa: E731
-    options = diagnostics.DiagnosticsOptions(solver="exact", params="all")
-    diagnostics.cycle_bounds(model, prev, nxt, x(9), (x(8), y(8)), (x(5), y(5)), options=options, damping=0.1)
+    options = diagnostics.BoundOptions(solver="exact", params="all")
+    diagnostics.cycle_bounds(model, prev, nxt, x(9), (x(8), y(8)), (x(5), y(5)), options=options, l2=0.1)
     diagnostics.true_label_grad_norms(model, nxt, x(9), y(9))
     programs = dumped_programs(dump_ir)
     for name in ("_solve_body", "_gradient_sum", "_pool_pass", "_true_label_norms"):

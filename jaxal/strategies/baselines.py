@@ -18,6 +18,7 @@ import numpy as np
 from jaxal import parallel
 from jaxal import precision as precision_lib
 from jaxal.config import max_labeled
+from jaxal.padding import pad_rows
 from jaxal.strategies.base import ALL_TASKS, Scores, Selection, StrategyContext, register_scorer, register_selector
 from jaxal.train import features, predict
 
@@ -128,16 +129,11 @@ def greedy_k_center(pool_features: jax.Array, labeled_features: jax.Array, k: in
     if k > n:
         raise ValueError(f"cannot select {k} samples from a pool of {n}")
     padded = parallel.round_up(parallel.bucket(n, pool_capacity), parallel.mesh_size(mesh))
-    pool, valid = parallel.shard_batch((_pad_rows(pool_features, padded), np.arange(padded) < n), mesh)
+    pool, weights = pad_rows(np.asarray(pool_features), padded)
+    pool, valid = parallel.shard_batch((pool, weights > 0), mesh)
     m = labeled_features.shape[0]
-    centers = _pad_rows(labeled_features, parallel.bucket(m, labeled_capacity))
+    centers, _ = pad_rows(np.asarray(labeled_features), parallel.bucket(m, labeled_capacity))
     return _greedy_k_center(pool, valid, *parallel.replicate((centers, m), mesh), k, mesh, precision)
-
-
-def _pad_rows(x, size: int) -> np.ndarray:
-    """`x` with its rows padded to `size` on the host (zeros: the padding is masked wherever it appears)."""
-    x = np.asarray(x)
-    return np.concatenate([x, np.zeros((size - x.shape[0], *x.shape[1:]), x.dtype)])
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))

@@ -59,16 +59,16 @@ one more jvp pass with s = v; None if either is constant), `solver`, `reference`
 s_test and the solver's own numbers (LiSSA's `lissa_final_norm`, the mean over chains of
 ||h_depth||, and `lissa_max_norm`; CG's iterations and residual). With ISAL's defaults the LiSSA
 fixed point is `(H + 100 I)^-1 v`, near `v / 100` unless H has eigenvalues of order 100, so expect
-`cosine_s_test_v` near 1 and ISAL to rank close to grad_sim (DESIGN.md, point 5).
+`cosine_s_test_v` near 1 and ISAL to rank close to grad_sim (the LiSSA derivation in `jaxal.influence`).
 A diverging LiSSA raises `jaxal.influence.LissaDivergenceError` with a suggested scale.
 
 Compilation
 -----------
 Every program is compiled once per (model, settings, shapes), never because a cycle brings new
-weights: the mean gradient (`_reference_gradient`, under `jaxal.parallel.sum_chunks`), the pool
-scores (`_pool_scores`, under `map_chunks`) and the solver (`_solve`, jitted with its settings
-static) are module-level functions that take the trained variables as TRACED arguments and build
-the loss, its restriction to the parameter subset and the inference-mode BatchNorm inside the
+weights: the mean gradient (`jaxal.influence.reference_gradient`), the pool scores (`_pool_scores`,
+under `map_chunks`) and the solver (`jaxal.influence.inverse_hvp`, the entry point the diagnostics
+share) take the trained variables as TRACED arguments and build the loss (`LabeledLoss`, a hashable
+setting), its restriction to the parameter subset and the inference-mode BatchNorm inside the
 trace. The labelled set, which grows every cycle, enters the solver padded to the largest training
 set of the run (`labeled_bucket`, `jaxal.config.max_labeled`; beyond it, the next power of two) with
 weights 0 on the padding and `weighted_mean_loss`; the solvers run over the real rows only
@@ -95,7 +95,7 @@ from jaxal import influence, parallel
 from jaxal import precision as precision_lib
 from jaxal.config import Config, max_labeled
 from jaxal.models import inference_apply
-from jaxal.pytree import PARAM_SUBSETS, partition, restrict, subset_mask, tree_dot, tree_norm, tree_scale, tree_size
+from jaxal.pytree import partition, restrict, subset_mask, tree_dot, tree_norm, tree_size
 from jaxal.strategies.base import ALL_TASKS, Scores, StrategyContext, register_scorer
 
 REFERENCES = ("val", "initial", "labeled", "test")
@@ -155,23 +155,9 @@ def _check_common(config: Config) -> None:
     if config.task == "segmentation" and opts.top_k_classes != 1:
         raise ValueError("--influence.top_k_classes > 1 (the expected gradient over the top classes) is for "
                          "classification; segmentation uses each pixel's arg-max class (1)")
-    if opts.solver not in influence.SOLVERS:
-        raise ValueError(f"unknown influence solver {opts.solver!r}; choose one of: {', '.join(influence.SOLVERS)}")
-    if opts.params not in PARAM_SUBSETS:
-        raise ValueError(f"unknown influence parameter subset {opts.params!r}; choose one of: "
-                         f"{', '.join(PARAM_SUBSETS)}")
-    for name in ("depth", "repeats", "batch_size", "cg_maxiter", "top_k_classes", "chunk_size", "hvp_chunk_size",
-                 "exact_block_size"):
-        if getattr(opts, name) < 1:
-            raise ValueError(f"--influence.{name} must be at least 1, got {getattr(opts, name)}")
-    if not 0 <= opts.damping < 1:
-        raise ValueError(f"--influence.damping must be in [0, 1), got {opts.damping}")
-    # `not x > 0` also rejects NaN, which every ordered comparison lets through.
-    for name in ("scale", "exact_max_gib"):
-        if not (math.isfinite(getattr(opts, name)) and getattr(opts, name) > 0):
-            raise ValueError(f"--influence.{name} must be a finite number > 0, got {getattr(opts, name)}")
-    if not (math.isfinite(opts.cg_tol) and opts.cg_tol >= 0):
-        raise ValueError(f"--influence.cg_tol must be a finite number >= 0, got {opts.cg_tol}")
+    influence.check_solver_options(opts, "--influence.")
+    if opts.top_k_classes < 1:
+        raise ValueError(f"--influence.top_k_classes must be at least 1, got {opts.top_k_classes}")
     precision_lib.check(config.precision.solvers, "--precision.solvers")
 
 
@@ -229,23 +215,20 @@ def _reference_set(ctx: StrategyContext, reference: str):
 
 
 # ----------------------------------------------------------------------------- compiled once per settings
-# Module-level functions of (static settings, traced variables, data): the loss is built inside the
-# trace, so it closes over tracers, not over the weights of one cycle.
+# The losses are hashable settings of the compiled programs (NamedTuples of the model and the task) and
+# receive the trained variables as traced arguments: a new cycle's weights compile nothing.
 
 
-def _labeled_loss(model, task, subset: str, variables):
-    """(the task's supervised loss of one example `(x, y)` as a function of the subset, the subset's values)."""
-    apply = inference_apply(model, variables.get("batch_stats", {}))
-    return restrict(labeled_example_loss(apply, task), variables["params"], subset)
+class LabeledLoss(NamedTuple):
+    """`example_loss(variables, (x, y))` of `jaxal.influence.inverse_hvp`: the task's supervised loss of one
+    labelled example under the model in inference mode (BatchNorm running averages, no dropout)."""
 
+    model: object
+    task: object
 
-def _reference_gradient(static, variables, chunk):
-    """sum over the chunk's real examples of grad CE(z, y) on the subset (`sum_chunks`)."""
-    model, task, subset, precision = static
-    (examples, weights) = chunk
-    with precision_lib.scope(precision):
-        loss, selected = _labeled_loss(model, task, subset, variables)
-        return influence.weighted_gradient(loss, selected, examples, weights)
+    def __call__(self, variables, example):
+        apply = inference_apply(self.model, variables.get("batch_stats", {}))
+        return labeled_example_loss(apply, self.task)(variables["params"], example)
 
 
 def _pool_scores(static, consts, xs):
@@ -258,53 +241,11 @@ def _pool_scores(static, consts, xs):
         return influence.jvp_scores(loss, selected, s, xs)
 
 
-class SolverSettings(NamedTuple):
-    """The static settings of `_solve` (hashable: one compiled program per value and shapes)."""
-
-    model: object
-    task: object
-    subset: str
-    solver: str
-    depth: int
-    repeats: int
-    batch_size: int
-    maxiter: int
-    chunk_size: int  # rows per Hessian-vector product
-    block_size: int  # exact: basis vectors per assembly pass
-    precision: str
-    mesh: object
-
-
-def _solve_body(static: SolverSettings, variables, data, num_examples, v, rng, damping, scale, tol, l2):
-    """`(H + l2*I + damping*scale*I)^-1 v` on the padded labelled set `data = ((x, y), weights)`: the
-    solver's result (`LissaResult`, `CGResult` or the solution)."""
-    loss, selected = _labeled_loss(static.model, static.task, static.subset, variables)
-    return influence.solve_traced(static.solver, influence.weighted_mean_loss(loss), selected, data, v, rng=rng,
-                                  damping=damping, scale=scale, depth=static.depth, repeats=static.repeats,
-                                  batch_size=static.batch_size, maxiter=static.maxiter, tol=tol, l2=l2,
-                                  chunk_size=static.chunk_size, block_size=static.block_size,
-                                  num_examples=num_examples, mesh=static.mesh, precision=static.precision)
-
-
-_solve = jax.jit(_solve_body, static_argnums=0)
-
-
 def labeled_bucket(n: int, config: Config) -> int:
     """The padded size of a labelled set of n examples: the largest training set of the run
     (`config.max_labeled`), so the solver compiles once per run (beyond it, the next power of two).
     Padding costs only memory: every solver runs over the real rows only (`num_examples`)."""
     return parallel.bucket(n, max_labeled(config))
-
-
-def pad_labeled(xs, ys, size: int):
-    """`((x, y), weights)` padded to `size` rows on the host (repeating the last example, weight 0),
-    so that no program is compiled for the padding of each new size."""
-    xs, ys = np.asarray(xs), np.asarray(ys)
-    n = xs.shape[0]
-    if not 0 < n <= size:
-        raise ValueError(f"cannot pad {n} labelled examples to {size}")
-    idx = np.minimum(np.arange(size), n - 1)
-    return (xs[idx], ys[idx]), (np.arange(size) < n).astype(np.float32)
 
 
 def hessian_l2(config: Config) -> float:
@@ -335,13 +276,13 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
         raise ValueError(f"--influence.top_k_classes ({opts.top_k_classes}) must be below the number of classes "
                          f"({ctx.num_classes}): the expected gradient over all classes is identically zero")
     variables = {"params": ctx.variables["params"], "batch_stats": ctx.variables.get("batch_stats", {})}
-    subset, _ = partition(variables["params"], subset_mask(variables["params"], opts.params))
+    subset = influence.select(variables["params"], opts.params)
     mesh = ctx.mesh
 
     solver_precision = config.precision.solvers
-    total = parallel.sum_chunks(_reference_gradient, (ctx.model, ctx.task, opts.params, solver_precision), variables,
-                                (ref_x, ref_y), chunk_size=opts.chunk_size, mesh=mesh)
-    v = tree_scale(total, 1.0 / parallel.num_examples(ref_y))
+    loss = LabeledLoss(ctx.model, ctx.task)
+    v = influence.reference_gradient(loss, variables, (ref_x, ref_y), subset=opts.params, chunk_size=opts.chunk_size,
+                                     mesh=mesh, precision=solver_precision)
     v_norm = tree_norm(v)
     info = {"solver": opts.solver if hessian else "identity", "reference": reference,
             "reference_size": int(ref_y.shape[0]), "num_params": int(tree_size(subset)),
@@ -355,33 +296,10 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
 
     if opts.solver == "exact":
         check_exact_fits(config, subset)
-    n = int(ctx.labeled_y.shape[0])
-    data = pad_labeled(ctx.labeled_x, ctx.labeled_y, labeled_bucket(n, config))
-    static = SolverSettings(ctx.model, ctx.task, opts.params, opts.solver, opts.depth, opts.repeats,
-                            opts.batch_size, opts.cg_maxiter, opts.hvp_chunk_size, opts.exact_block_size,
-                            solver_precision, mesh)
-    l2 = hessian_l2(config)
-    placed = parallel.replicate((variables, data, n, v, ctx.rng), mesh)
-    result = _solve(static, *placed, opts.damping, opts.scale, opts.cg_tol, l2)
-    result = result if mesh is None else parallel.local(result)
-    if opts.solver == "lissa":
-        norms = np.asarray(result.norms, np.float64)
-        labeled_loss, _ = _labeled_loss(ctx.model, ctx.task, opts.params, ctx.variables)  # for the message only
-        influence.check_lissa(result, influence.weighted_mean_loss(labeled_loss), subset, data, rng=ctx.rng,
-                              damping=opts.damping, scale=opts.scale, batch_size=opts.batch_size, num_examples=n,
-                              l2=l2, chunk_size=opts.hvp_chunk_size)
-        s_test = result.inverse_hvp
-        info.update(lissa_final_norm=_float(norms[:, -1].mean()), lissa_max_norm=_float(norms.max()),
-                    lissa_depth=int(opts.depth), lissa_repeats=int(opts.repeats))
-    elif opts.solver == "cg":
-        influence.check_cg(result, opts.damping * opts.scale, stacklevel=3,
-                           shift_remedy=f"raise --influence.scale (CG's shift is --influence.damping x "
-                                        f"--influence.scale = {opts.damping:g} x {opts.scale:g})",
-                           convergence_remedy=influence.cg_flags_remedy("--influence.", opts.cg_maxiter, opts.cg_tol))
-        s_test = result.solution
-        info.update(cg_iterations=int(result.iterations), cg_residual_norm=_float(result.residual_norm))
-    else:
-        s_test = result
+    s_test, solver_info = influence.inverse_hvp(
+        loss, variables, (ctx.labeled_x, ctx.labeled_y), v, options=opts, rng=ctx.rng, l2=hessian_l2(config),
+        capacity=labeled_bucket(int(ctx.labeled_y.shape[0]), config), mesh=mesh, precision=solver_precision)
+    info.update({k: _float(x) if isinstance(x, float) else x for k, x in solver_info.items()})
     s_norm = tree_norm(s_test)
     scores = parallel.map_chunks(_pool_scores, pool_static, (variables, s_test), ctx.pool_x,
                                  chunk_size=opts.chunk_size, mesh=mesh)
