@@ -352,7 +352,7 @@ class ActiveLearner:
         pool = make_pool(pool_ids, pool_images)
         self._check_images(pool)
         exp = self._experiment(pool, np.full((len(pool.keys),), -1, np.int32), self.classes)
-        lossnet = LossNet(self.config.lossnet.width) if self.strategy.needs_lossnet else None
+        lossnet = LossNet(self.config.lossnet.width) if self.strategy.requires.lossnet else None
         variables = parallel.local(model_variables(self._restore_round_state(exp, lossnet)))
         logits, _ = predict_logits(exp.model, variables, pool.images, self.config.eval_batch_size, mesh=exp.mesh)
         probabilities = np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))
