@@ -22,13 +22,6 @@ from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer, r
 from jaxal.train import features, predict
 
 
-def pool_probabilities(ctx: StrategyContext) -> jax.Array:
-    """(n, *outputs, C) softmax outputs of the whole pool (for per-example outputs; the scores below never
-    hold a pool's dense outputs, see `uncertainty_scores`)."""
-    logits, _ = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
-    return jax.nn.softmax(logits)
-
-
 def entropy_of(probs: jax.Array) -> jax.Array:
     return -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-12)), axis=-1)
 
