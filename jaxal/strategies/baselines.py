@@ -19,7 +19,7 @@ from jaxal import parallel
 from jaxal import precision as precision_lib
 from jaxal.config import max_labeled
 from jaxal.strategies.base import ALL_TASKS, StrategyContext, register_scorer, register_selector
-from jaxal.train import features, predict
+from jaxal.train import features
 
 
 def entropy_of(probs: jax.Array) -> jax.Array:
