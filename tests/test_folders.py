@@ -13,11 +13,9 @@ from PIL import Image
 
 from jaxal import folders
 
-RNG = np.random.default_rng(0)
-SHARED_DATA = Path(
-    os.environ.get("JAXAL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+from conftest import shared_archive  # tests/conftest.py
 
+RNG = np.random.default_rng(0)
 
 # --- writing small datasets ----------------------------------------------------------------------
 
@@ -589,9 +587,7 @@ def timed(function, *args, **kwargs):
 
 @pytest.mark.parametrize("archive", list(SHARED))
 def test_shared_archives(tmp_path, archive, decodes):
-    path = SHARED_DATA / archive
-    if not path.exists():
-        pytest.skip(f"{path} is absent (the shared real datasets; set JAXAL_SHARED_DATA to their folder)")
+    path = shared_archive(archive)
     load = folders.load_classification if SHARED[archive] == "classification" else folders.load_segmentation
     data, first = timed(load, path, cache_dir=tmp_path)
     n_decoded = len(decodes)
