@@ -18,7 +18,9 @@ Sources, chosen by `name`:
     (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D). uint8 arrays are
     pixels in 0..255; other real arrays are kept as float32 values. Labels are class indices in [0, C);
     C = 1 + the largest label of either split.
-Folders and .npz files are normalised by the train split's per-channel mean/std.
+Folders and .npz files are normalised by the train split's per-channel mean/std, and get their model and
+augmentation from one table (`image_defaults`: grey -> cnn, none; RGB -> resnet18 with crop_flip), the
+one `jaxal.ActiveLearner` uses for its pool (`images_dataset`, `with_options`).
 
 Segmentation (`task="segmentation"`): labels are masks (N, H, W), uint8 (int32 only where a label value
 does not fit), one class index per pixel, and `ignore_label` marks void pixels (no loss, no metric).
@@ -173,10 +175,7 @@ def load_dataset(
     """
     if image_size is not None and not (isinstance(image_size, (int, np.integer)) and image_size > 0):
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-    if normalization not in NORMALIZATIONS:  # before any loading, as with_options checks them again after
-        raise ValueError(f"unknown normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
-    if augmentation is not None and augmentation not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    _check_options(normalization, augmentation)  # before anything is loaded
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if ignore_label is not None and not (isinstance(ignore_label, (int, np.integer)) and ignore_label >= 0):
@@ -194,10 +193,7 @@ def with_options(dataset: Dataset, normalization: str = "dataset", augmentation:
     """`dataset` with a named normalization (NORMALIZATIONS: "dataset" keeps its own) and an augmentation
     (None keeps its default), checked: the one place both options are applied, for every source and for
     `jaxal.ActiveLearner`'s pool."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
-    if augmentation is not None and augmentation not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    _check_options(normalization, augmentation)
     if normalization in RGB_NORMALIZATIONS:
         if dataset.image_shape[-1] != 3:
             raise ValueError(f"normalization {normalization!r} is for RGB images; {dataset.name} has "
@@ -208,6 +204,13 @@ def with_options(dataset: Dataset, normalization: str = "dataset", augmentation:
         dataset = dataclasses.replace(dataset, augmentation=augmentation,
                                       crop_padding=crop_padding(augmentation, dataset.image_shape))
     return dataset
+
+
+def _check_options(normalization: str, augmentation: Optional[str]) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+    if augmentation is not None and augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
 
 
 def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
