@@ -1,7 +1,6 @@
 """The per-example gradient engine against a Python loop of `jax.grad` at batch size 1, in float64."""
 
 import functools
-import itertools
 
 import chex
 import flax.linen as nn
