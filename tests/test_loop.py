@@ -160,8 +160,9 @@ def test_records_and_outputs_of_a_run(tmp_path):
     recomputed = {}
 
     def observer(exp, cycle, state, labeled, record, candidates):  # the test accuracy, by NumPy from the logits
-        logits = exp.model.apply(model_variables(state), exp.dataset.x_test, train=False).logits
-        recomputed[record["strategy"], cycle] = float(np.mean(np.argmax(logits, -1) == exp.dataset.y_test))
+        logits = np.asarray(exp.model.apply(model_variables(state), exp.dataset.x_test, train=False).logits)
+        correct = int(np.sum(logits.argmax(-1) == exp.dataset.y_test))
+        recomputed[record["strategy"], cycle] = correct / len(exp.dataset.y_test)
 
     config = build_config(**{**TINY, "strategy": "entropy,coreset", "val_size": 5})
     records = loop.run_experiment(config, workdir=tmp_path / "run", log=quiet, observer=observer)
