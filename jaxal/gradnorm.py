@@ -137,11 +137,6 @@ def _ghost_chunk(static, params, chunk):
     return _ghost_squares_jit(loss_fn, params, chunk, layers, method)
 
 
-def _egl_chunk(static, params, chunk):
-    apply_fn, params_filter = static
-    return _egl_parts(apply_fn, params, chunk, params_filter=params_filter)
-
-
 # --------------------------------------------------------------------------- the vmap(grad) path
 
 
@@ -480,29 +475,3 @@ def layer_engines(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, method: str 
             f = flat[tuple(key.split("/")) + ("kernel",)].shape[-1]
             engines[key] = LayerEngine(t, k, f, uses_gram(t, k, f, method))
     return engines
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "params_filter"))
-def _egl_parts(apply_fn, params, xs, params_filter):
-    """(N, C) posteriors and (N, C, L) squared norms of the L selected tensors' gradients of CE(x, y_c)."""
-    selected, rest = partition(params, _mask(params, params_filter))
-
-    def one(x):
-        logits, vjp_fn = jax.vjp(lambda sel: apply_fn(combine(sel, rest), x[None]).logits[0], selected)
-        p = jax.nn.softmax(logits)
-        # grad_logits CE(x, y_c) = p - e_c: the C backward passes share one forward pass.
-        (grads,) = jax.vmap(vjp_fn)(p[None, :] - jnp.eye(p.shape[0], dtype=p.dtype))
-        return p, _leaf_squares(grads)
-
-    return jax.vmap(one)(xs)
-
-
-def expected_gradient_length(apply_fn: Callable, params: PyTree, xs: jax.Array, *, norm: str = "global",
-                             params_filter: ParamsFilter = "all", chunk_size: int | None = None) -> jax.Array:
-    """(N,) EGL of Settles et al.: `sum_c p_c(x) ||grad_theta CE(x, y_c)||`, with `apply_fn` from
-    `jaxal.models.inference_apply`. Each of the C norms is `||J(x)^T (p - e_c)||`: one forward pass and C
-    vector-Jacobian products per example (memory: chunk x C x |theta|, so choose chunk_size accordingly)."""
-    _check(norm, params_filter)
-    _check_nonempty(params, params_filter)
-    probs, squares = parallel.map_chunks(_egl_chunk, (apply_fn, params_filter), params, xs, chunk_size=chunk_size)
-    return jnp.sum(probs * _reduce(squares, norm), axis=-1)

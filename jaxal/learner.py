@@ -36,7 +36,6 @@ or neither: the distinct labels told before the first round, fixed from then on.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -46,11 +45,11 @@ import jax
 import numpy as np
 
 from jaxal import checkpoint, parallel, results, tasks, workdir as workdir_lock
-from jaxal.config import Config, build_config
-from jaxal.data import PYTORCH_CIFAR, Dataset, Normalization, channel_stats, crop_padding
+from jaxal.config import Config, build_config, with_overrides
+from jaxal.data import Normalization, images_dataset, with_options
 from jaxal.loop import (RESUME_FREE_FIELDS, Experiment, RunError, candidate_pool, check_model_fits,
-                        check_model_outputs, config_differences, model_description, run_round, state_template,
-                        validate_settings)
+                        check_model_outputs, config_differences, model_description, reference_sets, run_round,
+                        state_template, validate_settings)
 from jaxal.models import MODELS, LossNet, adapt, create_model
 from jaxal.strategies import get_strategy
 from jaxal.train import model_variables, predict as predict_logits
@@ -209,11 +208,14 @@ class ActiveLearner:
     """Ask/tell active learning over rounds checkpointed in `workdir` (see the module docstring).
 
     model: a name of `jaxal.models.MODELS` ("cnn", "resnet18", ...), a Flax module of your own (see
-      `jaxal.models` for the contract), or None: "cnn" for images under 32 pixels, else "resnet18".
+      `jaxal.models` for the contract), or None: the model a folder of these images gets in `jaxal.run`
+      (`jaxal.data.image_defaults`: "resnet18" for RGB images of 32 pixels or more, else "cnn"), and
+      with it that default augmentation (config.augmentation: "crop_flip" for RGB, "none" for grey).
     strategy: one strategy name (`jaxal.strategies.STRATEGIES`).
     num_classes / classes: the label set (see the module docstring).
     normalization: None (config.normalization: "dataset" = the channel statistics of the first round's
-      pool, labelled and unlabelled images together; "pytorch_cifar"), or a `jaxal.data.Normalization`.
+      pool, labelled and unlabelled images together; "pytorch_cifar", "pycls_cifar"), or a
+      `jaxal.data.Normalization`.
     config: a whole `Config` (e.g. from the command line); `overrides`: config fields (epochs=10,
       gradnorm=dict(norm="global"), ...) on top of it, or of the "annotation" preset.
     """
@@ -225,7 +227,7 @@ class ActiveLearner:
         if strategy is not None:
             overrides["strategy"] = strategy
         try:
-            config = build_config_from(base, overrides)
+            config = with_overrides(base, overrides)
         except (TypeError, ValueError) as error:
             raise RunError(f"bad config override: {error}") from None
         if len(config.strategies) != 1:
@@ -246,7 +248,7 @@ class ActiveLearner:
         self._normalization = normalization
         if normalization is not None and not isinstance(normalization, Normalization):
             raise RunError("normalization must be None or a jaxal.data.Normalization; name a kind with "
-                           "the config field normalization ('dataset', 'pytorch_cifar')")
+                           "the config field normalization ('dataset', 'pytorch_cifar', 'pycls_cifar')")
         try:
             self.mesh = parallel.make_mesh(config.num_devices)
         except ValueError as error:
@@ -461,9 +463,7 @@ class ActiveLearner:
             candidates=lambda rng: candidate_pool(len(pool.keys), train_rows, val_rows, config.subset_size, rng),
             evaluation=lambda: {"train": (images[train_rows], labels[train_rows]),
                                 **({"val": (images[val_rows], labels[val_rows])} if len(val_rows) else {})},
-            reference_sets=lambda: {"labeled": (images[train_rows], labels[train_rows]),
-                                    "initial": (images[initial_rows], labels[initial_rows]),
-                                    **({"val": (images[val_rows], labels[val_rows])} if len(val_rows) else {})},
+            reference_sets=lambda: reference_sets(config, exp.dataset, train_rows, val_rows, initial_rows),
             trained=trained, on_trained=on_trained)
         rows = result.candidates[result.chosen]
         scores = [None] * k if result.scores is None else [float(s) for s in result.scores]
@@ -517,41 +517,36 @@ class ActiveLearner:
         return sorted(labelled[i] for i in rng.choice(len(labelled), size, replace=False))
 
     def _experiment(self, pool: Pool, labels: np.ndarray, classes: tuple) -> Experiment:
+        """The pool as the train split of a `Dataset` with the defaults of a folder run
+        (`jaxal.data.images_dataset`, `with_options`): the same images get the same model, augmentation
+        and normalisation here as in `jaxal.run`."""
         config = self.config
-        shape = pool.images.shape[1:]
-        model_name = config.model or ("cnn" if min(shape[:2]) < 32 else "resnet18")
+        scale = 1 / 255 if pool.images.dtype == np.uint8 else 1.0
+        try:
+            data = with_options(images_dataset("pool", pool.images, labels, pool.images[:0], labels[:0], len(classes),
+                                               scale, class_names=tuple(str(c) for c in classes)),
+                                config.normalization, config.augmentation)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+        normalization = self._given_normalization()
+        if normalization is not None:
+            data = dataclasses.replace(data, normalization=normalization)
+        model_name = config.model or data.default_model
         config = dataclasses.replace(config, model=model_name)
-        normalization = self._pool_normalization(pool)
-        augmentation = config.augmentation or "none"
-        if augmentation not in tasks.AUGMENTATIONS:
-            raise RunError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(tasks.AUGMENTATIONS)}")
-        empty = pool.images[:0]
-        data = Dataset("pool", pool.images, labels, empty, labels[:0], len(classes), augmentation,
-                       crop_padding(augmentation, shape), model_name, normalization,
-                       tuple(str(c) for c in classes))
         module = self.module if self.module is not None else create_model(model_name, len(classes), config.dropout)
-        model = adapt(module, normalization)
+        model = adapt(module, data.normalization)
         check_model_fits(model, model_name, data)
-        check_model_outputs(model, model_name, config, shape, pool.images.dtype, len(classes))
+        check_model_outputs(model, model_name, config, data.image_shape, pool.images.dtype, len(classes))
         task = tasks.create_task("classification", len(classes))
         self.config = config
         return Experiment(config, data, model, self.workdir, self.mesh, task)
 
-    def _pool_normalization(self, pool: Pool) -> Normalization:
+    def _given_normalization(self) -> Optional[Normalization]:
+        """The workdir's saved normalisation (later rounds keep the first round's), or the one passed in."""
         if self._settings is not None:
             saved = self._settings["normalization"]
             return Normalization(saved["scale"], tuple(saved["mean"]), tuple(saved["std"]))
-        if self._normalization is not None:
-            return self._normalization
-        scale = 1 / 255 if pool.images.dtype == np.uint8 else 1.0
-        if self.config.normalization == "pytorch_cifar":
-            if pool.images.shape[-1] != 3:
-                raise RunError("normalization 'pytorch_cifar' is for RGB images; the pool has "
-                               f"{pool.images.shape[-1]} channel(s)")
-            return Normalization(scale, *PYTORCH_CIFAR)
-        if self.config.normalization != "dataset":
-            raise RunError(f"unknown normalization {self.config.normalization!r}; choose 'dataset' or 'pytorch_cifar'")
-        return Normalization(scale, *channel_stats(pool.images, scale))
+        return self._normalization
 
     # ---- the workdir ------------------------------------------------------------------------------
 
@@ -659,22 +654,3 @@ def _given_classes(num_classes, classes) -> Optional[tuple]:
 
 def _labels_digest(keys: list, indices: np.ndarray, val_keys: list, fingerprint: str) -> str:
     return hashlib.sha256(json.dumps([keys, indices.tolist(), val_keys, fingerprint]).encode()).hexdigest()
-
-
-def build_config_from(base: Config, overrides: dict) -> Config:
-    """`base` with `overrides` (sections as dicts of fields) applied; RunError names an unknown field and
-    the fields spelt like it."""
-    fields = {}
-    for name, value in overrides.items():
-        known = [f.name for f in dataclasses.fields(base)]
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=3)
-            raise RunError(f"unknown config field {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else
-                                                               "; see jaxal.config.Config for the fields"))
-        current = getattr(base, name)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            build_config_from(current, value)  # names an unknown field of the section the same way
-        fields[name] = dataclasses.replace(current, **value) if dataclasses.is_dataclass(current) and isinstance(
-            value, dict) else value
-    return dataclasses.replace(base, **fields)
-

@@ -36,7 +36,9 @@ from jaxal.strategies.base import MODEL_NEEDS
 from jaxal.train import TrainOptions, create_train_state, evaluate, fresh_optimizer, model_variables, train_model
 
 # Fields that may differ between a run and its resumption: they change no result.
-RESUME_FREE_FIELDS = ("progress", "workdir")
+# Keys of config.json a resumed run need not match: output settings, and the dataset's class names
+# (recorded beside the config for people and tools to read; the dataset itself is compared by name).
+RESUME_FREE_FIELDS = ("progress", "workdir", "class_names")
 
 
 class RunError(ValueError):
@@ -247,8 +249,15 @@ def open_workdir(exp: Experiment, overwrite: bool) -> None:
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         workdir_lock.create(exp.workdir)
         if not (exp.workdir / "config.json").exists():
-            results.write_atomic(exp.workdir / "config.json", exp.config.to_json())
+            results.write_atomic(exp.workdir / "config.json", config_json(exp))
     parallel.sync("jaxal-workdir-open")
+
+
+def config_json(exp: Experiment) -> str:
+    """config.json: the resolved config, and the dataset's class names where it names them (folders,
+    tensorflow-datasets; the labels are indices into them)."""
+    names = {"class_names": list(exp.dataset.class_names)} if exp.dataset.class_names else {}
+    return json.dumps({**exp.config.to_dict(), **names}, indent=2, sort_keys=True)
 
 
 def config_differences(saved: dict, config: Config, free_fields=RESUME_FREE_FIELDS) -> str:
@@ -288,8 +297,9 @@ def initial_split(config: Config, trial: int, pool_size: int) -> tuple[np.ndarra
 def reference_sets(config: Config, data: Dataset, labeled, val, initial) -> dict:
     """The labelled sets an influence strategy may use as its reference set R."""
     sets = {"labeled": (data.x_train[labeled], data.y_train[labeled]),
-            "initial": (data.x_train[initial], data.y_train[initial]),
-            "test": (data.x_test, data.y_test)}
+            "initial": (data.x_train[initial], data.y_train[initial])}
+    if len(data.x_test):  # an annotation pool (`jaxal.ActiveLearner`) has no test split
+        sets["test"] = (data.x_test, data.y_test)
     if len(val):
         sets["val"] = (data.x_train[val], data.y_train[val])
     return sets
@@ -435,6 +445,8 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
         evaluation=lambda: {"test": (data.x_test, data.y_test), "train": (images[labeled], labels[labeled])},
         reference_sets=lambda: reference_sets(config, data, labeled, val, initial))
     record = {"strategy": strategy.name, "trial": None, **result.record}
+    if data.class_names:  # what the label indices of the results (e.g. a segmentation's test_iou) mean
+        record["class_names"] = list(data.class_names)
     if not last:
         labeled, selected = add_selection(labeled, result.candidates, result.chosen, config.budget, strategy.name)
         record["selected"] = [int(i) for i in selected]

@@ -137,14 +137,6 @@ def constrain_replicated(tree: PyTree, mesh: Optional[Mesh]) -> PyTree:
     return tree if mesh is None else jax.lax.with_sharding_constraint(tree, replicated(mesh))
 
 
-def pad_and_shard(xs: PyTree, mesh: Optional[Mesh]) -> tuple[PyTree, jax.Array]:
-    """(xs padded to a multiple of the device count and split over `data`, the mask of real rows),
-    for selection loops that run over the whole pool on device: they must never pick a False row."""
-    n = num_examples(xs)
-    size = round_up(n, mesh_size(mesh))
-    return shard_batch((_pad_to(xs, size), np.arange(size) < n), mesh)
-
-
 def select_row(x: jax.Array, j: jax.Array) -> jax.Array:
     """`x[j]` as a masked sum: exact, and on a pool split over devices it is a local reduction plus
     one small all-reduce, where a dynamic index would gather the whole array."""

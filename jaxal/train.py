@@ -362,10 +362,5 @@ def evaluate(model: nn.Module, variables: dict, xs, ys, task, batch_size: int = 
     return task.metrics(confusion)
 
 
-def accuracy(model: nn.Module, variables: dict, xs, ys, batch_size: int = 512, *, mesh=None) -> float:
-    logits, _ = predict(model, variables, xs, batch_size, mesh=mesh)
-    return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(ys)))
-
-
 def model_variables(state: TrainState) -> dict:
     return {"params": state.params["model"], "batch_stats": state.batch_stats}

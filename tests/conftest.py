@@ -4,9 +4,9 @@ as it would on one host with 8 accelerators. Single-device code simply uses the 
 The `x64` fixture runs a test in float64 (the references' precision: tolerances of ~1e-9); a module
 whose every test needs it says `pytestmark = pytest.mark.usefixtures("x64")`."""
 
-import contextlib
 import gc
-import types
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -54,21 +54,61 @@ SMALL_VAE = dict(width=4, latent_dim=8, iterations=3, batch_size=16, discriminat
 SMALL_STRATEGY_NETWORKS = dict(vaal=SMALL_VAE, sraal=SMALL_VAE, gcn=dict(hidden=16, steps=20), qbc=dict(members=3))
 
 
-@contextlib.contextmanager
-def count_traces(owner, name: str):
-    """`with count_traces(module, "fn") as traces:` ... `traces.count`: the calls of `owner.name` meanwhile.
-    Give it a function that runs only while JAX traces a program (a jitted body, or a function that body
-    calls): every call is then one new compilation and a cache hit adds nothing. The public way to check
-    "compiled once" (JAX's `_cache_size()` is private)."""
-    traces = types.SimpleNamespace(count=0)
-    original = getattr(owner, name)
+class count_traces:
+    """Counts how often JAX traces `module.name` while the `with` block runs (each trace is a compilation
+    of a new shape or static argument), with JAX's public API only: the function is replaced by a
+    wrapper that counts its Python calls, which JAX makes once per trace. A plain function (jitted by
+    its caller, e.g. `jaxal.parallel.map_chunks`) is wrapped as it is; a `jax.jit`-decorated one is
+    re-jitted around the counter with `jit_options` (its own static arguments, which the caller
+    repeats). The wrapper is a new function, so JAX's caches start empty for it.
 
-    def counted(*args, **kwargs):
-        traces.count += 1
-        return original(*args, **kwargs)
+        with count_traces(baselines, "_greedy_k_center", static_argnums=(4, 5, 6)) as traces:
+            ...
+        assert traces.count == 1
+    """
 
-    setattr(owner, name, counted)
-    try:
-        yield traces
-    finally:
-        setattr(owner, name, original)
+    def __init__(self, module, name: str, **jit_options):
+        self.module, self.name, self.jit_options, self.count = module, name, jit_options, 0
+
+    def __enter__(self):
+        import functools
+
+        self.original = getattr(self.module, self.name)
+        body = self.original.__wrapped__ if self.jit_options else self.original
+
+        @functools.wraps(body)
+        def counted(*args, **kwargs):
+            self.count += 1
+            return body(*args, **kwargs)
+
+        setattr(self.module, self.name, jax.jit(counted, **self.jit_options) if self.jit_options else counted)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.original)
+        return False
+
+
+SHARED_DATA_ENV = "JAXAL_SHARED_DATA"
+
+
+def shared_data() -> Path:
+    """The folder of the project's shared real datasets: $JAXAL_SHARED_DATA, else `shared/data` beside
+    the checkout (as CI lays it out), the checkout taken as reached (a symlinked path kept) or resolved."""
+    if os.environ.get(SHARED_DATA_ENV):
+        return Path(os.environ[SHARED_DATA_ENV])
+    checkouts = [Path(os.path.abspath(__file__)).parents[1], Path(__file__).resolve().parents[1]]
+    candidates = [root.parent / "shared" / "data" for root in checkouts]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def shared_archive(name: str) -> Path:
+    """The path of a shared archive. Absent: the test skips (a user's machine), unless $JAXAL_SHARED_DATA
+    names the folder (CI's .ci/run does when shared/ is beside the checkout): then it fails, so that the
+    real-data tests cannot silently stop running there."""
+    path = shared_data() / name
+    if path.is_file():
+        return path
+    if os.environ.get(SHARED_DATA_ENV):
+        pytest.fail(f"${SHARED_DATA_ENV} is {os.environ[SHARED_DATA_ENV]!r}, but {path} is not a file")
+    pytest.skip(f"{path} is absent (the shared real datasets; set {SHARED_DATA_ENV} to their folder)")

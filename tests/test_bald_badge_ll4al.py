@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxal import loop, parallel
+from jaxal import loop
 from jaxal.config import build_config
 from jaxal.models import LossNet, ModelOutput, ResNet18, SmallCNN, create_model, init_variables
 from jaxal.strategies import StrategyContext, get_strategy, top_k
 from jaxal.strategies import badge, bald, ll4al
 from jaxal.train import loss_prediction_loss
 
-from conftest import to64  # tests/conftest.py
+from conftest import count_traces, to64  # tests/conftest.py
 
 
 def np_entropy(p):
@@ -79,12 +79,11 @@ def test_bald_is_zero_without_dropout_or_with_identical_passes():
 def test_bald_scores_compile_once_for_every_pool_size():
     model = create_model("mlp", 3, dropout_rate=0.3).clone(hidden=(11,))  # a model no other test compiles
     variables = init_variables(model, jax.random.key(0), (4, 4, 1))
-    compiled = parallel._compiled(bald._bald_fn)  # the pool mapper's program for BALD
-    before = compiled._cache_size()
-    for n in (9, 20):
-        xs = jnp.ones((n, 4, 4, 1))
-        assert bald.bald_scores(model, variables, xs, jax.random.key(0), 4, chunk_size=8).shape == (n,)
-    assert compiled._cache_size() - before == 1
+    with count_traces(bald, "_bald_fn") as traces:  # the pool mapper's program for BALD
+        for n in (9, 20):
+            xs = jnp.ones((n, 4, 4, 1))
+            assert bald.bald_scores(model, variables, xs, jax.random.key(0), 4, chunk_size=8).shape == (n,)
+    assert traces.count == 1
 
 
 def test_bald_registration_and_checks(tmp_path):

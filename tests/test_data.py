@@ -17,6 +17,7 @@ from jaxal.data import load_dataset
 PUBLISHED = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "mnist": ((0.1307,), (0.3081,)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's ImageNet transforms
 }
 
 
@@ -120,7 +121,9 @@ def test_caltech101_images_of_varying_size_are_resized():
     check_arrays(ds, 6, 6, (64, 64, 3), 102)
     assert (ds.augmentation, ds.crop_padding, ds.default_model) == ("crop_flip", 8, "resnet18")
     assert small.image_shape == (16, 16, 3) and small.crop_padding == 2
-    assert ds.normalization.mean == (0.485, 0.456, 0.406) and ds.normalization.std == (0.229, 0.224, 0.225)
+    # The model inputs are those of torchvision's ImageNet normalisation of the resized pixels.
+    mean, std = (np.array(v) for v in PUBLISHED["imagenet"])
+    np.testing.assert_allclose(normalised(ds, ds.x_train), (ds.x_train / 255.0 - mean) / std, rtol=1e-12)
 
 
 def test_resize_keeps_constants_and_is_identity_at_native_size():
@@ -140,7 +143,12 @@ def test_resize_keeps_constants_and_is_identity_at_native_size():
 def test_pytorch_cifar_normalization_and_augmentation_override():
     with mock_tfds(4):
         ds = load_dataset("cifar10", normalization="pytorch_cifar", augmentation="crop")
-    assert ds.normalization.mean == (0.4914, 0.4822, 0.4465) and ds.normalization.std == (0.2023, 0.1994, 0.2010)
+    # The reference codes' transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)) of
+    # ToTensor's x / 255 (kuangliu/pytorch-cifar main.py); test_folders checks the constants against the
+    # real CIFAR-10's statistics.
+    torch_mean, torch_std = np.array([0.4914, 0.4822, 0.4465]), np.array([0.2023, 0.1994, 0.2010])
+    np.testing.assert_allclose(normalised(ds, ds.x_train), (ds.x_train / 255.0 - torch_mean) / torch_std,
+                               rtol=1e-12)
     assert (ds.augmentation, ds.crop_padding) == ("crop", 4)
     with pytest.raises(ValueError, match="'pytorch_cifar' is for RGB images; digits has 1 channel"):
         load_dataset("digits", normalization="pytorch_cifar")

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxal import data as data_module
 from jaxal import folders
 
-RNG = np.random.default_rng(0)
-SHARED_DATA = Path(
-    os.environ.get("JAXAL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+from conftest import shared_archive  # tests/conftest.py
 
+RNG = np.random.default_rng(0)
 
 # --- writing small datasets ----------------------------------------------------------------------
 
@@ -589,9 +588,7 @@ def timed(function, *args, **kwargs):
 
 @pytest.mark.parametrize("archive", list(SHARED))
 def test_shared_archives(tmp_path, archive, decodes):
-    path = SHARED_DATA / archive
-    if not path.exists():
-        pytest.skip(f"{path} is absent (the shared real datasets; set JAXAL_SHARED_DATA to their folder)")
+    path = shared_archive(archive)
     load = folders.load_classification if SHARED[archive] == "classification" else folders.load_segmentation
     data, first = timed(load, path, cache_dir=tmp_path)
     n_decoded = len(decodes)
@@ -618,3 +615,13 @@ def test_shared_archives(tmp_path, archive, decodes):
         # The official set's channel means; the archive's README promises JPEG is within 0.1 of them.
         means = x_train.reshape(-1, 3).mean(axis=0, dtype=np.float64)
         np.testing.assert_allclose(means, [125.307, 122.950, 113.865], atol=0.1)
+        # The named normalisations against these images' own statistics: pycls's constants are CIFAR-10's
+        # means and standard deviations; the kuangliu/pytorch-cifar ones its means, with standard
+        # deviations that are not its own (about 0.2 where the data's are about 0.25).
+        squares = sum(np.square(x_train[i:i + 5000].reshape(-1, 3).astype(np.float64)).sum(0)
+                      for i in range(0, len(x_train), 5000))  # a slice at a time: no 1 GB float copy
+        stds = np.sqrt(squares / (x_train.size // 3) - means**2) / 255
+        np.testing.assert_allclose(data_module.PYCLS_CIFAR[0], means / 255, atol=5e-4)
+        np.testing.assert_allclose(data_module.PYCLS_CIFAR[1], stds, atol=2e-3)
+        np.testing.assert_allclose(data_module.PYTORCH_CIFAR[0], means / 255, atol=5e-4)
+        assert np.all(np.asarray(data_module.PYTORCH_CIFAR[1]) < stds - 0.04)

@@ -1,7 +1,6 @@
 """The per-example gradient engine against a Python loop of `jax.grad` at batch size 1, in float64."""
 
 import functools
-import itertools
 
 import chex
 import flax.linen as nn
@@ -11,8 +10,7 @@ import numpy as np
 import pytest
 
 from jaxal import gradnorm
-from jaxal.gradnorm import (cross_entropy, entropy_loss, example_loss, expected_gradient_length, expected_loss,
-                            per_example_grad_norms)
+from jaxal.gradnorm import cross_entropy, entropy_loss, example_loss, expected_loss, per_example_grad_norms
 from jaxal.models import MLP, ModelOutput, ResNet18, SmallCNN, inference_apply, init_variables
 
 N = 7  # examples; odd, so chunk sizes 2 and 3 leave a padded last chunk
@@ -167,27 +165,12 @@ def test_expected_loss_is_entropy_and_detached_posterior_gives_zero(method):
         assert np.all(np.abs(per_example_grad_norms(detached, params, xs, norm=norm, method=method)) < 1e-12)
 
 
-def test_expected_gradient_length_equals_loop_over_classes():
-    model, params, batch_stats, xs = _setup("resnet")
-    apply_fn = inference_apply(model, batch_stats)
-    probs = jax.nn.softmax(apply_fn(params, xs).logits)
-    class_grads = [_loop_grads("resnet", cross_entropy, np.full(N, c)) for c in range(NUM_CLASSES)]
-    keeps = {"all": lambda path, leaf: True, "last_layer": lambda path, leaf: path[0].key == "head"}
-    for (subset, keep), norm in itertools.product(keeps.items(), gradnorm.NORMS):
-        expected = sum(probs[:, c] * _hand_norms(class_grads[c], norm, keep) for c in range(NUM_CLASSES))
-        for chunk_size in (None, 3):
-            got = expected_gradient_length(apply_fn, params, xs, norm=norm, params_filter=subset,
-                                           chunk_size=chunk_size)
-            np.testing.assert_allclose(got, expected, rtol=RTOL)
-
-
 def test_params_unchanged_after_scoring():
     model, params, batch_stats, xs = _setup("resnet")
     before, stats_before = jax.tree.map(np.array, params), jax.tree.map(np.array, batch_stats)
     apply_fn = inference_apply(model, batch_stats)
     for method in METHODS:
         per_example_grad_norms(example_loss(apply_fn, entropy_loss), params, xs, method=method, chunk_size=3)
-    expected_gradient_length(apply_fn, params, xs, chunk_size=3)
     chex.assert_trees_all_equal(params, before)
     chex.assert_trees_all_equal(batch_stats, stats_before)
 
@@ -232,8 +215,6 @@ def test_clear_errors():
         per_example_grad_norms(loss_fn, params, xs, method="fast")
     with pytest.raises(ValueError, match="example_loss"):
         per_example_grad_norms(lambda p, x: loss_fn(p, x), params, xs, method="ghost")
-    with pytest.raises(ValueError, match="unknown norm"):
-        expected_gradient_length(inference_apply(model, batch_stats), params, xs, norm="max")
 
     class WithLayerNorm(nn.Module):  # and a grouped convolution: two layers the ghost path does not handle
         @nn.compact

@@ -9,7 +9,8 @@ import pytest
 
 import jaxal
 from annotation import digit_pool, snapshot
-from jaxal import loop
+from jaxal import loop, run
+from jaxal.config import build_config
 from jaxal.learner import AnnotationError
 from jaxal.strategies import Strategy
 
@@ -234,3 +235,77 @@ def test_predict_gives_the_last_rounds_model_in_the_order_asked(tmp_path, pool):
     order = np.random.default_rng(1).permutation(len(ids))
     again = learner(tmp_path / "a").predict([ids[i] for i in order], images[order])
     np.testing.assert_allclose(again, probabilities[order], atol=1e-6)
+# ---- the same images, the same defaults, in a folder run and in a learner ---------------------------
+
+
+class Captured(Exception):
+    """Stops an entry point once it has built its experiment: the defaults are chosen by then."""
+
+
+def write_image_folder(root, channels: int, side: int, per_class: int = 4):
+    """A train/<class>/ + test/<class>/ folder of random images; returns the train images in the order a
+    learner's pool gets them (sorted ids) and their ids."""
+    from PIL import Image
+
+    rng = np.random.default_rng(side + channels)
+    ids, images = [], []
+    for split, count in (("train", per_class), ("test", 2)):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 256, (side, side, channels), np.uint8)
+                Image.fromarray(image[..., 0] if channels == 1 else image).save(root / split / name / f"{i}.png")
+                if split == "train":
+                    ids.append(f"{name}/{i}.png")
+                    images.append(image)
+    return ids, np.stack(images)
+
+
+# The defaults table (README, "Your own images"): grey -> cnn, no augmentation; RGB -> resnet18 with random
+# crop and flip (the small CNN below 32 pixels); pycls_cifar and pytorch_cifar accepted for RGB only.
+@pytest.mark.parametrize("channels,side,model,augmentation", [
+    (1, 32, "cnn", "none"), (3, 32, "resnet18", "crop_flip"), (3, 16, "cnn", "crop_flip")])
+def test_a_folder_run_and_a_learner_choose_the_same_defaults(tmp_path, monkeypatch, channels, side, model,
+                                                             augmentation):
+    ids, images = write_image_folder(tmp_path / "images", channels, side)
+    built = {}
+
+    def capture(name):
+        def stop(exp, *args, **kwargs):
+            built[name] = exp
+            raise Captured
+
+        return stop
+
+    for normalization in ("dataset", "pycls_cifar"):
+        monkeypatch.setattr(loop, "run_prepared", capture("run"))
+        monkeypatch.setattr("jaxal.learner.run_round", capture("learner"))
+        flags = ["--dataset", str(tmp_path / "images"), "--normalization", normalization, "--progress", "false",
+                 "--workdir", str(tmp_path / f"run-{normalization}"), "--initial_size", "4", "--val_size", "0",
+                 "--budget", "2", "--cycles", "2"]
+        a = jaxal.ActiveLearner(strategy="random", classes=["cat", "dog"], workdir=tmp_path / f"al-{normalization}",
+                                config=build_config("annotation", normalization=normalization), log=lambda *_: None)
+        a.tell(ids[:2] + ids[-2:], ["cat", "cat", "dog", "dog"])
+        if normalization == "pycls_cifar" and channels != 3:  # refused by both, with the same reason
+            assert run.main(flags) == 2
+            with pytest.raises(loop.RunError, match="'pycls_cifar' is for RGB images"):
+                a.ask(ids, images, k=2)
+            continue
+        with pytest.raises(Captured):
+            run.main(flags)
+        with pytest.raises(Captured):
+            a.ask(ids, images, k=2)
+        run_exp, learner_exp = built["run"], built["learner"]
+        for exp in (run_exp, learner_exp):
+            assert (exp.config.model, exp.dataset.augmentation) == (model, augmentation)
+            assert exp.dataset.crop_padding == (side // 8 if augmentation != "none" else 0)
+        # The pool is the folder's train split: the same channel statistics, or the same named constants.
+        np.testing.assert_allclose(learner_exp.dataset.normalization.mean, run_exp.dataset.normalization.mean,
+                                   rtol=1e-12)
+        np.testing.assert_allclose(learner_exp.dataset.normalization.std, run_exp.dataset.normalization.std,
+                                   rtol=1e-12)
+        pixels = images.reshape(-1, channels) / 255.0
+        expected = ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)) \
+            if normalization == "pycls_cifar" else (pixels.mean(0), pixels.std(0))
+        np.testing.assert_allclose(run_exp.dataset.normalization.mean, expected[0], rtol=1e-6)
+        np.testing.assert_allclose(run_exp.dataset.normalization.std, expected[1], rtol=1e-6)

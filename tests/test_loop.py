@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from jaxal import loop
 from jaxal.config import build_config
 from jaxal.models import ModelOutput
-from jaxal.strategies import StrategyContext, get_strategy
+from jaxal.strategies import STRATEGIES, StrategyContext, get_strategy
 from jaxal.strategies.baselines import greedy_k_center, min_squared_distances
+from jaxal.train import model_variables
 
 from conftest import comparable  # tests/conftest.py
 
@@ -156,14 +157,23 @@ def run(tmp_path, name, **overrides):
 
 
 def test_records_and_outputs_of_a_run(tmp_path):
-    records = run(tmp_path, "run", strategy="entropy,coreset", val_size=5)
+    recomputed = {}
+
+    def observer(exp, cycle, state, labeled, record, candidates):  # the test accuracy, by NumPy from the logits
+        logits = np.asarray(exp.model.apply(model_variables(state), exp.dataset.x_test, train=False).logits)
+        correct = int(np.sum(logits.argmax(-1) == exp.dataset.y_test))
+        recomputed[record["strategy"], cycle] = correct / len(exp.dataset.y_test)
+
+    config = build_config(**{**TINY, "strategy": "entropy,coreset", "val_size": 5})
+    records = loop.run_experiment(config, workdir=tmp_path / "run", log=quiet, observer=observer)
     assert len(records) == 2 * TINY["cycles"]
     for strategy in ("entropy", "coreset"):
         mine = [r for r in records if r["strategy"] == strategy]
         assert [r["num_labeled"] for r in mine] == [30, 40, 50]
         selected = [i for r in mine for i in r["selected"]]
         assert len(selected) == len(set(selected)) == 20
-        assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in mine)
+        for r in mine:
+            assert r["test_accuracy"] == pytest.approx(recomputed[strategy, r["cycle"]], abs=1e-12)
     lines = (tmp_path / "run" / "results.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == records
     assert (tmp_path / "run" / "results.csv").read_text().count("\n") == 1 + len(records)
@@ -215,3 +225,23 @@ def test_diverging_training_stops_with_a_clear_error():
     with pytest.raises(FloatingPointError, match="training diverged: the mean loss of epoch 0 is nan"):
         train_model(state, images, labels, np.arange(8), model=model, lossnet=None, options=TrainOptions(),
                     epochs=2, batch_size=4, lr=float("nan"), lr_milestones=(), lr_gamma=0.1, detach_epoch=0, seed=0)
+
+
+def test_every_strategy_runs_two_cycles_of_the_default_run(tmp_path):
+    """Every registered strategy on the default preset as a user first meets it (`python -m jaxal.run
+    --strategy S`: digits_quick, its own networks at the preset's digits sizes, not shrunk for the test),
+    one epoch per cycle so that the suite can afford it: each picks a new batch of distinct unlabelled
+    samples after cycle 0. experiments/time_default_strategies.py times the whole 6-cycle runs."""
+    names = list(STRATEGIES)
+    config = build_config(strategy=",".join(names), cycles=2, epochs=1, progress=False)
+    records = loop.run_experiment(config, workdir=tmp_path / "run", log=quiet)
+    assert sorted((r["strategy"], r["cycle"]) for r in records) == sorted((s, c) for s in names for c in (0, 1))
+    initial = config.initial_size - config.val_size
+    for r in records:
+        if r["cycle"] == 0:
+            assert len(set(r["selected"])) == config.budget, r["strategy"]
+            assert r["num_labeled"] == config.initial_size
+    # The same initial set for every strategy; what each adds is new to it.
+    first = {r["strategy"]: r for r in records if r["cycle"] == 0}
+    assert all(f["num_scored"] == 1347 - initial - config.val_size for f in first.values()), \
+        {s: f["num_scored"] for s, f in first.items()}

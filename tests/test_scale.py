@@ -18,6 +18,8 @@ from jaxal.models import MLP, ModelOutput, init_variables
 from jaxal.strategies import STRATEGIES, Selection, StrategyContext, get_strategy
 from jaxal.strategies import badge, baselines
 
+from conftest import count_traces  # tests/conftest.py
+
 # ---- precision: the policy in the lowered programs -------------------------------------------------
 
 PRODUCT = re.compile(r"stablehlo\.(dot_general|convolution)\b.*?(?:precision = \[(\w+), (\w+)\]|"
@@ -221,19 +223,18 @@ def test_coreset_badge_and_random_compile_once_across_cycles():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(80, 5)).astype(np.float32)
     config = build_config(initial_size=20, val_size=0, budget=6, cycles=4, eval_batch_size=16)
-    programs = {"coreset": baselines._greedy_k_center, "badge": badge._kmeans_pp_seeding}
-    sizes, chosen = None, {name: [] for name in ("coreset", "badge", "random")}
-    for cycle in range(3):
-        labeled = 20 + 6 * cycle
-        ctx = StrategyContext(model=LogitsAreInputs(), variables={"params": {}},
-                              pool_x=jnp.asarray(features[labeled:]), labeled_x=jnp.asarray(features[:labeled]),
-                              labeled_y=jnp.zeros(labeled, jnp.int32), num_classes=5, config=config,
-                              rng=jax.random.key(cycle))
-        for name in chosen:
-            chosen[name].append(np.asarray(get_strategy(name).select(ctx, 6).chosen))
-        if sizes is None:
-            sizes = {name: fn._cache_size() for name, fn in programs.items()}
-    assert {name: fn._cache_size() for name, fn in programs.items()} == sizes
+    chosen = {name: [] for name in ("coreset", "badge", "random")}
+    with (count_traces(baselines, "_greedy_k_center", static_argnums=(4, 5, 6)) as coreset_traces,
+          count_traces(badge, "_kmeans_pp_seeding", static_argnums=(3, 5, 6)) as badge_traces):
+        for cycle in range(3):
+            labeled = 20 + 6 * cycle
+            ctx = StrategyContext(model=LogitsAreInputs(), variables={"params": {}},
+                                  pool_x=jnp.asarray(features[labeled:]), labeled_x=jnp.asarray(features[:labeled]),
+                                  labeled_y=jnp.zeros(labeled, jnp.int32), num_classes=5, config=config,
+                                  rng=jax.random.key(cycle))
+            for name in chosen:
+                chosen[name].append(np.asarray(get_strategy(name).select(ctx, 6).chosen))
+    assert (coreset_traces.count, badge_traces.count) == (1, 1)
     for name, picks in chosen.items():
         assert all(len(set(p.tolist())) == 6 for p in picks)
         assert not all(np.array_equal(picks[0], p) for p in picks[1:]), name

@@ -7,7 +7,6 @@ and end-to-end runs of the loop on a synthetic SegNet folder (and on the shared 
 import functools
 import itertools
 import json
-import os
 from pathlib import Path
 
 import flax.linen as nn
@@ -24,13 +23,14 @@ from jaxal.strategies import StrategyContext, get_strategy
 from jaxal.strategies import bald, isal
 from jaxal.train import evaluate
 
+from conftest import shared_archive  # tests/conftest.py
+
 C, VOID = 4, 255
 TASK = tasks.Segmentation(C, VOID)
 # A stem, a plain convolution, a strided residual level, a dilated one and a dilated plain convolution: output
 # stride 2, so an 8x8 image has a 4x4 feature map (its pixels differ).
 TINY_LAYERS = (1, 1, 1, 0, 1, 0, 1, 0)
 TINY_CHANNELS = (3, 4, 4, 6, 6, 6, 6, 6)
-SHARED = Path(os.environ.get("JAXAL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def np_log_softmax(z):
@@ -417,16 +417,19 @@ def test_segmentation_settings_that_cannot_run_are_refused(tmp_path, tiny_model)
     assert not (tmp_path / "diag").exists()
 
 
-@pytest.mark.skipif(not (SHARED / "camvid-segnet-180x240.tar.gz").exists(), reason="shared CamVid absent")
 def test_shared_camvid_runs(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setenv("JAXAL_SHARED_DATA", str(SHARED))
+    """The named dataset "camvid" (the shared archive) through a whole run, resized to 48x48 so that the
+    suite can afford two cycles (test_folders checks the archive's native 180x240 arrays)."""
+    monkeypatch.setenv("JAXAL_SHARED_DATA", str(shared_archive("camvid-segnet-180x240.tar.gz").parent))
+    monkeypatch.setenv("JAXAL_CACHE_DIR", str(tmp_path / "cache"))
     config = segmentation_config("camvid", strategy="ent_gn", subset_size=8, crop_size=32, epochs=1,
-                                 eval_batch_size=32, num_devices=1)
+                                 eval_batch_size=32, num_devices=1, image_size=48)
     exp = loop.prepare(config, tmp_path / "run")
-    assert (exp.dataset.x_train.shape, exp.dataset.x_test.shape) == ((367, 180, 240, 3), (233, 180, 240, 3))
+    assert (exp.dataset.x_train.shape, exp.dataset.x_test.shape) == ((367, 48, 48, 3), (233, 48, 48, 3))
     assert (exp.task.num_classes, exp.task.ignore_label) == (11, 11) and exp.dataset.class_names[0] == "sky"
     records = loop.run_prepared(exp, log=lambda *_: None)
     assert len(records) == 2 and len(records[0]["selected"]) == 4 and len(records[0]["test_iou"]) == 11
+    assert records[0]["class_names"][:2] == ["sky", "building"]  # what the 11 IoUs are of
 
 
 def test_cityscapes_from_tfds_maps_label_ids_and_keeps_pixels(tmp_path):

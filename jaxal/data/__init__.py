@@ -18,7 +18,9 @@ Sources, chosen by `name`:
     (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D). uint8 arrays are
     pixels in 0..255; other real arrays are kept as float32 values. Labels are class indices in [0, C),
     each with a training example (a test label unseen in training is an error), C >= 2.
-Folders and .npz files are normalised by the train split's per-channel mean/std.
+Folders and .npz files are normalised by the train split's per-channel mean/std, and get their model and
+augmentation from one table (`image_defaults`: grey -> cnn, none; RGB -> resnet18 with crop_flip), the
+one `jaxal.ActiveLearner` uses for its pool (`images_dataset`, `with_options`).
 
 Segmentation (`task="segmentation"`): labels are masks (N, H, W), uint8 (int32 only where a label value
 does not fit), one class index per pixel, and `ignore_label` marks void pixels (no loss, no metric).
@@ -173,10 +175,7 @@ def load_dataset(
     """
     if image_size is not None and not (isinstance(image_size, (int, np.integer)) and image_size > 0):
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
-    if augmentation is not None and augmentation not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    _check_options(normalization, augmentation)  # before anything is loaded
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
     if ignore_label is not None and not (isinstance(ignore_label, (int, np.integer)) and ignore_label >= 0):
@@ -187,9 +186,17 @@ def load_dataset(
         raise ValueError("ignore_label (--ignore_label) is for segmentation masks; pass --task segmentation")
     else:
         dataset = _load_source(name, data_dir, image_size, download, cache_dir)
+    return with_options(dataset, normalization, augmentation)
+
+
+def with_options(dataset: Dataset, normalization: str = "dataset", augmentation: Optional[str] = None) -> Dataset:
+    """`dataset` with a named normalization (NORMALIZATIONS: "dataset" keeps its own) and an augmentation
+    (None keeps its default), checked: the one place both options are applied, for every source and for
+    `jaxal.ActiveLearner`'s pool."""
+    _check_options(normalization, augmentation)
     if normalization in RGB_NORMALIZATIONS:
         if dataset.image_shape[-1] != 3:
-            raise ValueError(f"normalization {normalization!r} is for RGB images; {name} has "
+            raise ValueError(f"normalization {normalization!r} is for RGB images; {dataset.name} has "
                              f"{dataset.image_shape[-1]} channel(s)")
         constants = RGB_NORMALIZATIONS[normalization]
         dataset = dataclasses.replace(dataset, normalization=Normalization(dataset.normalization.scale, *constants))
@@ -199,10 +206,17 @@ def load_dataset(
     return dataset
 
 
+def _check_options(normalization: str, augmentation: Optional[str]) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
+    if augmentation is not None and augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+
+
 def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
     if name == "digits":
         x_train, y_train, x_test, y_test = _load_digits()
-        return _from_arrays(name, x_train, y_train, x_test, y_test, 10, 1 / 16, "none", "cnn", image_size)
+        return images_dataset(name, x_train, y_train, x_test, y_test, 10, 1 / 16, image_size)
     if name in _TFDS:
         return _load_tfds(name, data_dir, image_size, download)
     from jaxal import folders
@@ -212,9 +226,8 @@ def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
     if name.endswith(".npz") or os.path.exists(name):
         x_train, y_train, x_test, y_test = _check_arrays(_read_npz(name))
         num_classes = _check_class_indices(y_train, y_test, name)
-        model = "mlp" if x_train.shape[1:3] == (1, 1) else "cnn"
         scale = 1 / 255 if x_train.dtype == np.uint8 else 1.0
-        return _from_arrays(name, x_train, y_train, x_test, y_test, num_classes, scale, "none", model, image_size)
+        return images_dataset(name, x_train, y_train, x_test, y_test, num_classes, scale, image_size)
     raise ValueError(
         f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}, a folder (or .tar/.tar.gz) "
         f"with train/<class>/ and test/<class>/ images, or a path to an .npz file with {', '.join(NPZ_KEYS)}"
@@ -241,10 +254,26 @@ def _check_class_indices(y_train: np.ndarray, y_test: np.ndarray, name: str) -> 
     return num_classes
 
 
-def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes, scale, augmentation, model,
-                 image_size=None, class_names=()) -> Dataset:
-    """A dataset normalised by its train split's channel statistics."""
+def image_defaults(image_shape) -> tuple[str, str]:
+    """(model, augmentation) of images that come without a recipe (a folder, an .npz, digits, the pool of
+    `jaxal.ActiveLearner`): natural RGB images get the CIFAR treatment (ResNet-18, random crop and flip;
+    the small CNN below 32 pixels, where ResNet-18's stages leave little), grey (MNIST-like) and other
+    images the small CNN without augmentation, feature vectors (N, 1, 1, D) the MLP."""
+    height, width, channels = image_shape
+    if (height, width) == (1, 1):
+        return "mlp", "none"
+    if channels == 3:
+        return ("resnet18" if min(height, width) >= 32 else "cnn"), "crop_flip"
+    return "cnn", "none"
+
+
+def images_dataset(name, x_train, y_train, x_test, y_test, num_classes, scale, image_size=None,
+                   class_names=()) -> Dataset:
+    """Images and labels as a `Dataset` with `image_defaults`, normalised by the train split's channel
+    statistics (stored values times `scale`); `image_size` resizes them first. `with_options` then
+    applies a run's --normalization and --augmentation."""
     x_train, x_test = _maybe_resize(x_train, image_size), _maybe_resize(x_test, image_size)
+    model, augmentation = image_defaults(x_train.shape[1:])
     mean, std = channel_stats(x_train, scale)
     return Dataset(name, x_train, y_train, x_test, y_test, num_classes, augmentation,
                    crop_padding(augmentation, x_train.shape[1:]), model, Normalization(scale, mean, std),
@@ -492,12 +521,8 @@ def _load_folder(path: str, image_size: int | None, cache_dir: str | None) -> Da
             raise ValueError(f"{error} (images with masks in SegNet's layout, train/ + trainannot/: pass "
                              "--task segmentation)") from None
         raise
-    rgb = data.x_train.shape[-1] == 3
-    # Natural RGB images get the CIFAR treatment (crop + flip, ResNet-18); grey ones (MNIST-like) none.
-    augmentation = "crop_flip" if rgb else "none"
-    model = "resnet18" if rgb and min(data.x_train.shape[1:3]) >= 32 else "cnn"
-    return _from_arrays(path, data.x_train, data.y_train, data.x_test, data.y_test, len(data.class_names),
-                        1 / 255, augmentation, model, class_names=data.class_names)
+    return images_dataset(path, data.x_train, data.y_train, data.x_test, data.y_test, len(data.class_names),
+                          1 / 255, class_names=data.class_names)
 
 
 # --- user .npz files ------------------------------------------------------------------------------

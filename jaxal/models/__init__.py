@@ -213,7 +213,8 @@ class DRNSegmenter(nn.Module):
     `ModelOutput`: logits (N, H, W, C); features = the last feature map averaged over its pixels (N, d),
     what coreset embeds; blocks = the outputs of levels 3 to 8 (for a loss-prediction module).
 
-    Sizes (`MODELS`): "drn_d_22" is DRN-D-22 as published (channels 16..512, 16.4M parameters, Cityscapes on
+    Sizes (`MODELS`): "drn_d_22" is DRN-D-22 as published (channels 16..512; 15.89M parameters with
+    Cityscapes' 19 classes, the published 16.4M being those of its 1000-class ImageNet head; Cityscapes on
     a GPU); "drn_d_22_cpu" has the same depth at a quarter of the width (channels 4..128, 1/16 of the
     parameters and multiply-adds), the size for CamVid at 180x240 on a CPU.
     """

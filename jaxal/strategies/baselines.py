@@ -20,14 +20,7 @@ from jaxal import precision as precision_lib
 from jaxal.config import max_labeled
 from jaxal.padding import pad_rows
 from jaxal.strategies.base import ALL_TASKS, Scores, Selection, StrategyContext, register_scorer, register_selector
-from jaxal.train import features, predict
-
-
-def pool_probabilities(ctx: StrategyContext) -> jax.Array:
-    """(n, *outputs, C) softmax outputs of the whole pool (for per-example outputs; the scores below never
-    hold a pool's dense outputs, see `uncertainty_scores`)."""
-    logits, _ = predict(ctx.model, ctx.variables, ctx.pool_x, ctx.config.eval_batch_size, mesh=ctx.mesh)
-    return jax.nn.softmax(logits)
+from jaxal.train import features
 
 
 def entropy_of(probs: jax.Array) -> jax.Array:
