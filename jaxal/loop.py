@@ -117,6 +117,12 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
         raise RunError(f"the budget is larger than the pool: initial_size + budget * (cycles - 1) = "
                        f"{config.initial_size} + {config.budget} * {config.cycles - 1} = {needed} samples, "
                        f"but {dataset.name} has {pool}; lower --budget or --cycles")
+    if dataset.x_train.ndim == 5:  # volumes
+        from jaxal.strategies.vaal import IMAGE_ONLY, VOLUME_REFUSAL
+
+        refused = [name for name in config.strategies if name in IMAGE_ONLY]
+        if refused:
+            raise RunError(f"{', '.join(refused)} cannot run on the volumes of {dataset.name}: {VOLUME_REFUSAL}")
     task_name = getattr(task, "name", "classification")
     if config.crop_size is not None and (task_name != "segmentation" or not
                                          1 <= config.crop_size <= min(dataset.image_shape[:2])):

@@ -15,7 +15,11 @@ Sources, chosen by `name`:
   - a folder, or a .tar/.tar.gz of one, with `train/<class>/` and `test/<class>/` image files
     (`jaxal.folders`): decoded once into a uint8 cache, class names kept.
   - a path to an `.npz` file with arrays x_train, y_train, x_test, y_test: images (N, H, W, C) or
-    (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D). uint8 arrays are
+    (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D); 5-D arrays are volumes
+    (N, D, H, W, C) (`jaxal.data.volumes`).
+  - volumes (cryo-ET subtomograms, `jaxal.data.volumes`): a folder of MRC files in train/<class>/ and
+    test/<class>/, or a CSV of path,label rows naming MRC files; "subtomograms_simulated" (simulated,
+    `jaxal.data.subtomograms`). uint8 arrays are
     pixels in 0..255; other real arrays are kept as float32 values. Labels are class indices in [0, C);
     C = 1 + the largest label of either split.
 Folders and .npz files are normalised by the train split's per-channel mean/std.
@@ -65,7 +69,7 @@ DATASETS: tuple[str, ...] = (
     "fashion_mnist",
 )
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-AUGMENTATIONS = ("none", "crop", "crop_flip")
+AUGMENTATIONS = ("none", "crop", "crop_flip", "flip")
 TASKS = ("classification", "segmentation")  # the label layouts: one class per example, or per pixel
 SHARED_DATA_ENV = "JAXAL_SHARED_DATA"
 # Segmentation datasets known by name, as archives in the folder $JAXAL_SHARED_DATA: (file, ignore label,
@@ -206,11 +210,17 @@ def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
     if name in _TFDS:
         return _load_tfds(name, data_dir, image_size, download)
     from jaxal import folders
+    from jaxal.data import volumes
 
+    if volumes.is_volume_source(name):  # MRC class folders or a path,label CSV of MRC files
+        return _no_resize(volumes.load_volumes(name, cache_dir=cache_dir), image_size)
     if folders.is_image_source(name):
         return _load_folder(name, image_size, cache_dir)
     if name.endswith(".npz") or os.path.exists(name):
-        x_train, y_train, x_test, y_test = _check_arrays(_read_npz(name))
+        arrays = _read_npz(name)
+        if arrays["x_train"].ndim == 5:  # volumes (N, D, H, W, C)
+            return _no_resize(volumes.volumes_from_npz(name, arrays), image_size)
+        x_train, y_train, x_test, y_test = _check_arrays(arrays)
         num_classes = int(max(y_train.max(), y_test.max())) + 1
         model = "mlp" if x_train.shape[1:3] == (1, 1) else "cnn"
         scale = 1 / 255 if x_train.dtype == np.uint8 else 1.0
@@ -233,19 +243,27 @@ def _from_arrays(name, x_train, y_train, x_test, y_test, num_classes, scale, aug
 
 def crop_padding(augmentation: str, image_shape) -> int:
     """Pixels of padding for the random crop: 4 at 32x32 (the reference codes), scaled with the size."""
-    return 0 if augmentation == "none" else max(1, image_shape[0] // 8)
+    return 0 if augmentation in ("none", "flip") else max(1, image_shape[0] // 8)
+
+
+def _no_resize(dataset: Dataset, image_size) -> Dataset:
+    if image_size is not None and dataset.x_train.ndim == 5:
+        raise ValueError(f"--image_size resizes 2-D images; {dataset.name} holds volumes of "
+                         f"{'x'.join(map(str, dataset.image_shape[:3]))} voxels (resample them before)")
+    return dataset
 
 
 def channel_stats(x: np.ndarray, scale: float = 1.0) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of NHWC images times `scale`, accumulated in float64 a slice at a time
-    (no float copy of the whole set); a constant channel gets std 1, not a division by 0."""
+    """Per-channel mean and std of NHWC images (or NDHWC volumes) times `scale`, accumulated in float64 a
+    slice at a time (no float copy of the whole set); a constant channel gets std 1, not a division by 0."""
     total = np.zeros(x.shape[-1])
     squares = np.zeros(x.shape[-1])
+    axes = tuple(range(x.ndim - 1))
     for start in range(0, len(x), 4096):
         part = x[start:start + 4096].astype(np.float64) * scale
-        total += part.sum(axis=(0, 1, 2))
-        squares += np.square(part).sum(axis=(0, 1, 2))
-    count = x.shape[0] * x.shape[1] * x.shape[2]
+        total += part.sum(axis=axes)
+        squares += np.square(part).sum(axis=axes)
+    count = int(np.prod(x.shape[:-1]))
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     std = np.where(std > 1e-12, std, 1.0)
