@@ -212,6 +212,10 @@ def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
     from jaxal import folders
     from jaxal.data import volumes
 
+    if name.partition(":")[0] == "subtomograms_simulated":
+        from jaxal.data import subtomograms
+
+        return _no_resize(subtomograms.load_simulated(name), image_size)
     if volumes.is_volume_source(name):  # MRC class folders or a path,label CSV of MRC files
         return _no_resize(volumes.load_volumes(name, cache_dir=cache_dir), image_size)
     if folders.is_image_source(name):
