@@ -151,12 +151,13 @@ def make_pool(pool_ids, pool_images) -> Pool:
     images = np.asarray(pool_images)
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or 0 in images.shape:
-        raise AnnotationError(f"pool images must be an array (N, H, W, C) or (N, H, W); got shape {images.shape}")
+    if images.ndim not in (4, 5) or 0 in images.shape or (images.ndim == 5 and images.dtype.kind != "f"):
+        raise AnnotationError(f"pool images must be an array (N, H, W, C) or (N, H, W), or real-valued volumes "
+                              f"(N, D, H, W, C); got shape {images.shape} {images.dtype}")
     if images.dtype != np.uint8:
         if images.dtype.kind != "f":
             raise AnnotationError(f"pool images must be uint8 pixels or floats; got {images.dtype}")
-        images = images.astype(np.float32, copy=False)
+        images = images if images.dtype == np.float16 else images.astype(np.float32, copy=False)
         if not np.all(np.isfinite(images)):
             raise AnnotationError("pool images contain non-finite values")
     pool_ids = list(pool_ids)
@@ -461,7 +462,8 @@ class ActiveLearner:
     def _experiment(self, pool: Pool, labels: np.ndarray, classes: tuple) -> Experiment:
         config = self.config
         shape = pool.images.shape[1:]
-        model_name = config.model or ("cnn" if min(shape[:2]) < 32 else "resnet18")
+        volumes = len(shape) == 4  # (D, H, W, C): AITom's 3-D CNN (jaxal.models.volumes)
+        model_name = config.model or ("dsrf3d" if volumes else "cnn" if min(shape[:2]) < 32 else "resnet18")
         config = dataclasses.replace(config, model=model_name)
         normalization = self._pool_normalization(pool)
         augmentation = config.augmentation or "none"

@@ -164,3 +164,28 @@ def test_central_slices_show_xy_xz_yz():
     np.testing.assert_array_equal(sheet[:5, :6], 1.0)  # xy: H x W = 5 x 6
     np.testing.assert_array_equal(sheet[:4, 7:13], np.repeat((np.arange(4) == 2)[:, None], 6, 1))  # xz: D x W
     np.testing.assert_array_equal(sheet[:4, 14:19], np.repeat((np.arange(4) == 2)[:, None], 5, 1))  # yz: D x H
+
+
+def test_query_on_an_mrc_pool_with_a_csv_proposes_volumes_with_slice_contact_sheets(tmp_path):
+    from PIL import Image
+
+    from jaxal import query
+
+    pool = tmp_path / "picks"
+    (pool / "tomo1").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    names = [f"tomo1/p{i:02d}.mrc" for i in range(12)]
+    for i, name in enumerate(names):
+        write_mrc(pool / name, rng.normal(size=(8, 8, 8)).astype(np.float32) + (i % 2), 2, "<>"[i % 2])
+    (tmp_path / "labels.csv").write_text("path,label\n" + "".join(f"{n},{'ab'[i % 2]}\n" for i, n in
+                                                                  enumerate(names[:6])))
+    workdir = tmp_path / "al"
+    assert query.main(["--pool", str(pool), "--labels", str(tmp_path / "labels.csv"), "--strategy", "entropy",
+                       "--budget", "3", "--workdir", str(workdir), "--model", "dsrf3d_half", "--epochs", "1",
+                       "--batch_size", "4", "--progress", "false"]) == 0
+    rows = (workdir / "round_000" / "to_label.csv").read_text().splitlines()
+    proposed = [row.split(",")[0] for row in rows[1:]]
+    assert len(proposed) == 3 and set(proposed) <= set(names[6:])
+    sheet = Image.open(workdir / "round_000" / "contact_sheet.png")
+    # 3 tiles of the central xy|xz|yz slices (8 x 26 pixels, zoomed 3x) with their captions under them.
+    assert sheet.size == (3 * (26 * 3 + 4) + 4, 8 * 3 + 12 + 4 + 4 + 4)
