@@ -31,7 +31,6 @@ from jaxal.config import build_config
 from jaxal.data import load_dataset
 from jaxal.models import adapt, create_model, init_variables
 from jaxal.strategies import StrategyContext, get_strategy
-from jaxal.strategies.gradient import _query_norms
 from bench_segmentation import chunk_temp_mib
 from timing import num_cores, time_runs
 

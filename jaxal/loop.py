@@ -146,7 +146,7 @@ def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
     output = jax.eval_shape(forward, jax.random.key(0))
     if any(0 in leaf.shape for leaf in jax.tree.leaves(output)):
         raise RunError(f"model {model_name} needs larger images than {dataset.name}'s "
-                       f"{'x'.join(map(str, dataset.image_shape[:2]))}: its pooling stages reduce them to nothing; "
+                       f"{'x'.join(map(str, dataset.image_shape[:-1]))}: its pooling stages reduce them to nothing; "
                        "choose a smaller model (--model cnn or mlp) or a dataset with larger images")
 
 

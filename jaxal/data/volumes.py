@@ -5,8 +5,8 @@ Sources (`load_volumes`, dispatched from `jaxal.data.load_dataset`):
   - a CSV of `path,label` rows (a header `path,label` optional; paths relative to the CSV's folder or
     absolute), the way cryo-ET picks usually come: a fixed stratified 20% (seed 0) is held out as the test
     split, the rest is the pool; a third column `split` (train/test) chooses instead when present;
-  - an `.npz` with x_train, y_train, x_test, y_test where the x arrays are 5-D (N, D, H, W, C), stored as
-    float32 (float16 kept); they are taken as they are (normalise them yourself, or not).
+  - an `.npz` with x_train, y_train, x_test, y_test where the x arrays are 5-D (N, D, H, W, C) of reals
+    (each channel of each volume normalised as below).
 
 MRC files are read with `mrcfile` (memory-mapped, so a large tomogram is not read whole): modes 0 (int8),
 1 (int16), 2 (float32), 6 (uint16) and 12 (float16), either byte order (from the header's machine stamp),
@@ -58,15 +58,13 @@ def read_mrc(path, *, mmap: bool = True) -> tuple[np.ndarray, tuple[float, float
 
     path = os.fspath(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # mrcfile warns (and goes on) about malformed headers
-            opener = mrcfile.mmap if mmap else mrcfile.open
-            with opener(path, mode="r", permissive=False) as mrc:
-                data = np.asarray(mrc.data)
-                voxel = mrc.voxel_size
-                voxel_size = (float(voxel.z), float(voxel.y), float(voxel.x))
-                data = data.astype(data.dtype.newbyteorder("="), copy=True)
-    except (ValueError, OSError, RuntimeWarning, UserWarning, EOFError) as error:
+        opener = mrcfile.mmap if mmap else mrcfile.open
+        with opener(path, mode="r", permissive=False) as mrc:  # not permissive: a bad header is an error
+            data = np.asarray(mrc.data)
+            voxel = mrc.voxel_size
+            voxel_size = (float(voxel.z), float(voxel.y), float(voxel.x))
+            data = data.astype(data.dtype.newbyteorder("="), copy=True)
+    except (ValueError, OSError, EOFError) as error:
         raise ValueError(f"{path} is not a readable MRC file ({type(error).__name__}: {error})") from None
     if data.ndim != 3 or min(data.shape) < 1:
         raise ValueError(f"{path} holds an MRC array of shape {data.shape}; a volume needs 3 axes (z, y, x)")
@@ -85,10 +83,10 @@ def _memory_budget() -> int:
     return int(float(text)) if text else DEFAULT_MEMORY
 
 
-def _allocate(n: int, shape: tuple[int, ...], cache_dir=None) -> np.ndarray:
-    """(n, *shape, 1): float32 in memory, float16 in memory, or a float16 memory-mapped .npy file,
+def _allocate(n: int, shape: tuple[int, ...], cache_dir=None, channels: int = 1) -> np.ndarray:
+    """(n, *shape, channels): float32 in memory, float16 in memory, or a float16 memory-mapped .npy file,
     the first that fits the memory budget."""
-    full = (n, *shape, 1)
+    full = (n, *shape, channels)
     budget = _memory_budget()
     count = int(np.prod(full))
     if count * 4 <= budget:
@@ -274,11 +272,13 @@ def volumes_from_npz(name: str, arrays: dict):
             raise ValueError(f"{name}: {key} must hold real numbers, got dtype {x.dtype}")
         if x.ndim != 5 or 0 in x.shape:
             raise ValueError(f"{name}: {key} must be volumes (N, D, H, W, C) like x_train, got {x.shape}")
-        dtype = np.float16 if x.dtype == np.float16 else np.float32
-        x = x.astype(dtype, copy=False)
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"{name}: {key} holds non-finite values (NaN or inf, or too large for {dtype.__name__})")
-        xs[key] = x
+        out = _allocate(len(x), x.shape[1:-1], channels=x.shape[-1])
+        for i, volume in enumerate(x):
+            if not np.all(np.isfinite(volume)):
+                raise ValueError(f"{name}: {key}[{i}] holds non-finite values (NaN or inf)")
+            for c in range(x.shape[-1]):
+                out[i, ..., c] = normalize_volume(volume[..., c])
+        xs[key] = out
     y_train, y_test = _as_labels(arrays["y_train"], "y_train"), _as_labels(arrays["y_test"], "y_test")
     for split, x, y in (("train", xs["x_train"], y_train), ("test", xs["x_test"], y_test)):
         if len(x) != len(y):
