@@ -222,7 +222,7 @@ def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
         return _load_folder(name, image_size, cache_dir)
     if name.endswith(".npz") or os.path.exists(name):
         arrays = _read_npz(name)
-        if arrays["x_train"].ndim == 5:  # volumes (N, D, H, W, C)
+        if arrays["x_train"].ndim == arrays["x_test"].ndim == 5:  # volumes (N, D, H, W, C)
             return _no_resize(volumes.volumes_from_npz(name, arrays), image_size)
         x_train, y_train, x_test, y_test = _check_arrays(arrays)
         num_classes = int(max(y_train.max(), y_test.max())) + 1
