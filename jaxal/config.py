@@ -393,6 +393,20 @@ PRESETS: dict[str, dict[str, Any]] = {
                       lr_gamma=0.1, eval_batch_size=8, warm_start=False,
                       boxes=dict(canvas=320), detection=dict(iterations=200, warmup_iters=50, channels=64,
                                                              stacked_convs=2)),
+    # Wang et al., AAAI 2022, their third task (appendix A.5: cryo-ET subtomogram classification on AITom),
+    # on a SIMULATED set (`jaxal.data.subtomograms`: 5 classes of equal mass and radius of gyration, random
+    # rotations, a +-60 degree missing wedge, a CTF and noise at SNR 0.1), sized for a CPU: 24^3 volumes,
+    # AITom's DSRF3D-v2 at half its width, trained with its SGD (lr 0.005, momentum 0.9, no weight decay),
+    # flips along the axes. 1000 simulated volumes in the pool, 500 in the test set; 100 initial, +100 per
+    # cycle to 500, 3 trials, the model kept across cycles (as Wang et al.'s code). Gradient norms by the
+    # engine and chunk that XLA's memory analysis favours (experiments/bench_volumes.py). The full size is
+    # experiments/cryoet_gpu.sh (40^3, dsrf3d, SNR 0.1 and 0.5).
+    #   python -m jaxal.run --preset wang2022_cryoet_simulated --strategy ent_gn,random
+    "wang2022_cryoet_simulated": dict(strategy="ent_gn", dataset="subtomograms_simulated:size=24,snr=0.1,train=1000,"
+                                      "test=500", model="dsrf3d_half", initial_size=100, budget=100, cycles=5,
+                                      trials=3, subset_size=None, epochs=20, batch_size=32, lr=0.005, momentum=0.9,
+                                      weight_decay=0.0, lr_milestones=(), warm_start=True, eval_batch_size=100,
+                                      gradnorm=dict(method="vmap", chunk_size=16)),
 }
 # The preset of a run that names none: digits_quick, or camvid_segnet for --task segmentation.
 DEFAULT_PRESETS = {None: "digits_quick", "classification": "digits_quick", "segmentation": "camvid_segnet",

@@ -166,12 +166,13 @@ def make_pool(pool_ids, pool_images) -> Pool:
     images = np.asarray(pool_images)
     if images.ndim == 3:
         images = images[..., None]
-    if images.ndim != 4 or 0 in images.shape:
-        raise AnnotationError(f"pool images must be an array (N, H, W, C) or (N, H, W); got shape {images.shape}")
+    if images.ndim not in (4, 5) or 0 in images.shape or (images.ndim == 5 and images.dtype.kind != "f"):
+        raise AnnotationError(f"pool images must be an array (N, H, W, C) or (N, H, W), or real-valued volumes "
+                              f"(N, D, H, W, C); got shape {images.shape} {images.dtype}")
     if images.dtype != np.uint8:
         if images.dtype.kind != "f":
             raise AnnotationError(f"pool images must be uint8 pixels or floats; got {images.dtype}")
-        images = images.astype(np.float32, copy=False)
+        images = images if images.dtype == np.float16 else images.astype(np.float32, copy=False)
         if not np.all(np.isfinite(images)):
             raise AnnotationError("pool images contain non-finite values")
     pool_ids = list(pool_ids)

@@ -123,14 +123,24 @@ def validate(config: Config, dataset: Dataset, task=None) -> None:
         raise RunError(f"the budget is larger than the pool: initial_size + budget * (cycles - 1) = "
                        f"{config.initial_size} + {config.budget} * {config.cycles - 1} = {needed} samples, "
                        f"but {dataset.name} has {pool}; lower --budget or --cycles")
+    if dataset.x_train.ndim == 5:  # volumes
+        from jaxal.strategies.vaal import IMAGE_ONLY, VOLUME_REFUSAL
+
+        refused = [name for name in config.strategies if name in IMAGE_ONLY]
+        if refused:
+            raise RunError(f"{', '.join(refused)} cannot run on the volumes of {dataset.name}: {VOLUME_REFUSAL}")
     task_name = getattr(task, "name", "classification")
     if config.crop_size is not None and (task_name != "segmentation" or not
                                          1 <= config.crop_size <= min(dataset.image_shape[:2])):
         raise RunError(f"--crop_size (training windows) is for segmentation, at least 1 and at most the images' "
                        f"{'x'.join(map(str, dataset.image_shape[:2]))}; got {config.crop_size} for {task_name}")
-    if dataset.x_train.dtype.kind == "f" and not (np.all(np.isfinite(dataset.x_train))
-                                                  and np.all(np.isfinite(dataset.x_test))):
+    if dataset.x_train.dtype.kind == "f" and not (all_finite(dataset.x_train) and all_finite(dataset.x_test)):
         raise RunError(f"dataset {dataset.name} contains non-finite values")
+
+
+def all_finite(x: np.ndarray, rows: int = 1024) -> bool:
+    """np.isfinite(x).all(), a block of rows at a time: a memory-mapped pool is never read whole."""
+    return all(np.isfinite(x[start:start + rows]).all() for start in range(0, len(x), rows))
 
 
 def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
@@ -147,7 +157,7 @@ def check_model_fits(model, model_name: str, dataset: Dataset) -> None:
     output = jax.eval_shape(forward, jax.random.key(0))
     if any(0 in leaf.shape for leaf in jax.tree.leaves(output)):
         raise RunError(f"model {model_name} needs larger images than {dataset.name}'s "
-                       f"{'x'.join(map(str, dataset.image_shape[:2]))}: its pooling stages reduce them to nothing; "
+                       f"{'x'.join(map(str, dataset.image_shape[:-1]))}: its pooling stages reduce them to nothing; "
                        "choose a smaller model (--model cnn or mlp) or a dataset with larger images")
 
 

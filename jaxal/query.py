@@ -3,7 +3,9 @@
     python -m jaxal.query --pool photos/ --labels labels.csv --strategy ent_gn --budget 100 --workdir al/
 
 The pool is every image file under --pool (a folder or a .tar/.tar.gz), named by its path relative to
-it; --labels is a CSV of `path,label` rows (a header row `path,label` is optional) with the labels you
+it -- or, when the folder holds MRC files (.mrc, .rec, .map), every MRC volume under it (cryo-ET
+subtomograms, read and normalised per volume by `jaxal.data.volumes`; the contact sheet shows each proposed
+volume's central xy, xz and yz slices; the model defaults to AITom's DSRF3D-v2, `dsrf3d`); --labels is a CSV of `path,label` rows (a header row `path,label` is optional) with the labels you
 have. Each run reads the labels, and if some are new since the last round (or there is no round yet)
 trains the model on every labelled image, scores the others with the strategy and writes the --budget
 best into `<workdir>/round_NNN/to_label.csv` (path, score, rank: best first) with a contact sheet of them,
@@ -129,25 +131,34 @@ def as_pool_names(rows: list[tuple[str, str]], ids: list[str]) -> list[tuple[str
 
 def run_round(config, args: argparse.Namespace, log=print) -> None:
     from jaxal import folders, parallel, workdir as workdir_lock
+    from jaxal.data import volumes
 
     root = Path(args.pool)
-    ids = folders.list_images(root)
+    is_volumes = root.is_dir() and bool(volumes.list_volumes(root))  # MRC files: a pool of subtomograms
+    ids = volumes.list_volumes(root) if is_volumes else folders.list_images(root)
     rows = as_pool_names([(pool_relative(item, root), label) for path in [args.labels, *args.new_labels]
                           for item, label in read_label_rows(path, args.labels_encoding)], ids)
     workdir = Path(config.workdir or "al")
     with workdir_lock.hold(workdir, parallel.is_primary()):
-        propose_round(config, args, root, ids, rows, workdir, log)
+        propose_round(config, args, root, ids, rows, workdir, log, is_volumes)
 
 
-def propose_round(config, args: argparse.Namespace, root: Path, ids: list, rows: list, workdir: Path, log) -> None:
+def propose_round(config, args: argparse.Namespace, root: Path, ids: list, rows: list, workdir: Path, log,
+                  is_volumes: bool = False) -> None:
     """One round (or the last one's batch again), holding the workdir's lock; writes the round's files."""
     from jaxal import folders, parallel, results
+    from jaxal.data import volumes
     from jaxal.learner import ActiveLearner, round_folder
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     learner = ActiveLearner(classes=classes, workdir=workdir, config=config, log=log)
     learner.tell([item for item, _ in rows], [label for _, label in rows])
-    images = folders.read_images(root, ids, image_size=config.image_size)
+    if is_volumes:
+        if config.image_size is not None:
+            raise ValueError("--image_size resizes 2-D images; the pool holds MRC volumes (resample them before)")
+        images = volumes.read_volumes([root / item for item in ids], cache_dir=None)[0]
+    else:
+        images = folders.read_images(root, ids, image_size=config.image_size)
     proposal = learner.ask(ids, images, k=config.budget)
 
     folder = workdir / round_folder(proposal.round)
@@ -160,6 +171,8 @@ def propose_round(config, args: argparse.Namespace, root: Path, ids: list, rows:
         results.write_atomic(folder / "to_label.csv", table.getvalue())
         index = {item: row for row, item in enumerate(ids)}
         chosen = images[[index[item] for item in proposal.ids]]
+        if is_volumes:  # a volume is shown by its central xy, xz and yz slices, side by side
+            chosen = volumes.central_slices(chosen)
         captions = [f"{rank}: {Path(item).name}" for item, _, rank in proposal.rows()]
         results.write_atomic(folder / "contact_sheet.png", results.contact_sheet(chosen, captions))
         log(f"round {proposal.round}: label the {len(proposal)} images in {folder / 'to_label.csv'} "

@@ -114,7 +114,7 @@ def weighted_confusion(labels, predictions, weights, num_classes: int, ignore_la
 
 # ---- augmentation of images (shared by the tasks) ---------------------------------------------------
 
-AUGMENTATIONS = ("none", "crop", "crop_flip")
+AUGMENTATIONS = ("none", "crop", "crop_flip", "flip")
 
 
 def crop_offsets(rng, padding: int):
@@ -131,7 +131,7 @@ def random_crop(image, offsets, padding: int, fill=0):
 
 
 def augment_images(rng, images, mode: str, padding: int):
-    """On-device augmentation, independent per example: "none", "crop" or "crop_flip"."""
+    """On-device augmentation, independent per example: "none", "crop", "crop_flip" or "flip"."""
     return augment_pairs(rng, images, None, mode, padding)[0]
 
 
@@ -154,6 +154,8 @@ def augment_pairs(rng, images, labels, mode: str, padding: int, label_fill=0, wi
         raise ValueError(f"unknown augmentation {mode!r}; choose one of: {', '.join(AUGMENTATIONS)}")
     if mode == "none" and window is None:
         return images, labels
+    if mode == "flip" and window is None:
+        return axis_flips(rng, images, labels)
     crop_rngs, flip_rngs = jnp.split(jax.random.split(rng, 2 * images.shape[0]), 2)
     if window is not None:
         if window > min(images.shape[1:3]):
@@ -170,6 +172,19 @@ def augment_pairs(rng, images, labels, mode: str, padding: int, label_fill=0, wi
     if mode == "crop_flip":
         flips = jax.vmap(jax.random.bernoulli)(flip_rngs)
         flip = lambda x: jnp.where(flips.reshape((-1,) + (1,) * (x.ndim - 1)), x[:, :, ::-1], x)  # noqa: E731
+        images = flip(images)
+        labels = None if labels is None else flip(labels)
+    return images, labels
+
+
+def axis_flips(rng, images, labels=None):
+    """"flip": each example (and its dense label) reversed along each of its spatial axes with probability
+    1/2, independently -- for volumes, the flips that keep a single-axis tilt's missing wedge in place."""
+    spatial = images.ndim - 2
+    flips = jax.random.bernoulli(rng, 0.5, (images.shape[0], spatial))
+    for axis in range(spatial):
+        def flip(x, axis=axis):
+            return jnp.where(flips[:, axis].reshape((-1,) + (1,) * (x.ndim - 1)), jnp.flip(x, axis + 1), x)
         images = flip(images)
         labels = None if labels is None else flip(labels)
     return images, labels

@@ -15,12 +15,17 @@ Sources, chosen by `name`:
   - a folder, or a .tar/.tar.gz of one, with `train/<class>/` and `test/<class>/` image files
     (`jaxal.folders`): decoded once into a uint8 cache, class names kept.
   - a path to an `.npz` file with arrays x_train, y_train, x_test, y_test: images (N, H, W, C) or
-    (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D). uint8 arrays are
-    pixels in 0..255; other real arrays are kept as float32 values. Labels are class indices in [0, C),
-    each with a training example (a test label unseen in training is an error), C >= 2.
+    (N, H, W) (one channel added), or feature vectors (N, D), stored as (N, 1, 1, D); 5-D arrays are volumes
+    (N, D, H, W, C) (`jaxal.data.volumes`). uint8 arrays are pixels in 0..255; other real arrays are kept
+    as float32 values. Labels are class indices in [0, C), each with a training example (a test label
+    unseen in training is an error), C >= 2.
+  - volumes (cryo-ET subtomograms, `jaxal.data.volumes`): a folder of MRC files in train/<class>/ and
+    test/<class>/, or a CSV of path,label rows naming MRC files; "subtomograms_simulated" (simulated,
+    `jaxal.data.subtomograms`).
 Folders and .npz files are normalised by the train split's per-channel mean/std, and get their model and
-augmentation from one table (`image_defaults`: grey -> cnn, none; RGB -> resnet18 with crop_flip), the
-one `jaxal.ActiveLearner` uses for its pool (`images_dataset`, `with_options`).
+augmentation from one table (`image_defaults`: grey -> cnn, none; RGB -> resnet18 with crop_flip; volumes
+-> dsrf3d with axis flips), the one `jaxal.ActiveLearner` uses for its pool (`images_dataset`,
+`with_options`).
 
 Segmentation (`task="segmentation"`): labels are masks (N, H, W), uint8 (int32 only where a label value
 does not fit), one class index per pixel, and `ignore_label` marks void pixels (no loss, no metric).
@@ -67,7 +72,7 @@ DATASETS: tuple[str, ...] = (
     "fashion_mnist",
 )
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-AUGMENTATIONS = ("none", "crop", "crop_flip")
+AUGMENTATIONS = ("none", "crop", "crop_flip", "flip")
 TASKS = ("classification", "segmentation")  # the label layouts: one class per example, or per pixel
 SHARED_DATA_ENV = "JAXAL_SHARED_DATA"
 # Segmentation datasets known by name, as archives in the folder $JAXAL_SHARED_DATA: (file, ignore label,
@@ -220,11 +225,21 @@ def _load_source(name, data_dir, image_size, download, cache_dir) -> Dataset:
     if name in _TFDS:
         return _load_tfds(name, data_dir, image_size, download)
     from jaxal import folders
+    from jaxal.data import volumes
 
+    if name.partition(":")[0] == "subtomograms_simulated":
+        from jaxal.data import subtomograms
+
+        return _no_resize(subtomograms.load_simulated(name), image_size)
+    if volumes.is_volume_source(name):  # MRC class folders or a path,label CSV of MRC files
+        return _no_resize(volumes.load_volumes(name, cache_dir=cache_dir), image_size)
     if folders.is_image_source(name):
         return _load_folder(name, image_size, cache_dir)
     if name.endswith(".npz") or os.path.exists(name):
-        x_train, y_train, x_test, y_test = _check_arrays(_read_npz(name))
+        arrays = _read_npz(name)
+        if arrays["x_train"].ndim == arrays["x_test"].ndim == 5:  # volumes (N, D, H, W, C)
+            return _no_resize(volumes.volumes_from_npz(name, arrays), image_size)
+        x_train, y_train, x_test, y_test = _check_arrays(arrays)
         num_classes = _check_class_indices(y_train, y_test, name)
         scale = 1 / 255 if x_train.dtype == np.uint8 else 1.0
         return images_dataset(name, x_train, y_train, x_test, y_test, num_classes, scale, image_size)
@@ -258,7 +273,11 @@ def image_defaults(image_shape) -> tuple[str, str]:
     """(model, augmentation) of images that come without a recipe (a folder, an .npz, digits, the pool of
     `jaxal.ActiveLearner`): natural RGB images get the CIFAR treatment (ResNet-18, random crop and flip;
     the small CNN below 32 pixels, where ResNet-18's stages leave little), grey (MNIST-like) and other
-    images the small CNN without augmentation, feature vectors (N, 1, 1, D) the MLP."""
+    images the small CNN without augmentation, feature vectors (N, 1, 1, D) the MLP, volumes AITom's DSRF3D."""
+    if len(image_shape) == 4:  # volumes (D, H, W, C): AITom's 3-D CNN, flips along the axes
+        from jaxal.data import volumes
+
+        return volumes.DEFAULT_MODEL, volumes.DEFAULT_AUGMENTATION
     height, width, channels = image_shape
     if (height, width) == (1, 1):
         return "mlp", "none"
@@ -282,19 +301,27 @@ def images_dataset(name, x_train, y_train, x_test, y_test, num_classes, scale, i
 
 def crop_padding(augmentation: str, image_shape) -> int:
     """Pixels of padding for the random crop: 4 at 32x32 (the reference codes), scaled with the size."""
-    return 0 if augmentation == "none" else max(1, image_shape[0] // 8)
+    return 0 if augmentation in ("none", "flip") else max(1, image_shape[0] // 8)
+
+
+def _no_resize(dataset: Dataset, image_size) -> Dataset:
+    if image_size is not None and dataset.x_train.ndim == 5:
+        raise ValueError(f"--image_size resizes 2-D images; {dataset.name} holds volumes of "
+                         f"{'x'.join(map(str, dataset.image_shape[:3]))} voxels (resample them before)")
+    return dataset
 
 
 def channel_stats(x: np.ndarray, scale: float = 1.0) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of NHWC images times `scale`, accumulated in float64 a slice at a time
-    (no float copy of the whole set); a constant channel gets std 1, not a division by 0."""
+    """Per-channel mean and std of NHWC images (or NDHWC volumes) times `scale`, accumulated in float64 a
+    slice at a time (no float copy of the whole set); a constant channel gets std 1, not a division by 0."""
     total = np.zeros(x.shape[-1])
     squares = np.zeros(x.shape[-1])
+    axes = tuple(range(x.ndim - 1))
     for start in range(0, len(x), 4096):
         part = x[start:start + 4096].astype(np.float64) * scale
-        total += part.sum(axis=(0, 1, 2))
-        squares += np.square(part).sum(axis=(0, 1, 2))
-    count = x.shape[0] * x.shape[1] * x.shape[2]
+        total += part.sum(axis=axes)
+        squares += np.square(part).sum(axis=axes)
+    count = int(np.prod(x.shape[:-1]))
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     std = np.where(std > 1e-12, std, 1.0)

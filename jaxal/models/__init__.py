@@ -343,6 +343,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "drn_d_22_cpu": functools.partial(DRNSegmenter, channels=tuple(c // 4 for c in DRN_D_22_CHANNELS)),
 }
 
+from jaxal.models.volumes import VOLUME_MODELS  # noqa: E402  (3-D CNNs for subtomograms; they import from here)
+
+MODELS.update(VOLUME_MODELS)
+
 
 def create_model(name: str, num_classes: int, dropout_rate: float | None = None) -> nn.Module:
     """The model registered as `name`; `dropout_rate=None` keeps the architecture's default."""

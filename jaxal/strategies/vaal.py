@@ -506,6 +506,15 @@ def adversarial_spec(ctx: StrategyContext, options: VAALOptions, *, labeled_targ
                            labeled_target)
 
 
+# Strategies whose models are 2-D image models, refused on volumes before a run (`jaxal.loop.validate`), with
+# the reason Wang et al. (AAAI 2022, appendix A.5) give for leaving them out of their cryo-ET experiment.
+VOLUME_REFUSAL = ("its VAE (and SRAAL's, with their adversarial discriminators) is built from 2-D convolutions "
+                  "for images; as Wang et al. note for the cryo-ET subtomogram task, the VAE/GAN-based baselines "
+                  "\"need to be redesigned if using 3D data\", while gradient-norm selection (ent_gn, exp_gn) is "
+                  "task-agnostic")
+IMAGE_ONLY = ("vaal", "sraal")
+
+
 @register_scorer("vaal", check=_check)
 def vaal_scores(ctx: StrategyContext):
     """Latent codes a VAE-adversary pair judges most surely unlabelled (VAAL, Sinha et al. 2019)."""

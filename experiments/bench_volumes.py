@@ -1,0 +1,98 @@
+"""Per-example gradient norms of 3-D CNNs (ent_gn on subtomograms): ghost engine vs vmap, memory and time.
+
+The ghost engine forms each Conv3D layer's input patches (27 x the layer's input) and, where cheaper, Gram
+matrices over its output positions; vmap materialises a chunk of per-example gradients (chunk x |theta|,
+16-18M parameters for dsrf3d/hal3d at 40^3, most of them in the first dense layer). Which is smaller
+depends on the model and the size, so this prints, for each engine and two chunk sizes, XLA's analysis of
+the compiled chunk program (temporary buffers; the pool is scored one chunk at a time by
+`jaxal.parallel.map_chunks`, so the memory is that of a chunk whatever the pool), the bytes per volume of a
+chunk (the difference of the two sizes), and the wall time per volume of scoring a pool through the
+strategy the loop calls (`get_strategy("ent_gn").select`), side by side in one run on the same weights
+(the model's initial ones: scores not those of a trained model, same cost). The presets' engine and chunk
+size come from these numbers (README, "Volumes").
+
+    python experiments/bench_volumes.py                                  # dsrf3d_half at 24^3 (CPU)
+    python experiments/bench_volumes.py --model dsrf3d --size 40 --pool 0 --chunks 2,4  # full size, memory only
+    python experiments/bench_volumes.py --model dsrf3d --size 40 --pool 64  # full size with timing (a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+
+import jax
+import numpy as np
+
+from jaxal import tasks
+from jaxal.config import build_config
+from jaxal.data import load_dataset
+from jaxal.models import adapt, create_model, init_variables
+from jaxal.strategies import StrategyContext, get_strategy
+from bench_segmentation import chunk_temp_mib
+from timing import num_cores, time_runs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dsrf3d_half")
+    parser.add_argument("--size", type=int, default=24)
+    parser.add_argument("--pool", type=int, default=32, help="volumes scored in the timing")
+    parser.add_argument("--chunks", default="4,8", help="two chunk sizes for the memory analysis")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args(argv)
+    small, large = (int(c) for c in args.chunks.split(","))
+    data = load_dataset(f"subtomograms_simulated:size={args.size},train={max(args.pool, large)},test=1")
+    pool = data.x_train[:max(args.pool, 1)]
+    task = tasks.create_task("classification", data.num_classes)
+    model = adapt(create_model(args.model, data.num_classes), data.normalization)
+    variables = init_variables(model, jax.random.key(0), data.image_shape)
+    size = sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+    print(f"{args.model} on {args.size}^3 volumes ({size / 1e6:.2f}M parameters); {num_cores()} CPU core(s) "
+          f"({jax.devices()[0].platform})", flush=True)
+
+    memory = {}
+    for method in ("vmap", "ghost"):
+        for chunk in (small, large):
+            memory[f"{method}_chunk{chunk}"] = chunk_temp_mib(model, task, variables, data.x_train[:chunk], method)
+            print(f"  XLA temp memory, {method:5}, chunk {chunk:>3}: {memory[f'{method}_chunk{chunk}']:9.1f} MiB",
+                  flush=True)
+    per_volume = {m: (memory[f"{m}_chunk{large}"] - memory[f"{m}_chunk{small}"]) / (large - small)
+                  for m in ("vmap", "ghost")}
+    print(f"  per volume of a chunk: vmap {per_volume['vmap']:.1f} MiB, ghost {per_volume['ghost']:.1f} MiB",
+          flush=True)
+
+    def context(method: str) -> StrategyContext:
+        config = build_config("wang2022_cryoet_simulated", gradnorm=dict(method=method, chunk_size=small))
+        return StrategyContext(model=model, variables=variables, pool_x=pool, labeled_x=data.x_train[:2],
+                               labeled_y=data.y_train[:2], num_classes=data.num_classes, config=config,
+                               rng=jax.random.key(1), task=task)
+
+    summary = {"model": args.model, "size": args.size, "chunks": [small, large],
+               "chunk_temp_mib": {k: round(v, 1) for k, v in memory.items()},
+               "mib_per_volume": {k: round(v, 2) for k, v in per_volume.items()},
+               "ghost_over_vmap_memory": round(memory[f"ghost_chunk{large}"] / memory[f"vmap_chunk{large}"], 3)}
+    if not args.pool:  # memory only (compiling, not running: what a CPU can do at the full size)
+        print(json.dumps(summary))
+        return 0
+    runs = {f"ent_gn_{m}": (lambda m=m: get_strategy("ent_gn").score(context(m))) for m in ("vmap", "ghost")}
+    runs["entropy"] = lambda: get_strategy("entropy").score(context("vmap"))
+    times = time_runs(runs, args.repeats)
+    for name, timing in times.items():
+        print(f"  {name:<14} first {timing.first:7.2f} s   best {timing.best:7.2f} s "
+              f"({timing.best / len(pool) * 1e3:.1f} ms per volume)", flush=True)
+    scores = {m: np.asarray(runs[f"ent_gn_{m}"]()) for m in ("vmap", "ghost")}
+    agreement = float(np.max(np.abs(scores["ghost"] - scores["vmap"]) / np.abs(scores["vmap"])))
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    summary.update({
+        "pool": len(pool), "ms_per_volume": {k: round(t.best / len(pool) * 1e3, 2) for k, t in times.items()},
+        "ghost_over_vmap_time": round(times["ent_gn_ghost"].best / times["ent_gn_vmap"].best, 3),
+        "engines_max_relative_difference": agreement, "peak_rss_mib": round(peak_rss)})
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
