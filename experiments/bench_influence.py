@@ -94,7 +94,7 @@ class TorchISAL:
 
     def _check(self, loss_fn, params, s, one, pseudo_loss, pool, chunk) -> dict:
         r = self.reference
-        loss = r.labelled_loss(self.model, r.images(one[0]), r.labels(one[1]))
+        loss = r.labeled_loss(self.model, r.images(one[0]), r.labels(one[1]))
         torch_hv = r.flat(r.hessian_vector_product(loss, self.params, self.s)).cpu().numpy()
         jax_hv = r.flat(self.vector(hvp(loss_fn, params, one, s))).cpu().numpy()
         xs = pool[:CHECK_SAMPLES]
@@ -116,12 +116,12 @@ def bench_model(name, args, reference, results):
     apply = inference_apply(model, variables["batch_stats"])
     rng = np.random.default_rng(0)
     pool = jnp.asarray(rng.normal(size=(sizes["pool"], *shape)), jnp.float32)
-    labelled = (jnp.asarray(rng.normal(size=(sizes["labelled"], *shape)), jnp.float32),
-                jnp.asarray(rng.integers(0, 10, size=sizes["labelled"]), jnp.int32))
+    labeled = (jnp.asarray(rng.normal(size=(sizes["labeled"], *shape)), jnp.float32),
+                jnp.asarray(rng.integers(0, 10, size=sizes["labeled"]), jnp.int32))
 
     # ISAL: parameters of rank > 1; pool scored at the pseudo-label, the labelled set at true labels.
-    pseudo_loss, params = restrict(influence.example_loss(apply, pseudo_label=True), variables["params"], "weights")
-    true_loss, _ = restrict(influence.example_loss(apply), variables["params"], "weights")
+    pseudo_loss, params = restrict(influence.cross_entropy_example_loss(apply, pseudo_label=True), variables["params"], "weights")
+    true_loss, _ = restrict(influence.cross_entropy_example_loss(apply), variables["params"], "weights")
     loss_fn = influence.mean_loss(true_loss)
     full_params = variables["params"]
     s = influence._normal_like(jax.random.key(1), params)
@@ -129,7 +129,7 @@ def bench_model(name, args, reference, results):
     n_pool = sizes["pool"]
     n_loop = sizes["loop"]
     depth = sizes["lissa_depth"]
-    one = jax.tree.map(lambda a: a[:1], labelled)
+    one = jax.tree.map(lambda a: a[:1], labeled)
     key = KEYS[name]
     print(f"\n== {name}: input {shape}, {sum(x.size for x in jax.tree.leaves(params)):,} weights "
           f"(subset 'weights'), pool {n_pool}, chunk {chunk}, loop {n_loop}, reps {args.reps}")
@@ -175,12 +175,12 @@ def bench_model(name, args, reference, results):
     t_hvp = time_runs({"hvp": lambda: [hvp(loss_fn, params, one, s) for _ in range(n_hvp)]}, args.reps)["hvp"]
 
     def lissa(d, r):
-        return influence.lissa(loss_fn, params, labelled, s, rng=jax.random.key(0), depth=d, repeats=r,
+        return influence.lissa(loss_fn, params, labeled, s, rng=jax.random.key(0), depth=d, repeats=r,
                                batch_size=1, return_diagnostics=True)
 
     steps = {"lissa": lambda: lissa(depth, 1)}
     if isal is not None:
-        torch_xs, torch_ys = reference.images(labelled[0][:depth]), reference.labels(labelled[1][:depth])
+        torch_xs, torch_ys = reference.images(labeled[0][:depth]), reference.labels(labeled[1][:depth])
         steps["torch"] = lambda: reference.lissa_steps(isal.model, isal.params, isal.s, torch_xs, torch_ys)
     t_steps = time_runs(steps, sizes["lissa_reps"])
     hvp_ms, step = 1e3 * t_hvp.best / n_hvp, {k: t.best / depth for k, t in t_steps.items()}
@@ -222,11 +222,11 @@ def main():
     args = parser.parse_args()
     q = args.quick
     args.sizes = {
-        "mlp": dict(pool=2048 if q else 8192, chunk=256, loop=200 if q else 500, labelled=1000, hvp_calls=200,
+        "mlp": dict(pool=2048 if q else 8192, chunk=256, loop=200 if q else 500, labeled=1000, hvp_calls=200,
                     lissa_depth=250, lissa_reps=args.reps, isal=True),
-        "cnn": dict(pool=2048 if q else 8192, chunk=256, loop=200 if q else 500, labelled=1000, hvp_calls=200,
+        "cnn": dict(pool=2048 if q else 8192, chunk=256, loop=200 if q else 500, labeled=1000, hvp_calls=200,
                     lissa_depth=250, lissa_reps=args.reps, isal=True),
-        "resnet18": dict(pool=128 if q else 256, chunk=64, loop=8 if q else 16, labelled=1000,
+        "resnet18": dict(pool=128 if q else 256, chunk=64, loop=8 if q else 16, labeled=1000,
                          hvp_calls=5 if q else 10, lissa_depth=5 if q else 10, lissa_reps=1, isal=False),
     }
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)), float32")

@@ -40,7 +40,7 @@ CLASSIFICATION = create_task("classification", 10)
 MIB = 2**20
 
 
-def labelled(n):
+def labeled(n):
     return ((jax.ShapeDtypeStruct((n, *SHAPE), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32)),
             jax.ShapeDtypeStruct((n,), jnp.float32))
 
@@ -58,7 +58,7 @@ def programs(model, variables):
 
     def loss_and_params(variables, subset="weights"):
         apply = inference_apply(model, variables["batch_stats"])
-        loss, selected = restrict(influence.example_loss(apply), variables["params"], subset)
+        loss, selected = restrict(influence.cross_entropy_example_loss(apply), variables["params"], subset)
         return influence.weighted_mean_loss(loss), selected
 
     def isal_solver(solver, subset):
@@ -67,7 +67,7 @@ def programs(model, variables):
                                      opts.batch_size, opts.cg_maxiter, opts.hvp_chunk_size,
                                      opts.exact_block_size, "highest", None)
         body = functools.partial(isal._solve_body, static)
-        return lambda n: memory(body, variables, labelled(n), n, subset_of(subset), jax.random.key(0), 0.01, 1e4,
+        return lambda n: memory(body, variables, labeled(n), n, subset_of(subset), jax.random.key(0), 0.01, 1e4,
                                 1e-6, 0.0)
 
     def full_batch_lissa(variables, data, v):
@@ -88,9 +88,9 @@ def programs(model, variables):
         "cg (isal)": ("weights", isal_solver("cg", "weights")),
         "lissa (isal defaults)": ("weights", isal_solver("lissa", "weights")),
         "exact (isal)": ("last_layer", isal_solver("exact", "last_layer")),
-        "lissa full batch": ("weights", lambda n: memory(full_batch_lissa, variables, labelled(n), weights)),
-        "power iteration": ("weights", lambda n: memory(power, variables, labelled(n))),
-        "one whole-set hvp (before)": ("weights", lambda n: memory(whole_set_hvp, variables, labelled(n), weights)),
+        "lissa full batch": ("weights", lambda n: memory(full_batch_lissa, variables, labeled(n), weights)),
+        "power iteration": ("weights", lambda n: memory(power, variables, labeled(n))),
+        "one whole-set hvp (before)": ("weights", lambda n: memory(whole_set_hvp, variables, labeled(n), weights)),
     }
 
 

@@ -125,19 +125,19 @@ class JaxalEpochs:
     """`train_model` over `labelled` random uint8 images with one input pipeline; `run()` trains `epochs`
     epochs and waits (`train_model` reads its last epoch's metrics back)."""
 
-    def __init__(self, model_name: str, image_shape, batch_size: int, labelled: int, epochs: int,
+    def __init__(self, model_name: str, image_shape, batch_size: int, labeled: int, epochs: int,
                  pipeline: str, augmentation: str, padding: int, training_precision: str = "default"):
         self.model, self.options = _model_and_options(model_name, image_shape, augmentation, padding,
                                                       training_precision)
         self.precision = training_precision
         rng = np.random.default_rng(0)
-        self.images = rng.integers(0, 256, (labelled, *image_shape), dtype=np.uint8)
-        self.labels = rng.integers(0, 10, labelled, dtype=np.int32)
+        self.images = rng.integers(0, 256, (labeled, *image_shape), dtype=np.uint8)
+        self.labels = rng.integers(0, 10, labeled, dtype=np.int32)
         self.state = create_train_state(self.model, None, jax.random.key(0), image_shape, self.options)
         self.kwargs = dict(model=self.model, lossnet=None, options=self.options, epochs=epochs,
                            batch_size=batch_size, lr=0.01, lr_milestones=(), lr_gamma=0.1, detach_epoch=0,
                            seed=0, input_pipeline=pipeline)
-        self.steps = epochs * -(-labelled // batch_size)
+        self.steps = epochs * -(-labeled // batch_size)
 
     def run(self):
         with precision.scope(self.precision):
@@ -219,10 +219,10 @@ def report(name: str, batch_size: int, rates: list[float], warmup_s: float) -> f
     return median
 
 
-def bench_pipelines(model_name: str, image_shape, batch_size: int, labelled: int, epochs: int, repeats: int,
+def bench_pipelines(model_name: str, image_shape, batch_size: int, labeled: int, epochs: int, repeats: int,
                     augmentation: str, padding: int, training_precision: str) -> dict:
     """ms per step of whole epochs with each input pipeline, repeats interleaved; wall and CPU time."""
-    benches = {p: JaxalEpochs(model_name, image_shape, batch_size, labelled, epochs, p, augmentation, padding,
+    benches = {p: JaxalEpochs(model_name, image_shape, batch_size, labeled, epochs, p, augmentation, padding,
                               training_precision) for p in PIPELINES}
     timings = time_runs({p: b.run for p, b in benches.items()}, repeats)
     steps = benches["host"].steps
@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
                         help=f"PyTorch's precisions, of {', '.join(TORCH_MODES)}")
     parser.add_argument("--pipeline-models", default="cnn,resnet18" if on_gpu else "cnn",
                         help="models whose input pipelines are compared (cnn, resnet18; empty: none)")
-    parser.add_argument("--pipeline-labelled", type=int, default=None,
+    parser.add_argument("--pipeline-labeled", type=int, default=None,
                         help="labelled images the pipelines train over (default 4096; --quick 512)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     parser.add_argument("--torch-site", default=None,
@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
     torch_modes = [m for m in args.torch_modes.split(",") if m]
     if set(torch_modes) - set(TORCH_MODES):
         parser.error(f"--torch-modes must be among {', '.join(TORCH_MODES)}")
-    labelled = args.pipeline_labelled or (512 if args.quick else 4096)
+    labeled = args.pipeline_labeled or (512 if args.quick else 4096)
     cores = num_cores()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), "
           f"{cores} usable cores, {platform.processor() or platform.machine()}; "
@@ -328,7 +328,7 @@ def main(argv=None) -> dict:
         shape, batch, augmentation, padding = shapes[name]
         epochs = 1 if name == "resnet18" else (2 if args.quick else 5)
         pipeline_precision = "bfloat16" if on_gpu and name == "resnet18" else "default"
-        timing = bench_pipelines(name, shape, batch, labelled, epochs, repeats, augmentation, padding,
+        timing = bench_pipelines(name, shape, batch, labeled, epochs, repeats, augmentation, padding,
                                  pipeline_precision)
         for p in PIPELINES:
             summary[f"{name}_b{batch}_{p}_ms_per_step"] = round(timing[p]["ms_per_step"], 3)

@@ -66,7 +66,7 @@ def stage_command(stage: str, quick: bool, dataset: str | None) -> list[str] | N
     """The child's command line (None: the stage cannot run here)."""
     py = sys.executable
     if stage == "train":
-        return [py, str(EXPERIMENTS / "bench_train.py")] + (["--quick", "--pipeline-labelled", "256"] if quick else [])
+        return [py, str(EXPERIMENTS / "bench_train.py")] + (["--quick", "--pipeline-labeled", "256"] if quick else [])
     if stage == "gradnorm":
         return [py, str(EXPERIMENTS / "bench_gradnorm.py")] + (
             ["--quick"] if quick else ["--resnet-n", "2048", "--loop-n", "256"])
@@ -99,17 +99,17 @@ def trial_estimate(cycle0: dict) -> dict | None:
         return None
     r = cycle0["results"][0]
     config = build_config(PRESET)
-    labelled = [config.initial_size - config.val_size + c * config.budget for c in range(config.cycles)]
+    labeled = [config.initial_size - config.val_size + c * config.budget for c in range(config.cycles)]
     s, compile_s = r["seconds"], r["seconds"]["compile"]
     n0, test = r["sizes"]["train_labeled"], r["sizes"]["test"]
     epochs = config.epochs
-    train = (s["train_epoch_steady"] * epochs * sum(labelled) / n0 + compile_s.get("train", 0.0))
-    evaluate = s["evaluate"] * sum(test + n for n in labelled) / (test + n0)
+    train = (s["train_epoch_steady"] * epochs * sum(labeled) / n0 + compile_s.get("train", 0.0))
+    evaluate = s["evaluate"] * sum(test + n for n in labeled) / (test + n0)
     score_steady = (s["score"] or 0.0) - compile_s.get("score", 0.0)
     score = (config.cycles - 1) * (score_steady + s["select"]) + compile_s.get("score", 0.0)
     return {"train_s": round(train, 1), "evaluate_s": round(evaluate, 1), "score_s": round(score, 1),
             "trial_s": round(train + evaluate + score, 1), "trial_minutes": round((train + evaluate + score) / 60, 1),
-            "cycle0_epochs": r["epochs"], "labelled_per_cycle": labelled,
+            "cycle0_epochs": r["epochs"], "labelled_per_cycle": labeled,
             "note": "from cycle 0 at the preset's epochs" if r["epochs"] == epochs else
                     f"from cycle 0 at {r['epochs']} epoch(s), its steady epoch time scaled to {epochs}"}
 

@@ -245,7 +245,7 @@ def weight_parameters(model: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
     return [n for n, _ in named], [p for _, p in named]
 
 
-def labelled_loss(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+def labeled_loss(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """ISAL's training loss (pycls's soft cross-entropy of one-hot labels, no smoothing), batch mean."""
     return F.cross_entropy(model(xs), ys)
 
@@ -263,7 +263,7 @@ def lissa_steps(model: nn.Module, params, v, xs: torch.Tensor, ys: torch.Tensor,
     The NaN test is the reference's `True in torch.isnan(hv)`: a host sync per tensor per step."""
     h = list(v)
     for x, y in zip(xs, ys):
-        loss = labelled_loss(model, x[None], y[None])
+        loss = labeled_loss(model, x[None], y[None])
         hv = hessian_vector_product(loss, params, h)
         h = [v_ if True in torch.isnan(hv_) else v_ + (1 - damping) * h_ - hv_ / scale
              for v_, h_, hv_ in zip(v, h, hv)]

@@ -67,23 +67,23 @@ class ExampleLoss:
 
     apply_fn: Callable
     loss_of_logits: Callable
-    labelled: bool = False
+    labeled: bool = False
 
     def __call__(self, params, example) -> jax.Array:
         return self.batch_losses(params, jax.tree.map(lambda a: a[None], example))[0]
 
     def batch_losses(self, params, examples) -> jax.Array:
         """Losses of a batch from one forward pass; equal to per-example calls in inference mode."""
-        xs, ys = examples if self.labelled else (examples, None)
+        xs, ys = examples if self.labeled else (examples, None)
         logits = self.apply_fn(params, xs).logits
-        if self.labelled:
+        if self.labeled:
             return jax.vmap(self.loss_of_logits)(logits, ys)
         return jax.vmap(self.loss_of_logits)(logits)
 
 
-def example_loss(apply_fn: Callable, loss_of_logits: Callable, *, labelled: bool = False) -> ExampleLoss:
+def example_loss(apply_fn: Callable, loss_of_logits: Callable, *, labeled: bool = False) -> ExampleLoss:
     """`loss_fn(params, x) = loss_of_logits(apply_fn(params, x[None]).logits[0])`."""
-    return ExampleLoss(apply_fn, loss_of_logits, labelled)
+    return ExampleLoss(apply_fn, loss_of_logits, labeled)
 
 
 # --------------------------------------------------------------------------- reductions and subsets

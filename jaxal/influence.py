@@ -138,7 +138,7 @@ DEFAULT_EXACT_MAX_BYTES = 1 << 30  # what the exact solver may allocate (`exact_
 # ----------------------------------------------------------------------------- losses
 
 
-def example_loss(apply_fn: Callable, *, pseudo_label: bool = False) -> Callable:
+def cross_entropy_example_loss(apply_fn: Callable, *, pseudo_label: bool = False) -> Callable:
     """A per-example loss from `apply_fn(params, xs) -> ModelOutput` (see
     `jaxal.models.inference_apply`). With `pseudo_label=False` an example is `(x, y)` and the loss is
     CE at the true label; with `pseudo_label=True` an example is `x` alone and the loss is CE at the

@@ -3,7 +3,7 @@
     LABEL_STUDIO_API_KEY=... python -m jaxal.query --label-studio http://localhost:8080 --project 1 \\
         --strategy ent_gn --budget 100 --workdir al/
 
-One round (`run_round`) reads the project's label config and maps its single-choice `Choices` tag to
+One round (`project_round`) reads the project's label config and maps its single-choice `Choices` tag to
 the classes (`label_spec`), reads every task (paginated) and takes the newest non-cancelled annotation
 of each as its label (`task_labels`), reads the tasks' images (`ImageReader`: uploaded files, local-files
 storage, http(s) URLs; each downloaded once, cached in the workdir), and runs the same round as
@@ -382,7 +382,7 @@ class ImageReader:
 # ---- rankings and predictions -------------------------------------------------------------------
 
 
-def ranking_scores(unlabelled: list, proposed: list, probabilities: np.ndarray) -> dict:
+def ranking_scores(unlabeled: list, proposed: list, probabilities: np.ndarray) -> dict:
     """{task id: score} over `unlabelled` (`probabilities` its rows): the proposed batch (best first)
     in (0.5, 1] by rank, the others in [0, 0.5] by the model's predictive entropy over log C, so that
     sorting by score shows the batch first, then the tasks the model is least sure of. (Label Studio
@@ -391,7 +391,7 @@ def ranking_scores(unlabelled: list, proposed: list, probabilities: np.ndarray) 
     scores = {item: 0.5 + 0.5 * (k - rank) / k for rank, item in enumerate(proposed)}
     p = np.clip(np.asarray(probabilities, np.float64), 1e-12, 1.0)
     entropy = -(p * np.log(p)).sum(axis=1) / math.log(p.shape[1])
-    for item, value in zip(unlabelled, np.clip(entropy, 0.0, 1.0)):
+    for item, value in zip(unlabeled, np.clip(entropy, 0.0, 1.0)):
         scores.setdefault(item, 0.5 * float(value))
     return scores
 
@@ -434,7 +434,7 @@ def check_binding(binding: Optional[dict], project: int, spec: LabelSpec) -> Non
                                "classes are fixed from the first round on; restore it or start a new workdir")
 
 
-def run_round(client: Client, project: int, config, *, from_name: Optional[str] = None, publish: bool = True,
+def project_round(client: Client, project: int, config, *, from_name: Optional[str] = None, publish: bool = True,
               log: Callable[[str], None] = print) -> dict:
     """One annotation round of a Label Studio project (see the module docstring): reads its annotations
     and images, and if some annotations are new since the last round (or there is none yet) trains and
@@ -484,7 +484,7 @@ def run_round(client: Client, project: int, config, *, from_name: Optional[str] 
                "published": number if publish or published else (binding or {}).get("published")}
     results.write_atomic(workdir / BINDING_FILE, json.dumps(binding, indent=1))
     summary = {"round": number, "model_version": version, "proposed": table["proposed"],
-               "labelled": len(learner.labels), "pool": len(ids), "skipped_images": len(skipped)}
+               "labeled": len(learner.labels), "pool": len(ids), "skipped_images": len(skipped)}
     log(json.dumps(summary))
     return summary
 
@@ -493,10 +493,10 @@ def _round_predictions(learner, number: int, ids: list, images: np.ndarray, spec
     """The round's label for every task of its pool, and the ranking score of the unlabelled ones."""
     info = learner.rounds[number]
     probabilities = learner.predict(ids, images)
-    labelled = learner.labels
-    unlabelled = [i for i, item in enumerate(ids) if item not in labelled]
+    labeled = learner.labels
+    unlabeled = [i for i, item in enumerate(ids) if item not in labeled]
     proposed = [item for item in info["proposal"]["ids"] if item in set(ids)]
-    scores = ranking_scores([ids[i] for i in unlabelled], proposed, probabilities[unlabelled])
+    scores = ranking_scores([ids[i] for i in unlabeled], proposed, probabilities[unlabeled])
     labels = np.argmax(probabilities, axis=1)
     return {"round": number, "model_version": model_version(number), "spec": spec.as_json(), "proposed": proposed,
             "tasks": {str(item): {"label": spec.classes[int(labels[row])], "score": scores.get(item)}

@@ -421,22 +421,22 @@ class ActiveLearner:
         labels = np.full((len(pool.keys),), -1, np.int32)
         for key, (_, label) in self._labels.items():
             labels[pool.index[key]] = class_index[label]
-        labelled = sorted(self._labels)
-        val_keys = self._validation_keys(labelled)
-        train_rows = np.asarray(sorted(pool.index[key] for key in labelled if key not in set(val_keys)), np.int64)
+        labeled = sorted(self._labels)
+        val_keys = self._validation_keys(labeled)
+        train_rows = np.asarray(sorted(pool.index[key] for key in labeled if key not in set(val_keys)), np.int64)
         val_rows = np.asarray(sorted(pool.index[key] for key in val_keys), np.int64)
-        unlabelled = len(pool.keys) - len(labelled)
-        if unlabelled < k:
-            raise AnnotationError(f"only {unlabelled} unlabelled images are left in the pool; ask for at most that many")
+        unlabeled = len(pool.keys) - len(labeled)
+        if unlabeled < k:
+            raise AnnotationError(f"only {unlabeled} unlabelled images are left in the pool; ask for at most that many")
         if config.subset_size is not None and config.subset_size < k:
             raise AnnotationError(f"--subset_size ({config.subset_size}) must be at least k ({k})")
         if len(train_rows) == 0:
-            raise AnnotationError(f"all {len(labelled)} labels are held out for validation (--val_size); label more")
+            raise AnnotationError(f"all {len(labeled)} labels are held out for validation (--val_size); label more")
         exp = self._experiment(pool, labels, classes)
         lossnet = LossNet(config.lossnet.width) if self.strategy.requires.lossnet else None
-        initial_keys = [id_key(i) for i, _ in self._rounds[0]["new_labels"]] if self._rounds else labelled
+        initial_keys = [id_key(i) for i, _ in self._rounds[0]["new_labels"]] if self._rounds else labeled
         initial_rows = np.asarray(sorted(pool.index[key] for key in initial_keys if key not in set(val_keys)), np.int64)
-        digest = _labels_digest(labelled, labels[[pool.index[key] for key in labelled]], val_keys, pool.fingerprint)
+        digest = _labels_digest(labeled, labels[[pool.index[key] for key in labeled]], val_keys, pool.fingerprint)
 
         # Everything is checked: from here on the workdir is written.
         self._write_settings(pool, classes, exp)
@@ -450,17 +450,17 @@ class ActiveLearner:
 
         previous = self._rounds[-1] if self._rounds else None
         proposed = {id_key(encode_id(i)) for i in previous["proposal"]["ids"]} if previous else set()
-        new_keys = [key for key in labelled if key not in self._used_keys()]
-        self.log(f"round {number}: {len(labelled)} labelled images"
+        new_keys = [key for key in labeled if key not in self._used_keys()]
+        self.log(f"round {number}: {len(labeled)} labelled images"
                  + (f" ({len(new_keys)} new: {len(proposed & set(new_keys))} of round {number - 1}'s {len(proposed)} "
                     f"proposed, {len(set(new_keys) - proposed)} others)" if previous else "")
                  + (", training" if trained is None else ", trained before it was interrupted")
-                 + f"; then choosing {k} of {unlabelled} with {self.strategy.name}")
+                 + f"; then choosing {k} of {unlabeled} with {self.strategy.name}")
         trial_key = jax.random.fold_in(jax.random.key(config.seed), 0)
         images = pool.images
         result = run_round(
             exp, self.strategy, trial_key, number, state, images, labels, train_rows, lossnet=lossnet, budget=k,
-            num_labeled=len(labelled),
+            num_labeled=len(labeled),
             candidates=lambda rng: candidate_pool(len(pool.keys), train_rows, val_rows, config.subset_size, rng),
             evaluation=lambda: {"train": (images[train_rows], labels[train_rows]),
                                 **({"val": (images[val_rows], labels[val_rows])} if len(val_rows) else {})},
@@ -471,7 +471,7 @@ class ActiveLearner:
         info = {"round": number, "k": k, "pool_fingerprint": pool.fingerprint, "pool_size": len(pool.keys),
                 "new_labels": [[json.loads(key), class_index[self._labels[key][1]]] for key in new_keys],
                 "val": [json.loads(key) for key in val_keys] if number == 0 else [],
-                "proposed_labelled": len(proposed & set(new_keys)), "others_labelled": len(set(new_keys) - proposed),
+                "proposed_labeled": len(proposed & set(new_keys)), "others_labeled": len(set(new_keys) - proposed),
                 "proposal": {"ids": [encode_id(pool.ids[r]) for r in rows], "scores": scores,
                              "ranks": list(range(1, k + 1))},
                 "record": {**result.record, "selected": [encode_id(pool.ids[r]) for r in rows]}}
@@ -503,7 +503,7 @@ class ActiveLearner:
                 folder.mkdir(parents=True, exist_ok=True)
                 results.write_atomic(folder / "round.json", json.dumps(info, indent=1, sort_keys=True))
 
-    def _validation_keys(self, labelled: list) -> list:
+    def _validation_keys(self, labeled: list) -> list:
         """Round 0 holds `val_size` of its labels out of training (the reference set R of ISAL's "val");
         later rounds keep the same ones."""
         if self._rounds:
@@ -511,11 +511,11 @@ class ActiveLearner:
         size = self.config.val_size
         if size == 0:
             return []
-        if size >= len(labelled):
-            raise AnnotationError(f"--val_size ({size}) must be smaller than the {len(labelled)} labels of the first "
+        if size >= len(labeled):
+            raise AnnotationError(f"--val_size ({size}) must be smaller than the {len(labeled)} labels of the first "
                                   "round")
         rng = np.random.default_rng([self.config.seed, 0])
-        return sorted(labelled[i] for i in rng.choice(len(labelled), size, replace=False))
+        return sorted(labeled[i] for i in rng.choice(len(labeled), size, replace=False))
 
     def _experiment(self, pool: Pool, labels: np.ndarray, classes: tuple) -> Experiment:
         """The pool as the train split of a `Dataset` with the defaults of a folder run

@@ -129,7 +129,7 @@ def as_pool_names(rows: list[tuple[str, str]], ids: list[str]) -> list[tuple[str
     return out
 
 
-def run_round(config, args: argparse.Namespace, log=print) -> None:
+def folder_round(config, args: argparse.Namespace, log=print) -> None:
     from jaxal import folders, parallel, workdir as workdir_lock
     from jaxal.data import volumes
 
@@ -187,7 +187,7 @@ def run_label_studio_round(config, args: argparse.Namespace, log=print) -> None:
 
     client = labelstudio.Client(args.label_studio, labelstudio.api_key())
     with workdir_lock.hold(Path(config.workdir or "al"), parallel.is_primary()):
-        labelstudio.run_round(client, args.project, config, from_name=args.from_name, log=log)
+        labelstudio.project_round(client, args.project, config, from_name=args.from_name, log=log)
 
 
 def main(argv=None) -> int:
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
         return cli.run_command(args, lambda config: run_label_studio_round(config, args))
     if not args.pool or not args.labels:
         parser.error("give --pool and --labels (or --label-studio and --project)")
-    return cli.run_command(args, lambda config: run_round(config, args))
+    return cli.run_command(args, lambda config: folder_round(config, args))
 
 
 if __name__ == "__main__":

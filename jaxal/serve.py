@@ -8,7 +8,7 @@ then, in the project's Settings > Model, connect the model at http://localhost:9
     model_version (`jaxal-round-NNN`), which Label Studio stores with the predictions it asks for;
   - POST /webhook (ANNOTATION_CREATED / UPDATED / DELETED, START_TRAINING; and POST /train, the older
     form of START_TRAINING): starts a round in the background, the same round as `python -m jaxal.query
-    --label-studio` (`jaxal.labelstudio.run_round`: it reads the annotations and images with the URL and
+    --label-studio` (`jaxal.labelstudio.project_round`: it reads the annotations and images with the URL and
     key given here), except that it writes no predictions itself. One round runs at a time; events that
     come in during one start one more round after it. When a round finishes, jaxal has Label Studio
     retrieve its predictions (the Data Manager's "Retrieve Predictions" on every task: Label Studio
@@ -90,7 +90,7 @@ class Backend:
 
         while True:
             try:
-                summary = labelstudio.run_round(self.client, self.project, self.config, from_name=self.from_name,
+                summary = labelstudio.project_round(self.client, self.project, self.config, from_name=self.from_name,
                                                 publish=False, log=self.log)
                 self.table = labelstudio.read_predictions(self.workdir)
                 self.last_error = None

@@ -101,7 +101,7 @@ def test_uncertaingcn_selects_the_scores_closest_to_the_margin(monkeypatch):
     assert sorted(chosen.tolist()) == sorted(arg[-5:].tolist())
 
 
-def test_coregcn_is_greedy_k_center_from_the_labelled_embeddings(monkeypatch):
+def test_coregcn_is_greedy_k_center_from_the_labeled_embeddings(monkeypatch):
     ctx = context()
     hidden = np.random.default_rng(5).normal(size=(40, 4)).astype(np.float32)
     monkeypatch.setattr(gcn, "train_gcn", lambda x, *args, **kwargs: (jnp.zeros(x.shape[0]),

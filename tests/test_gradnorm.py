@@ -107,10 +107,10 @@ def test_parameter_subsets_equal_loop_restricted_by_hand(name, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_labelled_cross_entropy_equals_loop(method):
+def test_labeled_cross_entropy_equals_loop(method):
     model, params, batch_stats, xs = _setup("resnet")
     labels = jnp.arange(N) % NUM_CLASSES
-    loss_fn = example_loss(inference_apply(model, batch_stats), cross_entropy, labelled=True)
+    loss_fn = example_loss(inference_apply(model, batch_stats), cross_entropy, labeled=True)
     grads = _loop_grads("resnet", cross_entropy, labels)
     got = per_example_grad_norms(loss_fn, params, (xs, labels), norm="layer_sum", method=method, chunk_size=3)
     np.testing.assert_allclose(got, _hand_norms(grads, "layer_sum"), rtol=RTOL)

@@ -32,7 +32,7 @@ def model_problem(model, input_shape, n=6, num_classes=3, subset="all", seed=0):
     rng = np.random.default_rng(seed)
     xs = jnp.asarray(rng.normal(size=(n, *input_shape)))
     ys = jnp.asarray(rng.integers(0, num_classes, size=n))
-    loss_fn = influence.mean_loss(influence.example_loss(apply))
+    loss_fn = influence.mean_loss(influence.cross_entropy_example_loss(apply))
     loss_fn, params = restrict(loss_fn, variables["params"], subset)
     return loss_fn, params, (xs, ys), apply
 
@@ -107,7 +107,7 @@ def test_set_hvp_is_the_whole_set_product_for_every_chunk_size(chunk_size):
     loss_fn, params, batch, apply, hessian = cnn_problem()  # 11 rows: chunks of 4 end with a shifted one
     v = random_like(13, params)
     expected = hessian @ flat(v)
-    example_loss_fn = influence.example_loss(apply)  # the subset is "all": params are the whole tree
+    example_loss_fn = influence.cross_entropy_example_loss(apply)  # the subset is "all": params are the whole tree
     mean = influence.mean_loss(example_loss_fn)
     assert not isinstance(loss_fn, influence.MeanLoss)  # restrict() wraps it: an opaque mean loss
     xs, ys = batch
@@ -340,7 +340,7 @@ def test_lissa_compiles_once_and_side_by_side_chains_equal_a_python_loop_of_the_
 
 def test_influence_scores_match_per_example_gradient_loop():
     loss_fn, params, batch, apply = model_problem(SmallCNN(3, channels=(2, 3), hidden=8), (4, 4, 1), n=11)
-    example_loss_fn = influence.example_loss(apply)
+    example_loss_fn = influence.cross_entropy_example_loss(apply)
     s = random_like(11, params)
     grad = jax.jit(jax.grad(example_loss_fn))
     expected = np.array([float(tree_dot(s, grad(params, jax.tree.map(lambda a: a[i], batch)))) for i in range(11)])
@@ -357,15 +357,15 @@ def test_influence_scores_match_per_example_gradient_loop():
 def test_pseudo_label_loss_and_mean_gradient():
     loss_fn, params, batch, apply = model_problem(MLP(3, hidden=(6,)), (4,), n=9)
     xs, _ = batch
-    pseudo = influence.example_loss(apply, pseudo_label=True)
+    pseudo = influence.cross_entropy_example_loss(apply, pseudo_label=True)
     argmax = jnp.argmax(apply(params, xs).logits, axis=-1)
-    true_at_argmax = influence.example_loss(apply)
+    true_at_argmax = influence.cross_entropy_example_loss(apply)
     for i in range(3):
         np.testing.assert_allclose(float(pseudo(params, xs[i])), float(true_at_argmax(params, (xs[i], argmax[i]))))
         np.testing.assert_allclose(flat(jax.grad(pseudo)(params, xs[i])),
                                    flat(jax.grad(true_at_argmax)(params, (xs[i], argmax[i]))), rtol=1e-12)
     expected = flat(jax.grad(loss_fn)(params, batch))
-    example_loss_fn = influence.example_loss(apply)
+    example_loss_fn = influence.cross_entropy_example_loss(apply)
     np.testing.assert_allclose(flat(influence.mean_gradient(example_loss_fn, params, batch)), expected, rtol=1e-10)
     np.testing.assert_allclose(flat(influence.mean_gradient(example_loss_fn, params, batch, chunk_size=4)), expected,
                                rtol=1e-10)

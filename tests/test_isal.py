@@ -206,7 +206,7 @@ def test_lissa_and_cg_rank_like_exact_on_a_convex_problem():
     ctx = dataclasses.replace(base, labeled_x=base.labeled_x * stretch, pool_x=base.pool_x * stretch,
                               reference_sets={"val": (base.reference_sets["val"][0] * stretch,
                                                       base.reference_sets["val"][1])})
-    loss_fn, params = influence.mean_loss(influence.example_loss(lambda p, x: model.apply({"params": p}, x))), \
+    loss_fn, params = influence.mean_loss(influence.cross_entropy_example_loss(lambda p, x: model.apply({"params": p}, x))), \
         variables["params"]
     lam_max = float(influence.power_iteration(loss_fn, params, (ctx.labeled_x, ctx.labeled_y),
                                               rng=jax.random.key(0), iters=200))
@@ -301,7 +301,7 @@ def test_every_variant_runs_in_the_loop_on_digits(tmp_path):
 
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("solver", ["lissa", "cg", "exact"])
-def test_new_weights_and_a_growing_labelled_set_compile_nothing(solver):
+def test_new_weights_and_a_growing_labeled_set_compile_nothing(solver):
     """Three cycles: re-initialised weights and BatchNorm statistics, a labelled set growing within one
     bucket, another pool size. The solver, the mean gradient and the pool scores compile once."""
     options = dict(solver=solver, depth=20, repeats=2, batch_size=3, damping=0.01, scale=100.0)
@@ -327,7 +327,7 @@ def test_new_weights_and_a_growing_labelled_set_compile_nothing(solver):
 
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("solver", ["lissa", "cg", "exact"])
-def test_padding_the_labelled_set_never_changes_the_scores(monkeypatch, solver):
+def test_padding_the_labeled_set_never_changes_the_scores(monkeypatch, solver):
     """Padded to its bucket (weights 0, LiSSA drawing among the real rows with the same rng) or not
     padded at all, the labelled set gives the same s_test and scores: the same minibatches for LiSSA."""
     model, variables = tiny_bn_problem(seed=4)
@@ -345,7 +345,7 @@ def test_padding_the_labelled_set_never_changes_the_scores(monkeypatch, solver):
 def test_lissa_num_examples_draws_among_the_real_rows_only():
     model = MLP(NUM_CLASSES, hidden=(4,), dropout_rate=0.0)
     variables = to64(init_variables(model, jax.random.key(5), (6,)))
-    loss_fn = influence.mean_loss(influence.example_loss(lambda p, x: model.apply({"params": p}, x)))
+    loss_fn = influence.mean_loss(influence.cross_entropy_example_loss(lambda p, x: model.apply({"params": p}, x)))
     params = variables["params"]
     rng = np.random.default_rng(5)
     xs, ys = jnp.asarray(rng.normal(size=(10, 6))), jnp.asarray(rng.integers(0, NUM_CLASSES, 10))
@@ -361,7 +361,7 @@ def test_lissa_num_examples_draws_among_the_real_rows_only():
     assert not np.allclose(flat(unmasked), flat(plain))
     # The weighted mean over the real rows is the mean of the unpadded set (the full-batch mode).
     weights = jnp.arange(16) < 10
-    weighted = influence.weighted_mean_loss(influence.example_loss(lambda p, x: model.apply({"params": p}, x)))
+    weighted = influence.weighted_mean_loss(influence.cross_entropy_example_loss(lambda p, x: model.apply({"params": p}, x)))
     full = dict(kwargs, batch_size=None)
     np.testing.assert_allclose(flat(influence.lissa(weighted, params, (padded, weights), v, **full)),
                                flat(influence.lissa(loss_fn, params, (xs, ys), v, **full)), rtol=1e-10)

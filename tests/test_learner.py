@@ -55,8 +55,8 @@ def test_two_rounds_with_reproposal_and_determinism(tmp_path, pool, monkeypatch)
     a.tell(*first_labels(truth))
     first = a.ask(ids, images, k=K)
     assert first.round == 0 and first.retrained and len(first) == K and first.ranks == (1, 2, 3, 4, 5)
-    labelled = set(first_labels(truth)[0])
-    assert len(set(first.ids)) == K and not set(first.ids) & labelled and set(first.ids) <= set(ids)
+    labeled = set(first_labels(truth)[0])
+    assert len(set(first.ids)) == K and not set(first.ids) & labeled and set(first.ids) <= set(ids)
     assert list(first.scores) == sorted(first.scores, reverse=True)
 
     # The same inputs in another workdir, the pool given in another order: the same batch, the same scores.
@@ -74,13 +74,13 @@ def test_two_rounds_with_reproposal_and_determinism(tmp_path, pool, monkeypatch)
     monkeypatch.undo()
 
     # The annotator labels three of the five and one image that was never proposed.
-    extra = next(i for i in ids if i not in labelled and i not in first.ids)
+    extra = next(i for i in ids if i not in labeled and i not in first.ids)
     reopened.tell(*annotate(truth, [*first.ids[:3], extra]))
     second = reopened.ask(ids, images, k=K)
     assert second.round == 1 and second.retrained
-    assert not set(second.ids) & (labelled | set(first.ids[:3]) | {extra})
+    assert not set(second.ids) & (labeled | set(first.ids[:3]) | {extra})
     info = reopened.rounds[1]
-    assert (info["proposed_labelled"], info["others_labelled"], info["record"]["num_labeled"]) == (3, 1, 16)
+    assert (info["proposed_labeled"], info["others_labeled"], info["record"]["num_labeled"]) == (3, 1, 16)
     assert json.loads((tmp_path / "a" / "round_001" / "round.json").read_text())["proposal"]["ids"] == list(second.ids)
     assert reopened.labels[extra] == truth[extra]
 
@@ -138,12 +138,12 @@ def test_bad_input_is_refused_and_changes_nothing(tmp_path, pool):
         return learner(workdir)
 
     other = next(i for i in ids if truth[i] == "one" and i not in first.labels)
-    labelled = first_labels(truth)[0][0]
+    labeled = first_labels(truth)[0][0]
     cases = [
         ("a label for an id outside the pool", lambda l: (l.tell(["nowhere.png"], ["one"]), l.ask(ids, images, K)),
          "labels for ids that are not in the pool: 'nowhere.png'"),
         ("a class outside the known set", lambda l: l.tell([other], ["three"]), "'three' is not one of the known classes"),
-        ("a conflicting second label", lambda l: l.tell([labelled], [next(c for c in truth.values() if c != truth[labelled])]),
+        ("a conflicting second label", lambda l: l.tell([labeled], [next(c for c in truth.values() if c != truth[labeled])]),
          "conflicting labels for the same id"),
         ("two labels within one call", lambda l: l.tell([other, other], ["one", "two"]), "conflicting labels"),
         ("a file added to the pool, no new label", lambda l: l.ask([*ids, "new.png"], np.concatenate([images, images[:1]]), K),
@@ -179,13 +179,13 @@ def test_ids_of_any_json_type_and_inferred_classes(tmp_path, pool):
     names = list(truth.values())
     ids = [("scan", i) if i % 3 else i for i in range(len(names))]  # tuple keys and plain integers
     rounds = jaxal.ActiveLearner(workdir=tmp_path / "al", log=lambda *_: None, **{**SETTINGS, "strategy": "entropy"})
-    labelled = [i for i in range(len(names)) if i % 5 == 0]
-    rounds.tell([ids[i] for i in labelled], [names[i] for i in labelled])
+    labeled = [i for i in range(len(names)) if i % 5 == 0]
+    rounds.tell([ids[i] for i in labeled], [names[i] for i in labeled])
     proposal = rounds.ask(ids, images, k=K)
-    assert all(item in ids for item in proposal.ids) and not set(proposal.ids) & {ids[i] for i in labelled}
+    assert all(item in ids for item in proposal.ids) and not set(proposal.ids) & {ids[i] for i in labeled}
     assert rounds.classes == ("one", "two", "zero")  # inferred from the first round's labels, sorted
     reopened = jaxal.ActiveLearner(workdir=tmp_path / "al", log=lambda *_: None, **{**SETTINGS, "strategy": "entropy"})
-    assert reopened.labels == {ids[i]: names[i] for i in labelled}
+    assert reopened.labels == {ids[i]: names[i] for i in labeled}
     with pytest.raises(AnnotationError, match="'four' is not one of the known classes"):
         reopened.tell([ids[1]], ["four"])
 

@@ -31,7 +31,7 @@ def model_and_shapes(name):
     return model, jax.eval_shape(lambda key: init_variables(model, key, MODELS[name]), jax.random.key(0))
 
 
-def labelled(name, n):
+def labeled(name, n):
     """Shapes of a padded labelled set `((x, y), weights)` of n rows."""
     return ((jax.ShapeDtypeStruct((n, *MODELS[name]), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.int32)),
             jax.ShapeDtypeStruct((n,), jnp.float32))
@@ -66,7 +66,7 @@ def cnn_solvers():
 
     def program(variables, data, n):
         apply = inference_apply(model, variables["batch_stats"])
-        loss, selected = restrict(influence.example_loss(apply), variables["params"], "weights")
+        loss, selected = restrict(influence.cross_entropy_example_loss(apply), variables["params"], "weights")
         loss = influence.weighted_mean_loss(loss)
         full = influence._lissa_chains(loss, selected, data, selected, jax.random.key(0), 0.01, 1e4, depth=3,
                                        repeats=4, batch_size=None, num_examples=n)
@@ -82,10 +82,10 @@ PROGRAMS = {"resnet18 cg": ("resnet18", lambda: isal_solver("resnet18", "cg", "w
 
 
 @pytest.mark.parametrize("name", sorted(PROGRAMS))
-def test_solver_memory_does_not_grow_with_the_labelled_set(name):
+def test_solver_memory_does_not_grow_with_the_labeled_set(name):
     model, build = PROGRAMS[name]
     program, variables = build(), model_and_shapes(model)[1]
-    small, large = (temp_bytes(program, variables, labelled(model, n), n) for n in SIZES)
+    small, large = (temp_bytes(program, variables, labeled(model, n), n) for n in SIZES)
     assert small > 0 and large == small, (name, small, large)
 
 
@@ -96,10 +96,10 @@ def test_one_unchunked_product_grows_with_the_set():
 
     def whole_set_hvp(variables, data):
         apply = inference_apply(model, variables["batch_stats"])
-        loss, selected = restrict(influence.example_loss(apply), variables["params"], "weights")
+        loss, selected = restrict(influence.cross_entropy_example_loss(apply), variables["params"], "weights")
         return influence.hvp(influence.weighted_mean_loss(loss), selected, data, selected)
 
-    small, large = (temp_bytes(whole_set_hvp, variables, labelled("cnn", n)) for n in SIZES)
+    small, large = (temp_bytes(whole_set_hvp, variables, labeled("cnn", n)) for n in SIZES)
     assert large > 6 * small
 
 
@@ -108,7 +108,7 @@ def test_exact_bytes_is_what_xla_allocates_and_the_set_size_is_not():
     the exact solver are `exact_bytes` within 2%, at 64 and at 1024 labelled examples alike."""
     model = MLP(10, hidden=(120,))
     variables = jax.eval_shape(lambda key: init_variables(model, key, (8, 8, 1)), jax.random.key(0))
-    loss = influence.mean_loss(influence.example_loss(inference_apply(model, variables["batch_stats"])))
+    loss = influence.mean_loss(influence.cross_entropy_example_loss(inference_apply(model, variables["batch_stats"])))
     params = variables["params"]
     solve = functools.partial(influence._exact_body, loss, chunk_size=32, block_size=32)
     temps = [temp_bytes(lambda p, d, v: solve(p, d, v, 1.0), params,

@@ -69,7 +69,7 @@ def check_annotate(cwd: Path, nb) -> None:
     # QUICK: digits, 20 first labels, 8 proposed per round, all of round 0's batch labelled.
     assert [len(r["proposal"]["ids"]) for r in rounds] == [8, 8]
     assert not set(rounds[0]["proposal"]["ids"]) & set(rounds[1]["proposal"]["ids"])
-    assert (rounds[1]["proposed_labelled"], rounds[1]["record"]["num_labeled"]) == (8, 28)
+    assert (rounds[1]["proposed_labeled"], rounds[1]["record"]["num_labeled"]) == (8, 28)
     assert sum("image/png" in out.get("data", {}) for out in outputs_of(nb)) == 2  # the two grids
     printed = "".join(out.get("text", "") for out in outputs_of(nb) if out.output_type == "stream")
     assert "round 0: scores" in printed and "round 1: scores" in printed

@@ -58,18 +58,18 @@ def test_two_rounds_from_the_command_line(tmp_path, monkeypatch):
     assert list(rows[0]) == ["path", "score", "rank"] and [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5]
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True) and all(s > 0 for s in scores)
-    labelled = {item for item, _ in initial_labels(truth)}
-    assert {r["path"] for r in rows} <= set(truth) - labelled
+    labeled = {item for item, _ in initial_labels(truth)}
+    assert {r["path"] for r in rows} <= set(truth) - labeled
     sheet = Image.open(workdir / "round_000" / "contact_sheet.png")
     assert sheet.size[0] >= 5 * 64 and sheet.size[1] >= 64
 
     # The annotator labels three of the five and one other image; the next run is round 1.
-    extra = next(item for item in sorted(truth) if item not in labelled and item not in {r["path"] for r in rows})
+    extra = next(item for item in sorted(truth) if item not in labeled and item not in {r["path"] for r in rows})
     append_labels(labels, [(r["path"], truth[r["path"]]) for r in rows[:3]] + [(extra, truth[extra])])
     monkeypatch.chdir(tmp_path)
     assert query.main(args) == 0
     second = read_to_label(workdir / "round_001" / "to_label.csv")
-    assert len(second) == BUDGET and not {r["path"] for r in second} & (labelled | {extra} | {r["path"] for r in rows[:3]})
+    assert len(second) == BUDGET and not {r["path"] for r in second} & (labeled | {extra} | {r["path"] for r in rows[:3]})
     # The first round's list is still there, unchanged.
     assert read_to_label(to_label) == rows
 
@@ -95,9 +95,9 @@ def add_file(base, truth):
     Image.new("L", (8, 8), 7).save(base / "photos" / "added.png")
 
 
-def remove_labelled(base, truth):
-    labelled = initial_labels(truth)[0][0]
-    (base / "photos" / labelled).unlink()
+def remove_labeled(base, truth):
+    labeled = initial_labels(truth)[0][0]
+    (base / "photos" / labeled).unlink()
     first = read_to_label(base / "al" / "round_000" / "to_label.csv")[0]["path"]
     append_labels(base / "labels.csv", [(first, truth[first])])  # a new label, so a new round would start
 
@@ -115,7 +115,7 @@ BAD_INPUTS = {
         b / "second.csv", [(initial_labels(t)[0][0], "two" if initial_labels(t)[0][1] != "two" else "one")]),
         ["--new-labels", "second.csv"], "conflicting labels"),
     "file added to the pool without new labels": (add_file, [], "the pool changed under round 0 (1 added ('added.png'))"),
-    "labelled file removed from the pool": (remove_labelled, [], "labelled images of earlier rounds are no longer in"),
+    "labelled file removed from the pool": (remove_labeled, [], "labelled images of earlier rounds are no longer in"),
     "malformed labels row": (lambda b, t: append_labels(b / "labels.csv", [("only-a-path.png",)]), [],
                              "row 14: expected path,label"),
     "missing labels file": (lambda b, t: None, ["--new-labels", "missing.csv"], "cannot read the labels file"),

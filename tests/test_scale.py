@@ -97,11 +97,11 @@ def test_the_flags_flip_the_policy(tmp_path, monkeypatch, dump_ir):
     variables = init_variables(model, jax.random.key(0), (2, 2, 1))
     rng = np.random.default_rng(0)
     x = lambda n: jnp.asarray(rng.normal(size=(n, 2, 2, 1)), jnp.float32)  # noqa: E731
-    labelled = (x(12), jnp.asarray(rng.integers(0, 3, 12)))
+    labeled = (x(12), jnp.asarray(rng.integers(0, 3, 12)))
     config = build_config(strategy="isal", val_size=5, precision=dict(solvers="default", training="highest"),
                           influence=dict(solver="cg", cg_tol=0.1))
-    ctx = StrategyContext(model=model, variables=variables, pool_x=x(9), labeled_x=labelled[0], labeled_y=labelled[1],
-                          num_classes=3, config=config, rng=jax.random.key(0), reference_sets={"val": labelled})
+    ctx = StrategyContext(model=model, variables=variables, pool_x=x(9), labeled_x=labeled[0], labeled_y=labeled[1],
+                          num_classes=3, config=config, rng=jax.random.key(0), reference_sets={"val": labeled})
     isal.isal_scores(ctx)
     programs = dumped_programs(dump_ir)
     for name in ("_solve_body", "_reference_gradient", "_pool_scores"):

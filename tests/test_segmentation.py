@@ -46,7 +46,7 @@ def random_labels(rng, shape, num_classes=C, void=VOID, void_fraction=0.2):
 # ---- losses of one image -------------------------------------------------------------------------
 
 
-def test_supervised_loss_is_the_cross_entropy_of_the_labelled_pixels(x64):
+def test_supervised_loss_is_the_cross_entropy_of_the_labeled_pixels(x64):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 6, C))
     labels = random_labels(rng, (5, 6))

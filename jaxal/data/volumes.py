@@ -230,7 +230,7 @@ def volume_dataset(name: str, x_train, y_train, x_test, y_test, class_names: Seq
                    DEFAULT_AUGMENTATION, 0, DEFAULT_MODEL, Normalization(), tuple(class_names))
 
 
-def _labelled(paths, labels, classes, cache_dir):
+def _labeled(paths, labels, classes, cache_dir):
     x, _ = read_volumes(paths, cache_dir=cache_dir)
     index = {c: i for i, c in enumerate(classes)}
     return x, np.array([index[label] for label in labels], np.int32)
@@ -253,8 +253,8 @@ def load_volumes(name: str, *, cache_dir=None):
     classes = sorted(set(train_labels) | set(test_labels))
     if len(classes) < 2:
         raise ValueError(f"{source} has {len(classes)} class(es); classification needs at least 2")
-    x_train, y_train = _labelled(train_paths, train_labels, classes, cache_dir)
-    x_test, y_test = _labelled(test_paths, test_labels, classes, cache_dir)
+    x_train, y_train = _labeled(train_paths, train_labels, classes, cache_dir)
+    x_test, y_test = _labeled(test_paths, test_labels, classes, cache_dir)
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(f"{test_paths[0]} is a volume of {x_test.shape[1:4]} voxels but {train_paths[0]} is "
                          f"{x_train.shape[1:4]}: all volumes must have one size")

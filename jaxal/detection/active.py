@@ -121,21 +121,21 @@ def run_detection(config: Config, workdir: Path, *, log: Callable[[str], None] =
     for strategy in config.strategies:
         for trial in range(config.trials):
             rng = np.random.default_rng([config.seed, trial])
-            labelled = rng.choice(len(pool), config.initial_size, replace=False)
+            labeled = rng.choice(len(pool), config.initial_size, replace=False)
             for cycle in range(config.cycles):
-                plan = schedule(config, len(labelled))
+                plan = schedule(config, len(labeled))
                 start, cpu = time.perf_counter(), time.process_time()
                 key = jax.random.PRNGKey(config.seed * 1000 + trial * 100 + cycle)
                 variables = fresh_variables(detector, config, key, data.canvases[0], backbone_variables)
-                variables, history = training.train(detector, variables, pool, labelled, plan, rng, flip=b.flip,
+                variables, history = training.train(detector, variables, pool, labeled, plan, rng, flip=b.flip,
                                                     trainable=trainable_mask(variables["params"]))
                 train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
                 start = time.perf_counter()
                 found = training.detect(detector, variables, data.test, test_indices, config.eval_batch_size)
                 coco = evaluate.coco_metrics(data.test, test_indices, found, num_classes=data.num_classes)
                 voc = evaluate.voc_map(data.test, test_indices, found, num_classes=data.num_classes)
-                record = {"strategy": strategy, "trial": trial, "cycle": cycle, "num_labeled": int(len(labelled)),
-                          "num_boxes": int(pool.num_boxes(labelled).sum()), "iterations": plan.iterations,
+                record = {"strategy": strategy, "trial": trial, "cycle": cycle, "num_labeled": int(len(labeled)),
+                          "num_boxes": int(pool.num_boxes(labeled).sum()), "iterations": plan.iterations,
                           "first_loss": float(history[0]["loss"]), "final_loss": float(history[-1]["loss"]),
                           **{f"test_{k}": float(coco[k]) for k in evaluate.COCO_KEYS},
                           "test_map50": float(voc["map50"]),
@@ -148,9 +148,9 @@ def run_detection(config: Config, workdir: Path, *, log: Callable[[str], None] =
                     f"boxes, AP {record['test_ap']:.4f}, AP50 {record['test_ap50']:.4f}, mAP@0.5 "
                     f"{record['test_map50']:.4f} (train {train_seconds:.0f} s, {train_cpu:.0f} CPU s)")
                 if cycle < config.cycles - 1:
-                    unlabelled = np.setdiff1d(np.arange(len(pool)), labelled)
-                    chosen = rng.choice(unlabelled, min(config.budget, len(unlabelled)), replace=False)
-                    labelled = np.concatenate([labelled, chosen])
+                    unlabeled = np.setdiff1d(np.arange(len(pool)), labeled)
+                    chosen = rng.choice(unlabeled, min(config.budget, len(unlabeled)), replace=False)
+                    labeled = np.concatenate([labeled, chosen])
     log(results.summary_table(records, "ap"))
     return records
 

@@ -95,9 +95,9 @@ class Bounds:
 # (loss, chunk shape) for the whole run.
 
 
-def _example_loss(model, variables: dict, loss_of_logits: Callable, labelled: bool = False):
+def _example_loss(model, variables: dict, loss_of_logits: Callable, labeled: bool = False):
     return gradnorm.example_loss(inference_apply(model, variables["batch_stats"]), loss_of_logits,
-                                 labelled=labelled)
+                                 labeled=labeled)
 
 
 class ModelLoss(NamedTuple):
@@ -106,10 +106,10 @@ class ModelLoss(NamedTuple):
 
     model: object
     loss_of_logits: Callable
-    labelled: bool
+    labeled: bool
 
     def __call__(self, variables, example):
-        loss = _example_loss(self.model, variables, self.loss_of_logits, self.labelled)
+        loss = _example_loss(self.model, variables, self.loss_of_logits, self.labeled)
         return loss(variables["params"], example)
 
 
@@ -136,7 +136,7 @@ def _pool_pass(static, consts, xs):
 def _true_label_norms(static, variables, chunk):
     model, norm, subset, grad_method, precision = static
     with precision_lib.scope(precision):
-        loss = _example_loss(model, variables, gradnorm.cross_entropy, labelled=True)
+        loss = _example_loss(model, variables, gradnorm.cross_entropy, labeled=True)
         return gradnorm.per_example_grad_norms(loss, variables["params"], chunk, norm=norm, params_filter=subset,
                                                method=grad_method)
 
@@ -168,9 +168,9 @@ def cycle_bounds(model, prev_variables: dict, next_variables: dict, pool_x, trai
     test_x, test_y = test_data
     train_loss = ModelLoss(model, gradnorm.cross_entropy, True)
 
-    def solve_for(loss_of_logits, data, labelled: bool):
+    def solve_for(loss_of_logits, data, labeled: bool):
         # v = sum_j g_{c+1}(x_j): a SUM over the test set.
-        v = influence.reference_gradient(ModelLoss(model, loss_of_logits, labelled), next_variables, data,
+        v = influence.reference_gradient(ModelLoss(model, loss_of_logits, labeled), next_variables, data,
                                          subset=subset, chunk_size=chunk, reduce="sum", mesh=mesh,
                                          precision=precision)
         return influence.inverse_hvp(train_loss, next_variables, train_data, v, options=options, rng=rng, l2=l2,

@@ -67,7 +67,7 @@ def _expected_gradient_length(static, variables, xs):
     probs = jax.nn.softmax(apply_fn(variables["params"], xs).logits)
     n, num_classes = probs.shape
     pairs = (jnp.repeat(xs, num_classes, axis=0), jnp.tile(jnp.arange(num_classes), n))
-    loss = gradnorm.example_loss(apply_fn, gradnorm.cross_entropy, labelled=True)
+    loss = gradnorm.example_loss(apply_fn, gradnorm.cross_entropy, labeled=True)
     norms = gradnorm.per_example_grad_norms(loss, variables["params"], pairs, norm=norm, params_filter=subset,
                                             method=method)
     return jnp.sum(probs * norms.reshape(n, num_classes), axis=1)
@@ -116,7 +116,7 @@ def egl_scores(ctx: StrategyContext):
     """Largest expected gradient length sum_i p_i ||grad CE(x, i)|| (Settles et al.)."""
     options = ctx.config.gradnorm
     loss = gradnorm.example_loss(inference_apply(ctx.model, ctx.variables["batch_stats"]), gradnorm.cross_entropy,
-                                 labelled=True)
+                                 labeled=True)
     pair = (ctx.pool_x[:1], np.zeros((1,), np.int32))
     static = (ctx.model, options.norm, options.params, engine_method(ctx, loss, pair))
     # C labelled pairs per example: keep a chunk of pairs as large as a chunk of examples.

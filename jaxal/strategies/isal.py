@@ -123,7 +123,7 @@ def labeled_example_loss(apply_fn: Callable, task=None) -> Callable:
     """`example_loss_fn(params, (x, y))`: the task's supervised loss of one example (CE at the true label;
     a segmentation's averaged over its labelled pixels). None: classification."""
     if task is None:
-        return influence.example_loss(apply_fn)
+        return influence.cross_entropy_example_loss(apply_fn)
 
     def loss(params, example):
         x, y = example
@@ -138,7 +138,7 @@ def unlabeled_example_loss(apply_fn: Callable, top_k_classes: int = 1, task=None
     top-k expected CE (k > 1, classification only)."""
     if top_k_classes == 1:
         if task is None:
-            return influence.example_loss(apply_fn, pseudo_label=True)
+            return influence.cross_entropy_example_loss(apply_fn, pseudo_label=True)
         return lambda params, x: task.pseudo_label_loss(apply_fn(params, x[None]).logits[0])
 
     def loss(params, x):
