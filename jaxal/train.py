@@ -21,8 +21,9 @@ gets its batch (`train_model`'s `input_pipeline`, `INPUT_PIPELINES`):
     overlaps the step before it;
   - "host": gathered and sent when its step is dispatched (what jaxal did before);
   - "auto" (default): "resident" when the labelled set takes at most `RESIDENT_MAX_FRACTION` of a device's
-    memory (`RESIDENT_MAX_BYTES` where the backend does not say, as on a CPU) and one process drives
-    every device, else "prefetch". A CIFAR-size labelled set (20000 x 3 KiB = 61 MB) is resident.
+    memory (`RESIDENT_MAX_BYTES` where the backend does not say, as on a CPU), else "prefetch"; "host"
+    when several processes drive the devices (each batch with its step: the two-process tests deadlocked
+    in Gloo with batches sent ahead). A CIFAR-size labelled set (20000 x 3 KiB = 61 MB) is resident.
 All four give the same batches in the same order, so the same training to the bit.
 
 Data parallel (`mesh`): the batch is split over the mesh's `data` axis and the parameters are
@@ -143,6 +144,11 @@ def loss_prediction_loss(predicted: jax.Array, target: jax.Array, margin: float)
 _CLASSIFICATION = tasks.Classification(num_classes=0)
 
 
+def at_least_float32(a: jax.Array) -> jax.Array:
+    """bf16 activations up to float32 for the loss; float32 and float64 (the tests' x64) unchanged."""
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "lossnet", "options", "mesh"), donate_argnames=("state",))
 def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr: dict,
                detach_features: jax.Array, *, model: nn.Module, lossnet: Optional[LossNet],
@@ -162,7 +168,7 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr
         output, updates = compute_model.apply({"params": model_params, "batch_stats": state.batch_stats}, x,
                                               train=True, mutable=["batch_stats"], rngs={"dropout": dropout_rng})
         # The loss and its softmax in float32 (a detector's logits are a tree of per-level maps).
-        logits = jax.tree.map(lambda a: a.astype(jnp.float32), output.logits)
+        logits = jax.tree.map(at_least_float32, output.logits)
         if hasattr(task, "batch_loss"):  # detection: normalised by the whole batch's positives, not a mean
             loss = task.batch_loss(logits, y)
             per_example = jax.vmap(task.supervised_loss)(logits, y) if lossnet is not None else None
@@ -173,7 +179,7 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr
             metrics = {"loss": loss, "accuracy": jnp.mean(task.correct_fraction(logits, y))}
         if lossnet is not None:
             # The loss module (a few small dense layers) reads the blocks in float32.
-            blocks = [jnp.where(detach_features, jax.lax.stop_gradient(b), b).astype(jnp.float32)
+            blocks = [at_least_float32(jnp.where(detach_features, jax.lax.stop_gradient(b), b))
                       for b in output.blocks]
             predicted = lossnet.apply({"params": params["lossnet"]}, blocks)
             ranking = loss_prediction_loss(predicted, per_example, options.lossnet_margin)
@@ -225,10 +231,12 @@ def resolve_input_pipeline(pipeline: str, nbytes: int, mesh=None) -> str:
         raise ValueError(f"input_pipeline must be one of {', '.join(INPUT_PIPELINES)}, got {pipeline!r}")
     if pipeline != "auto":
         return pipeline
+    if jax.process_count() > 1:  # several processes: each batch goes with its step, in the same order everywhere
+        return "host"
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
     stats = device.memory_stats() or {}
     limit = RESIDENT_MAX_FRACTION * stats["bytes_limit"] if stats.get("bytes_limit") else RESIDENT_MAX_BYTES
-    return "resident" if jax.process_count() == 1 and nbytes <= limit else "prefetch"
+    return "resident" if nbytes <= limit else "prefetch"
 
 
 @functools.lru_cache(maxsize=None)

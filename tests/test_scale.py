@@ -68,7 +68,7 @@ def dump_ir(tmp_path):
 FRESH = dict(initial_size=31, val_size=5, budget=7, cycles=2, epochs=1, batch_size=13, eval_batch_size=11,
              progress=False, gradnorm=dict(chunk_size=9),
              influence=dict(depth=3, repeats=2, chunk_size=10, hvp_chunk_size=7, solver="cg", cg_maxiter=5, cg_tol=0.1))
-SOLVER_PROGRAMS = ("_solve_body", "_reference_gradient", "_pool_scores", "_greedy_k_center", "_kmeans_pp_seeding")
+SOLVER_PROGRAMS = ("_solve_body", "_gradient_chunk", "_pool_scores", "_greedy_k_center", "_kmeans_pp_seeding")
 DEFAULT_PROGRAMS = ("train_step", "_predict_chunk", "_query_norms")
 
 
@@ -104,7 +104,7 @@ def test_the_flags_flip_the_policy(tmp_path, monkeypatch, dump_ir):
                           num_classes=3, config=config, rng=jax.random.key(0), reference_sets={"val": labeled})
     isal.isal_scores(ctx)
     programs = dumped_programs(dump_ir)
-    for name in ("_solve_body", "_reference_gradient", "_pool_scores"):
+    for name in ("_solve_body", "_gradient_chunk", "_pool_scores"):
         assert programs.get(name) == {"DEFAULT"}, (name, programs.get(name))
 
     seen = []
@@ -134,7 +134,7 @@ def test_diagnostics_run_at_highest(dump_ir):
     diagnostics.cycle_bounds(model, prev, nxt, x(9), (x(8), y(8)), (x(5), y(5)), options=options, l2=0.1)
     diagnostics.true_label_grad_norms(model, nxt, x(9), y(9))
     programs = dumped_programs(dump_ir)
-    for name in ("_solve_body", "_gradient_sum", "_pool_pass", "_true_label_norms"):
+    for name in ("_solve_body", "_gradient_chunk", "_pool_pass", "_true_label_norms"):
         assert programs.get(name) == {"HIGHEST"}, (name, programs.get(name))
 
 
