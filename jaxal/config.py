@@ -163,6 +163,8 @@ class BoxesOptions:
     max_boxes: Optional[int] = None  # boxes per image kept (padded); None: the dataset's largest count
     on_invalid: str = "drop"  # invalid boxes (zero area, outside the image): "drop" (ISAL) or "error"
     flip: bool = True  # random horizontal flip of the training images (mmdet flip_ratio=0.5)
+    # a dataset whose canvas images (all splits) fit in this many bytes keeps them once decoded; 0: stream always
+    cache_bytes: int = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
