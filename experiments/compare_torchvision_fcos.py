@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -118,7 +117,7 @@ def compare(path: str) -> dict:
     variables = jaxal_params(state)
     images = jnp.asarray(data["images"])
     reference = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images[:1]))
-    same = jax.tree.map(lambda a, b: a.shape == b.shape, reference, {**variables})
+    same = jax.tree.map(lambda a, b: a.shape == b.shape, reference, variables)
     assert all(jax.tree.leaves(same)), "the ported parameters do not have the model's shapes"
     maps = jax.jit(model.apply)(variables, images)["logits"]
     # torchvision: (N, sum HW, K) concatenated over levels, bbox_regression before the box coder's x stride
