@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 
-def write_voc(root: Path, n: int, seed: int = 0) -> None:
+def write_voc(root: Path, n: int, seed: int = 0, held_out: int = 2) -> None:
+    """N images in train; val and test are the first `held_out` of them."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -48,7 +49,7 @@ def write_voc(root: Path, n: int, seed: int = 0) -> None:
         (root / "Annotations" / f"{image_id}.xml").write_text(
             f"<annotation><size><width>640</width><height>480</height></size>{''.join(objects)}</annotation>")
     for split in ("train", "val", "test"):
-        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids if split == "train" else ids[:2]))
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids if split == "train" else ids[:held_out]))
 
 
 def measure(root: str, canvas: int, batch: int, workers: int | None) -> dict:

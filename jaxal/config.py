@@ -182,6 +182,8 @@ class BoxesOptions:
     max_boxes: Optional[int] = None  # boxes per image kept (padded); None: the dataset's largest count
     on_invalid: str = "drop"  # invalid boxes (zero area, outside the image): "drop" (ISAL) or "error"
     flip: bool = True  # random horizontal flip of the training images (mmdet flip_ratio=0.5)
+    # a dataset whose canvas images (all splits) fit in this many bytes keeps them once decoded; 0: stream always
+    cache_bytes: int = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,10 +388,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Sized for 2 CPU cores: canvas 320 (320x240), FCOS (ISAL's mmdet config) on ResNet-18 from scratch
     # with a 64-channel FPN/head of 2 convolutions, 20 initial + 20 per cycle, 3 cycles, 200 iterations
     # per cycle at batch 4 (12 epochs of 20 images are fewer steps than mmdet's 500-iteration warm-up, so
-    # the warm-up is 50 iterations here), a fresh detector each cycle as ISAL.
+    # the warm-up is 50 iterations here), a fresh detector each cycle as ISAL. lr 0.005: at ISAL's 0.01 the
+    # from-scratch R18 (its BatchNorm frozen at the init's statistics, mmdet norm_eval) diverged to NaN in
+    # the second cycle (40 images).
     #   python -m jaxal.run --preset bccd_fcos --strategy random
     "bccd_fcos": dict(strategy="random", dataset="bccd", task="detection", model="fcos_r18", initial_size=20,
-                      budget=20, cycles=3, trials=1, batch_size=4, lr=0.01, momentum=0.9, weight_decay=1e-4,
+                      budget=20, cycles=3, trials=1, batch_size=4, lr=0.005, momentum=0.9, weight_decay=1e-4,
                       lr_gamma=0.1, eval_batch_size=8, warm_start=False,
                       boxes=dict(canvas=320), detection=dict(iterations=200, warmup_iters=50, channels=64,
                                                              stacked_convs=2)),

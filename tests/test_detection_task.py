@@ -72,10 +72,11 @@ def test_ghost_equals_vmap_for_the_entropy_norm_with_the_head_called_per_level(c
     vmap = gradnorm.per_example_grad_norms(loss, params, xs, params_filter=params_filter, method="vmap")
     np.testing.assert_allclose(np.asarray(ghost), np.asarray(vmap), rtol=1e-9)
     assert np.all(np.asarray(vmap) > 1e-6)
-    layer_sum = gradnorm.per_example_grad_norms(loss, params, xs, params_filter=params_filter, method="ghost",
-                                                norm="layer_sum")
-    np.testing.assert_allclose(np.asarray(layer_sum), np.asarray(gradnorm.per_example_grad_norms(
-        loss, params, xs, params_filter=params_filter, method="vmap", norm="layer_sum")), rtol=1e-9)
+    if subset == "all_layers":  # the per-layer reduction is one code path for any subset: checked on all layers
+        layer_sum = gradnorm.per_example_grad_norms(loss, params, xs, params_filter=params_filter, method="ghost",
+                                                    norm="layer_sum")
+        np.testing.assert_allclose(np.asarray(layer_sum), np.asarray(gradnorm.per_example_grad_norms(
+            loss, params, xs, params_filter=params_filter, method="vmap", norm="layer_sum")), rtol=1e-9)
 
 
 def test_ghost_refuses_what_it_cannot_form():
@@ -101,8 +102,10 @@ def test_expected_loss_equals_entropy_with_gradients():
     assert (np.abs(flat_cls).sum(-1) > 0).sum() == 20
 
 
-@pytest.mark.parametrize("config", [ISAL, TV], ids=["isal", "tv"])
-def test_jvp_influence_scores_equal_a_per_image_grad_loop(config):
+def test_jvp_influence_scores_equal_a_per_image_grad_loop():
+    """On ISAL's config; that forward mode and reverse mode agree through torchvision's loss as well is
+    tests/test_fcos.py's jvp test (the influence code is the same for both configs)."""
+    config = ISAL
     _, apply_fn, params, xs = setup(config)
     task = tasks.Detection(3, config=config)
     ys = labels()

@@ -50,8 +50,9 @@ def test_sgd_step_is_torch_sgd_as_mmcv_drives_it():
     state = (params, jax.tree.map(jnp.zeros_like, params), {})
     static = training._Step(detector, schedule)
     lrs = (0.01, 0.02)
+    step = jax.jit(training._train_step, static_argnums=0)  # compiled once for both steps
     for lr in lrs:
-        state, _ = training._train_step(static, state, batch, lr, multipliers)
+        state, _ = step(static, state, batch, lr, multipliers)
 
     # torch transcription on flat NumPy arrays
     def loss(p):
@@ -60,8 +61,9 @@ def test_sgd_step_is_torch_sgd_as_mmcv_drives_it():
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
     frozen = {k for k in flat if "Conv_0" in k}
     bufs = {k: None for k in flat}
+    grad = jax.jit(jax.grad(loss))
     for lr in lrs:
-        grads = traverse_util.flatten_dict(jax.grad(loss)(traverse_util.unflatten_dict(flat)))
+        grads = traverse_util.flatten_dict(grad(traverse_util.unflatten_dict(flat)))
         grads = {k: np.asarray(g) for k, g in grads.items() if k not in frozen}
         total = np.sqrt(sum((g ** 2).sum() for g in grads.values()))
         coef = 1e-3 / (total + 1e-6)
@@ -84,6 +86,7 @@ def test_sgd_step_is_torch_sgd_as_mmcv_drives_it():
     (["--model", "fcos_r999"], "unknown detection model"),
     (["--detection.config", "yolo"], "unknown FCOS config"),
     (["--warm_start", "true"], "fresh detector"),
+    (["--boxes.cache_bytes", "-1"], "cache_bytes must be >= 0"),
 ])
 def test_bad_detection_flags_exit_2(flags, message, tmp_path, capsys):
     code = run.main(["--task", "detection", "--dataset", str(tmp_path), "--workdir", str(tmp_path / "run"), *flags])
@@ -112,10 +115,12 @@ def test_train_and_detect_on_a_voc_folder(tmp_path):
     assert any(jax.tree.leaves(changed))
     test = np.arange(len(data.test))
     found = training.detect(detector, trained, data.test, test, batch_size=4, workers=0)
+    # one image at a time, unpadded, outside `detect` (compiled once per canvas)
+    direct_fn = jax.jit(lambda v, images, sizes: decode.decode_batch(detector.apply(v, images)["logits"], config,
+                                                                     sizes))
     for i in test:
         images = data.test.read_images([i])
-        out = detector.apply(trained, jnp.asarray(images))["logits"]
-        direct = decode.decode_batch(out, config, jnp.asarray(data.test.resized_sizes[[i]], jnp.float32))
+        direct = direct_fn(trained, jnp.asarray(images), jnp.asarray(data.test.resized_sizes[[i]], jnp.float32))
         np.testing.assert_array_equal(found["valid"][i], np.asarray(direct["valid"][0]))
         np.testing.assert_allclose(found["boxes"][i], np.asarray(direct["boxes"][0]), rtol=1e-5, atol=1e-4)
     assert found["valid"].any()

@@ -60,6 +60,8 @@ def check(config: Config) -> None:
         raise ValueError("--task detection retrains a fresh detector each cycle (ISAL); --warm_start is not offered")
     if config.initial_size < 1 or config.budget < 0 or config.cycles < 1:
         raise ValueError("--initial_size must be >= 1, --budget >= 0 and --cycles >= 1")
+    if config.boxes.cache_bytes < 0:
+        raise ValueError(f"--boxes.cache_bytes must be >= 0 (0: stream every image), got {config.boxes.cache_bytes}")
 
 
 def build_detector(config: Config, num_classes: int) -> training.Detector:
@@ -100,7 +102,8 @@ def run_detection(config: Config, workdir: Path, *, log: Callable[[str], None] =
     d = config.detection
     b = config.boxes
     data = boxes_lib.load_boxes(resolve_source(config.dataset), canvas=b.canvas, max_boxes=b.max_boxes,
-                                on_invalid=b.on_invalid, data_dir=config.data_dir)
+                                on_invalid=b.on_invalid, cache_bytes=b.cache_bytes,
+                                data_dir=config.data_dir)
     pool = data.train
     if config.initial_size > len(pool):
         raise ValueError(f"--initial_size {config.initial_size} exceeds the pool's {len(pool)} images")
