@@ -89,7 +89,7 @@ class count_traces:
         return False
 
 
-SHARED_DATA_ENV = "JAXAL_SHARED_DATA"
+from jaxal.data import SHARED_DATA_ENV  # noqa: E402  (the variable jaxal.data reads too)
 
 
 def shared_data() -> Path:
