@@ -6,9 +6,8 @@ cycle a FRESH detector (ISAL retrains from scratch each step) trained for the sc
 then `budget` images selected. Records hold AP, AP50, AP75, mAP@0.5, per-class AP, and the labelled set
 in images AND boxes (`num_boxes`: the annotation cost ISAL counts); learning curves against both.
 
-Strategies on detection so far: `random`. The scores the gradient and influence strategies need (the
-per-image loss, the top-k entropy, pseudo-labels, the ghost engine for the shared head) are in
-`jaxal.tasks.Detection` and tested; composing them into selection strategies is the next step.
+The strategies are `jaxal.detection.strategies`' registry; each receives a `DetectionContext` (the
+trained detector, the candidates and the labelled set as indices into the streamed pool).
 """
 
 from __future__ import annotations
@@ -25,14 +24,14 @@ from jaxal import results
 from jaxal.config import Config
 from jaxal.data import SHARED_DATA_ENV
 from jaxal.data import boxes as boxes_lib
-from jaxal.detection import evaluate, training
+from jaxal.detection import evaluate, strategies, training
+from jaxal.tasks import Detection
 from jaxal.models import fcos, resnet
 
 # Named box datasets: archives in $JAXAL_SHARED_DATA.
 NAMED = {"bccd": "bccd-voc.tar.gz"}
 # --model: (backbone depth, FCOS config default)
 MODELS = {"fcos_isal_r50": 50, "fcos_r50": 50, "fcos_r34": 34, "fcos_r18": 18}
-STRATEGIES = ("random",)
 
 
 def resolve_source(name: str) -> str:
@@ -49,9 +48,7 @@ def resolve_source(name: str) -> str:
 
 def check(config: Config) -> None:
     """Refuse what this task cannot run, before anything is loaded."""
-    unknown = [s for s in config.strategies if s not in STRATEGIES]
-    if unknown:
-        raise ValueError(f"--task detection runs the strategies {', '.join(STRATEGIES)} so far; not {unknown}")
+    strategies.check_names(config.strategies)
     if (config.model or "fcos_r18") not in MODELS:
         raise ValueError(f"unknown detection model {config.model!r}; choose one of: {', '.join(MODELS)}")
     if config.detection.config not in fcos.CONFIGS:
@@ -118,6 +115,7 @@ def run_detection(config: Config, workdir: Path, *, log: Callable[[str], None] =
         f"{data.dropped} invalid boxes dropped; {config.model or 'fcos_r18'} ({d.config}), backbone "
         + (f"from {d.backbone_weights}" if d.backbone_weights
            else "trained FROM SCRATCH (no --detection.backbone_weights)"))
+    task = Detection(data.num_classes, config=fcos.CONFIGS[d.config])
     test_indices = np.arange(len(data.test))
     records: list[dict] = []
     title = f"{data.name}, {config.model or 'fcos_r18'} ({d.config})"
@@ -152,8 +150,11 @@ def run_detection(config: Config, workdir: Path, *, log: Callable[[str], None] =
                     f"{record['test_map50']:.4f} (train {train_seconds:.0f} s, {train_cpu:.0f} CPU s)")
                 if cycle < config.cycles - 1:
                     unlabeled = np.setdiff1d(np.arange(len(pool)), labeled)
-                    chosen = rng.choice(unlabeled, min(config.budget, len(unlabeled)), replace=False)
-                    labeled = np.concatenate([labeled, chosen])
+                    ctx = strategies.DetectionContext(
+                        detector, variables, pool, unlabeled, labeled, task, config, rng,
+                        reference=None if data.val is None else (data.val, np.arange(len(data.val))))
+                    selection = strategies.select(strategy, ctx, config.budget)
+                    labeled = np.concatenate([labeled, unlabeled[selection.chosen]])
     log(results.summary_table(records, "ap"))
     return records
 
