@@ -305,10 +305,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # set for every strategy: ISAL's default reference set. The strategies that train networks of their
     # own get them sized for 8x8 digits (the option sections' defaults are the reference codes' CIFAR
     # sizes, which the CIFAR presets keep: VAAL's 128..1024-channel VAE for 100 epochs of the pool per
-    # cycle, SRAAL's for 20000 iterations, would take hours here).
+    # cycle, SRAAL's for 20000 iterations, would take hours here), and QBC a committee of 3 (each member
+    # is a whole training of the task model: 5 members took 100 CPU s).
     #   python -m jaxal.run --strategy exp_gn
     "digits_quick": dict(val_size=10, vaal=DIGITS_VAE, sraal={**DIGITS_VAE, "latent_dim": 32, "iterations": 100},
-                         gcn=dict(hidden=64, steps=100)),
+                         gcn=dict(hidden=64, steps=100), qbc=dict(members=3)),
     # Annotation rounds on your own images (`jaxal.ActiveLearner`, `python -m jaxal.query`): the defaults,
     # with no labels held out of training (val_size 0), ranking by the entropy's gradient norm.
     #   python -m jaxal.query --pool photos/ --labels labels.csv --preset annotation --budget 100 --workdir al/

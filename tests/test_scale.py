@@ -68,7 +68,8 @@ def dump_ir(tmp_path):
 FRESH = dict(initial_size=31, val_size=5, budget=7, cycles=2, epochs=1, batch_size=13, eval_batch_size=11,
              progress=False, gradnorm=dict(chunk_size=9),
              influence=dict(depth=3, repeats=2, chunk_size=10, hvp_chunk_size=7, solver="cg", cg_maxiter=5, cg_tol=0.1))
-SOLVER_PROGRAMS = ("_solve_body", "_gradient_chunk", "_pool_scores", "_greedy_k_center", "_kmeans_pp_seeding")
+# vdot: the host-side norms and cosine of ISAL's s_test and v (`pytree.tree_dot` outside the jitted solvers)
+SOLVER_PROGRAMS = ("_solve_body", "_gradient_chunk", "_pool_scores", "_greedy_k_center", "_kmeans_pp_seeding", "vdot")
 DEFAULT_PROGRAMS = ("train_step", "_predict_chunk", "_query_norms")
 
 

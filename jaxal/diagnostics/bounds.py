@@ -180,7 +180,8 @@ def cycle_bounds(model, prev_variables: dict, next_variables: dict, pool_x, trai
     out = {}
     for name, loss_of_logits in losses.items():
         s = s_true if s_true is not None else solve_for(loss_of_logits, test_x, False)
-        s_norm = float(tree_norm(s))
+        with precision_lib.scope(precision):  # a host-side product, outside the jitted passes
+            s_norm = float(tree_norm(s))
         passes = parallel.map_chunks(_pool_pass, (model, loss_of_logits, subset, options.grad_method, precision),
                                      (prev_variables, next_variables, s), pool_x, chunk_size=chunk, mesh=mesh)
         target, norm_next, norm_prev = (np.asarray(a, np.float64) for a in passes)

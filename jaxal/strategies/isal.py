@@ -283,7 +283,8 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
     loss = LabeledLoss(ctx.model, ctx.task)
     v = influence.reference_gradient(loss, variables, (ref_x, ref_y), subset=opts.params, chunk_size=opts.chunk_size,
                                      mesh=mesh, precision=solver_precision)
-    v_norm = tree_norm(v)
+    with precision_lib.scope(solver_precision):  # outside the jitted solvers: set it here too
+        v_norm = tree_norm(v)
     info = {"solver": opts.solver if hessian else "identity", "reference": reference,
             "reference_size": int(ref_y.shape[0]), "num_params": int(tree_size(subset)),
             "top_k_classes": int(opts.top_k_classes), "v_norm": _float(v_norm)}
@@ -300,10 +301,11 @@ def influence_selection_scores(ctx: StrategyContext, reference: str, *, hessian:
         loss, variables, (ctx.labeled_x, ctx.labeled_y), v, options=opts, rng=ctx.rng, l2=hessian_l2(config),
         capacity=labeled_bucket(int(ctx.labeled_y.shape[0]), config), mesh=mesh, precision=solver_precision)
     info.update({k: _float(x) if isinstance(x, float) else x for k, x in solver_info.items()})
-    s_norm = tree_norm(s_test)
     scores = parallel.map_chunks(_pool_scores, pool_static, (variables, s_test), ctx.pool_x,
                                  chunk_size=opts.chunk_size, mesh=mesh)
-    cosine = jnp.clip(tree_dot(s_test, v) / (s_norm * v_norm), -1.0, 1.0)  # float32 rounding can pass 1
+    with precision_lib.scope(solver_precision):
+        s_norm = tree_norm(s_test)
+        cosine = jnp.clip(tree_dot(s_test, v) / (s_norm * v_norm), -1.0, 1.0)  # float32 rounding can pass 1
     info.update(cosine_s_test_v=_float(cosine), s_test_norm=_float(s_norm),
                 spearman_vs_grad_sim=spearman(scores, grad_sim))
     return scores, info
