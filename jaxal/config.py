@@ -179,6 +179,9 @@ class BoxesOptions:
     """Box datasets (`jaxal.data.boxes`, --task detection)."""
 
     canvas: int = 1333  # longer side of the canvas images are resized into (keeping the aspect) and padded
+    # bound of the shorter side as well (mmdet img_scale=(1333, 800): canvas 1333, short_side 800); None:
+    # the longer side alone sets the scale
+    short_side: Optional[int] = None
     max_boxes: Optional[int] = None  # boxes per image kept (padded); None: the dataset's largest count
     on_invalid: str = "drop"  # invalid boxes (zero area, outside the image): "drop" (ISAL) or "error"
     flip: bool = True  # random horizontal flip of the training images (mmdet flip_ratio=0.5)
@@ -234,6 +237,9 @@ class Config:
     val_size: int = 0  # labelled validation split held out of the initial set (ISAL's reference)
     trials: int = 1
     seed: int = 0
+    # End a trial at the first cycle whose test metric (accuracy, mIoU, detection AP) reaches this, with no
+    # selection after it (ISAL's COCO protocol: until AP 0.22); None: run every cycle.
+    stop_at_metric: Optional[float] = None
     # Training.
     epochs: int = 40
     batch_size: int = 32
