@@ -38,3 +38,34 @@ def make_voc_pool(root: Path, train: int = 10, test: int = 3, empty: int = 2, si
     for split, ids in splits.items():
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(i + "\n" for i in ids))
     return truth
+
+
+def coco_json(images: dict, classes=CLASSES) -> dict:
+    """A COCO instances JSON of `images` ({file name: (height, width, objects)}, objects as `image_objects`
+    gives them: VOC's 1-based inclusive corners, written here as COCO's [x, y, w, h])."""
+    out = {"images": [], "annotations": [], "categories": [{"id": k + 1, "name": c} for k, c in enumerate(classes)]}
+    for image_id, (name, (height, width, objects)) in enumerate(images.items(), start=1):
+        out["images"].append({"id": image_id, "file_name": name, "height": height, "width": width})
+        for cls, _, (x1, y1, x2, y2) in objects:
+            out["annotations"].append({"id": len(out["annotations"]) + 1, "image_id": image_id, "iscrowd": 0,
+                                       "category_id": classes.index(cls) + 1,
+                                       "bbox": [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1]})
+    return out
+
+
+def make_coco(root: Path, splits: dict, size=(48, 64)) -> None:
+    """A COCO folder: annotations/instances_<split>.json and <split>/<file> for {split: number of images}
+    (the first image of each split without boxes)."""
+    import json
+
+    height, width = size
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    seed = 0
+    for split, count in splits.items():
+        images = {}
+        for k in range(count):
+            name = f"{split}_{k:03d}.png"
+            write_image(root / split / name, height, width, "RGB", seed)
+            images[name] = (height, width, [] if k == 0 else image_objects(seed, height, width))
+            seed += 1
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco_json(images)))

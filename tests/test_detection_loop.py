@@ -4,6 +4,7 @@ at its last finished cycle and ends with the records of an uninterrupted run; th
 simulated pool; --stop_at_metric; a workdir of another config refused. The detector is the toy FCOS
 (`toy_detection_run`), the data a small VOC folder written here."""
 
+import csv
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from detection_folders import make_voc_pool
-from jaxal import checkpoint, cli, run, workdir as workdir_lock
+from jaxal import checkpoint, cli, query, run, workdir as workdir_lock
 from jaxal.detection import evaluate, strategies
 from jaxal.strategies.base import Selection
 from toy_detection_run import use_toy_detector
@@ -137,3 +138,158 @@ def test_bad_input_exits_2_and_changes_nothing(voc, tmp_path, capsys, flags, mes
     assert message in capsys.readouterr().err
     assert [p.name for p in workdir_lock.contents(workdir)] == ["config.json"]
     assert (workdir / "config.json").read_text() == saved
+
+
+# ---- the ISAL presets, one cycle each at their image size (1333x800), on mock data --------------------
+
+PRESET_SHRINK = ["--initial_size", "2", "--budget", "1", "--cycles", "1", "--trials", "1", "--detection.iterations",
+                 "1", "--batch_size", "1", "--eval_batch_size", "2", "--progress", "false"]
+
+
+def voc2012_examples(count: int, seed: int) -> list[dict]:
+    """tfds voc/2012 examples (image bytes, as read with SkipDecoding) of VOC's usual 500x375, the first
+    without boxes."""
+    import io
+
+    from PIL import Image
+
+    examples = []
+    for k in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed + k).integers(0, 256, (375, 500, 3), np.uint8)).save(buffer, "PNG")
+        boxes = np.zeros((0, 4), np.float32) if k == 0 else np.array([[0.1, 0.2, 0.6, 0.7], [0.3, 0.1, 0.9, 0.4]],
+                                                                     np.float32)
+        examples.append({"image": buffer.getvalue(), "image/filename": f"2012_{seed + k:06d}.jpg".encode(),
+                         "objects": {"bbox": boxes, "label": np.arange(len(boxes)) + 14 * (k % 2),
+                                     "is_difficult": np.zeros(len(boxes), bool)}})
+    return examples
+
+
+def test_isal2021_voc_runs_a_cycle_at_1333x800_on_mock_voc2012(tmp_path, capsys):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    splits = {"train": voc2012_examples(3, 0), "validation": voc2012_examples(2, 10)}
+
+    def as_data_source(self, split, **kwargs):
+        return splits[split]
+
+    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=as_data_source):
+        assert run.main(["--preset", "isal2021_voc", "--workdir", str(tmp_path / "run"), *PRESET_SHRINK]) == 0
+    out = capsys.readouterr().out
+    # mmdet's img_scale=(1333, 800): a landscape canvas of 800x1333, padded to a multiple of 32
+    assert "canvases ((800, 1344),)" in out and "1 pool images without boxes dropped" in out
+    [record] = read_records(tmp_path / "run")
+    assert (record["num_labeled"], record["num_boxes"], record["iterations"]) == (2, 4, 1)
+    assert len(record["test_per_class_ap"]) == 20
+
+
+def test_isal2021_coco_runs_a_cycle_at_1333x800_on_a_coco_folder(tmp_path, capsys):
+    # tfds' coco builder imports TensorFlow (not a dependency), so the preset reads a COCO folder here
+    from detection_folders import make_coco
+
+    make_coco(tmp_path / "coco", {"train2017": 3, "val2017": 2}, size=(480, 640))
+    assert run.main(["--preset", "isal2021_coco", "--dataset", str(tmp_path / "coco"), "--workdir",
+                     str(tmp_path / "run"), *PRESET_SHRINK]) == 0
+    out = capsys.readouterr().out
+    assert "canvases ((800, 1344),)" in out and "1 pool images without boxes dropped" in out
+    [record] = read_records(tmp_path / "run")
+    assert record["num_labeled"] == 2 and record["iterations"] == 1
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["stop_at_metric"] == 0.22 and saved["detection"]["grad_clip"] == 10.0
+
+
+# ---- annotation rounds with boxes: jaxal.query --task detection -----------------------------------------
+
+QUERY_FLAGS = ["--task", "detection", "--preset", "bccd_fcos", "--strategy", "random", "--boxes.canvas", "64",
+               "--detection.channels", "32", "--detection.iterations", "2", "--detection.warmup_iters", "1",
+               "--batch_size", "2", "--eval_batch_size", "4", "--budget", "2"]
+
+
+def write_pool(folder: Path, count: int = 10) -> dict:
+    """`count` photos; returns {path: objects}: the boxes an annotator would draw on each."""
+    from detection_folders import image_objects
+    from test_boxes import write_image
+
+    truth = {}
+    for k in range(count):
+        write_image(folder / f"photo_{k}.png", 48, 64, "RGB", k)
+        truth[f"photo_{k}.png"] = image_objects(k, 48, 64)
+    return truth
+
+
+def export_labels(fmt: str, path: Path, boxes: dict) -> Path:
+    """What an annotation tool exports for the images labelled so far: a COCO JSON file or a VOC folder."""
+    from detection_folders import coco_json
+    from test_boxes import voc_xml
+
+    if fmt == "coco":
+        path.write_text(json.dumps(coco_json({name: (48, 64, objects) for name, objects in boxes.items()})))
+        return path
+    (path / "Annotations").mkdir(parents=True, exist_ok=True)
+    for name, objects in boxes.items():
+        (path / "Annotations" / f"{Path(name).stem}.xml").write_text(voc_xml(name, 48, 64, objects))
+    return path
+
+
+def proposal(folder: Path) -> list[str]:
+    return [row["path"] for row in csv.DictReader((folder / "to_label.csv").open())]
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc"])
+def test_two_annotation_rounds_with_boxes(fmt, tmp_path, capsys):
+    truth = write_pool(tmp_path / "photos")
+    labelled = {name: truth[name] for name in ("photo_0.png", "photo_3.png", "photo_7.png")}
+    labels = tmp_path / ("labels.json" if fmt == "coco" else "voc")
+    argv = ["--pool", str(tmp_path / "photos"), "--labels", str(labels), "--workdir", str(tmp_path / "al"),
+            *QUERY_FLAGS]
+    for number in (0, 1):
+        export_labels(fmt, labels, labelled)
+        assert query.main(argv) == 0
+        folder = tmp_path / "al" / f"round_{number:03d}"
+        proposed = proposal(folder)
+        assert len(proposed) == 2 and not set(proposed) & set(labelled) and set(proposed) <= set(truth)
+        assert (folder / "contact_sheet.png").read_bytes()[:4] == b"\x89PNG"
+        rounds = json.loads((tmp_path / "al" / "rounds.json").read_text())["rounds"]
+        assert rounds[-1]["labelled"] == sorted(labelled)
+        assert rounds[-1]["num_boxes"] == sum(len(objects) for objects in labelled.values())
+        labelled.update({name: truth[name] for name in proposed})  # the annotator draws the proposed boxes
+    capsys.readouterr()
+    assert query.main(argv) == 0  # the same labels again: the last proposal, no new round
+    assert "no new labels since round 1" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "al" / "rounds.json").read_text())["rounds"]) == 2
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("unknown_image", "the image 'ghost.png' is not in the pool"),
+    ("outside", "which is empty or outside the 64x48 image"),
+    ("unknown_class", "has a box of class 'blob', not one of the classes cell, dot"),
+])
+def test_bad_box_labels_exit_2_and_write_nothing(damage, message, tmp_path, capsys):
+    truth = write_pool(tmp_path / "photos", 4)
+    boxes = {"photo_0.png": truth["photo_0.png"], "photo_1.png": truth["photo_1.png"]}
+    if damage == "unknown_image":
+        boxes["ghost.png"] = truth["photo_2.png"]
+    elif damage == "outside":
+        boxes["photo_1.png"] = [("cell", False, (30, 10, 70, 20))]  # xmax 70 > 64
+    else:
+        boxes["photo_1.png"] = [("blob", False, (3, 3, 20, 20))]
+    labels = tmp_path / "labels.json"
+    from detection_folders import coco_json
+    labels.write_text(json.dumps(coco_json({n: (48, 64, o) for n, o in boxes.items()}, classes=("cell", "dot", "blob"))))
+    argv = ["--pool", str(tmp_path / "photos"), "--labels", str(labels), "--workdir", str(tmp_path / "al"),
+            "--classes", "cell,dot", *QUERY_FLAGS]
+    assert query.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "al").exists()
+
+
+def test_the_contact_sheet_draws_the_confident_detections():
+    from jaxal.detection import rounds
+
+    image = np.zeros((40, 60, 3), np.uint8)
+    found = {"boxes": np.array([[[10, 5, 30, 25], [40, 10, 55, 30]]], np.float32),
+             "scores": np.array([[0.9, 0.1]], np.float32), "classes": np.array([[1, 0]]),
+             "valid": np.array([[True, True]])}
+    drawn = rounds.draw_detections(image, found, 0, ("cell", "dot"))
+    red = (drawn[..., 0] == 255) & (drawn[..., 1] == 0)
+    assert red[5, 10:31].all() and red[25, 10:31].all() and red[5:26, 10].all()  # the 0.9 box's outline
+    assert not red[:, 36:].any()  # the 0.1 box (x 40..55) is below DRAW_SCORE

@@ -167,17 +167,26 @@ def describe(run: DetectionRun) -> str:
                else "trained FROM SCRATCH (no --detection.backbone_weights)"))
 
 
+def train_fresh(detector: training.Detector, config: Config, split, labeled: np.ndarray, key, rng: np.random.Generator,
+                backbone_variables: Optional[dict]) -> tuple[dict, list, training.Schedule]:
+    """A FRESH detector (ISAL retrains from scratch each step) trained on `labeled` (indices into `split`) for
+    the config's schedule: (variables, per-iteration losses, schedule)."""
+    plan = schedule(config, len(labeled))
+    variables = fresh_variables(detector, config, key, split.canvases[0], backbone_variables)
+    variables, history = training.train(detector, variables, split, labeled, plan, rng, flip=config.boxes.flip,
+                                        trainable=trainable_mask(variables["params"]))
+    return variables, history, plan
+
+
 def train_and_evaluate(run: DetectionRun, trial: int, cycle: int, labeled: np.ndarray,
                        rng: np.random.Generator) -> dict:
     """A fresh detector trained on `labeled` (ISAL retrains from scratch each step), its test metrics; returns
     the record's fields and the trained variables under "variables"."""
     config, data = run.config, run.data
-    plan = schedule(config, len(labeled))
     start, cpu = time.perf_counter(), time.process_time()
     key = jax.random.PRNGKey(config.seed * 1000 + trial * 100 + cycle)
-    variables = fresh_variables(run.detector, config, key, data.canvases[0], run.backbone_variables)
-    variables, history = training.train(run.detector, variables, data.train, labeled, plan, rng,
-                                        flip=config.boxes.flip, trainable=trainable_mask(variables["params"]))
+    variables, history, plan = train_fresh(run.detector, config, data.train, labeled, key, rng,
+                                           run.backbone_variables)
     train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     test_indices = np.arange(len(data.test))
