@@ -76,6 +76,9 @@ def test_a_run_killed_mid_cycle_resumes_at_its_last_finished_cycle(voc, tmp_path
     assert whole[-1]["selected"] == [] and whole[-1]["num_selected"] == 0
     for before, after in zip(whole, whole[1:]):
         assert after["num_boxes"] == before["num_boxes"] + before["boxes_selected"]
+    rows = list(csv.DictReader((tmp_path / "whole" / "results.csv").open()))
+    assert [int(r["boxes_selected"]) for r in rows] == [r["boxes_selected"] for r in whole]
+    assert (tmp_path / "whole" / "learning_curve_boxes.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _split(root: Path, name: str) -> list[str]:

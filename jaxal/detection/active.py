@@ -7,7 +7,16 @@ then `budget` images selected. Records hold AP, AP50, AP75, mAP@0.5, per-class A
 in images AND boxes (`num_boxes`: the annotation cost ISAL counts); learning curves against both.
 
 The strategies are `jaxal.detection.strategies`' registry; each receives a `DetectionContext` (the
-trained detector, the candidates and the labelled set as indices into the streamed pool).
+trained detector, the candidates and the labelled set as indices into the streamed pool). Records also hold
+what each cycle selected (`selected`, `num_selected`, `boxes_selected`), `selection_seconds` and the
+strategy's `strategy_info`. The pool leaves out the images without boxes, as ISAL's code does (mmdet's
+`filter_empty_gt`). `--stop_at_metric` ends a trial at the first cycle whose test AP reaches it.
+
+Resume: each cycle trains a fresh detector, so a finished cycle's state is the labelled set, the records
+and the trial's numpy generator (which draws the initial set, each cycle's batches and flips, the scored
+subset and the strategies' random choices). They are checkpointed after every cycle (`jaxal.checkpoint`,
+no arrays); a rerun of the same command continues at the next cycle and writes the records an
+uninterrupted run writes. A workdir holding another config is refused (`jaxal.loop.config_differences`).
 """
 
 from __future__ import annotations
