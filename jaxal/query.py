@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--trials do not apply here.")
     group = parser.add_argument_group("annotation")
     group.add_argument("--pool", help="folder (or .tar/.tar.gz) holding every image, labelled or not")
-    group.add_argument("--labels", help="CSV of path,label rows: the labels you have")
+    group.add_argument("--labels", help="CSV of path,label rows: the labels you have (--task detection: a COCO instances JSON or a VOC "
+                            "folder of boxes)")
     group.add_argument("--new-labels", "--new_labels", dest="new_labels", action="append", default=[],
                        help="more path,label rows in another CSV (may be given several times)")
     group.add_argument("--classes", help="every class, comma-separated; without it, the distinct labels of the first round")

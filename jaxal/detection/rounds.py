@@ -99,7 +99,7 @@ def _voc_labels(folder: Path, ids: list[str]) -> Labels:
 
 def _pool_path(name: str, ids: list[str], source: Path) -> str:
     """The pool path a label file names: relative to the pool, or a file name unique in it."""
-    name = name.replace("\\", "/").lstrip("./")
+    name = name.replace("\\", "/").removeprefix("./")
     if name in ids:
         return name
     matches = [i for i in ids if i.rsplit("/", 1)[-1] == name.rsplit("/", 1)[-1]]
@@ -207,6 +207,8 @@ def detection_round(config: Config, pool: str, label_source: str, classes: Optio
         labelled = sorted(path for path, boxes in labels.items())
         if not labelled or not names:
             raise ValueError(f"{source} labels no image with a box yet: draw the boxes of a first few images")
+        if len(labelled) == len(ids):
+            raise ValueError(f"every image of {root} is labelled: there is nothing left to propose")
         digest = labels_digest(labels)
         if state["rounds"] and state["rounds"][-1]["labels_digest"] == digest:
             last = state["rounds"][-1]
@@ -261,8 +263,6 @@ def propose(config: Config, root: Path, ids: list[str], labels: Labels, sizes: d
         variables, _, _ = active.train_fresh(detector, config, split, labelled, key, rng, backbone)
         task = active.Detection(data.num_classes, config=active.fcos.CONFIGS[config.detection.config])
         k = min(config.budget, len(candidates))
-        if k == 0:
-            raise ValueError("every pool image is labelled: there is nothing left to propose")
         ctx = strategies.DetectionContext(detector, variables, split, candidates, labelled, task, config, rng)
         selection = strategies.select(config.strategy, ctx, k)
         chosen = candidates[selection.chosen]
