@@ -124,6 +124,24 @@ def test_stop_at_metric_ends_the_trial_without_a_selection(voc, tmp_path, monkey
     assert len(read_records(tmp_path / "run")) == 2
 
 
+def test_ctrl_c_says_which_cycle_a_rerun_resumes_from(voc, tmp_path, monkeypatch, capsys):
+    root, _ = voc
+    from jaxal.detection import training
+
+    train, calls = training.train, []
+
+    def interrupted_in_cycle_1(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train(*a, **k)
+
+    monkeypatch.setattr(training, "train", interrupted_in_cycle_1)
+    assert run.main(args(root, tmp_path / "run")) == 130
+    assert "interrupted; rerun the same command to resume from cycle 1" in capsys.readouterr().err
+    assert [r["cycle"] for r in read_records(tmp_path / "run")] == [0]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--budget", "3"], "holds a run with another config (budget: 2 there vs 3 now"),
     (["--stop_at_metric", "22"], "--stop_at_metric is a fraction in (0, 1]"),
