@@ -122,6 +122,10 @@ def test_stop_at_metric_ends_the_trial_without_a_selection(voc, tmp_path, monkey
     # a rerun resumes a stopped trial as finished
     assert run.main(args(root, tmp_path / "run", "--stop_at_metric", "0.25")) == 0
     assert len(read_records(tmp_path / "run")) == 2
+    # --overwrite starts a run of another config afresh
+    aps = iter([0.1, 0.2, 0.3])
+    assert run.main(args(root, tmp_path / "run", "--budget", "1", "--overwrite")) == 0
+    assert [(r["test_ap"], r["num_labeled"]) for r in read_records(tmp_path / "run")] == [(0.1, 3), (0.2, 4), (0.3, 5)]
 
 
 def test_ctrl_c_says_which_cycle_a_rerun_resumes_from(voc, tmp_path, monkeypatch, capsys):
@@ -295,7 +299,8 @@ def test_bad_box_labels_exit_2_and_write_nothing(damage, message, tmp_path, caps
         boxes["photo_1.png"] = [("blob", False, (3, 3, 20, 20))]
     labels = tmp_path / "labels.json"
     from detection_folders import coco_json
-    labels.write_text(json.dumps(coco_json({n: (48, 64, o) for n, o in boxes.items()}, classes=("cell", "dot", "blob"))))
+    exported = coco_json({n: (48, 64, o) for n, o in boxes.items()}, classes=("cell", "dot", "blob"))
+    labels.write_text(json.dumps(exported))
     argv = ["--pool", str(tmp_path / "photos"), "--labels", str(labels), "--workdir", str(tmp_path / "al"),
             "--classes", "cell,dot", *QUERY_FLAGS]
     assert query.main(argv) == 2

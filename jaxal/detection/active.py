@@ -153,16 +153,23 @@ class DetectionRun(NamedTuple):
 def load_run(config: Config, workdir: Path, log) -> DetectionRun:
     """Everything a run needs, checked before the workdir is touched."""
     check(config)
-    d, b = config.detection, config.boxes
+    b = config.boxes
     data = boxes_lib.load_boxes(resolve_source(config.dataset), canvas=canvas_of(config), max_boxes=b.max_boxes,
                                 on_invalid=b.on_invalid, cache_bytes=b.cache_bytes, data_dir=config.data_dir)
     usable = simulated_pool(data.train)
     check_sizes(config, len(usable))
-    depth = MODELS[config.model or "fcos_r18"]
-    backbone_variables = None if d.backbone_weights is None else resnet.load_torchvision_weights(d.backbone_weights,
-                                                                                                  depth)
-    return DetectionRun(config, data, usable, build_detector(config, data.num_classes), backbone_variables,
-                        Detection(data.num_classes, config=fcos.CONFIGS[d.config]), workdir, log)
+    return DetectionRun(config, data, usable, build_detector(config, data.num_classes), backbone_weights(config),
+                        detection_task(config, data.num_classes), workdir, log)
+
+
+def backbone_weights(config: Config) -> Optional[dict]:
+    """The backbone's variables from --detection.backbone_weights, or None (trained from scratch)."""
+    file = config.detection.backbone_weights
+    return None if file is None else resnet.load_torchvision_weights(file, MODELS[config.model or "fcos_r18"])
+
+
+def detection_task(config: Config, num_classes: int) -> Detection:
+    return Detection(num_classes, config=fcos.CONFIGS[config.detection.config])
 
 
 def describe(run: DetectionRun) -> str:

@@ -212,7 +212,8 @@ def detection_round(config: Config, pool: str, label_source: str, classes: Optio
         digest = labels_digest(labels)
         if state["rounds"] and state["rounds"][-1]["labels_digest"] == digest:
             last = state["rounds"][-1]
-            log(f"no new labels since round {last['round']}: its proposal is {workdir / last['folder'] / 'to_label.csv'}")
+            log(f"no new labels since round {last['round']}: its proposal is "
+                f"{workdir / last['folder'] / 'to_label.csv'}")
             return
         number = len(state["rounds"])
         proposal, sheet = propose(config, root, ids, labels, sizes, names, number, log)
@@ -254,14 +255,12 @@ def propose(config: Config, root: Path, ids: list[str], labels: Labels, sizes: d
         candidates = np.setdiff1d(np.arange(len(ids)), labelled)
         rng = np.random.default_rng([config.seed, number])
         detector = active.build_detector(config, data.num_classes)
-        backbone = (None if config.detection.backbone_weights is None else
-                    active.resnet.load_torchvision_weights(config.detection.backbone_weights,
-                                                           active.MODELS[config.model or "fcos_r18"]))
+        backbone = active.backbone_weights(config)
         key = jax.random.PRNGKey(config.seed * 1000 + number)
         log(f"round {number}: training a fresh detector on {len(labelled)} labelled images "
             f"({int(split.num_boxes(labelled).sum())} boxes), {len(candidates)} to score")
         variables, _, _ = active.train_fresh(detector, config, split, labelled, key, rng, backbone)
-        task = active.Detection(data.num_classes, config=active.fcos.CONFIGS[config.detection.config])
+        task = active.detection_task(config, data.num_classes)
         k = min(config.budget, len(candidates))
         ctx = strategies.DetectionContext(detector, variables, split, candidates, labelled, task, config, rng)
         selection = strategies.select(config.strategy, ctx, k)
