@@ -3,7 +3,8 @@
 LABELS is what annotation tools export: a COCO instances JSON (`images[].file_name` relative to --pool,
 `annotations[].bbox` as [x, y, w, h] in pixels, `categories[].name` the classes), or a PASCAL VOC folder
 (`Annotations/*.xml` whose `<filename>` names a pool image, by its path relative to --pool or, when
-unique, by its file name; corners 1-based inclusive). Each run reads the labels, and if they changed since
+unique, by its file name; corners 1-based inclusive). An image the labels list without a box is a labelled
+negative. Each run reads the labels, and if they changed since
 the last round (or there is no round yet) trains a FRESH detector on the labelled images, scores the others
 with the strategy (`jaxal.detection.strategies`) and writes `round_NNN/to_label.csv` (path, score, rank:
 best first) and `round_NNN/contact_sheet.png`, the proposed images with the detector's boxes drawn (score
