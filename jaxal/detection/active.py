@@ -154,8 +154,11 @@ def load_run(config: Config, workdir: Path, log) -> DetectionRun:
     """Everything a run needs, checked before the workdir is touched."""
     check(config)
     b = config.boxes
-    data = boxes_lib.load_boxes(resolve_source(config.dataset), canvas=canvas_of(config), max_boxes=b.max_boxes,
-                                on_invalid=b.on_invalid, cache_bytes=b.cache_bytes, data_dir=config.data_dir)
+    try:
+        data = boxes_lib.load_boxes(resolve_source(config.dataset), canvas=canvas_of(config), max_boxes=b.max_boxes,
+                                    on_invalid=b.on_invalid, cache_bytes=b.cache_bytes, data_dir=config.data_dir)
+    except (FileNotFoundError, RuntimeError) as error:  # RuntimeError: a tfds dataset not prepared here
+        raise loop.RunError(str(error)) from None
     usable = simulated_pool(data.train)
     check_sizes(config, len(usable))
     return DetectionRun(config, data, usable, build_detector(config, data.num_classes), backbone_weights(config),
