@@ -39,9 +39,12 @@ def manager(directory: Path, max_to_keep: int = 1) -> ocp.CheckpointManager:
 
 def save_state(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
     """One step: the arrays of `state` (orbax's array format) and `meta`, a JSON-able dict (index sets,
-    keys and records are small, and may be empty, which orbax's array handler refuses)."""
-    mngr.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave({"state": state}),
-                                            meta=ocp.args.JsonSave(meta)))
+    keys and records are small, and may be empty, which orbax's array handler refuses). `state` None:
+    `meta` alone (a detection cycle, whose next cycle trains a fresh detector; read it with `read_meta`)."""
+    items = {"meta": ocp.args.JsonSave(meta)}
+    if state is not None:
+        items["arrays"] = ocp.args.StandardSave({"state": state})
+    mngr.save(step, args=ocp.args.Composite(**items))
     mngr.wait_until_finished()
 
 

@@ -179,6 +179,9 @@ class BoxesOptions:
     """Box datasets (`jaxal.data.boxes`, --task detection)."""
 
     canvas: int = 1333  # longer side of the canvas images are resized into (keeping the aspect) and padded
+    # bound of the shorter side as well (mmdet img_scale=(1333, 800): canvas 1333, short_side 800); None:
+    # the longer side alone sets the scale
+    short_side: Optional[int] = None
     max_boxes: Optional[int] = None  # boxes per image kept (padded); None: the dataset's largest count
     on_invalid: str = "drop"  # invalid boxes (zero area, outside the image): "drop" (ISAL) or "error"
     flip: bool = True  # random horizontal flip of the training images (mmdet flip_ratio=0.5)
@@ -234,6 +237,9 @@ class Config:
     val_size: int = 0  # labelled validation split held out of the initial set (ISAL's reference)
     trials: int = 1
     seed: int = 0
+    # End a trial at the first cycle whose test metric (accuracy, mIoU, detection AP) reaches this, with no
+    # selection after it (ISAL's COCO protocol: until AP 0.22); None: run every cycle.
+    stop_at_metric: Optional[float] = None
     # Training.
     epochs: int = 40
     batch_size: int = 32
@@ -398,6 +404,34 @@ PRESETS: dict[str, dict[str, Any]] = {
                       lr_gamma=0.1, eval_batch_size=8, warm_start=False,
                       boxes=dict(canvas=320), detection=dict(iterations=200, warmup_iters=50, channels=64,
                                                              stacked_convs=2)),
+    # ISAL (Liu et al., ICCV 2021), detection on VOC2012 as its code runs it (dragonlzm/ISAL detection/configs/
+    # mining_experiments/fcos/fcos_r50_caffe_fpn_1x_voc2012.py over mmdetection v2.4's
+    # fcos_r50_caffe_fpn_4x4_1x_coco.py): tfds voc/2012, pool = train (5717, images without boxes left out as
+    # its code does), test = validation (5823); 500 initial + 500 per step, 10 steps, 3 trials, a fresh FCOS
+    # R50 (fcos_isal) each step; SGD lr 0.01, momentum 0.9, weight decay 1e-4, batch 8 (2 x 4 GPUs), 12 epochs,
+    # x0.1 at epochs 8 and 11, constant warm-up 500 iterations at 1/3, gradient clipping at norm 8 (its VOC
+    # config; COCO's: 10), images resized into 1333x800 keeping the aspect ratio. ISAL started from
+    # ImageNet-pretrained caffe-style ResNet-50 weights: pass torchvision's with --detection.backbone_weights
+    # FILE (without, the backbone trains from scratch). ISAL's R is the validation set, which is this
+    # preset's test set too (tfds voc/2012 has no third labelled split). Other strategies: --help lists them.
+    #   python -m jaxal.run --preset isal2021_voc --strategy random
+    "isal2021_voc": dict(strategy="random", dataset="voc/2012", task="detection", model="fcos_isal_r50",
+                         initial_size=500, budget=500, cycles=10, trials=3, epochs=12, batch_size=8, lr=0.01,
+                         momentum=0.9, weight_decay=1e-4, lr_gamma=0.1, eval_batch_size=8, warm_start=False,
+                         boxes=dict(canvas=1333, short_side=800),
+                         detection=dict(config="fcos_isal", iterations=None, warmup_iters=500, warmup_ratio=1 / 3,
+                                        grad_clip=8.0, channels=256, stacked_convs=4)),
+    # ISAL, detection on COCO as its code runs it (fcos_r50_caffe_fpn_1x_coco.py; dist_run_isal.sh:
+    # INIT_IMG_NUM 5000, IMG_NUM 1000, TRAIN_STEP 20): tfds coco/2017 (or --dataset PATH to a COCO folder),
+    # pool = train2017, test = val2017; 5000 initial + 1000 per step, until test AP 0.22 (the paper's "AP 22")
+    # or 20 steps; gradient clipping at norm 10; otherwise as isal2021_voc.
+    #   python -m jaxal.run --preset isal2021_coco --strategy random
+    "isal2021_coco": dict(strategy="random", dataset="coco/2017", task="detection", model="fcos_isal_r50",
+                          initial_size=5000, budget=1000, cycles=20, trials=3, stop_at_metric=0.22, epochs=12,
+                          batch_size=8, lr=0.01, momentum=0.9, weight_decay=1e-4, lr_gamma=0.1, eval_batch_size=8,
+                          warm_start=False, boxes=dict(canvas=1333, short_side=800),
+                          detection=dict(config="fcos_isal", iterations=None, warmup_iters=500, warmup_ratio=1 / 3,
+                                         grad_clip=10.0, channels=256, stacked_convs=4)),
     # Wang et al., AAAI 2022, their third task (appendix A.5: cryo-ET subtomogram classification on AITom),
     # on a SIMULATED set (`jaxal.data.subtomograms`: 5 classes of equal mass and radius of gyration, random
     # rotations, a +-60 degree missing wedge, a CTF and noise at SNR 0.1), sized for a CPU: 24^3 volumes,

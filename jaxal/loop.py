@@ -103,6 +103,12 @@ def validate_settings(config: Config, task=None) -> None:
         raise RunError(f"--val_size must be non-negative, got {config.val_size}")
     if config.subset_size is not None and config.subset_size < config.budget:
         raise RunError(f"--subset_size ({config.subset_size}) must be at least --budget ({config.budget})")
+    check_stop_at_metric(config)
+
+
+def check_stop_at_metric(config: Config) -> None:
+    if config.stop_at_metric is not None and not 0.0 < config.stop_at_metric <= 1.0:
+        raise RunError(f"--stop_at_metric is a fraction in (0, 1] (AP 22 is 0.22), got {config.stop_at_metric}")
 
 
 def validate(config: Config, dataset: Dataset, task=None) -> None:
@@ -249,14 +255,12 @@ def open_workdir(exp: Experiment, overwrite: bool) -> None:
     Several processes: all check (read only) before process 0 writes, so all fail or none does."""
     if not overwrite:
         check_workdir(exp)
-    elif exp.workdir.exists() and workdir_lock.contents(exp.workdir) and not (exp.workdir / "config.json").exists():
-        raise RunError(f"--overwrite deletes only jaxal run directories, and {exp.workdir} is not one "
-                       "(it has no config.json); choose another --workdir")
+    else:
+        check_overwritable(exp.workdir)
     parallel.sync("jaxal-workdir-checked")
     if parallel.is_primary():
-        if overwrite and exp.workdir.exists():
-            for path in workdir_lock.contents(exp.workdir):  # the lock stays: this process holds it
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if overwrite:
+            clear_workdir(exp.workdir)
         workdir_lock.create(exp.workdir)
         if not (exp.workdir / "config.json").exists():
             results.write_atomic(exp.workdir / "config.json", config_json(exp))
@@ -283,18 +287,42 @@ def config_differences(saved: dict, config: Config, free_fields=RESUME_FREE_FIEL
 
 
 def check_workdir(exp: Experiment) -> None:
+    check_run_directory(exp.workdir, exp.config)
+
+
+def check_run_directory(workdir: Path, config: Config) -> None:
     """Raise RunError unless the run directory is absent, empty, or holds a run of this config."""
-    config_path = exp.workdir / "config.json"
+    config_path = workdir / "config.json"
     if config_path.exists():
         saved = workdir_lock.read_json_object(config_path, "delete it (or pass --overwrite) to start the run "
                                                            "again, or choose another --workdir")
-        details = config_differences(saved, exp.config)
+        details = config_differences(saved, config)
         if details:
-            raise RunError(f"{exp.workdir} holds a run with another config ({details}); resume it with the "
+            raise RunError(f"{workdir} holds a run with another config ({details}); resume it with the "
                            "same flags, pass --overwrite to start again, or choose another --workdir")
         return
-    if exp.workdir.exists() and workdir_lock.contents(exp.workdir):
-        raise RunError(f"{exp.workdir} exists and is not a jaxal run directory; choose another --workdir")
+    if workdir.exists() and workdir_lock.contents(workdir):
+        raise RunError(f"{workdir} exists and is not a jaxal run directory; choose another --workdir")
+
+
+def check_overwritable(workdir: Path) -> None:
+    if workdir.exists() and workdir_lock.contents(workdir) and not (workdir / "config.json").exists():
+        raise RunError(f"--overwrite deletes only jaxal run directories, and {workdir} is not one "
+                       "(it has no config.json); choose another --workdir")
+
+
+def clear_workdir(workdir: Path) -> None:
+    """Delete what a run directory holds (--overwrite); the lock stays: this process holds it."""
+    if workdir.exists():
+        for path in workdir_lock.contents(workdir):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def stop_reached(config: Config, record: dict, metric: str) -> bool:
+    """Whether a cycle's record reached --stop_at_metric (its test_<metric>): the trial ends there, with no
+    selection after it (ISAL's COCO protocol runs until AP 22)."""
+    value = record.get(f"test_{metric}")
+    return config.stop_at_metric is not None and value is not None and value >= config.stop_at_metric
 
 
 def initial_split(config: Config, trial: int, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -420,7 +448,7 @@ def run_round(exp: Experiment, strategy, trial_key, cycle: int, state, images, l
         state, fields = trained
     record = {"cycle": cycle, "num_labeled": int(num_labeled), **fields, "selection_seconds": 0.0,
               "num_scored": 0, "selected": []}
-    if not budget:
+    if not budget or stop_reached(config, record, exp.task.metric):
         return Round(state, record, np.zeros((0,), np.int64), np.zeros((0,), np.int64), None)
     scored = candidates(np.random.default_rng(host_seed))
     # Strategies get process-local copies of the (replicated) trained weights: single-device code
@@ -457,7 +485,7 @@ def run_cycle(exp: Experiment, strategy, trial_key, cycle: int, state, labeled: 
     record = {"strategy": strategy.name, "trial": None, **result.record}
     if data.class_names:  # what the label indices of the results (e.g. a segmentation's test_iou) mean
         record["class_names"] = list(data.class_names)
-    if not last:
+    if not last and not stop_reached(config, record, exp.task.metric):
         labeled, selected = add_selection(labeled, result.candidates, result.chosen, config.budget, strategy.name)
         record["selected"] = [int(i) for i in selected]
     return result.state, labeled, record, result.candidates
@@ -488,6 +516,8 @@ def run_trial(exp: Experiment, strategy_name: str, trial: int, images, labels,
         state, labeled, records, first_cycle = resumed.state, resumed.labeled, resumed.records, resumed.cycle + 1
         on_cycle(records)
     for cycle in range(first_cycle, config.cycles):
+        if records and stop_reached(config, records[-1], exp.task.metric):
+            break
         try:
             trained_on = labeled
             state, labeled, record, candidates = run_cycle(exp, strategy, trial_key, cycle, state, labeled, val,

@@ -24,6 +24,10 @@ With Label Studio instead of a folder and a CSV (the key from $LABEL_STUDIO_API_
 reads the project's annotations and images and writes the round's predictions back into it, their
 scores ordering its task list (`jaxal.labelstudio`); `python -m jaxal.serve` is the ML-backend form.
 
+Boxes: `--task detection` (with a detection preset, e.g. `--preset bccd_fcos --strategy random`) takes
+--labels as a COCO instances JSON or a PASCAL VOC folder, what annotation tools export, and draws the
+detector's boxes on the contact sheet (`jaxal.detection.rounds`).
+
 Bad input -- a label for a file that is not in the pool, a class outside the known set, a second label
 that differs from an earlier one, a pool that changed under a round (files added or removed with no new
 label to start a new round, or labelled files removed), other settings than the workdir's rounds -- ends
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                "--trials do not apply here.")
     group = parser.add_argument_group("annotation")
     group.add_argument("--pool", help="folder (or .tar/.tar.gz) holding every image, labelled or not")
-    group.add_argument("--labels", help="CSV of path,label rows: the labels you have")
+    group.add_argument("--labels", help="CSV of path,label rows: the labels you have (--task detection: a COCO instances JSON or a VOC "
+                            "folder of boxes)")
     group.add_argument("--new-labels", "--new_labels", dest="new_labels", action="append", default=[],
                        help="more path,label rows in another CSV (may be given several times)")
     group.add_argument("--classes", help="every class, comma-separated; without it, the distinct labels of the first round")
@@ -131,6 +136,15 @@ def as_pool_names(rows: list[tuple[str, str]], ids: list[str]) -> list[tuple[str
 
 def folder_round(config, args: argparse.Namespace, log=print) -> None:
     from jaxal import folders, parallel, workdir as workdir_lock
+
+    if config.task == "detection":  # boxes: `jaxal.detection.rounds`
+        from jaxal.detection import rounds
+
+        if args.new_labels:
+            raise ValueError("--task detection reads every label from --labels (a COCO JSON or a VOC folder, as the "
+                             "annotation tool exports it); --new-labels is for path,label CSV files")
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+        return rounds.detection_round(config, args.pool, args.labels, classes, log)
     from jaxal.data import volumes
 
     root = Path(args.pool)

@@ -19,19 +19,22 @@ import numpy as np
 CSV_COLUMNS = ("strategy", "trial", "cycle", "num_labeled", "test_accuracy", "train_accuracy",
                "train_loss", "train_seconds", "evaluate_seconds", "selection_seconds", "num_scored")
 CSV_HEAD, CSV_TAIL = CSV_COLUMNS[:4], CSV_COLUMNS[6:]
+# Detection's annotation cost in boxes, beside num_labeled (images), where the records hold it.
+COST_COLUMNS = ("num_boxes", "num_selected", "boxes_selected")
 # A metric's label on the plot and in the summary.
 METRIC_LABELS = {"accuracy": "test accuracy", "miou": "test mIoU", "ap": "test AP@[.5:.95]"}
 
 
 def csv_columns(records: list[dict]) -> list[str]:
-    """CSV_COLUMNS, with the task's scalar metrics (test_*, then train_*, as the records hold them: e.g.
-    test_miou, test_pixel_accuracy) in place of test_accuracy and train_accuracy; list-valued metrics
-    (per-class IoU) stay in results.jsonl."""
+    """CSV_COLUMNS, with the cost in boxes where the records count it (COST_COLUMNS) and the task's scalar
+    metrics (test_*, then train_*, as the records hold them: e.g. test_miou, test_pixel_accuracy) in place
+    of test_accuracy and train_accuracy; list-valued metrics (per-class IoU) stay in results.jsonl."""
     if not records:
         return list(CSV_COLUMNS)
     scalars = [k for k, v in records[0].items() if isinstance(v, (int, float)) and k not in CSV_HEAD + CSV_TAIL]
     metrics = [k for prefix in ("test_", "train_") for k in scalars if k.startswith(prefix)]
-    return list(CSV_HEAD) + metrics + list(CSV_TAIL)
+    costs = [k for k in COST_COLUMNS if k in records[0]]
+    return list(CSV_HEAD) + costs + metrics + list(CSV_TAIL)
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

@@ -215,6 +215,16 @@ def test_kill_and_resume_gives_the_uninterrupted_results(tmp_path, monkeypatch, 
     assert [r["train_seconds"] for r in resumed[:2]] == [r["train_seconds"] for r in partial]
 
 
+def test_stop_at_metric_ends_a_trial_at_the_first_cycle_that_reaches_it(tmp_path):
+    whole = run(tmp_path, "whole", strategy="entropy")
+    target = whole[1]["test_accuracy"]  # reached at cycle 1 (and perhaps at 0 already)
+    first = next(c for c, r in enumerate(whole) if r["test_accuracy"] >= target)
+    stopped = run(tmp_path, "stopped", strategy="entropy", stop_at_metric=target)
+    assert comparable(stopped[:first]) == comparable(whole[:first]) and len(stopped) == first + 1
+    assert stopped[-1]["test_accuracy"] == whole[first]["test_accuracy"] and stopped[-1]["selected"] == []
+    assert run(tmp_path, "stopped", strategy="entropy", stop_at_metric=target) == stopped  # resumed: finished
+
+
 def test_diverging_training_stops_with_a_clear_error():
     from jaxal.models import create_model
     from jaxal.train import TrainOptions, create_train_state, train_model
