@@ -344,7 +344,7 @@ def _voc_reader(root: Path, class_names):
             ids = _voc_ids(root, splits[0])
             found = set()
             for image_id in ids:
-                found.update(obj[0] for obj in _voc_objects(_voc_xml(root, image_id))[2])
+                found.update(obj[0] for obj in voc_objects(_voc_xml(root, image_id))[2])
             names = sorted(found)
             if not names:
                 raise ValueError(f"the train split {root / 'ImageSets/Main' / (splits[0] + '.txt')} has no boxes, "
@@ -397,7 +397,7 @@ def _voc_image_file(root: Path, image_id: str) -> Path:
     raise ValueError(f"the image file {file} of {root / 'Annotations' / (image_id + '.xml')} does not exist")
 
 
-def _voc_objects(parsed) -> tuple[Path, ElementTree.Element, list]:
+def voc_objects(parsed) -> tuple[Path, ElementTree.Element, list]:
     """(name, difficult, (xmin, ymin, xmax, ymax)) of each <object>, as written."""
     file, xml = parsed
     objects = []
@@ -415,7 +415,7 @@ def _voc_objects(parsed) -> tuple[Path, ElementTree.Element, list]:
 
 
 def _voc_annotation(root: Path, image_id: str, index: dict, on_invalid: str, declared: bool) -> _Annotation:
-    file, _, objects = _voc_objects(_voc_xml(root, image_id))
+    file, _, objects = voc_objects(_voc_xml(root, image_id))
     height, width = _image_size(_voc_image_file(root, image_id))
     boxes, classes, difficult, dropped = [], [], [], 0
     for name, diff, (xmin, ymin, xmax, ymax) in objects:

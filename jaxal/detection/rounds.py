@@ -87,14 +87,12 @@ def _voc_labels(folder: Path, ids: list[str]) -> Labels:
     for file in files:
         try:
             root = ElementTree.parse(file).getroot()
-            name = root.findtext("filename") or ""
-            objects = [(o.findtext("name", "").strip(), *(float(o.find("bndbox").findtext(k))
-                                                          for k in ("xmin", "ymin", "xmax", "ymax")))
-                       for o in root.iter("object")]
-        except (ElementTree.ParseError, AttributeError, TypeError, ValueError) as error:
-            raise ValueError(f"{file} is not a VOC annotation ({type(error).__name__}: {error})") from None
+        except ElementTree.ParseError as error:
+            raise ValueError(f"{file} is not a VOC annotation (ParseError: {error})") from None
+        _, _, objects = boxes_lib.voc_objects((file, root))  # the dataset reader's parsing
         # VOC's 1-based inclusive pixels: columns xmin..xmax are the continuous span xmin - 1 .. xmax
-        labels[_pool_path(name, ids, file)] = [(x1 - 1, y1 - 1, x2, y2, cls) for cls, x1, y1, x2, y2 in objects]
+        labels[_pool_path(root.findtext("filename") or "", ids, file)] = [
+            (x1 - 1, y1 - 1, x2, y2, cls) for cls, _difficult, (x1, y1, x2, y2) in objects]
     return labels
 
 
