@@ -226,6 +226,9 @@ class BoxStrategyOptions:
     # its last conv) or "all" (every layer but the per-level scales)
     gn_params: str = "cls_branch"
     top_k: int = 100  # ent_gn / exp_gn: the image's top-scoring locations in the entropy
+    # localization_stability: the standard deviations of the Gaussian noise levels, in [0, 1] pixel units
+    # (imagecorruptions' gaussian_noise severities 1-5)
+    stability_noise: tuple[float, ...] = (0.08, 0.12, 0.18, 0.26, 0.38)
 
 
 @dataclasses.dataclass(frozen=True)

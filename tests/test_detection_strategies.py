@@ -22,7 +22,7 @@ from jaxal.data import boxes as boxes_lib
 from jaxal.detection import strategies, training
 from jaxal.detection.strategies import gradient as gradient_strategies
 from jaxal.detection.strategies import influence as isal_lib
-from jaxal.detection.strategies import uncertainty
+from jaxal.detection.strategies import stability, uncertainty
 from jaxal.models import fcos
 from jaxal.tasks import Detection
 
@@ -289,8 +289,68 @@ def test_coreset_is_greedy_k_center_on_the_pooled_tower_features(world):
     assert list(selection.chosen) == chosen
 
 
+def isal_calculate_iou(ref_box, pred_box):
+    """mining/utils/utils.py:51-74 on COCO [x, y, w, h] boxes, as written."""
+    pred_box = [pred_box[0], pred_box[1] - pred_box[3], pred_box[0] + pred_box[2], pred_box[1]]
+    ref_box = [ref_box[0], ref_box[1] - ref_box[3], ref_box[0] + ref_box[2], ref_box[1]]
+    iw = np.maximum(min(pred_box[2], ref_box[2]) - max(pred_box[0], ref_box[0]) + 1., 0.)
+    ih = np.maximum(min(pred_box[3], ref_box[3]) - max(pred_box[1], ref_box[1]) + 1., 0.)
+    inters = iw * ih
+    uni = ((pred_box[2] - pred_box[0] + 1.) * (pred_box[3] - pred_box[1] + 1.)
+           + (ref_box[2] - ref_box[0] + 1.) * (ref_box[3] - ref_box[1] + 1.) - inters)
+    return inters / uni
+
+
+def isal_stability(ref_boxes, ref_scores, levels):
+    """localization_based_mining_algorithm.py:67-87 (`value`), levels = per noise level a list of boxes."""
+    image_score, score_sum = 0, 0
+    for ref_bbox, score in zip(ref_boxes, ref_scores):
+        average_iou = 0
+        for preds in levels:
+            if len(preds) == 0:
+                continue
+            average_iou += max([isal_calculate_iou(p, ref_bbox) for p in preds])
+        average_iou /= len(levels)
+        image_score += average_iou * score
+        score_sum += score
+    return image_score / score_sum
+
+
+def test_localization_stability_is_isals_on_hand_made_boxes():
+    # ISAL's calculate_iou turns [x, y, w, h] into [x, y - h, x + w, y]: for COCO's y (the TOP edge) that is
+    # each box mirrored about its top edge, which changes the IoU of boxes of different heights. jaxal
+    # computes the true IoU (Kao et al.'s definition), so the transcription is given y = the bottom edge.
+    xywh = lambda b: [b[0], b[3], b[2] - b[0], b[3] - b[1]]  # noqa: E731
+    ref = {"boxes": np.array([[[10, 10, 40, 30], [50, 5, 60, 25], [0, 0, 0, 0]], [[0, 0, 0, 0]] * 3,
+                              [[5, 5, 20, 20], [0, 0, 0, 0], [0, 0, 0, 0]]], float),
+           "scores": np.array([[0.9, 0.3, 0], [0, 0, 0], [0.6, 0, 0]]),
+           "valid": np.array([[1, 1, 0], [0, 0, 0], [1, 0, 0]], bool)}
+    level1 = {"boxes": np.array([[[12, 9, 41, 33], [48, 6, 61, 20], [11, 11, 38, 29]], [[1, 1, 9, 9]] * 3,
+                                 [[0, 0, 0, 0]] * 3], float),
+              "valid": np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0]], bool)}
+    level2 = {"boxes": np.array([[[30, 20, 70, 40], [0, 0, 0, 0], [0, 0, 0, 0]], [[0, 0, 0, 0]] * 3,
+                                 [[6, 4, 22, 19], [2, 2, 30, 30], [0, 0, 0, 0]]], float),
+              "valid": np.array([[1, 0, 0], [0, 0, 0], [1, 1, 0]], bool)}
+    values, scored = stability.stability(ref, [level1, level2])
+    for i in (0, 2):
+        m = ref["valid"][i]
+        want = isal_stability([xywh(b) for b in ref["boxes"][i][m]], ref["scores"][i][m],
+                              [[xywh(b) for b in lv["boxes"][i][lv["valid"][i]]] for lv in (level1, level2)])
+        assert values[i] == pytest.approx(want, rel=1e-12)
+    assert list(scored) == [True, False, True] and np.isnan(values[1])
+
+
+def test_localization_stability_under_a_faint_noise_is_near_one(world):
+    context, *_ = world
+    selection = strategies.select("localization_stability", context(stability_noise=(1e-4,)), 3)
+    scored = np.isfinite(selection.scores)
+    assert scored.any() and np.all(selection.scores[scored] > 0.9) and np.all(selection.scores[scored] <= 1 + 1e-12)
+    assert selection.info["num_unscored"] == int((~scored).sum())
+
+
 @pytest.mark.parametrize("field,value", [("pseudo_score", 1.5), ("isal_scales", (1.0, 2.0)), ("reduction", "median"),
-                                         ("gn_params", "head"), ("s_test_images", 0), ("top_k", 0)])
+                                         ("gn_params", "head"), ("s_test_images", 0), ("top_k", 0),
+                                         ("stability_noise", (0.1, -1.0))])
 def test_bad_options_are_refused_before_the_run(field, value):
     config = config_lib.build_config("bccd_fcos", boxal={field: value})
     with pytest.raises(ValueError, match=f"--boxal.{field}"):

@@ -10,7 +10,8 @@ Strategies (options in `--boxal.*`, `jaxal.config.BoxStrategyOptions`):
 - `isal`, `grad_sim` (`.influence`): ISAL's detection code, influence of the image's pseudo-boxes;
 - `entropy`, `least_confidence`, `margin` (`.uncertainty`): ISAL's uncertainty miners on post-NMS scores;
 - `ent_gn`, `exp_gn` (`.gradient`): the gradient norm of the top-k binary entropy;
-- `coreset` (`.coreset`): greedy k-center on the towers' pooled features (ISAL's appendix D.2).
+- `coreset` (`.coreset`): greedy k-center on the towers' pooled features (ISAL's appendix D.2);
+- `localization_stability` (`.stability`): Kao et al.'s stability of the boxes under image noise.
 An image a strategy cannot score (no pseudo-box, no detection) is ranked after every scored one, in
 random order, as ISAL's miners fill in their unscored images (`rank`); the count is in `info`.
 """
@@ -84,6 +85,8 @@ def check_options(config: Config) -> None:
         raise ValueError(f"--boxal.gn_params: choose one of {', '.join(GN_PARAMS)}, not {o.gn_params!r}")
     if o.top_k < 1:
         raise ValueError(f"--boxal.top_k must be at least 1, got {o.top_k}")
+    if not o.stability_noise or not all(np.isfinite(s) and s > 0 for s in o.stability_noise):
+        raise ValueError(f"--boxal.stability_noise must be one or more finite numbers > 0, got {o.stability_noise}")
 
 
 def select(name: str, ctx: DetectionContext, k: int) -> Selection:
@@ -127,7 +130,8 @@ LABEL_KEYS = ("boxes", "classes", "difficult")
 
 def stream(split, indices, batch_size: int, fn: Callable) -> Any:
     """`fn(batch)` over `indices` of `split` read in batches of `batch_size` ({"images" uint8, "boxes",
-    "classes", "difficult"}; the last batch padded with empty images so one program serves every batch),
+    "classes", "difficult", "indices", "sizes": each image's (h, w) on its canvas}; the last batch padded
+    with empty images, index -1 and size 1, so one program serves every batch),
     each result a pytree of per-image arrays; returned in `indices` order as NumPy arrays. Memory: one batch
     of images and the per-image results."""
     indices = np.asarray(indices)
@@ -135,10 +139,12 @@ def stream(split, indices, batch_size: int, fn: Callable) -> Any:
     out = None
     for batch in boxes_lib.batches(split, indices, batch_size):
         n = len(batch["indices"])
-        arrays = {k: batch[k] for k in ("images",) + LABEL_KEYS}
+        arrays = {**{k: batch[k] for k in ("images", "indices") + LABEL_KEYS},
+                  "sizes": split.resized_sizes[batch["indices"]].astype(np.float32)}
         if n < batch_size:
+            fills = {"classes": -1, "indices": -1, "sizes": 1}
             pad = lambda a, fill: np.concatenate([a, np.full((batch_size - n,) + a.shape[1:], fill, a.dtype)])  # noqa: E731
-            arrays = {k: pad(a, -1 if k == "classes" else 0) for k, a in arrays.items()}
+            arrays = {k: pad(a, fills.get(k, 0)) for k, a in arrays.items()}
         result = jax.device_get(fn(arrays))
         if out is None:
             out = jax.tree.map(lambda a: np.zeros((len(indices),) + a.shape[1:], a.dtype), result)
@@ -162,4 +168,4 @@ def rank(values, scored, k: int, rng: np.random.Generator, *, descending: bool) 
 
 
 # register the strategies of the submodules (they import the helpers above)
-from jaxal.detection.strategies import coreset, gradient, influence, uncertainty  # noqa: E402,F401
+from jaxal.detection.strategies import coreset, gradient, influence, stability, uncertainty  # noqa: E402,F401
