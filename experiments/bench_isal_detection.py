@@ -26,7 +26,6 @@ images), and the temporaries must not grow with it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time

@@ -652,7 +652,8 @@ def _lissa_chain(loss_fn, params, data, v, damping, scales, l2, num_examples, ke
             carry = update(carry, key, t)
         return carry, _scaled_norm(carry[0], scales)
 
-    (h, resets), norms = lax.scan(step, (v, jnp.zeros((), jnp.int32)), (jax.random.split(key, depth), jnp.arange(depth)))
+    inputs = (jax.random.split(key, depth), jnp.arange(depth))
+    (h, resets), norms = lax.scan(step, (v, jnp.zeros((), jnp.int32)), inputs)
     return h, jnp.concatenate([_scaled_norm(v, scales)[None].astype(norms.dtype), norms]), resets
 
 

@@ -143,8 +143,8 @@ def stream(split, indices, batch_size: int, fn: Callable) -> Any:
                   "sizes": split.resized_sizes[batch["indices"]].astype(np.float32)}
         if n < batch_size:
             fills = {"classes": -1, "indices": -1, "sizes": 1}
-            pad = lambda a, fill: np.concatenate([a, np.full((batch_size - n,) + a.shape[1:], fill, a.dtype)])  # noqa: E731
-            arrays = {k: pad(a, fills.get(k, 0)) for k, a in arrays.items()}
+            arrays = {k: np.concatenate([a, np.full((batch_size - n,) + a.shape[1:], fills.get(k, 0), a.dtype)])
+                      for k, a in arrays.items()}
         result = jax.device_get(fn(arrays))
         if out is None:
             out = jax.tree.map(lambda a: np.zeros((len(indices),) + a.shape[1:], a.dtype), result)

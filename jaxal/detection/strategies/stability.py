@@ -81,8 +81,8 @@ def localization_stability(ctx: DetectionContext, k: int) -> Selection:
         key = jax.random.fold_in(jax.random.PRNGKey(seed), level)
 
         def detect(batch, key=key, std=std):
-            found = _detect_noisy_jit(ctx.detector, ctx.variables, *(jnp.asarray(batch[k_]) for k_ in
-                                                                        ("images", "sizes", "indices")), key, float(std))
+            arrays = (jnp.asarray(batch[k_]) for k_ in ("images", "sizes", "indices"))
+            found = _detect_noisy_jit(ctx.detector, ctx.variables, *arrays, key, float(std))
             return {k_: found[k_] for k_ in keys}
 
         levels.append(stream(ctx.pool, ctx.candidates, ctx.config.eval_batch_size, detect))
