@@ -355,3 +355,6 @@ def test_bad_options_are_refused_before_the_run(field, value):
     config = config_lib.build_config("bccd_fcos", boxal={field: value})
     with pytest.raises(ValueError, match=f"--boxal.{field}"):
         strategies.check_options(config)
+    damping = config_lib.build_config("bccd_fcos", strategy="isal", influence=dict(damping=1.5))
+    with pytest.raises(ValueError, match="--influence.damping"):
+        strategies.check_options(damping)

@@ -87,6 +87,11 @@ def check_options(config: Config) -> None:
         raise ValueError(f"--boxal.top_k must be at least 1, got {o.top_k}")
     if not o.stability_noise or not all(np.isfinite(s) and s > 0 for s in o.stability_noise):
         raise ValueError(f"--boxal.stability_noise must be one or more finite numbers > 0, got {o.stability_noise}")
+    if {"isal", "grad_sim"} & set(config.strategies):  # the solve's --influence.* settings (damping, repeats, ...)
+        from jaxal import influence as influence_lib
+        from jaxal.detection.strategies.influence import solver_options
+
+        influence_lib.check_solver_options(solver_options(config), "--influence.")
 
 
 def select(name: str, ctx: DetectionContext, k: int) -> Selection:
