@@ -358,3 +358,10 @@ def test_bad_options_are_refused_before_the_run(field, value):
     damping = config_lib.build_config("bccd_fcos", strategy="isal", influence=dict(damping=1.5))
     with pytest.raises(ValueError, match="--influence.damping"):
         strategies.check_options(damping)
+
+
+def test_the_solve_reads_the_first_images_in_loader_order_or_the_papers_random_sample(world):
+    context, *_ = world
+    assert list(isal_lib.solve_images(context(), repeats=2, depth=1)) == [0, 1]  # repeats x depth, in order
+    sample = isal_lib.solve_images(context(s_test_max_labeled=2), repeats=4, depth=10)
+    assert len(sample) == 2 and set(sample) <= set(LABELED) and list(sample) == sorted(sample)
