@@ -61,6 +61,9 @@ class SolverOptions:
     # LiSSA: a chain's tensor whose Hessian-vector product has a NaN restarts from v (ISAL's detection
     # code); false: a NaN stops the run with LissaDivergenceError.
     nan_reset: bool = False
+    # LiSSA's minibatches: "random" (drawn with replacement) or "loader" (ISAL's detection code: chain r
+    # reads labelled rows r, r + repeats, ... once, in order, batch_size 1, at most depth steps)
+    order: str = "random"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +210,31 @@ class DetectionOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class BoxStrategyOptions:
+    """Active learning on boxes (`jaxal.detection.strategies`, --task detection)."""
+
+    # isal / grad_sim: an unlabelled image's pseudo-boxes are its detections scoring at least this (ISAL's
+    # --noised-score-thresh, default 0.5; its README runs 0.1); an image with none is filled in at random
+    pseudo_score: float = 0.5
+    # isal: LiSSA scale of each of the head's last kernels, classification, regression, centerness (ISAL's
+    # code); damping, chains (--influence.repeats) and the solver's chunking are --influence.*'s
+    isal_scales: tuple[float, ...] = (100.0, 8000.0, 5000.0)
+    s_test_images: int = 1000  # LiSSA steps per chain, batch 1 in loader order (ISAL's S_TEST_IMG_NUM)
+    # s_test over at most this many labelled images sampled at random (the paper's 5000); None: all (the code)
+    s_test_max_labeled: Optional[int] = None
+    # entropy / least_confidence / margin: an image's per-box values reduced by "max" (ISAL's miners),
+    # "mean" or "sum"
+    reduction: str = "max"
+    # ent_gn / exp_gn: the gradient of the top-k entropy w.r.t. "cls_branch" (the classification tower and
+    # its last conv) or "all" (every layer but the per-level scales)
+    gn_params: str = "cls_branch"
+    top_k: int = 100  # ent_gn / exp_gn: the image's top-scoring locations in the entropy
+    # localization_stability: the standard deviations of the Gaussian noise levels, in [0, 1] pixel units
+    # (imagecorruptions' gaussian_noise severities 1-5)
+    stability_noise: tuple[float, ...] = (0.08, 0.12, 0.18, 0.26, 0.38)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     # What to run.
     strategy: str = "exp_gn"  # one strategy or several separated by commas, e.g. "entropy,random"
@@ -268,6 +296,7 @@ class Config:
     qbc: QBCOptions = QBCOptions()
     boxes: BoxesOptions = BoxesOptions()
     detection: DetectionOptions = DetectionOptions()
+    boxal: BoxStrategyOptions = BoxStrategyOptions()
     # Output.
     workdir: Optional[str] = None  # None: runs/<dataset>-<strategy>
     progress: bool = True

@@ -618,38 +618,63 @@ def _scaled_norm(h: PyTree, scales: PyTree) -> jax.Array:
     return jnp.sqrt(sum(s / largest * jnp.vdot(x, x) for x, s in zip(jax.tree.leaves(h), jax.tree.leaves(scales))))
 
 
-def _lissa_chain(loss_fn, params, data, v, damping, scales, l2, num_examples, key, *, depth, batch_size,
-                 chunk_size, mesh, nan_reset=False):
-    """One chain: (h_depth, ||h_t|| for t = 0..depth, the number of tensors reset to v)."""
+def _lissa_chain(loss_fn, params, data, v, damping, scales, l2, num_examples, key, chain=0, *, depth, batch_size,
+                 chunk_size, mesh, nan_reset=False, order="random", repeats=1):
+    """One chain: (h_depth, ||h_t|| for t = 0..depth, the number of tensors reset to v). `order="loader"`:
+    chain `chain` of `repeats` takes rows chain, chain + repeats, ... (see `lissa`)."""
     n = _num_rows(data) if num_examples is None else num_examples
+    # ISAL's detection code: each of its GPUs walks its shard of the labelled set once, in loader order
+    # (torch's DistributedSampler without shuffle, padded by wrapping around), one image per step.
+    steps = jnp.minimum(depth, -(-n // repeats)) if order == "loader" else depth
 
     def updated(v_, h_, hv_, s_):
         h_new = v_ + (1 - damping) * h_ - hv_ / s_
         return jnp.where(jnp.any(jnp.isnan(hv_)), v_, h_new) if nan_reset else h_new  # ISAL's reset: to v
 
-    def step(carry, key):
+    def update(carry, key, t):
         h, resets = carry
         if batch_size is None:
             batch, real = data, num_examples
-        else:  # a fresh minibatch, indices drawn uniformly with replacement among the real rows
-            idx = jax.random.randint(key, (batch_size,), 0, n)
+        else:  # a fresh minibatch: uniformly with replacement among the real rows, or the loader's next row
+            idx = (jnp.full((1,), chain + t * repeats) % n if order == "loader"
+                   else jax.random.randint(key, (batch_size,), 0, n))
             batch, real = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data), None
         hv = set_hvp(loss_fn, params, batch, h, chunk_size=chunk_size, num_examples=real, l2=l2, mesh=mesh)
         if nan_reset:
             resets = resets + sum(jnp.any(jnp.isnan(x)).astype(jnp.int32) for x in jax.tree.leaves(hv))
-        h = jax.tree.map(updated, v, h, hv, scales)
-        return (h, resets), _scaled_norm(h, scales)
+        return jax.tree.map(updated, v, h, hv, scales), resets
 
-    (h, resets), norms = lax.scan(step, (v, jnp.zeros((), jnp.int32)), jax.random.split(key, depth))
+    def step(carry, inputs):
+        key, t = inputs
+        if order == "loader":  # the predicate is the same for every chain, so under vmap it stays a cond
+            carry = lax.cond(t < steps, lambda c: update(c, key, t), lambda c: c, carry)
+        else:
+            carry = update(carry, key, t)
+        return carry, _scaled_norm(carry[0], scales)
+
+    inputs = (jax.random.split(key, depth), jnp.arange(depth))
+    (h, resets), norms = lax.scan(step, (v, jnp.zeros((), jnp.int32)), inputs)
     return h, jnp.concatenate([_scaled_norm(v, scales)[None].astype(norms.dtype), norms]), resets
+
+
+LISSA_ORDERS = ("random", "loader")
+
+
+def _check_order(order: str, batch_size) -> None:
+    if order not in LISSA_ORDERS:
+        raise ValueError(f"order: unknown LiSSA sampling order {order!r}; choose one of: {', '.join(LISSA_ORDERS)}")
+    if order == "loader" and batch_size != 1:
+        raise ValueError(f"order: LiSSA's loader order reads one example per step (batch_size 1), got {batch_size}")
 
 
 def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, l2=0.0, *, depth, repeats, batch_size,
                   chunk_size=DEFAULT_CHUNK_SIZE, mesh=None, num_examples=None,
-                  precision=precision_lib.SOLVERS_DEFAULT, nan_reset=False):
+                  precision=precision_lib.SOLVERS_DEFAULT, nan_reset=False, order="random"):
     # `num_examples` (traced): draw among the first rows only, the rest of `data` being padding.
-    settings = dict(depth=depth, batch_size=batch_size, chunk_size=chunk_size, nan_reset=nan_reset)
+    settings = dict(depth=depth, batch_size=batch_size, chunk_size=chunk_size, nan_reset=nan_reset, order=order,
+                    repeats=repeats)
     keys = jax.random.split(rng, repeats)
+    chains = jnp.arange(repeats)
     scales = tensor_scales(scale, v)
     with precision_lib.scope(precision):
         if batch_size is None:  # deterministic: every chain is the same chain, so run one
@@ -659,45 +684,46 @@ def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, l2=0.0, *, dept
             resets = jnp.broadcast_to(resets, (repeats,))
         elif chains_split_over_devices(mesh, repeats, batch_size):
             total, norms, resets = _sharded_chains(loss_fn, params, data, v, damping, scales, l2, num_examples, keys,
-                                                   mesh=mesh, **settings)
+                                                   chains, mesh=mesh, **settings)
         else:  # side by side; on a mesh with fewer chains than devices, each minibatch split over them
             chain = functools.partial(_lissa_chain, loss_fn, params, data, v, damping, scales, l2, num_examples,
                                       mesh=mesh, **settings)
-            hs, norms, resets = jax.vmap(chain)(keys)
+            hs, norms, resets = jax.vmap(chain)(keys, chains)
             total = jax.tree.map(lambda x: jnp.sum(x, axis=0), hs)
         estimate = jax.tree.map(lambda x, s: x / (repeats * s), total, scales)
         cosine = tree_dot(estimate, v) / (tree_norm(estimate) * tree_norm(v))
     return LissaResult(estimate, norms, cosine, resets)
 
 
-def _sharded_chains(loss_fn, params, data, v, damping, scale, l2, num_examples, keys, *, mesh, **settings):
+def _sharded_chains(loss_fn, params, data, v, damping, scale, l2, num_examples, keys, chains, *, mesh, **settings):
     """(sum of h_depth over the chains, norms, resets): the chains split over the mesh's devices, padded to a
     multiple of their count by repeating the last key; the padded chains are left out of the sum."""
     repeats = keys.shape[0]
     padded = parallel.round_up(repeats, parallel.mesh_size(mesh))
     keys = keys[jnp.minimum(jnp.arange(padded), repeats - 1)]
+    chains = chains[jnp.minimum(jnp.arange(padded), repeats - 1)]
     real = jnp.arange(padded) < repeats
 
-    def local(keys, real, params, data, v, damping, scale, l2, num_examples):
+    def local(keys, chains, real, params, data, v, damping, scale, l2, num_examples):
         chain = functools.partial(_lissa_chain, loss_fn, params, data, v, damping, scale, l2, num_examples,
                                   mesh=None, **settings)
-        hs, norms, resets = jax.vmap(chain)(keys)
+        hs, norms, resets = jax.vmap(chain)(keys, chains)
         total = jax.tree.map(lambda x: jnp.sum(jnp.where(real.reshape(-1, *[1] * (x.ndim - 1)), x, 0), axis=0), hs)
         return jax.lax.psum(total, parallel.DATA_AXIS), norms, resets
 
     # check_vma=False: with JAX 0.10's type check on, the vmapped scans of `local` made every chain
     # draw the same minibatches (their carries start from the unsharded v); the chains are what is split.
     split, whole = P(parallel.DATA_AXIS), P()
-    total, norms, resets = jax.shard_map(local, mesh=mesh, in_specs=(split, split) + (whole,) * 7,
+    total, norms, resets = jax.shard_map(local, mesh=mesh, in_specs=(split, split, split) + (whole,) * 7,
                                          out_specs=(whole, split, split), check_vma=False)(
-        keys, real, params, data, v, damping, scale, l2, num_examples)
+        keys, chains, real, params, data, v, damping, scale, l2, num_examples)
     # The host reads every chain's norms and resets.
     return (total, parallel.constrain_replicated(norms[:repeats], mesh),
             parallel.constrain_replicated(resets[:repeats], mesh))
 
 
 _lissa_jit = jax.jit(_lissa_chains, static_argnames=("loss_fn", "depth", "repeats", "batch_size", "chunk_size", "mesh",
-                                                     "precision", "nan_reset"))
+                                                     "precision", "nan_reset", "order"))
 
 
 def _divergence_bound(v_norm: float, damping: float, depth: int) -> np.ndarray:
@@ -751,7 +777,7 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
           batch_size: int | None = 1, l2: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE, check: bool = True,
           divergence_factor: float = 10.0, return_diagnostics: bool = False, mesh=None,
           num_examples: int | jax.Array | None = None, precision: str = precision_lib.SOLVERS_DEFAULT,
-          nan_reset: bool = False):
+          nan_reset: bool = False, order: str = "random"):
     """LiSSA estimate of `(H + l2*I + damping*scale*I)^-1 v` (Agarwal et al. 2017; Koh & Liang 2017).
 
     `h_0 = v`, `h_{t+1} = v + (1 - damping) h_t - H_t h_t / scale` for t < depth, where `H_t` is the
@@ -779,6 +805,11 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
     `LissaResult.nan_resets` counts the restarts of each chain. By default a NaN propagates and the
     check raises `LissaDivergenceError`.
 
+    `order="loader"` (ISAL's detection code, `detection/src/utils.py` `multi_gpu_s_test`, batch 1): chain r
+    of the `repeats` takes the rows r, r + repeats, r + 2 repeats, ... of `data` in order (what each of its
+    GPUs reads through torch's DistributedSampler without shuffle, wrapping around to pad the last round),
+    and stops after min(depth, ceil(n / repeats)) steps (the set read once); `rng` is unused.
+
     All chains and steps are ONE jitted function: the chains side by side (`jax.vmap`), each a
     `lax.scan` over its steps, compiled once per loss function, shapes and static settings; `rng`, `v`,
     `params`, `data` values, `damping`, `scale` and `l2` can change without recompiling. With
@@ -798,10 +829,11 @@ def lissa(loss_fn: LossFn, params: PyTree, data: PyTree, v: PyTree, *, rng: jax.
     """
     if not 0 <= damping < 1:
         raise ValueError(f"lissa needs 0 <= damping < 1, got {damping}")
+    _check_order(order, batch_size)
     placed = parallel.replicate((params, data, v, rng, num_examples), mesh)
     result = _lissa_jit(loss_fn, *placed[:4], damping, scale, l2, depth=depth, repeats=repeats, batch_size=batch_size,
                         chunk_size=chunk_size, mesh=mesh, num_examples=placed[4], precision=precision,
-                        nan_reset=nan_reset)
+                        nan_reset=nan_reset, order=order)
     result = result if mesh is None else parallel.local(result)
     if check:
         check_lissa(result, loss_fn, params, data, rng=rng, damping=damping, scale=scale, batch_size=batch_size,
@@ -856,17 +888,17 @@ def solve_traced(method: str, loss_fn: LossFn, params: PyTree, data: PyTree, v: 
                  batch_size: int | None = 1, maxiter: int = 100, tol=1e-6, l2=0.0,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, block_size: int = DEFAULT_EXACT_BLOCK_SIZE,
                  num_examples=None, mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT,
-                 nan_reset: bool = False):
+                 nan_reset: bool = False, order: str = "random"):
     """The body of `solve` for use INSIDE a caller's jitted function, whose loss may close over traced
     arrays (the trained variables): no jit of its own (it is traced into the caller's program) and no
     host checks. Returns the `LissaResult` ("lissa"), the `CGResult` ("cg") or the solution
     ("exact"); on the host, check them with `check_lissa` / `check_cg` (and `check_exact_memory`
     beforehand). `damping`, `scale`, `tol`, `l2` and `num_examples` may be traced; the rest is static.
-    `scale` may hold one number per tensor for "lissa" only (`lissa`); `nan_reset` is LiSSA's."""
+    `scale` may hold one number per tensor for "lissa" only (`lissa`); `nan_reset` and `order` are LiSSA's."""
     common = dict(chunk_size=chunk_size, num_examples=num_examples, mesh=mesh, precision=precision)
     if method == "lissa":
         return _lissa_chains(loss_fn, params, data, v, rng, damping, scale, l2, depth=depth, repeats=repeats,
-                             batch_size=batch_size, nan_reset=nan_reset, **common)
+                             batch_size=batch_size, nan_reset=nan_reset, order=order, **common)
     if jax.tree.structure(scale).num_leaves != 1:
         raise ValueError(f"per-tensor scales are LiSSA's: the {method} solver takes one scale (its shift is "
                          f"damping * scale)")
@@ -880,10 +912,15 @@ def solve_traced(method: str, loss_fn: LossFn, params: PyTree, data: PyTree, v: 
 # ----------------------------------------------------------------------------- per-example products
 
 
-def jvp_scores(example_loss_fn: Callable, params: PyTree, s: PyTree, xs: PyTree) -> jax.Array:
+def jvp_scores(example_loss_fn: Callable, params: PyTree, s: PyTree, xs: PyTree, *, has_aux: bool = False):
     """`s . grad example_loss_fn(params, x_i)` for every row of `xs`: ONE forward-mode product. The
-    body of `influence_scores` for a caller's own (jitted, chunked) function."""
-    return jax.jvp(lambda p: jax.vmap(example_loss_fn, (None, 0))(p, xs), (params,), (s,))[1]
+    body of `influence_scores` for a caller's own (jitted, chunked) function. `has_aux`: the loss returns
+    `(loss, aux)` and the result is `(scores, aux)` (per-example facts of the same forward pass)."""
+    per_example = lambda p: jax.vmap(example_loss_fn, (None, 0))(p, xs)  # noqa: E731
+    if has_aux:
+        _, scores, aux = jax.jvp(per_example, (params,), (s,), has_aux=True)
+        return scores, aux
+    return jax.jvp(per_example, (params,), (s,))[1]
 
 
 def _jvp_scores(static, consts, xs):
@@ -960,6 +997,10 @@ def check_solver_options(options: SolverOptions, flags: str = "--influence.") ->
             raise ValueError(f"{flags}{name} must be at least 1, got {getattr(options, name)}")
     if options.batch_size is not None and options.batch_size < 1:
         raise ValueError(f"{flags}batch_size must be at least 1 (or none: the whole set), got {options.batch_size}")
+    try:
+        _check_order(options.order, options.batch_size)
+    except ValueError as error:
+        raise ValueError(f"{flags}{error}") from None
     # `not x > 0` also rejects NaN, which every ordered comparison lets through.
     if not (math.isfinite(options.damping) and 0 <= options.damping < 1):
         raise ValueError(f"{flags}damping must be in [0, 1) (it is relative: the shift is damping x scale), "
@@ -1024,6 +1065,7 @@ class _Settings(NamedTuple):
     precision: str
     mesh: Any
     nan_reset: bool
+    order: str = "random"
 
 
 def _solve_body(static: _Settings, variables, data, num_examples, v, rng, damping, scale, tol, l2):
@@ -1034,7 +1076,7 @@ def _solve_body(static: _Settings, variables, data, num_examples, v, rng, dampin
                         scale=scale, depth=static.depth, repeats=static.repeats, batch_size=static.batch_size,
                         maxiter=static.maxiter, tol=tol, l2=l2, chunk_size=static.chunk_size,
                         block_size=static.block_size, num_examples=num_examples, mesh=static.mesh,
-                        precision=static.precision, nan_reset=static.nan_reset)
+                        precision=static.precision, nan_reset=static.nan_reset, order=static.order)
 
 
 _solve = jax.jit(_solve_body, static_argnums=0)
@@ -1088,7 +1130,7 @@ def inverse_hvp(example_loss: Callable, variables: dict, data: PyTree, v: PyTree
         scale = float(jax.tree.leaves(scale)[0])
     static = _Settings(example_loss, subset, options.solver, options.depth, options.repeats, options.batch_size,
                        options.cg_maxiter, options.hvp_chunk_size, options.exact_block_size, precision, mesh,
-                       options.nan_reset)
+                       options.nan_reset, options.order)
     result = _solve(static, *parallel.replicate((variables, padded, n, v, rng), mesh), options.damping,
                     parallel.replicate(scale, mesh), options.cg_tol, l2)
     result = result if mesh is None else parallel.local(result)

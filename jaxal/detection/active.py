@@ -59,6 +59,7 @@ def resolve_source(name: str) -> str:
 def check(config: Config) -> None:
     """Refuse what this task cannot run, before anything is loaded."""
     strategies.check_names(config.strategies)
+    strategies.check_options(config)
     if (config.model or "fcos_r18") not in MODELS:
         raise ValueError(f"unknown detection model {config.model!r}; choose one of: {', '.join(MODELS)}")
     if config.detection.config not in fcos.CONFIGS:
