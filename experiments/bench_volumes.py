@@ -14,6 +14,12 @@ size come from these numbers (README, "Volumes").
     python experiments/bench_volumes.py                                  # dsrf3d_half at 24^3 (CPU)
     python experiments/bench_volumes.py --model dsrf3d --size 40 --pool 0 --chunks 2,4  # full size, memory only
     python experiments/bench_volumes.py --model dsrf3d --size 40 --pool 64  # full size with timing (a GPU)
+    python experiments/bench_volumes.py --flat 16,64     # peak RSS of ent_gn's scoring at two pool sizes
+
+`--flat A,B` scores pools of A and B volumes with ent_gn as the preset runs it (vmap, chunks of 16), each
+in a child process of its own, and prints each child's peak resident memory (on a CPU backend the device
+memory is the process's): the pool is scored one compiled chunk at a time, so the peak should not grow
+with the pool beyond the pool's own volumes and its scores (what the child reports as `pool_mib`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -42,7 +50,13 @@ def main(argv=None) -> int:
     parser.add_argument("--pool", type=int, default=32, help="volumes scored in the timing")
     parser.add_argument("--chunks", default="4,8", help="two chunk sizes for the memory analysis")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--flat", default=None, help="A,B: peak RSS of scoring pools of A and B volumes")
+    parser.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)  # a --flat child
     args = parser.parse_args(argv)
+    if args.measure is not None:
+        return measure_scoring(args.model, args.size, args.measure)
+    if args.flat:
+        return flat_in_pool(args, [int(n) for n in args.flat.split(",")])
     small, large = (int(c) for c in args.chunks.split(","))
     data = load_dataset(f"subtomograms_simulated:size={args.size},train={max(args.pool, large)},test=1")
     pool = data.x_train[:max(args.pool, 1)]
@@ -65,7 +79,10 @@ def main(argv=None) -> int:
           flush=True)
 
     def context(method: str) -> StrategyContext:
-        config = build_config("wang2022_cryoet_simulated", gradnorm=dict(method=method, chunk_size=small))
+        # entropy scores in chunks of eval_batch_size, padded: the same chunk as ent_gn, not the preset's 100,
+        # or a small pool would be timed as 100 volumes
+        config = build_config("wang2022_cryoet_simulated", gradnorm=dict(method=method, chunk_size=small),
+                              eval_batch_size=small)
         return StrategyContext(model=model, variables=variables, pool_x=pool, labeled_x=data.x_train[:2],
                                labeled_y=data.y_train[:2], num_classes=data.num_classes, config=config,
                                rng=jax.random.key(1), task=task)
@@ -83,7 +100,7 @@ def main(argv=None) -> int:
     for name, timing in times.items():
         print(f"  {name:<14} first {timing.first:7.2f} s   best {timing.best:7.2f} s "
               f"({timing.best / len(pool) * 1e3:.1f} ms per volume)", flush=True)
-    scores = {m: np.asarray(runs[f"ent_gn_{m}"]()) for m in ("vmap", "ghost")}
+    scores = {m: np.asarray(runs[f"ent_gn_{m}"]()[0]) for m in ("vmap", "ghost")}  # score: (scores, info)
     agreement = float(np.max(np.abs(scores["ghost"] - scores["vmap"]) / np.abs(scores["vmap"])))
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     summary.update({
@@ -91,6 +108,43 @@ def main(argv=None) -> int:
         "ghost_over_vmap_time": round(times["ent_gn_ghost"].best / times["ent_gn_vmap"].best, 3),
         "engines_max_relative_difference": agreement, "peak_rss_mib": round(peak_rss)})
     print(json.dumps(summary))
+    return 0
+
+
+def measure_scoring(model_name: str, size: int, pool_size: int) -> int:
+    """(child of --flat) Score `pool_size` volumes with ent_gn as the preset does; print peak RSS as JSON."""
+    data = load_dataset(f"subtomograms_simulated:size={size},train={pool_size},test=1")
+    task = tasks.create_task("classification", data.num_classes)
+    model = adapt(create_model(model_name, data.num_classes), data.normalization)
+    variables = init_variables(model, jax.random.key(0), data.image_shape)
+    config = build_config("wang2022_cryoet_simulated")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    context = StrategyContext(model=model, variables=variables, pool_x=data.x_train, labeled_x=data.x_train[:2],
+                              labeled_y=data.y_train[:2], num_classes=data.num_classes, config=config,
+                              rng=jax.random.key(1), task=task)
+    start, cpu = time.perf_counter(), time.process_time()
+    scores = np.asarray(get_strategy("ent_gn").score(context)[0])
+    print(json.dumps({"pool": pool_size, "method": config.gradnorm.method, "chunk": config.gradnorm.chunk_size,
+                      "pool_mib": round(data.x_train.nbytes / 2**20, 1), "rss_before_scoring_mib": round(before),
+                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10),
+                      "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                      "finite": bool(np.isfinite(scores).all())}))
+    return 0
+
+
+def flat_in_pool(args, pools: list[int]) -> int:
+    rows = []
+    for pool_size in pools:
+        child = subprocess.run([sys.executable, __file__, "--model", args.model, "--size", str(args.size),
+                                "--measure", str(pool_size)], capture_output=True, text=True)
+        if child.returncode:
+            print(child.stderr[-2000:], file=sys.stderr)
+            return child.returncode
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        print(f"  pool {pool_size:>5}: peak RSS {rows[-1]['peak_rss_mib']} MiB (pool {rows[-1]['pool_mib']} MiB, "
+              f"{rows[-1]['wall_s']} s wall, {rows[-1]['cpu_s']} s CPU)", flush=True)
+    print(json.dumps({"model": args.model, "size": args.size, "runs": rows,
+                      "peak_growth_mib": rows[-1]["peak_rss_mib"] - rows[0]["peak_rss_mib"]}))
     return 0
 
 

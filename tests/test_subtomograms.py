@@ -91,3 +91,47 @@ def test_deterministic_from_the_seed_and_normalised():
 def test_bad_options_are_refused(name, message):
     with pytest.raises(ValueError, match=message):
         load_dataset(name)
+
+
+def _reference_ctf(k, defocus_um, voltage_kv, cs_mm, amplitude_contrast):
+    """The phase-contrast CTF written from physical constants in SI units, as -sin(chi + phi) with the
+    amplitude contrast as a phase shift phi = asin(A) (the simulator writes it as a sum of sin and cos);
+    k in 1/m."""
+    from scipy import constants as c
+
+    volts = voltage_kv * 1e3
+    wavelength = c.h / math.sqrt(2 * c.m_e * c.e * volts * (1 + c.e * volts / (2 * c.m_e * c.c**2)))
+    chi = math.pi * wavelength * defocus_um * 1e-6 * k**2 - math.pi / 2 * cs_mm * 1e-3 * wavelength**3 * k**4
+    return -np.sin(chi + math.asin(amplitude_contrast)), wavelength
+
+
+@pytest.mark.parametrize("defocus, voltage, cs, voxel", [(5.0, 300.0, 2.0, 1.0), (2.0, 200.0, 2.7, 0.4)])
+def test_ctf_against_the_formula_from_physical_constants_and_its_zero_crossings(defocus, voltage, cs, voxel):
+    size = 64
+    got = sim.ctf(size, voxel, defocus, voltage, cs)
+    kz, ky, kx = sim.frequencies(size, voxel)  # 1/nm
+    k = np.sqrt(kz**2 + ky**2 + kx**2) * 1e9  # 1/m
+    expected, wavelength = _reference_ctf(k, defocus, voltage, cs, sim.AMPLITUDE_CONTRAST)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
+    assert abs(wavelength - {300.0: 1.96875e-12, 200.0: 2.50793e-12}[voltage]) < 1e-17  # published values
+    # A function of |k| only, -A at k = 0, and its zeros where chi(k) + asin(A) = n pi (n = 1, 2, ...) --
+    # the roots of a quadratic in k^2 -- each bracketed by a sign change along k_x, and no other.
+    assert got[0, 0, 0] == pytest.approx(-sim.AMPLITUDE_CONTRAST, abs=1e-12)
+    np.testing.assert_allclose(got[0, 0, 5], got[0, 5, 0], atol=1e-12)
+    np.testing.assert_allclose(got[0, 0, 5], got[5, 0, 0], atol=1e-12)
+    axis = np.fft.fftfreq(size, voxel)[: size // 2]  # 0 .. Nyquist, 1/nm
+    line = got[0, 0, : size // 2]
+    crossings = np.flatnonzero(np.sign(line[:-1]) != np.sign(line[1:]))
+    a, b = math.pi / 2 * cs * 1e6 * (wavelength * 1e9) ** 3, math.pi * wavelength * 1e9 * defocus * 1e3  # nm units
+    zeros = []
+    for n in range(1, 200):  # chi = b k^2 - a k^4 = n pi - asin(A): the smaller root of a k^4 - b k^2 + c = 0
+        c = n * math.pi - math.asin(sim.AMPLITUDE_CONTRAST)
+        if b * b < 4 * a * c:
+            break
+        k2 = (b - math.sqrt(b * b - 4 * a * c)) / (2 * a)
+        if math.sqrt(k2) >= axis[-1]:
+            break
+        zeros.append(math.sqrt(k2))
+    assert len(zeros) >= 2 and len(crossings) == len(zeros)
+    for i, zero in zip(crossings, zeros):
+        assert axis[i] < zero < axis[i + 1]

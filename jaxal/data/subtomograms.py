@@ -124,7 +124,8 @@ def ctf(size: int, voxel_size: float, defocus: float, voltage: float, cs: float)
     """-(sqrt(1 - A^2) sin(chi) + A cos(chi)), chi = pi lambda dz k^2 - pi/2 Cs lambda^3 k^4, on |k| (1/nm):
     the phase-contrast CTF with amplitude contrast A = 0.07 (lambda: the relativistic electron wavelength)."""
     volts = voltage * 1e3
-    wavelength = 1.2264259 / math.sqrt(volts * (1 + 0.978466e-6 * volts))  # nm
+    # h / sqrt(2 m_e e) in nm V^(1/2) and e / (2 m_e c^2) in 1/V, from CODATA 2018: 1.96875 pm at 300 kV.
+    wavelength = 1.2264259653234233 / math.sqrt(volts * (1 + 9.784755904550028e-07 * volts))  # nm
     kz, ky, kx = frequencies(size, voxel_size)
     k2 = kz**2 + ky**2 + kx**2
     chi = math.pi * wavelength * defocus * 1e3 * k2 - math.pi / 2 * cs * 1e6 * wavelength**3 * k2**2
