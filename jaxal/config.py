@@ -202,7 +202,7 @@ class DetectionOptions:
     # The learning rate is multiplied by --lr_gamma at the fractions 8/12 and 11/12 of the iterations.
     iterations: Optional[int] = None
     warmup_iters: int = 500  # mmdet warmup="constant": lr x warmup_ratio for these first iterations
-    warmup_ratio: float = 0.001
+    warmup_ratio: float = 1 / 3  # mmdet's FCOS config (its base schedule_1x's 0.001 is overridden there)
     grad_clip: Optional[float] = 10.0  # global-norm clipping (ISAL's COCO config; its VOC config: 8)
     channels: int = 256  # FPN and head width
     stacked_convs: int = 4  # convolutions per head tower
@@ -426,13 +426,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # per cycle at batch 4 (12 epochs of 20 images are fewer steps than mmdet's 500-iteration warm-up, so
     # the warm-up is 50 iterations here), a fresh detector each cycle as ISAL. lr 0.005: at ISAL's 0.01 the
     # from-scratch R18 (its BatchNorm frozen at the init's statistics, mmdet norm_eval) diverged to NaN in
-    # the second cycle (40 images).
+    # the second cycle (40 images). Its warm-up keeps mmdet's base ratio 0.001 (FCOS's config: 1/3), with
+    # which the README's BCCD numbers were measured.
     #   python -m jaxal.run --preset bccd_fcos --strategy random
     "bccd_fcos": dict(strategy="random", dataset="bccd", task="detection", model="fcos_r18", initial_size=20,
                       budget=20, cycles=3, trials=1, batch_size=4, lr=0.005, momentum=0.9, weight_decay=1e-4,
                       lr_gamma=0.1, eval_batch_size=8, warm_start=False,
-                      boxes=dict(canvas=320), detection=dict(iterations=200, warmup_iters=50, channels=64,
-                                                             stacked_convs=2)),
+                      boxes=dict(canvas=320), detection=dict(iterations=200, warmup_iters=50, warmup_ratio=0.001,
+                                                             channels=64, stacked_convs=2)),
     # ISAL (Liu et al., ICCV 2021), detection on VOC2012 as its code runs it (dragonlzm/ISAL detection/configs/
     # mining_experiments/fcos/fcos_r50_caffe_fpn_1x_voc2012.py over mmdetection v2.4's
     # fcos_r50_caffe_fpn_4x4_1x_coco.py): tfds voc/2012, pool = train (5717, images without boxes left out as

@@ -3,7 +3,7 @@
 The schedule is mmdetection v2.4's as ISAL's FCOS config sets it, in ITERATIONS (mmcv's
 `StepLrUpdaterHook` with `by_epoch=True` steps at epochs, warm-up counts iterations):
   lr(it) = base_lr * gamma ** (number of step epochs passed)        (`step=[8, 11]`, gamma 0.1)
-  during the first `warmup_iters` iterations, warm-up "constant": lr * warmup_ratio   (500, 0.001)
+  during the first `warmup_iters` iterations, warm-up "constant": lr * warmup_ratio   (FCOS: 500, 1/3)
 The optimiser is torch's SGD as mmcv's `OptimizerHook` drives it: the gradient clipped to global norm
 `grad_clip` (`clip_grad_norm_`, ISAL: 10), then `d = g + wd_p * p`, `buf = momentum * buf + d` (the
 first step: `buf = d`), `p -= lr_p * buf`. `paramwise_cfg=dict(bias_lr_mult=2., bias_decay_mult=0.)`:
@@ -46,7 +46,7 @@ class Schedule:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 500
-    warmup_ratio: float = 0.001               # _base_/schedules/schedule_1x.py
+    warmup_ratio: float = 1 / 3               # fcos_r50_caffe_fpn_4x4_1x_coco.py (schedule_1x.py: 0.001)
     steps: tuple[float, ...] = (8 / 12, 11 / 12)  # step=[8, 11] of 12 epochs, as fractions of the run
     gamma: float = 0.1
     bias_lr_mult: float = 2.0
