@@ -15,8 +15,9 @@ from jaxal import run
 from jaxal.detection import losses, training
 
 
-def mmcv_lr(it, per_epoch, base=0.01, steps=(8, 11), gamma=0.1, warmup_iters=500, ratio=0.001):
-    """mmcv StepLrUpdaterHook (by_epoch) + warmup='constant': epoch-based steps, iteration-based warm-up."""
+def mmcv_lr(it, per_epoch, base=0.01, steps=(8, 11), gamma=0.1, warmup_iters=500, ratio=1 / 3):
+    """mmcv StepLrUpdaterHook (by_epoch) + warmup="constant" at FCOS's ratio 1/3: epoch-based steps, iteration-based
+    warm-up."""
     epoch = it // per_epoch
     lr = base * gamma ** sum(epoch >= s for s in steps)
     return lr * ratio if it < warmup_iters else lr
