@@ -1,7 +1,6 @@
 """Data-parallel detection (`training.train` / `training.detect` with a mesh, `--num_devices` in the detection
 loop): on a mesh of 4 of conftest's 8 CPU devices the toy FCOS trains to the parameters one device trains to
-(float64, the same batches and flips: full batches split over the devices, a bucket's last smaller one
-replicated), and detects what one device detects; a batch size that does not split is refused."""
+(float32 to ~1e-6, the same batches and flips, each split over the devices), and detects what one device detects; a batch size that does not split is refused."""
 
 import dataclasses
 import json
@@ -10,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import to64
 from detection_folders import make_voc_pool
 from detection_toys import ISAL, toy_fcos
 from jaxal import parallel, run
@@ -32,22 +30,23 @@ def data(voc):
 
 
 def toy(data):
-    config = dataclasses.replace(ISAL, score_thresh=0.0, max_per_img=10)  # an untrained model detects too
-    return training.Detector(toy_fcos(config, data.num_classes), config)
+    """The loop tests' toy detector (its compiled init is shared with the loop test below), decoding with a
+    threshold of 0: an untrained model detects too."""
+    return training.Detector(toy_fcos(ISAL, data.num_classes), dataclasses.replace(ISAL, score_thresh=0.0,
+                                                                                   max_per_img=10))
 
 
 def flat(tree):
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.usefixtures("x64")
 def test_training_and_detection_on_a_mesh_equal_one_device(data):
     detector = toy(data)
-    variables = jax.tree.map(to64, training.init_detector(detector, jax.random.PRNGKey(0), data.canvases[0]))
-    # 10 images in one bucket, batches of 4: two full batches (split over the 4 devices) and a last one of 2
-    # (replicated), then the next epoch's first
-    schedule = training.Schedule(iterations=4, batch_size=4, warmup_iters=1, base_lr=0.02)
-    indices = np.arange(len(data.train))
+    variables = training.init_detector(detector, jax.random.PRNGKey(0), data.canvases[0])
+    # 8 images in one bucket, two batches of 4, each split over the 4 devices (one compilation per path: a
+    # bucket's last, smaller batch runs the same program replicated, test_full_batches_split_...)
+    schedule = training.Schedule(iterations=2, batch_size=4, warmup_iters=1, base_lr=0.02)
+    indices = np.arange(8)
     mesh = parallel.make_mesh(4)
 
     def train(mesh):
@@ -58,16 +57,16 @@ def test_training_and_detection_on_a_mesh_equal_one_device(data):
     four, four_history = train(mesh)
     assert next(iter(jax.tree.leaves(four))).sharding.is_equivalent_to(parallel.replicated(mesh), 1)
     before, after_one, after_four = flat(variables["params"]), flat(one["params"]), flat(four["params"])
-    assert {a.dtype for a in after_one.values()} == {np.dtype(np.float64)}
     assert sum(not np.allclose(after_one[k], before[k], rtol=1e-6, atol=0) for k in before) > len(before) // 2
     for k in before:
-        np.testing.assert_allclose(after_four[k], after_one[k], rtol=1e-11, atol=1e-13, err_msg=k)
+        np.testing.assert_allclose(after_four[k], after_one[k], rtol=1e-5, atol=1e-6, err_msg=k)
     np.testing.assert_allclose([float(m["loss"]) for m in four_history], [float(m["loss"]) for m in one_history],
-                               rtol=1e-12)
+                               rtol=1e-6)
 
     # detection: batches of 3 (rounded up to 4 on the mesh, the padding dropped), 10 images -> 3, 3, 3, 1
-    on_one = training.detect(detector, one, data.train, indices, batch_size=3, workers=0)
-    on_mesh = training.detect(detector, one, data.train, indices, batch_size=3, workers=0, mesh=mesh)
+    images = np.arange(10)
+    on_one = training.detect(detector, one, data.train, images, batch_size=3, workers=0)
+    on_mesh = training.detect(detector, one, data.train, images, batch_size=3, workers=0, mesh=mesh)
     assert on_one["valid"].any()
     for key in ("valid", "classes"):
         np.testing.assert_array_equal(on_mesh[key], on_one[key], err_msg=key)
@@ -102,7 +101,7 @@ def test_the_detection_loop_trains_and_evaluates_on_num_devices(voc, tmp_path, m
 
         monkeypatch.setattr(training, name, spy)
     flags = ["--dataset", str(voc), "--task", "detection", "--boxes.canvas", "32", "--detection.iterations", "2",
-             "--detection.warmup_iters", "1", "--eval_batch_size", "3", "--initial_size", "5", "--budget", "2",
+             "--detection.warmup_iters", "1", "--eval_batch_size", "3", "--initial_size", "4", "--budget", "2",
              "--cycles", "1", "--progress", "false", "--batch_size", "2"]
     assert run.main([*flags, "--workdir", str(tmp_path / "four"), "--num_devices", "4"]) == 0
     assert "4 cpu devices, mesh (data=4)" in capsys.readouterr().out
@@ -111,6 +110,6 @@ def test_the_detection_loop_trains_and_evaluates_on_num_devices(voc, tmp_path, m
     (detect_mesh, _), = meshes["detect"]
     assert train_mesh.shape == detect_mesh.shape == {"data": 4} and batch_size == 4
     record = json.loads((tmp_path / "four" / "results.jsonl").read_text().splitlines()[0])
-    assert record["num_labeled"] == 5 and np.isfinite(record["final_loss"]) and 0 <= record["test_ap"] <= 1
+    assert record["num_labeled"] == 4 and np.isfinite(record["final_loss"]) and 0 <= record["test_ap"] <= 1
     assert run.main([*flags, "--workdir", str(tmp_path / "bad"), "--num_devices", "99"]) == 2
     assert "--num_devices: asked for 99 devices, 8 available" in capsys.readouterr().err
