@@ -113,3 +113,28 @@ def test_the_detection_loop_trains_and_evaluates_on_num_devices(voc, tmp_path, m
     assert record["num_labeled"] == 4 and np.isfinite(record["final_loss"]) and 0 <= record["test_ap"] <= 1
     assert run.main([*flags, "--workdir", str(tmp_path / "bad"), "--num_devices", "99"]) == 2
     assert "--num_devices: asked for 99 devices, 8 available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["entropy", "coreset", "ent_gn"])
+def test_strategies_on_the_mesh_select_what_one_device_selects(name, data):
+    """The strategies whose per-image passes go through `parallel.map_chunks` (`detect`, the towers' features,
+    the gradient norms), batches of 3 padded to 4 on the mesh: the same values and the same choice."""
+    from jaxal import config as config_lib
+    from jaxal.detection import strategies
+    from jaxal.tasks import Detection
+
+    detector = toy(data)
+    variables = training.init_detector(detector, jax.random.PRNGKey(0), data.canvases[0])
+    config = config_lib.build_config("bccd_fcos", eval_batch_size=3, boxal=dict(top_k=20))
+    task = Detection(data.num_classes, config=detector.config)
+
+    def select(mesh):
+        ctx = strategies.DetectionContext(detector, variables, data.train, np.arange(3, 10), np.arange(3), task,
+                                          config, np.random.default_rng(0), mesh=mesh)
+        return strategies.select(name, ctx, 3)
+
+    one, four = select(None), select(parallel.make_mesh(4))
+    np.testing.assert_array_equal(four.chosen, one.chosen)
+    if one.scores is not None:
+        assert np.isfinite(one.scores).any()
+        np.testing.assert_allclose(four.scores, one.scores, rtol=1e-5, atol=1e-7)

@@ -258,7 +258,8 @@ def run_cycle(run: DetectionRun, strategy: str, trial: int, cycle: int, labeled:
                                                 config.subset_size, rng)]
     data = run.data
     ctx = strategies.DetectionContext(run.detector, variables, pool, candidates, labeled, run.task, config, rng,
-                                      reference=None if data.val is None else (data.val, np.arange(len(data.val))))
+                                      reference=None if data.val is None else (data.val, np.arange(len(data.val))),
+                                      mesh=run.mesh)
     start = time.perf_counter()
     selection = strategies.select(strategy, ctx, config.budget)
     selected = candidates[loop.check_selection(selection.chosen, len(candidates), min(config.budget, len(candidates)),
