@@ -13,8 +13,7 @@ from detection_folders import make_voc_pool
 from detection_toys import ISAL, toy_fcos
 from jaxal import parallel, run
 from jaxal.data import boxes as boxes_lib
-from jaxal.detection import training
-from toy_detection_run import use_toy_detector
+from jaxal.detection import active, training
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +88,11 @@ def test_a_batch_size_that_does_not_split_is_refused(data):
                        np.random.default_rng(0), workers=0, mesh=parallel.make_mesh(4))
 
 
-def test_the_detection_loop_trains_and_evaluates_on_num_devices(voc, tmp_path, monkeypatch, capsys):
+def test_the_detection_loop_trains_and_evaluates_on_num_devices(voc, data, tmp_path, monkeypatch, capsys):
     """`--num_devices 4`: the loop trains and evaluates on a mesh of 4 (the batch of 2 rounded up to 4, as the
     classification loop does), and records the resolved count in config.json; 99 devices are refused."""
-    use_toy_detector(monkeypatch.setattr)
+    # this module's toy detector: its compiled detection on the mesh is the first test's
+    monkeypatch.setattr(active, "build_detector", lambda config, num_classes: toy(data))
     meshes = {"train": [], "detect": []}
     for name in meshes:
         def spy(*args, _wrapped=getattr(training, name), _name=name, **kwargs):
