@@ -1,6 +1,8 @@
 """Data-parallel detection (`training.train` / `training.detect` with a mesh, `--num_devices` in the detection
 loop): on a mesh of 4 of conftest's 8 CPU devices the toy FCOS trains to the parameters one device trains to
-(float32 to ~1e-6, the same batches and flips, each split over the devices), and detects what one device detects; a batch size that does not split is refused."""
+(float32 to ~1e-6, the same batches and flips, each split over the devices) and detects what one device
+detects; a short batch is replicated; a batch size that does not split is refused; the loop and the strategies
+that run on the mesh (entropy, coreset, ent_gn) select what one device selects."""
 
 import dataclasses
 import json

@@ -98,9 +98,9 @@ def schedule(config: Config, num_images: int, mesh=None) -> training.Schedule:
     """The config's schedule; on a mesh of D devices the batch is rounded up to a multiple of D (as the
     classification loop does, `jaxal.train.epoch_batches`)."""
     d = config.detection
-    kwargs = dict(batch_size=parallel.round_up(config.batch_size, parallel.mesh_size(mesh)), base_lr=config.lr, momentum=config.momentum,
-                  weight_decay=config.weight_decay, warmup_iters=d.warmup_iters, warmup_ratio=d.warmup_ratio,
-                  gamma=config.lr_gamma, grad_clip=d.grad_clip)
+    kwargs = dict(batch_size=parallel.round_up(config.batch_size, parallel.mesh_size(mesh)), base_lr=config.lr,
+                  momentum=config.momentum, weight_decay=config.weight_decay, warmup_iters=d.warmup_iters,
+                  warmup_ratio=d.warmup_ratio, gamma=config.lr_gamma, grad_clip=d.grad_clip)
     if d.iterations is not None:
         return training.Schedule(iterations=d.iterations, **kwargs)
     return training.Schedule.epochs(config.epochs, num_images, **kwargs)
@@ -200,7 +200,8 @@ def describe(run: DetectionRun) -> str:
             f"ISAL's code), {data.num_classes} classes {data.class_names}, canvases {data.canvases}, {data.dropped} "
             f"invalid boxes dropped; {config.model or 'fcos_r18'} ({d.config}), backbone "
             + (f"from {d.backbone_weights}" if d.backbone_weights
-               else "trained FROM SCRATCH (no --detection.backbone_weights)") + f"; {parallel.describe_mesh(run.mesh)}")
+               else "trained FROM SCRATCH (no --detection.backbone_weights)")
+            + f"; {parallel.describe_mesh(run.mesh)}")
 
 
 def train_fresh(detector: training.Detector, config: Config, split, labeled: np.ndarray, key, rng: np.random.Generator,
