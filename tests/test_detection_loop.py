@@ -23,7 +23,8 @@ from toy_detection_run import use_toy_detector
 
 TOY_FLAGS = ["--task", "detection", "--boxes.canvas", "64", "--detection.channels", "32",
              "--detection.iterations", "2", "--detection.warmup_iters", "1", "--batch_size", "2",
-             "--eval_batch_size", "4", "--initial_size", "3", "--budget", "2", "--cycles", "3", "--progress", "false"]
+             "--eval_batch_size", "4", "--initial_size", "3", "--budget", "2", "--cycles", "3", "--progress", "false",
+             "--num_devices", "1"]  # one device, as the killed subprocess has (the mesh: test_detection_parallel)
 TIMINGS = ("train_seconds", "train_cpu_seconds", "evaluate_seconds", "selection_seconds")
 
 
@@ -168,7 +169,7 @@ def test_bad_input_exits_2_and_changes_nothing(voc, tmp_path, capsys, flags, mes
 # ---- the ISAL presets, one cycle each at their image size (1333x800), on mock data --------------------
 
 PRESET_SHRINK = ["--initial_size", "2", "--budget", "1", "--cycles", "1", "--trials", "1", "--detection.iterations",
-                 "1", "--batch_size", "1", "--eval_batch_size", "2", "--progress", "false"]
+                 "1", "--batch_size", "1", "--eval_batch_size", "2", "--progress", "false", "--num_devices", "1"]
 
 
 def voc2012_examples(count: int, seed: int) -> list[dict]:

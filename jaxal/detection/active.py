@@ -21,6 +21,7 @@ uninterrupted run writes. A workdir holding another config is refused (`jaxal.lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -30,7 +31,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import numpy as np
 
-from jaxal import checkpoint, loop, results
+from jaxal import checkpoint, loop, parallel, results
 from jaxal.config import Config
 from jaxal.data import SHARED_DATA_ENV
 from jaxal.data import boxes as boxes_lib
@@ -93,11 +94,13 @@ def build_detector(config: Config, num_classes: int) -> training.Detector:
     return training.Detector(model, fcos.CONFIGS[config.detection.config])
 
 
-def schedule(config: Config, num_images: int) -> training.Schedule:
+def schedule(config: Config, num_images: int, mesh=None) -> training.Schedule:
+    """The config's schedule; on a mesh of D devices the batch is rounded up to a multiple of D (as the
+    classification loop does, `jaxal.train.epoch_batches`)."""
     d = config.detection
-    kwargs = dict(batch_size=config.batch_size, base_lr=config.lr, momentum=config.momentum,
-                  weight_decay=config.weight_decay, warmup_iters=d.warmup_iters, warmup_ratio=d.warmup_ratio,
-                  gamma=config.lr_gamma, grad_clip=d.grad_clip)
+    kwargs = dict(batch_size=parallel.round_up(config.batch_size, parallel.mesh_size(mesh)), base_lr=config.lr,
+                  momentum=config.momentum, weight_decay=config.weight_decay, warmup_iters=d.warmup_iters,
+                  warmup_ratio=d.warmup_ratio, gamma=config.lr_gamma, grad_clip=d.grad_clip)
     if d.iterations is not None:
         return training.Schedule(iterations=d.iterations, **kwargs)
     return training.Schedule.epochs(config.epochs, num_images, **kwargs)
@@ -149,6 +152,7 @@ class DetectionRun(NamedTuple):
     task: Detection
     workdir: Path
     log: Callable[[str], None]
+    mesh: Optional[jax.sharding.Mesh] = None  # data parallel training and detection; None: one device
 
 
 def load_run(config: Config, workdir: Path, log) -> DetectionRun:
@@ -162,8 +166,20 @@ def load_run(config: Config, workdir: Path, log) -> DetectionRun:
         raise loop.RunError(str(error)) from None
     usable = simulated_pool(data.train)
     check_sizes(config, len(usable))
+    config, mesh = device_mesh(config)
     return DetectionRun(config, data, usable, build_detector(config, data.num_classes), backbone_weights(config),
-                        detection_task(config, data.num_classes), workdir, log)
+                        detection_task(config, data.num_classes), workdir, log, mesh)
+
+
+def device_mesh(config: Config):
+    """(config with the resolved --num_devices, mesh or None for one device), as `jaxal.loop.prepare`: the
+    count goes into config.json, so a resume on the same machine compares equal."""
+    try:
+        mesh = parallel.make_mesh(config.num_devices)
+    except ValueError as error:
+        raise loop.RunError(f"--num_devices: {error}") from None
+    config = dataclasses.replace(config, num_devices=mesh.devices.size)
+    return config, (mesh if mesh.devices.size > 1 else None)
 
 
 def backbone_weights(config: Config) -> Optional[dict]:
@@ -184,17 +200,18 @@ def describe(run: DetectionRun) -> str:
             f"ISAL's code), {data.num_classes} classes {data.class_names}, canvases {data.canvases}, {data.dropped} "
             f"invalid boxes dropped; {config.model or 'fcos_r18'} ({d.config}), backbone "
             + (f"from {d.backbone_weights}" if d.backbone_weights
-               else "trained FROM SCRATCH (no --detection.backbone_weights)"))
+               else "trained FROM SCRATCH (no --detection.backbone_weights)")
+            + f"; {parallel.describe_mesh(run.mesh)}")
 
 
 def train_fresh(detector: training.Detector, config: Config, split, labeled: np.ndarray, key, rng: np.random.Generator,
-                backbone_variables: Optional[dict]) -> tuple[dict, list, training.Schedule]:
+                backbone_variables: Optional[dict], mesh=None) -> tuple[dict, list, training.Schedule]:
     """A FRESH detector (ISAL retrains from scratch each step) trained on `labeled` (indices into `split`) for
-    the config's schedule: (variables, per-iteration losses, schedule)."""
-    plan = schedule(config, len(labeled))
+    the config's schedule, data parallel on `mesh`: (variables, per-iteration losses, schedule)."""
+    plan = schedule(config, len(labeled), mesh)
     variables = fresh_variables(detector, config, key, split.canvases[0], backbone_variables)
     variables, history = training.train(detector, variables, split, labeled, plan, rng, flip=config.boxes.flip,
-                                        trainable=trainable_mask(variables["params"]))
+                                        trainable=trainable_mask(variables["params"]), mesh=mesh)
     return variables, history, plan
 
 
@@ -206,11 +223,11 @@ def train_and_evaluate(run: DetectionRun, trial: int, cycle: int, labeled: np.nd
     start, cpu = time.perf_counter(), time.process_time()
     key = jax.random.PRNGKey(config.seed * 1000 + trial * 100 + cycle)
     variables, history, plan = train_fresh(run.detector, config, data.train, labeled, key, rng,
-                                           run.backbone_variables)
+                                           run.backbone_variables, run.mesh)
     train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     test_indices = np.arange(len(data.test))
-    found = training.detect(run.detector, variables, data.test, test_indices, config.eval_batch_size)
+    found = training.detect(run.detector, variables, data.test, test_indices, config.eval_batch_size, mesh=run.mesh)
     coco = evaluate.coco_metrics(data.test, test_indices, found, num_classes=data.num_classes)
     voc = evaluate.voc_map(data.test, test_indices, found, num_classes=data.num_classes)
     return {"num_labeled": int(len(labeled)), "num_boxes": int(data.train.num_boxes(labeled).sum()),
@@ -220,7 +237,7 @@ def train_and_evaluate(run: DetectionRun, trial: int, cycle: int, labeled: np.nd
             "test_map50": float(voc["map50"]),
             "test_per_class_ap": [None if np.isnan(v) else float(v) for v in coco["per_class_ap"]],
             "train_seconds": train_seconds, "train_cpu_seconds": train_cpu,
-            "evaluate_seconds": time.perf_counter() - start, "variables": variables}
+            "evaluate_seconds": time.perf_counter() - start, "variables": parallel.local(variables)}
 
 
 def run_cycle(run: DetectionRun, strategy: str, trial: int, cycle: int, labeled: np.ndarray,
@@ -242,7 +259,8 @@ def run_cycle(run: DetectionRun, strategy: str, trial: int, cycle: int, labeled:
                                                 config.subset_size, rng)]
     data = run.data
     ctx = strategies.DetectionContext(run.detector, variables, pool, candidates, labeled, run.task, config, rng,
-                                      reference=None if data.val is None else (data.val, np.arange(len(data.val))))
+                                      reference=None if data.val is None else (data.val, np.arange(len(data.val))),
+                                      mesh=run.mesh)
     start = time.perf_counter()
     selection = strategies.select(strategy, ctx, config.budget)
     selected = candidates[loop.check_selection(selection.chosen, len(candidates), min(config.budget, len(candidates)),

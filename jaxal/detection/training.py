@@ -13,6 +13,15 @@ weight decay; GroupNorm's scale and bias, and the Scales, have the base ones. Fr
 and no decay (`jaxal.models.resnet.trainable_mask`).
 
 A fresh detector each cycle (ISAL retrains from scratch each step): `init_detector` draws new weights.
+
+Data parallel (`mesh`, `jaxal.parallel`): each batch is split over the mesh's `data` axis, the weights and
+the momentum are replicated, and the jitted step is the one-device program: the loss is normalised by the
+positives of the WHOLE batch (`losses.batch_parts`), which the compiler sums over the devices, so D devices
+compute what one device computes for the same batch (to float rounding). mmdetection v2.4's FCOSHead
+normalises by each GPU's own positives (`avg_factor=num_pos + num_imgs`, no `reduce_mean` across GPUs,
+which later versions added) and DDP averages the GPUs' gradients; we follow the whole-batch count, so the
+result does not depend on the device count. A bucket's last, smaller batch that does not split evenly runs
+replicated (every device computes it whole): the same numbers, no padding that would change its loss.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxal import parallel
 from jaxal.data import Normalization
 from jaxal.data import boxes as boxes_lib
 from jaxal.detection import decode, losses
@@ -110,6 +120,7 @@ def init_detector(detector: Detector, rng, canvas) -> dict:
 class _Step:
     detector: Detector
     schedule: Schedule
+    mesh: Optional[jax.sharding.Mesh] = None
 
 
 def _train_step(static: _Step, state, batch, lr, multipliers):
@@ -130,32 +141,36 @@ def _train_step(static: _Step, state, batch, lr, multipliers):
     d = jax.tree.map(lambda g, p, m: g + schedule.weight_decay * m * p, grads, params, decay_mult)
     momentum = jax.tree.map(lambda b, di: schedule.momentum * b + di, momentum, d)
     params = jax.tree.map(lambda p, b, m: p - lr * m * b, params, momentum, lr_mult)
-    return (params, momentum, batch_stats), {"loss": loss, **parts}
+    return parallel.constrain_replicated(((params, momentum, batch_stats), {"loss": loss, **parts}), static.mesh)
 
 
 _train_step_jit = jax.jit(_train_step, static_argnums=0, donate_argnums=1)
 
 
 def train(detector: Detector, variables: dict, split, indices, schedule: Schedule, rng: np.random.Generator, *,
-          trainable=None, flip: bool = True, log_every: int = 0, workers: Optional[int] = None) -> tuple[dict, list]:
+          trainable=None, flip: bool = True, log_every: int = 0, workers: Optional[int] = None,
+          mesh: Optional[jax.sharding.Mesh] = None) -> tuple[dict, list]:
     """`schedule.iterations` SGD steps on batches of `indices` (reshuffled each epoch, flipped at random),
     from `variables`. BatchNorm statistics stay frozen (mmdet `norm_eval=True`; GroupNorm has none).
-    Returns the trained variables and the per-iteration losses."""
+    With a `mesh`: data parallel (module docstring); the batch size must be a multiple of its device count.
+    Returns the trained variables (replicated over the mesh) and the per-iteration losses."""
     indices = np.asarray(indices)
     if len(indices) == 0:
         raise ValueError("no labelled images to train the detector on")
+    check_batch_size(schedule.batch_size, mesh)
     params = variables["params"]
     # torch's first momentum step is buf = d; starting from buf = 0 with `momentum * 0 + d` is the same.
     # (a copy: the step donates its state, and the caller keeps `variables`)
     state = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.zeros_like, params), variables["batch_stats"])
+    state = parallel.replicate(state, mesh)
     multipliers = param_groups(params, trainable)
     history, it = [], 0
-    static = _Step(detector, schedule)
+    static = _Step(detector, schedule, mesh)
     while it < schedule.iterations:
         for batch in boxes_lib.batches(split, indices, schedule.batch_size, rng=rng, flip=flip, workers=workers):
             if it >= schedule.iterations:
                 break
-            batch = {k: jnp.asarray(batch[k]) for k in ("images", "boxes", "classes", "difficult")}
+            batch = place_batch({k: batch[k] for k in ("images", "boxes", "classes", "difficult")}, mesh)
             state, metrics = _train_step_jit(static, state, batch, jnp.float32(learning_rate(schedule, it)),
                                              multipliers)
             loss = float(metrics["loss"]) if log_every or it == schedule.iterations - 1 else None
@@ -168,32 +183,48 @@ def train(detector: Detector, variables: dict, split, indices, schedule: Schedul
     return {"params": state[0], "batch_stats": state[2]}, history
 
 
+def check_batch_size(batch_size: int, mesh: Optional[jax.sharding.Mesh]) -> None:
+    devices = parallel.mesh_size(mesh)
+    if batch_size % devices:
+        raise ValueError(f"the detector's batch size {batch_size} is not a multiple of the mesh's {devices} devices "
+                         f"(data parallel: each device takes an equal share); use a multiple of {devices}")
+
+
+def place_batch(batch: dict, mesh: Optional[jax.sharding.Mesh]) -> dict:
+    """A training batch on the device(s): split over the mesh's `data` axis when it splits evenly, else
+    replicated (a bucket's last, smaller batch: every device computes it whole, the same numbers)."""
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    split = len(batch["images"]) % parallel.mesh_size(mesh) == 0
+    return parallel.shard_batch(batch, mesh) if split else parallel.replicate(batch, mesh)
+
+
 def _detect_batch(detector: Detector, variables, images, sizes):
     out = detector.apply(variables, images)
     return decode.decode_batch(out["logits"], detector.config, sizes)
 
 
-_detect_batch_jit = jax.jit(_detect_batch, static_argnums=0)
+def _detect_chunk(detector: Detector, variables, chunk):
+    return _detect_batch(detector, variables, *chunk)
 
 
 def detect(detector: Detector, variables: dict, split, indices, batch_size: int = 8, *,
-           workers: Optional[int] = None) -> dict:
+           workers: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
     """Detections of `indices` in their order: {"boxes" (n, M, 4) canvas pixels, "scores", "classes",
-    "valid"} (M = max_per_img); memory of the detections only (M x images)."""
+    "valid"} (M = max_per_img); memory of the detections only (M x images). Each streamed batch goes through
+    `parallel.map_chunks`: padded to `batch_size` (rounded up to a multiple of the mesh's devices), so one
+    program serves every batch of a canvas, split over the mesh's `data` axis, the padding dropped."""
     indices = np.asarray(indices)
     position = {int(i): k for k, i in enumerate(indices)}
     m = detector.config.max_per_img
     out = {"boxes": np.zeros((len(indices), m, 4), np.float32), "scores": np.zeros((len(indices), m), np.float32),
            "classes": np.zeros((len(indices), m), np.int32), "valid": np.zeros((len(indices), m), bool)}
+    variables = parallel.replicate(variables, mesh)
     for batch in boxes_lib.batches(split, indices, batch_size, workers=workers):
-        n = len(batch["indices"])
-        images = batch["images"]
         sizes = split.resized_sizes[batch["indices"]].astype(np.float32)
-        if n < batch_size:  # one compiled shape per canvas: pad the last batch
-            images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)])
-            sizes = np.concatenate([sizes, np.ones((batch_size - n, 2), np.float32)])
-        found = jax.device_get(_detect_batch_jit(detector, variables, jnp.asarray(images), jnp.asarray(sizes)))
+        found = jax.device_get(parallel.map_chunks(_detect_chunk, detector, variables, (batch["images"], sizes),
+                                                   chunk_size=batch_size, mesh=mesh))
         rows = [position[int(i)] for i in batch["indices"]]
         for key in out:
-            out[key][rows] = found[key][:n]
+            out[key][rows] = found[key]
     return out

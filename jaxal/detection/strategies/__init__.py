@@ -42,6 +42,9 @@ class DetectionContext:
     rng: np.random.Generator
     # ISAL's reference set R: (split, indices), by default the whole validation split; None if absent
     reference: Optional[tuple[Any, np.ndarray]] = None
+    # the run's device mesh: the per-image passes of `detect`, coreset's features and the gradient norms are
+    # split over its `data` axis (`jaxal.parallel.map_chunks`); None: one device
+    mesh: Optional[jax.sharding.Mesh] = None
 
 
 # name -> select(ctx, k) -> Selection, `chosen` being positions in ctx.candidates, best first

@@ -6,10 +6,9 @@ batch, so only (pool + labelled) x 2 x channels numbers are held."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxal import parallel
 from jaxal.config import max_labeled
 from jaxal.detection.strategies import DetectionContext, register, stream
 from jaxal.strategies.base import Selection
@@ -20,12 +19,11 @@ def _features(detector, variables, images):
     return detector.apply(variables, images)["features"]
 
 
-_features_jit = jax.jit(_features, static_argnums=0)
-
-
 def features(ctx: DetectionContext, split, indices) -> np.ndarray:
+    variables = parallel.replicate(ctx.variables, ctx.mesh)
     return stream(split, indices, ctx.config.eval_batch_size,
-                  lambda batch: _features_jit(ctx.detector, ctx.variables, jnp.asarray(batch["images"])))
+                  lambda batch: parallel.map_chunks(_features, ctx.detector, variables, batch["images"],
+                                                    chunk_size=len(batch["images"]), mesh=ctx.mesh))
 
 
 @register("coreset")

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxal import gradnorm
+from jaxal import gradnorm, parallel
 from jaxal.detection.strategies import DetectionContext, inference_apply, register, stream
 from jaxal.strategies.base import Selection
 
@@ -47,15 +45,14 @@ def _norms(static, variables, images):
                                            method=method)
 
 
-_norms_jit = jax.jit(_norms, static_argnums=0)
-
-
 def gradient_norms(ctx: DetectionContext, name: str) -> np.ndarray:
     o = ctx.config.boxal
     task = dataclasses.replace(ctx.task, top_k=o.top_k)
     static = (ctx.detector, task, LOSSES[name], o.gn_params, ctx.config.gradnorm.norm, ctx.config.gradnorm.method)
+    variables = parallel.replicate(ctx.variables, ctx.mesh)
     return stream(ctx.pool, ctx.candidates, ctx.config.eval_batch_size,
-                  lambda batch: _norms_jit(static, ctx.variables, jnp.asarray(batch["images"])))
+                  lambda batch: parallel.map_chunks(_norms, static, variables, batch["images"],
+                                                    chunk_size=len(batch["images"]), mesh=ctx.mesh))
 
 
 def _selection(ctx: DetectionContext, k: int, name: str) -> Selection:

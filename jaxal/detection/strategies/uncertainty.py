@@ -56,7 +56,8 @@ def image_values(scores: np.ndarray, valid: np.ndarray, measure: str, reduction:
 
 
 def uncertainty_selection(ctx: DetectionContext, k: int, measure: str) -> Selection:
-    found = training.detect(ctx.detector, ctx.variables, ctx.pool, ctx.candidates, ctx.config.eval_batch_size)
+    found = training.detect(ctx.detector, ctx.variables, ctx.pool, ctx.candidates, ctx.config.eval_batch_size,
+                             mesh=ctx.mesh)
     values, scored = image_values(found["scores"], found["valid"], measure, ctx.config.boxal.reduction)
     chosen = rank(values, scored, k, ctx.rng, descending=True)
     info = {"num_scored": int(scored.sum()), "num_unscored": int((~scored).sum()),
