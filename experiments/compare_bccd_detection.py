@@ -38,16 +38,18 @@ from jaxal.detection import active, strategies  # noqa: E402
 STRATEGIES = "isal,ent_gn,entropy,random"
 
 
-def share_identical_trainings():
-    """Make active.train_and_evaluate train each (trial, cycle, labelled set, generator state) once: a second
-    call with the same inputs returns the first's fields and leaves the generator where training left it."""
+def share_cycle_zero():
+    """Make active.train_and_evaluate train cycle 0 of each (trial, labelled set, generator state) once: a
+    second call with the same inputs returns the first's fields and leaves the generator where training left
+    it. Later cycles are trained as usual (their labelled sets differ between strategies)."""
     train_and_evaluate, cache = active.train_and_evaluate, {}
 
     def cached(run, trial, cycle, labeled, rng):
-        key = (trial, cycle, labeled.tobytes(), repr(rng.bit_generator.state))
+        if cycle != 0:
+            return train_and_evaluate(run, trial, cycle, labeled, rng)
+        key = (trial, labeled.tobytes(), repr(rng.bit_generator.state))
         if key not in cache:
             fields = train_and_evaluate(run, trial, cycle, labeled, rng)
-            cache.clear()  # only the latest is reused (cycle 0 of the trial every strategy starts)
             cache[key] = fields, rng.bit_generator.state
         fields, state = cache[key]
         rng.bit_generator.state = state
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
         start, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
         try:
             config = build_config("bccd_fcos", strategy=args.strategy, **parse_overrides(args.override))
-            share_identical_trainings()
+            share_cycle_zero()
             time_selections()
             active.run_detection(config, workdir)
         except (ValueError, loop.RunError) as error:
