@@ -15,12 +15,15 @@
 # On the GPU machine, from the repository root, with BCCD's archive carried in an ignored folder
 # (`mkdir -p .gpu_data && cp ../shared/data/bccd-voc.tar.gz .gpu_data/`, 7.4 MB, `/.gpu_data/` in
 # .git/info/exclude; no network there):
-#   bash experiments/bccd_detection_gpu.sh [RUNS_FOLDER]      # writes the table, CSV and curves into $OUT
+#   bash experiments/bccd_detection_gpu.sh [RUNS_FOLDER]
+# $OUT gets 6 files (a device call brings back at most 8): bccd_detection_gpu.md (the table over the seeds),
+# .csv (every record), _boxes.png, _images.png (the curves), log.txt, devices.txt; each seed's own table is
+# in RUNS_FOLDER.
 # Check at toy size on any machine (two seeds, 2 cycles; a shared CPU: 10-20 minutes):
 #   QUICK=1 BUDGET_S=3600 PYTHON=.venv/bin/python OUT=/tmp/bccd_gpu_quick bash experiments/bccd_detection_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=. JAXAL_SHARED_DATA=${JAXAL_SHARED_DATA:-.gpu_data}
+export PYTHONPATH=. JAXAL_SHARED_DATA=${JAXAL_SHARED_DATA:-.gpu_data} PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/bccd_detection_gpu_out}
 RUNS=${1:-runs/bccd_detection_gpu}
 BUDGET_S=${BUDGET_S:-540}  # seconds for all the seeds (QUICK on a shared CPU needs more: BUDGET_S=3600)
@@ -41,7 +44,7 @@ for SEED in "${TRIALS[@]}"; do
   LEFT=$((BUDGET_S - SECONDS))
   if (( LEFT < 30 )); then echo "budget spent: seed $SEED not started" | tee -a "$OUT/log.txt"; break; fi
   if ! timeout "$LEFT" "$PYTHON" experiments/compare_bccd_detection.py --strategy "$STRATEGIES" \
-      --workdir "$RUNS/seed$SEED" --name "bccd_detection_gpu_seed$SEED" --out "$OUT" \
+      --workdir "$RUNS/seed$SEED" --name "bccd_detection_gpu_seed$SEED" --out "$RUNS" \
       --override trials=1 seed="$SEED" boxal.pseudo_score=0.1 "${SIZE[@]}" 2>&1 | tee -a "$OUT/log.txt"; then
     echo "seed $SEED stopped (the budget's timeout or an error above); rerun with the same RUNS folder to resume" \
       | tee -a "$OUT/log.txt"
