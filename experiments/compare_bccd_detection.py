@@ -2,16 +2,18 @@
 sizes given on the command line where the shared CPU cannot afford the preset's.
 
 Runs (or resumes) `jaxal.detection.active.run_detection` in --workdir -- the records, results.csv and the
-learning curves `jaxal.run` writes -- with two additions that change no record:
+learning curves `jaxal.run` writes -- with two additions that change none of the numbers it records:
 - cycle 0 of a trial is trained once and reused by every strategy: its initial set, detector key and the
   trial's generator are the same for every strategy, so the detector is too; the generator is set to the
-  state that training left, so each strategy then draws what a run of it alone would draw;
+  state that training left, so each strategy then draws what a run of it alone would draw (every
+  strategy's cycle-0 record holds that one training's seconds);
 - each selection's CPU seconds (process time, all threads) beside its wall seconds, in `strategy_info`.
 Then writes experiments/<name>.md (the table: per strategy and cycle images, boxes, AP, AP50, selection
 CPU/wall s; the wall time and load), <name>.csv and the two curves <name>_boxes.png, <name>_images.png.
 
     python experiments/compare_bccd_detection.py --strategy isal,ent_gn,entropy,random \\
-        --override boxes.canvas=256 detection.iterations=100 boxal.pseudo_score=0.1 ...   # see the .md
+        --override boxes.canvas=256 detection.iterations=150 detection.warmup_iters=30 cycles=3 \\
+        boxal.pseudo_score=0.1      # what ran (README, "BCCD: AP against boxes")
 The full comparison (+ coreset, localization stability; 3 trials; the R50 config) is
 experiments/bccd_detection_gpu.sh.
 """
