@@ -83,7 +83,7 @@ def test_sgd_step_is_torch_sgd_as_mmcv_drives_it():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--strategy", "ent_gn"], "random"),
+    (["--strategy", "vaal"], "; not vaal"),
     (["--model", "fcos_r999"], "unknown detection model"),
     (["--detection.config", "yolo"], "unknown FCOS config"),
     (["--warm_start", "true"], "fresh detector"),
