@@ -5,6 +5,7 @@ interruption leaves behind: `python tests/interrupt_at.py POINT ACTION MODULE AR
 ACTION.paused and waits until the file ACTION exists (the test does something meanwhile: starts a
 second process, sends SIGINT)."""
 
+import faulthandler
 import importlib
 import os
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from jaxal import checkpoint
 
+# SIGUSR1 prints every thread's stack: what a test shows when this process does not end as it should
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 point, action, module = sys.argv[1:4]
 save_state = checkpoint.save_state
 

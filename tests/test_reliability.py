@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import unicodedata
@@ -52,6 +53,18 @@ def interrupted(point: str, action: str, module: str, args: list):
     return launch(["tests/interrupt_at.py", point, action, module, *args], devices=1)
 
 
+def output_or_stacks(process, timeout: float) -> str:
+    """The output of an `interrupted` process once it ends; if it has not ended within `timeout` s, a failure
+    that shows where each of its threads is (faulthandler's dump on SIGUSR1) instead of a bare timeout."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        process.kill()
+        pytest.fail(f"the process did not end within {timeout} s; its output and stacks:\n{process.communicate()[0]}")
+
+
 def check_round_files(workdir: Path, number: int) -> dict:
     """Every file of round `number` is there and agrees with the rounds checkpoint; returns round.json."""
     folder = workdir / round_folder(number)
@@ -96,7 +109,7 @@ def test_ctrl_c_says_where_a_rerun_resumes_and_the_rerun_finishes(tmp_path):
         out = second.communicate(timeout=300)[0]
         assert second.returncode == 2 and f"(pid {first.pid} " in out, out
         first.send_signal(signal.SIGINT)
-        out = first.communicate(timeout=300)[0]
+        out = output_or_stacks(first, timeout=120)
     finally:
         go.touch()
         if first.poll() is None:
