@@ -17,6 +17,10 @@ from jaxal import checkpoint
 
 # SIGUSR1 prints every thread's stack: what a test shows when this process does not end as it should
 faulthandler.register(signal.SIGUSR1, all_threads=True)
+# Ctrl-C as a terminal delivers it. A job that a non-interactive shell starts in the background (`cmd &`)
+# inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler: the suite run that way
+# would otherwise see this process sleep through the test's SIGINT.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 point, action, module = sys.argv[1:4]
 save_state = checkpoint.save_state
 
