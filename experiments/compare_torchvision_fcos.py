@@ -32,12 +32,23 @@ BOXES = [[[4, 6, 30, 28], [20, 10, 120, 100], [0, 0, 127, 127]], [[50, 40, 90, 7
 CLASSES = [[0, 2, 1], [1, 0, -1]]
 
 
+def import_torchvision():
+    """`import torchvision` with the CPU torch (module docstring): declares the two op schemas its import
+    registers fake kernels for. Returns the library object, which must stay alive while the ops are used."""
+    import torch
+
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision  # noqa: F401
+
+    return lib
+
+
 def torch_side(out_path: str) -> None:
     import torch
 
-    lib = torch.library.Library("torchvision", "DEF")  # noqa: F841  (kept alive while torchvision imports)
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib = import_torchvision()  # noqa: F841  (kept alive)
     import torchvision
     from torchvision.models.detection import fcos_resnet50_fpn
     from torchvision.models.detection.image_list import ImageList
@@ -79,11 +90,13 @@ def conv(state, key):
     return out
 
 
-def jaxal_params(state: dict, stacked_convs: int = 4) -> dict:
+def jaxal_params(state: dict, depth: int = 50, stacked_convs: int = 4) -> dict:
+    """A torchvision FCOS state dict (ResNet-`depth` FPN backbone, `stacked_convs` convs per head tower) as
+    the variables of `jaxal.models.fcos.FCOS(ResNetBackbone(depth), ..., FCOS_TV)`."""
     from jaxal.models import resnet
 
     backbone = resnet.torchvision_variables({k.removeprefix("backbone.body."): v for k, v in state.items()
-                                             if k.startswith("backbone.body.")}, 50)
+                                             if k.startswith("backbone.body.")}, depth)
     neck = {}
     for i in range(3):
         neck[f"lateral_{i}"] = conv(state, f"backbone.fpn.inner_blocks.{i}.0")

@@ -164,23 +164,33 @@ def train(detector: Detector, variables: dict, split, indices, schedule: Schedul
     state = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.zeros_like, params), variables["batch_stats"])
     state = parallel.replicate(state, mesh)
     multipliers = param_groups(params, trainable)
-    history, it = [], 0
+    history = []
     static = _Step(detector, schedule, mesh)
+    for it, batch in enumerate(training_batches(split, indices, schedule, rng, flip=flip, workers=workers)):
+        batch = place_batch({k: batch[k] for k in ("images", "boxes", "classes", "difficult")}, mesh)
+        state, metrics = _train_step_jit(static, state, batch, jnp.float32(learning_rate(schedule, it)),
+                                         multipliers)
+        loss = float(metrics["loss"]) if log_every or it == schedule.iterations - 1 else None
+        if loss is not None and not np.isfinite(loss):
+            raise FloatingPointError(f"detector training diverged at iteration {it}: loss {loss}")
+        if log_every and it % log_every == 0:
+            print(f"  iteration {it}: loss {loss:.4f} lr {learning_rate(schedule, it):.2e}", flush=True)
+        history.append(metrics)
+    return {"params": state[0], "batch_stats": state[2]}, history
+
+
+def training_batches(split, indices, schedule: Schedule, rng: np.random.Generator, *, flip: bool = True,
+                     workers: Optional[int] = None):
+    """The `schedule.iterations` batches `train` steps on, in its order: epochs of `indices` reshuffled
+    (and flipped at random) from `rng`, the last epoch cut short. Also what an experiment replays into
+    another trainer (experiments/train_torchvision_fcos.py)."""
+    it = 0
     while it < schedule.iterations:
         for batch in boxes_lib.batches(split, indices, schedule.batch_size, rng=rng, flip=flip, workers=workers):
             if it >= schedule.iterations:
-                break
-            batch = place_batch({k: batch[k] for k in ("images", "boxes", "classes", "difficult")}, mesh)
-            state, metrics = _train_step_jit(static, state, batch, jnp.float32(learning_rate(schedule, it)),
-                                             multipliers)
-            loss = float(metrics["loss"]) if log_every or it == schedule.iterations - 1 else None
-            if loss is not None and not np.isfinite(loss):
-                raise FloatingPointError(f"detector training diverged at iteration {it}: loss {loss}")
-            if log_every and it % log_every == 0:
-                print(f"  iteration {it}: loss {loss:.4f} lr {learning_rate(schedule, it):.2e}", flush=True)
-            history.append(metrics)
+                return
+            yield batch
             it += 1
-    return {"params": state[0], "batch_stats": state[2]}, history
 
 
 def check_batch_size(batch_size: int, mesh: Optional[jax.sharding.Mesh]) -> None:
