@@ -1290,7 +1290,8 @@ def inverse_hvp(example_loss: Callable, variables: dict, data: PyTree, v: PyTree
     if options.solver == "lissa":
         loss, _ = _subset_loss(example_loss, subset, variables)  # for the divergence message only
         check_lissa(result, weighted_mean_loss(loss), selected, padded, rng=rng, damping=options.damping,
-                    scale=scale, batch_size=options.batch_size, num_examples=None if callable(padded) else n, l2=l2, chunk_size=options.hvp_chunk_size)
+                    scale=scale, batch_size=options.batch_size, num_examples=None if callable(padded) else n,
+                    l2=l2, chunk_size=options.hvp_chunk_size)
         norms = np.asarray(result.norms, np.float64)
         info.update(lissa_final_norm=float(norms[:, -1].mean()), lissa_max_norm=float(norms.max()),
                     lissa_depth=int(options.depth), lissa_repeats=int(options.repeats))

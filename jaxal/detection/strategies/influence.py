@@ -45,6 +45,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxal import influence as influence_lib
+from jaxal import parallel
 from jaxal import precision as precision_lib
 from jaxal.config import Config, SolverOptions
 from jaxal.data import boxes as boxes_lib
@@ -97,12 +98,13 @@ def _labels(batch):
 
 
 def reference_gradient(ctx: DetectionContext, loss: BoxLoss, variables, batch_size: int, precision: str):
-    """v = the SUM over the reference set of each image's gradient, read per batch."""
+    """v = the SUM over the reference set of each image's gradient, read per batch (each split over the mesh)."""
     split, indices = ctx.reference
     total = None
     for batch in boxes_lib.batches(split, indices, batch_size):
         part = influence_lib.reference_gradient(loss, variables, (batch["images"], _labels(batch)), subset=last_convs,
-                                                chunk_size=batch_size, reduce="sum", precision=precision)
+                                                chunk_size=batch_size, reduce="sum", mesh=ctx.mesh,
+                                                precision=precision)
         total = part if total is None else jax.tree.map(jnp.add, total, part)
     return total
 
@@ -150,9 +152,10 @@ def labelled_rows(split, indices) -> influence_lib.LoaderRows:
     return influence_lib.LoaderRows(len(indices), read)
 
 
-def _pool_scores(static, variables, s, images):
+def _pool_scores(static, consts, images):
     """`s . g_z` of each image of a batch (one jvp) and its number of pseudo-boxes (same forward pass)."""
     detector, task, precision = static
+    variables, s = consts
 
     def loss(params, image):
         maps = one_image(detector.apply({**variables, "params": params}, image[None])["logits"])
@@ -163,8 +166,6 @@ def _pool_scores(static, variables, s, images):
         restricted, selected = restrict(loss, variables["params"], last_convs)
         return influence_lib.jvp_scores(restricted, selected, s, images, has_aux=True)
 
-
-_pool_scores_jit = jax.jit(_pool_scores, static_argnums=0)
 
 
 def solver_options(config: Config) -> SolverOptions:
@@ -206,8 +207,10 @@ def influence_selection(ctx: DetectionContext, k: int, *, hessian: bool) -> Sele
         info.update(solver_info, s_test_images=int(len(rows)), s_test_norm=_finite(tree_norm(s)),
                     cosine_s_test_v=_finite(tree_dot(s, v) / (tree_norm(s) * tree_norm(v))))
     static = (ctx.detector, task, precision)
+    consts = parallel.replicate((variables, s), ctx.mesh)
     result = stream(ctx.pool, ctx.candidates, batch_size,
-                    lambda batch: _pool_scores_jit(static, variables, s, jnp.asarray(batch["images"])))
+                    lambda batch: parallel.map_chunks(_pool_scores, static, consts, batch["images"],
+                                                      chunk_size=batch_size, mesh=ctx.mesh))
     dots, boxes = result
     influence = -dots.astype(np.float64)
     scored = (boxes > 0) & np.isfinite(influence)
