@@ -118,6 +118,39 @@ def test_the_detection_loop_trains_and_evaluates_on_num_devices(voc, data, tmp_p
     assert "--num_devices: asked for 99 devices, 8 available" in capsys.readouterr().err
 
 
+def test_an_annotation_round_with_boxes_runs_on_num_devices(data, tmp_path, monkeypatch, capsys):
+    """`jaxal.query --task detection --num_devices 4`: the round trains, scores (entropy) and draws its sheet on
+    a mesh of 4 (this module's toy detector and programs: the pool has the module's classes and canvas), and
+    config.json records 4; 99 devices are refused, nothing written."""
+    from test_detection_loop import export_labels, write_pool
+
+    from jaxal import query
+
+    monkeypatch.setattr(active, "build_detector", lambda config, num_classes: toy(data))
+    calls = {"train": [], "detect": []}
+    for name in calls:
+        def spy(*args, _wrapped=getattr(training, name), _name=name, **kwargs):
+            calls[_name].append((kwargs.get("mesh"), args[4].batch_size if _name == "train" else None))
+            return _wrapped(*args, **kwargs)
+
+        monkeypatch.setattr(training, name, spy)
+    truth = write_pool(tmp_path / "photos", 6)
+    labels = export_labels("coco", tmp_path / "labels.json", {n: truth[n] for n in ("photo_0.png", "photo_1.png")})
+    argv = ["--pool", str(tmp_path / "photos"), "--labels", str(labels), "--task", "detection", "--strategy",
+            "entropy", "--boxes.canvas", "32", "--detection.iterations", "2", "--detection.warmup_iters", "1",
+            "--eval_batch_size", "3", "--batch_size", "2", "--budget", "2"]
+    assert query.main([*argv, "--workdir", str(tmp_path / "bad"), "--num_devices", "99"]) == 2
+    assert "--num_devices: asked for 99 devices, 8 available" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not calls["train"]
+    assert query.main([*argv, "--workdir", str(tmp_path / "al"), "--num_devices", "4"]) == 0
+    assert "4 cpu devices, mesh (data=4)" in capsys.readouterr().out
+    (train_mesh, batch_size), = calls["train"]
+    assert train_mesh.shape == {"data": 4} and batch_size == 4
+    assert calls["detect"] and all(mesh.shape == {"data": 4} for mesh, _ in calls["detect"])
+    assert json.loads((tmp_path / "al" / "config.json").read_text())["num_devices"] == 4
+    assert len(json.loads((tmp_path / "al" / "rounds.json").read_text())["rounds"][0]["proposal"]) == 2
+
+
 @pytest.mark.parametrize("name", ["entropy", "coreset", "ent_gn", "isal", "grad_sim", "localization_stability"])
 def test_strategies_on_the_mesh_select_what_one_device_selects(name, data):
     """The strategies whose per-image passes go through `parallel.map_chunks` (`detect`, the towers' features,
