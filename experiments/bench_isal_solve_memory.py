@@ -18,7 +18,7 @@ The detector is a toy FCOS (a two-convolution backbone, strides 8 and 16, 3 FPN 
 that the solve runs on a CPU at this canvas; the images' size, not the detector, is what is measured.
 The last line printed is one JSON object.
 
-    python experiments/bench_isal_solve_memory.py                      # N = 32 and 256
+    python experiments/bench_isal_solve_memory.py                      # N = 64 and 256
     python experiments/bench_isal_solve_memory.py --sizes 64 512 --paths streamed
 """
 
@@ -99,8 +99,14 @@ def solve(root: str, n: int, path: str) -> dict:
             "solution_norm": norm, "steps_per_chain": min(options.depth, -(-n // options.repeats))}
 
 
-def compiled_memory(root: str, sizes) -> dict:
-    """XLA's memory analysis of the block program and of the whole-set program at each size (compiled only)."""
+def _mib(analysis) -> dict:
+    return {"temp_mib": round(analysis.temp_size_in_bytes / 2**20, 1),
+            "argument_mib": round(analysis.argument_size_in_bytes / 2**20, 1)}
+
+
+def program_memory(config, data, detector, variables, task, n: int) -> dict:
+    """XLA's memory analysis (compiled, not run) of the solve's programs for a labelled set of n images of the
+    split's first canvas: the block program `isal` runs (n a traced number) and the previous whole-set one."""
     import jax
     import jax.numpy as jnp
 
@@ -108,42 +114,40 @@ def compiled_memory(root: str, sizes) -> dict:
     from jaxal.detection.strategies import LABEL_KEYS
     from jaxal.detection.strategies import influence as isal
 
-    config, data, detector, variables, task = setup(root)
     options = isal.solver_options(config)
     loss = isal.BoxLoss(detector, task)
     v = influence_lib.select(variables["params"], isal.last_convs)
     scale = jax.tree_util.tree_map_with_path(isal.layer_scale(config.boxal.isal_scales), v)
     precision = config.precision.solvers
+
+    def examples(*rows):
+        images = jax.ShapeDtypeStruct((*rows, *data.canvases[0], 3), jnp.uint8)
+        labels = {k: jax.ShapeDtypeStruct((*rows, *getattr(data.train, k).shape[1:]), getattr(data.train, k).dtype)
+                  for k in LABEL_KEYS}
+        return (images, labels), jax.ShapeDtypeStruct(rows, jnp.float32)
+
     block_static = influence_lib._BlockSettings(loss, isal.last_convs, options.depth, options.repeats,
                                                 options.hvp_chunk_size, precision, None, True)
+    carry = jax.tree.map(lambda x: jnp.zeros((options.repeats, *x.shape), x.dtype), (v, jnp.zeros((), jnp.int32)))
+    blocks = examples(options.repeats, influence_lib.DEFAULT_LOADER_BLOCK_STEPS)
+    block = influence_lib._loader_block.lower(block_static, variables, blocks, n, v, carry, 0, options.damping, scale,
+                                              0.0).compile().memory_analysis()
     whole_static = influence_lib._Settings(loss, isal.last_convs, "lissa", options.depth, options.repeats, 1,
                                            options.cg_maxiter, options.hvp_chunk_size, options.exact_block_size,
                                            precision, None, True, "loader")
-    steps = influence_lib.DEFAULT_LOADER_BLOCK_STEPS
-    image = jax.ShapeDtypeStruct((options.repeats, steps, *data.canvases[0], 3), jnp.uint8)
-    labels = {k: jax.ShapeDtypeStruct((options.repeats, steps, *getattr(data.train, k).shape[1:]),
-                                      getattr(data.train, k).dtype) for k in LABEL_KEYS}
-    blocks = ((image, labels), jax.ShapeDtypeStruct((options.repeats, steps), jnp.float32))
-    carry = jax.tree.map(lambda x: jnp.zeros((options.repeats, *x.shape), x.dtype), (v, jnp.zeros((), jnp.int32)))
-    out = {}
-    mib = lambda a: {"temp_mib": round(a.temp_size_in_bytes / 2**20, 1),  # noqa: E731
-                     "argument_mib": round(a.argument_size_in_bytes / 2**20, 1)}
-    for n in sizes:
-        block = influence_lib._loader_block.lower(block_static, variables, blocks, n, v, carry, 0, options.damping,
-                                                  scale, 0.0).compile().memory_analysis()
-        whole_images = jax.ShapeDtypeStruct((n, *data.canvases[0], 3), jnp.uint8)
-        whole_labels = {k: jax.ShapeDtypeStruct((n, *getattr(data.train, k).shape[1:]), getattr(data.train, k).dtype)
-                        for k in LABEL_KEYS}
-        examples = ((whole_images, whole_labels), jax.ShapeDtypeStruct((n,), jnp.float32))
-        whole = influence_lib._solve.lower(whole_static, variables, examples, n, v, jax.random.PRNGKey(0),
-                                           options.damping, scale, options.cg_tol, 0.0).compile().memory_analysis()
-        out[n] = {"block_program": mib(block), "whole_set_program": mib(whole)}
-    return out
+    whole = influence_lib._solve.lower(whole_static, variables, examples(n), n, v, jax.random.PRNGKey(0),
+                                       options.damping, scale, options.cg_tol, 0.0).compile().memory_analysis()
+    return {"block_program": _mib(block), "whole_set_program": _mib(whole)}
+
+
+def compiled_memory(root: str, sizes) -> dict:
+    world = setup(root)
+    return {n: program_memory(*world, n) for n in sizes}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs=2, default=[32, 256])
+    parser.add_argument("--sizes", type=int, nargs=2, default=[64, 256])
     parser.add_argument("--paths", nargs="+", default=["streamed", "whole"], choices=["streamed", "whole"])
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # internal: root, n, path
     args = parser.parse_args()

@@ -1179,9 +1179,12 @@ def _read_block(rows: LoaderRows, index: np.ndarray, block_steps: int, chains: i
     examples = rows.read(index.reshape(-1))
     take_steps = np.minimum(np.arange(block_steps), real - 1)
     take_chains = np.minimum(np.arange(chains), repeats - 1)
-    shaped = jax.tree.map(lambda a: np.asarray(a).reshape(repeats, real, *np.shape(a)[1:])[take_chains][:, take_steps],
-                          examples)
-    return shaped, np.ones((chains, block_steps), np.float32)
+
+    def shape(a):
+        a = np.asarray(a).reshape(repeats, real, *np.shape(a)[1:])  # a view: no copy of a full block
+        return a if (repeats, real) == (chains, block_steps) else a[take_chains][:, take_steps]
+
+    return jax.tree.map(shape, examples), np.ones((chains, block_steps), np.float32)
 
 
 def _streamed_lissa(static: _BlockSettings, variables, rows: LoaderRows, v, damping, scale, l2, block_steps: int):
@@ -1199,8 +1202,11 @@ def _streamed_lissa(static: _BlockSettings, variables, rows: LoaderRows, v, damp
     for first in range(0, steps, block_steps):
         index = loader_block_rows(n, repeats, first, block_steps, steps)
         blocks = parallel.shard_batch(_read_block(rows, index, block_steps, chains), mesh)
-        # dispatched without waiting: the host reads the next block while the device runs this one
         carry, norms = _loader_block(static, variables, blocks, n, v, carry, first, damping, scale, l2)
+        # The device runs this block while the host reads the next one; waiting for the previous block here
+        # keeps at most two blocks alive (without it the host would read every block ahead of the device).
+        if block_norms:
+            jax.block_until_ready(block_norms[-1][0])
         block_norms.append((norms, index.shape[1]))
     hs, resets = jax.device_get(carry)  # the chains' h (the size of v each), gathered from the mesh
     v, scale = parallel.local((v, scale))
