@@ -1187,6 +1187,15 @@ def _read_block(rows: LoaderRows, index: np.ndarray, block_steps: int, chains: i
     return jax.tree.map(shape, examples), np.ones((chains, block_steps), np.float32)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _streamed_estimate(repeats, precision, hs, v, scale):
+    """(estimate, cosine to v, ||v|| in the chains' norm) from the chains' h_depth (the padded ones dropped)."""
+    scales = tensor_scales(scale, v)
+    with precision_lib.scope(precision):
+        total = jax.tree.map(lambda x: jnp.sum(x[:repeats], axis=0), hs)
+        return (*_chains_estimate(total, v, scales, repeats), _scaled_norm(v, scales))
+
+
 def _streamed_lissa(static: _BlockSettings, variables, rows: LoaderRows, v, damping, scale, l2, block_steps: int):
     """LiSSA in loader order over a labelled set read from the host one block of `block_steps` steps at a
     time: device memory holds one block (chains x block_steps examples) and the chains' carries, whatever
@@ -1209,15 +1218,10 @@ def _streamed_lissa(static: _BlockSettings, variables, rows: LoaderRows, v, damp
             jax.block_until_ready(block_norms[-1][0])
         block_norms.append((norms, index.shape[1]))
     hs, resets = jax.device_get(carry)  # the chains' h (the size of v each), gathered from the mesh
-    v, scale = parallel.local((v, scale))
-    scales = tensor_scales(scale, v)
-    with precision_lib.scope(static.precision):
-        total = jax.tree.map(lambda x: jnp.sum(jnp.asarray(x[:repeats]), axis=0), hs)
-        estimate, cosine = _chains_estimate(total, v, scales, repeats)
-        first_norm = np.asarray(_scaled_norm(v, scales))
+    estimate, cosine, first_norm = _streamed_estimate(repeats, static.precision, hs, *parallel.local((v, scale)))
     done = np.concatenate([np.asarray(jax.device_get(norms))[:repeats, :real] for norms, real in block_norms], axis=1)
     # the steps past the set's end change nothing (`_lissa_chain`'s cond): their norms are the last one's
-    norms = np.concatenate([np.full((repeats, 1), first_norm, done.dtype), done,
+    norms = np.concatenate([np.full((repeats, 1), np.asarray(first_norm), done.dtype), done,
                             np.repeat(done[:, -1:], depth - steps, axis=1)], axis=1)
     return LissaResult(estimate, norms, cosine, resets[:repeats])
 
