@@ -1217,13 +1217,16 @@ def _streamed_lissa(static: _BlockSettings, variables, rows: LoaderRows, v, damp
         if block_norms:
             jax.block_until_ready(block_norms[-1][0])
         block_norms.append((norms, index.shape[1]))
-    hs, resets = jax.device_get(carry)  # the chains' h (the size of v each), gathered from the mesh
+    # the chains' h (the size of v each) and norms, split over the mesh: replicated, then read on this process
+    gather = (lambda x: x) if mesh is None else jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))
+    hs, resets = parallel.local(gather(carry))
     estimate, cosine, first_norm = _streamed_estimate(repeats, static.precision, hs, *parallel.local((v, scale)))
-    done = np.concatenate([np.asarray(jax.device_get(norms))[:repeats, :real] for norms, real in block_norms], axis=1)
+    done = np.concatenate([np.asarray(parallel.local(gather(norms)))[:repeats, :real] for norms, real in block_norms],
+                          axis=1)
     # the steps past the set's end change nothing (`_lissa_chain`'s cond): their norms are the last one's
     norms = np.concatenate([np.full((repeats, 1), np.asarray(first_norm), done.dtype), done,
                             np.repeat(done[:, -1:], depth - steps, axis=1)], axis=1)
-    return LissaResult(estimate, norms, cosine, resets[:repeats])
+    return LissaResult(estimate, norms, cosine, np.asarray(resets)[:repeats])
 
 
 class InverseHVP(NamedTuple):
