@@ -167,7 +167,6 @@ def _pool_scores(static, consts, images):
         return influence_lib.jvp_scores(restricted, selected, s, images, has_aux=True)
 
 
-
 def solver_options(config: Config) -> SolverOptions:
     """--influence.*'s solve with ISAL detection's LiSSA: batch 1 in loader order, NaN reset, its depth."""
     base = {f.name: getattr(config.influence, f.name) for f in dataclasses.fields(SolverOptions)}

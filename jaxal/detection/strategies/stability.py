@@ -70,7 +70,6 @@ def _detect_noisy(detector, consts, chunk):
     return training._detect_batch(detector, variables, noisy, sizes)
 
 
-
 @register("localization_stability")
 def localization_stability(ctx: DetectionContext, k: int) -> Selection:
     """The least stable boxes under Gaussian image noise (Kao et al.), weighted by their confidence."""
