@@ -227,7 +227,8 @@ def test_isal2021_coco_runs_a_cycle_at_1333x800_on_a_coco_folder(tmp_path, capsy
 
 QUERY_FLAGS = ["--task", "detection", "--preset", "bccd_fcos", "--strategy", "random", "--boxes.canvas", "64",
                "--detection.channels", "32", "--detection.iterations", "2", "--detection.warmup_iters", "1",
-               "--batch_size", "2", "--eval_batch_size", "4", "--budget", "2"]
+               "--batch_size", "2", "--eval_batch_size", "4", "--budget", "2",
+               "--num_devices", "1"]  # one device (the mesh: test_detection_parallel)
 
 
 def write_pool(folder: Path, count: int = 10) -> dict:

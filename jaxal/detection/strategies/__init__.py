@@ -42,8 +42,8 @@ class DetectionContext:
     rng: np.random.Generator
     # ISAL's reference set R: (split, indices), by default the whole validation split; None if absent
     reference: Optional[tuple[Any, np.ndarray]] = None
-    # the run's device mesh: the per-image passes of `detect`, coreset's features and the gradient norms are
-    # split over its `data` axis (`jaxal.parallel.map_chunks`); None: one device
+    # the run's device mesh: every strategy's per-image passes are split over its `data` axis
+    # (`jaxal.parallel.map_chunks`), isal's s_test chains too; None: one device
     mesh: Optional[jax.sharding.Mesh] = None
 
 
