@@ -258,7 +258,8 @@ def propose(config: Config, root: Path, ids: list[str], labels: Labels, sizes: d
         key = jax.random.PRNGKey(config.seed * 1000 + number)
         log(f"round {number}: training a fresh detector on {len(labelled)} labelled images "
             f"({int(split.num_boxes(labelled).sum())} boxes), {len(candidates)} to score")
-        variables, _, _ = active.train_fresh(detector, config, split, labelled, key, rng, backbone)
+        variables, _, _ = active.train_fresh(detector, config, split, labelled, key, rng, backbone,
+                                             loss_prediction=active.loss_prediction_for(config, config.strategy))
         task = active.detection_task(config, data.num_classes)
         k = min(config.budget, len(candidates))
         ctx = strategies.DetectionContext(detector, variables, split, candidates, labelled, task, config, rng)
