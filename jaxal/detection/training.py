@@ -32,8 +32,9 @@ target is the per-example loss, `reduction='none'`, and this is ISAL's per-image
 jaxal's `train.loss_prediction_loss` (LL4AL's `LossPredLoss`: margin 1, the batch against its reverse).
 Neither the reference nor ISAL's released code (which holds no LL4AL for detection) says how the module is
 optimised beside mmdetection's runner; here it is an optimiser of its own, as LL4AL's code has
-(`optimizers['module']`), that follows the detector's: the same learning rate at each iteration (warm-up and
-steps; LL4AL steps both schedulers), momentum and weight decay, the bias multipliers mmdet's
+(`Mephisto405/Learning-Loss-for-Active-Learning` main.py:239-244: two SGDs with the same lr, momentum and
+decay, two MultiStepLRs stepped together), that follows the detector's: the same learning rate at each
+iteration (warm-up and steps), momentum and weight decay, the bias multipliers mmdet's
 `paramwise_cfg` gives every `bias` of a model, and gradient clipping at the same norm but over the module's
 own gradient, so that the detector's step is exactly that of a run without the module.
 """

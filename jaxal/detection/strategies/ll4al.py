@@ -1,8 +1,9 @@
 """`ll4al` on detection (Yoo & Kweon, CVPR 2019, as ISAL's appendix D.2 runs it): LL4AL's loss-prediction
 module on FCOS's five FPN levels P3-P7, trained with the detector without back-propagating into it
 (`jaxal.detection.training.LossPrediction`: the loop trains it because the strategy is registered with
-`trains_loss_prediction=True`); the images with the highest predicted loss first (LL4AL main.py
-`get_uncertainty`, then `torch.argsort` of the uncertainty, the largest taken). The module is jaxal's one
+`trains_loss_prediction=True`); the images with the highest predicted loss first (LL4AL's code,
+`Mephisto405/Learning-Loss-for-Active-Learning` main.py:191-207 `get_uncertainty`, then main.py:270-273: the
+last ADDENDUM of `np.argsort(uncertainty)`, the largest). The module is jaxal's one
 (`jaxal.models.LossNet`, the classification `ll4al`'s), its options `--lossnet.margin`, `--lossnet.weight`
 and `--lossnet.width`. Each batch of the pool goes through `parallel.map_chunks` (split over the mesh's
 `data` axis); one number per image is kept."""
