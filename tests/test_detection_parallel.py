@@ -5,6 +5,7 @@ detects; a short batch is replicated; a batch size that does not split is refuse
 that run on the mesh (entropy, coreset, ent_gn, isal, grad_sim, localization_stability) select what one device
 selects."""
 
+import csv
 import dataclasses
 import json
 
@@ -134,6 +135,14 @@ def test_an_annotation_round_with_boxes_runs_on_num_devices(data, tmp_path, monk
             return _wrapped(*args, **kwargs)
 
         monkeypatch.setattr(training, name, spy)
+    from jaxal.detection import strategies
+    selections = []
+
+    def recorded_select(*args, _select=strategies.select):
+        selections.append(_select(*args))
+        return selections[-1]
+
+    monkeypatch.setattr(strategies, "select", recorded_select)
     truth = write_pool(tmp_path / "photos", 6)
     labels = export_labels("coco", tmp_path / "labels.json", {n: truth[n] for n in ("photo_0.png", "photo_1.png")})
     argv = ["--pool", str(tmp_path / "photos"), "--labels", str(labels), "--task", "detection", "--strategy",
@@ -149,6 +158,11 @@ def test_an_annotation_round_with_boxes_runs_on_num_devices(data, tmp_path, monk
     assert calls["detect"] and all(mesh.shape == {"data": 4} for mesh, _ in calls["detect"])
     assert json.loads((tmp_path / "al" / "config.json").read_text())["num_devices"] == 4
     assert len(json.loads((tmp_path / "al" / "rounds.json").read_text())["rounds"][0]["proposal"]) == 2
+    # the proposal lists the chosen images' own scores (the strategy scores every candidate), best first
+    (selection,) = selections
+    rows = list(csv.DictReader((tmp_path / "al" / "round_000" / "to_label.csv").open()))
+    np.testing.assert_allclose([float(r["score"]) for r in rows], np.asarray(selection.scores)[selection.chosen])
+    assert float(rows[0]["score"]) >= float(rows[1]["score"])
 
 
 @pytest.mark.parametrize("name", ["entropy", "coreset", "ent_gn", "isal", "grad_sim", "localization_stability"])

@@ -263,14 +263,17 @@ def propose(config: Config, root: Path, ids: list[str], labels: Labels, sizes: d
         log(f"round {number}: training a fresh detector on {len(labelled)} labelled images "
             f"({int(split.num_boxes(labelled).sum())} boxes), {len(candidates)} to score; "
             f"{parallel.describe_mesh(mesh)}")
-        variables, _, _ = active.train_fresh(detector, config, split, labelled, key, rng, backbone, mesh)
+        variables, _, _ = active.train_fresh(detector, config, split, labelled, key, rng, backbone, mesh,
+                                             loss_prediction=active.loss_prediction_for(config, config.strategy))
         task = active.detection_task(config, data.num_classes)
         k = min(config.budget, len(candidates))
         ctx = strategies.DetectionContext(detector, variables, split, candidates, labelled, task, config, rng,
                                           mesh=mesh)
         selection = strategies.select(config.strategy, ctx, k)
         chosen = candidates[selection.chosen]
-        scores = [None] * k if selection.scores is None else [float(s) for s in np.asarray(selection.scores)]
+        # a detection strategy scores every candidate; the proposal lists the chosen ones' scores
+        scores = ([None] * k if selection.scores is None
+                  else [float(s) for s in np.asarray(selection.scores)[selection.chosen]])
         found = training.detect(detector, variables, split, chosen, config.eval_batch_size, mesh=mesh)
         sheet = results.contact_sheet(sheet_images(split, chosen, found, classes),
                                       [f"{r}: {Path(ids[i]).name}" for r, i in enumerate(chosen, start=1)],
