@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # BCCD detection, the full comparison, for one GPU (prepared, NOT run: no device was lent when it was
-# written). experiments/compare_bccd_detection.py with isal, ent_gn, entropy, coreset, localization_stability
-# and random, 3 trials, at ISAL's R50 config (fcos_isal_r50: FCOS on ResNet-50, 256 channels, 4 convs a
+# written). experiments/compare_bccd_detection.py with isal, ent_gn, entropy, coreset, localization_stability,
+# ll4al and random, 3 trials, at ISAL's R50 config (fcos_isal_r50: FCOS on ResNet-50, 256 channels, 4 convs a
 # tower) on BCCD's own 640x480 images; 20 initial + 20 per cycle, 3 cycles (20, 40, 60 images), 300
 # iterations a cycle (batch 8, warm-up 50), the backbone from scratch (no weights reach the machine), ISAL's
-# pseudo-boxes at score 0.1 (its README's command). Not here: ll4al (not implemented for detection).
+# pseudo-boxes at score 0.1 (its README's command). ll4al was added after the sizing below (its cycle 0 trains
+# once more, with the loss-prediction module).
 #
 # Sized for about 9 minutes of an H100 (a guess: no detection run has been timed on a GPU): one process
 # per trial (seed 0, 1, 2: each its trial 0), each given what is left of BUDGET_S; a trial cut off by the
@@ -28,7 +29,7 @@ OUT=${OUT:-runs/bccd_detection_gpu_out}
 RUNS=${1:-runs/bccd_detection_gpu}
 BUDGET_S=${BUDGET_S:-540}  # seconds for all the seeds (QUICK on a shared CPU needs more: BUDGET_S=3600)
 PYTHON=${PYTHON:-python3}  # the GPU machine's python3 holds JAX (CUDA) and Flax
-STRATEGIES=${STRATEGIES:-isal,ent_gn,entropy,coreset,localization_stability,random}
+STRATEGIES=${STRATEGIES:-isal,ent_gn,entropy,coreset,localization_stability,ll4al,random}
 SIZE=(model=fcos_isal_r50 detection.config=fcos_isal detection.channels=256 detection.stacked_convs=4
       boxes.canvas=640 batch_size=8 detection.iterations=300 detection.warmup_iters=50)
 if [[ -n "${QUICK:-}" ]]; then  # the script's check: tiny detector, 2 cycles of a few iterations, two seeds

@@ -13,11 +13,11 @@ kernels:
 Both read the same cached images; the printed ratio is ISAL's method's seconds over jaxal's (best of
 `--repeats`, compilation excluded, process CPU seconds beside), and both scores are checked to agree.
 
-Memory. `memory_analysis()` of the compiled s_test solve (`jaxal.influence.inverse_hvp`'s program, ISAL's
-settings: 4 loader-order chains of 1000 steps, per-tensor scales, NaN reset) at two labelled-set sizes,
-and of the pool-scoring program at two pool sizes. The pool is a host loop over batches of one compiled
-program, so its count is the same program's; the labelled set enters the solve as an argument (its
-images), and the temporaries must not grow with it.
+Memory. `memory_analysis()` of the compiled s_test solve (`jaxal.influence.inverse_hvp`'s block program,
+ISAL's settings: 4 loader-order chains of 1000 steps, per-tensor scales, NaN reset; the labelled images
+read from disk one block at a time, beside the previous whole-set program: see
+`bench_isal_solve_memory.py`) at two labelled-set sizes, and of the pool-scoring program at two pool
+sizes. The pool is a host loop over batches of one compiled program, so its count is the same program's.
 
     JAXAL_SHARED_DATA=/work/shared/data python experiments/bench_isal_detection.py
     python experiments/bench_isal_detection.py --images 64 --batch 8 --labeled 16 128
@@ -35,11 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxal import config as config_lib
+from jaxal import parallel
 from jaxal import influence as influence_lib
 from jaxal.data import boxes as boxes_lib
 from jaxal.detection import active, training
 from jaxal.detection.strategies import influence as isal
-from jaxal.detection.strategies import LABEL_KEYS, one_image, stream
+from jaxal.detection.strategies import one_image, stream
 from jaxal.pytree import restrict, tree_dot
 from jaxal.tasks import Detection
 
@@ -72,7 +73,8 @@ def speed(config, data, detector, variables, task, n: int, batch: int, repeats: 
 
     def jaxal_scores():
         dots, _ = stream(data.train, indices, batch,
-                         lambda b: isal._pool_scores_jit(static, variables, s, jnp.asarray(b["images"])))
+                         lambda b: parallel.map_chunks(isal._pool_scores, static, (variables, s), b["images"],
+                                                       chunk_size=batch))
         return -dots
 
     one = jax.jit(isal_method, static_argnums=(0, 1))
@@ -100,24 +102,11 @@ def speed(config, data, detector, variables, task, n: int, batch: int, repeats: 
 
 
 def solve_memory(config, data, detector, variables, task, labeled_sizes) -> dict:
-    """Compiled memory of the s_test solve, the labelled set padded to each size (compiled, not run)."""
-    options = isal.solver_options(config)
-    loss = isal.BoxLoss(detector, task)
-    v = influence_lib.select(variables["params"], isal.last_convs)
-    scale = jax.tree_util.tree_map_with_path(isal.layer_scale(config.boxal.isal_scales), v)
-    static = influence_lib._Settings(loss, isal.last_convs, "lissa", options.depth, options.repeats, 1,
-                                     options.cg_maxiter, options.hvp_chunk_size, options.exact_block_size,
-                                     config.precision.solvers, None, True, "loader")
-    out = {}
-    for n in labeled_sizes:
-        rows = np.arange(n) % len(data.train)
-        batch = isal.read_padded(data.train, rows)
-        examples = ((batch["images"], {k: batch[k] for k in LABEL_KEYS}), np.ones(n, np.float32))
-        analysis = influence_lib._solve.lower(static, variables, examples, n, v, jax.random.PRNGKey(0),
-                                              options.damping, scale, options.cg_tol, 0.0).compile().memory_analysis()
-        out[n] = {"temp_mib": analysis.temp_size_in_bytes / 2**20,
-                  "argument_mib": analysis.argument_size_in_bytes / 2**20}
-    return out
+    """Compiled memory of the s_test solve's block program (and of the previous whole-set program) at each
+    labelled-set size (`bench_isal_solve_memory.program_memory`)."""
+    from bench_isal_solve_memory import program_memory
+
+    return {n: program_memory(config, data, detector, variables, task, n) for n in labeled_sizes}
 
 
 def pool_memory(config, data, detector, variables, task, batch: int, pool_sizes) -> dict:
@@ -125,7 +114,7 @@ def pool_memory(config, data, detector, variables, task, batch: int, pool_sizes)
     s = influence_lib.select(variables["params"], isal.last_convs)
     static = (detector, task, config.precision.solvers)
     images = jnp.zeros((batch, *data.canvases[0], 3), jnp.uint8)
-    analysis = isal._pool_scores_jit.lower(static, variables, s, images).compile().memory_analysis()
+    analysis = parallel._compiled(isal._pool_scores).lower(static, (variables, s), images).compile().memory_analysis()
     return {n: {"program_temp_mib": analysis.temp_size_in_bytes / 2**20,
                 "program_argument_mib": analysis.argument_size_in_bytes / 2**20,
                 "batches": -(-n // batch)} for n in pool_sizes}
@@ -153,8 +142,10 @@ def main() -> None:
     if not args.skip_memory:
         result["solve_memory"] = solve_memory(*world, args.labeled)
         for n, m in result["solve_memory"].items():
-            print(f"s_test solve, labelled set {n}: temporaries {m['temp_mib']:.1f} MiB, arguments "
-                  f"{m['argument_mib']:.1f} MiB", flush=True)
+            print(f"s_test solve, labelled set {n}: block program temporaries {m['block_program']['temp_mib']:.1f} "
+                  f"MiB, arguments {m['block_program']['argument_mib']:.1f} MiB (the whole-set program: "
+                  f"{m['whole_set_program']['temp_mib']:.1f} and {m['whole_set_program']['argument_mib']:.1f} MiB)",
+                  flush=True)
         result["pool_memory"] = pool_memory(*world, args.batch, args.pool)
         for n, m in result["pool_memory"].items():
             print(f"pool scoring, pool {n}: {m['batches']} runs of one program with temporaries "

@@ -46,12 +46,13 @@ def share_cycle_zero():
     it. Later cycles are trained as usual (their labelled sets differ between strategies)."""
     train_and_evaluate, cache = active.train_and_evaluate, {}
 
-    def cached(run, trial, cycle, labeled, rng):
+    def cached(run, trial, cycle, labeled, rng, loss_prediction=None):
         if cycle != 0:
-            return train_and_evaluate(run, trial, cycle, labeled, rng)
-        key = (trial, labeled.tobytes(), repr(rng.bit_generator.state))
+            return train_and_evaluate(run, trial, cycle, labeled, rng, loss_prediction)
+        # ll4al's cycle 0 trains the loss-prediction module too: its own entry
+        key = (trial, labeled.tobytes(), repr(rng.bit_generator.state), loss_prediction)
         if key not in cache:
-            fields = train_and_evaluate(run, trial, cycle, labeled, rng)
+            fields = train_and_evaluate(run, trial, cycle, labeled, rng, loss_prediction)
             cache[key] = fields, rng.bit_generator.state
         fields, state = cache[key]
         rng.bit_generator.state = state

@@ -87,7 +87,9 @@ class PrecisionOptions:
 
 @dataclasses.dataclass(frozen=True)
 class LossNetOptions:
-    """The loss-prediction module of LL4AL (Yoo & Kweon), also trained by LPLgrad."""
+    """The loss-prediction module of LL4AL (Yoo & Kweon), also trained by LPLgrad. On --task detection (ll4al,
+    `jaxal.detection.training.LossPrediction`) margin, weight and width apply; the features are always
+    detached there and the module follows the detector's schedule (detach_epoch, lr_decay are refused)."""
 
     margin: float = 1.0
     weight: float = 1.0  # weight of the ranking loss in the joint objective

@@ -619,9 +619,13 @@ def _scaled_norm(h: PyTree, scales: PyTree) -> jax.Array:
 
 
 def _lissa_chain(loss_fn, params, data, v, damping, scales, l2, num_examples, key, chain=0, *, depth, batch_size,
-                 chunk_size, mesh, nan_reset=False, order="random", repeats=1):
+                 chunk_size, mesh, nan_reset=False, order="random", repeats=1, start=None):
     """One chain: (h_depth, ||h_t|| for t = 0..depth, the number of tensors reset to v). `order="loader"`:
-    chain `chain` of `repeats` takes rows chain, chain + repeats, ... (see `lissa`)."""
+    chain `chain` of `repeats` takes rows chain, chain + repeats, ... (see `lissa`).
+    `start=(first_step, (h, resets))` (loader order streamed by blocks, `_loader_block_chains`): `data` holds
+    only this chain's rows of the steps first_step, first_step + 1, ... (one per step, the wrap-around
+    already applied by the host, `num_examples` the whole set's size); the chain goes on from that carry
+    over those steps and returns ((h, resets), ||h_t|| of those steps)."""
     n = _num_rows(data) if num_examples is None else num_examples
     # ISAL's detection code: each of its GPUs walks its shard of the labelled set once, in loader order
     # (torch's DistributedSampler without shuffle, padded by wrapping around), one image per step.
@@ -636,8 +640,10 @@ def _lissa_chain(loss_fn, params, data, v, damping, scales, l2, num_examples, ke
         if batch_size is None:
             batch, real = data, num_examples
         else:  # a fresh minibatch: uniformly with replacement among the real rows, or the loader's next row
-            idx = (jnp.full((1,), chain + t * repeats) % n if order == "loader"
-                   else jax.random.randint(key, (batch_size,), 0, n))
+            if order == "loader":
+                idx = jnp.full((1,), t - start[0] if start is not None else (chain + t * repeats) % n)
+            else:
+                idx = jax.random.randint(key, (batch_size,), 0, n)
             batch, real = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data), None
         hv = set_hvp(loss_fn, params, batch, h, chunk_size=chunk_size, num_examples=real, l2=l2, mesh=mesh)
         if nan_reset:
@@ -652,6 +658,10 @@ def _lissa_chain(loss_fn, params, data, v, damping, scales, l2, num_examples, ke
             carry = update(carry, key, t)
         return carry, _scaled_norm(carry[0], scales)
 
+    if start is not None:
+        first_step, carry = start
+        block = _num_rows(data)
+        return lax.scan(step, carry, (jax.random.split(key, block), first_step + jnp.arange(block)))
     inputs = (jax.random.split(key, depth), jnp.arange(depth))
     (h, resets), norms = lax.scan(step, (v, jnp.zeros((), jnp.int32)), inputs)
     return h, jnp.concatenate([_scaled_norm(v, scales)[None].astype(norms.dtype), norms]), resets
@@ -690,9 +700,14 @@ def _lissa_chains(loss_fn, params, data, v, rng, damping, scale, l2=0.0, *, dept
                                       mesh=mesh, **settings)
             hs, norms, resets = jax.vmap(chain)(keys, chains)
             total = jax.tree.map(lambda x: jnp.sum(x, axis=0), hs)
-        estimate = jax.tree.map(lambda x, s: x / (repeats * s), total, scales)
-        cosine = tree_dot(estimate, v) / (tree_norm(estimate) * tree_norm(v))
+        estimate, cosine = _chains_estimate(total, v, scales, repeats)
     return LissaResult(estimate, norms, cosine, resets)
+
+
+def _chains_estimate(total, v, scales, repeats):
+    """(the chains' mean h_depth, each tensor over its scale; its cosine to v) from the sum of their h_depth."""
+    estimate = jax.tree.map(lambda x, s: x / (repeats * s), total, scales)
+    return estimate, tree_dot(estimate, v) / (tree_norm(estimate) * tree_norm(v))
 
 
 def _sharded_chains(loss_fn, params, data, v, damping, scale, l2, num_examples, keys, chains, *, mesh, **settings):
@@ -720,6 +735,31 @@ def _sharded_chains(loss_fn, params, data, v, damping, scale, l2, num_examples, 
     # The host reads every chain's norms and resets.
     return (total, parallel.constrain_replicated(norms[:repeats], mesh),
             parallel.constrain_replicated(resets[:repeats], mesh))
+
+
+def _loader_block_chains(loss_fn, params, blocks, v, damping, scales, l2, num_examples, carry, first_step, *, depth,
+                         repeats, chunk_size, mesh, nan_reset):
+    """Loader-order LiSSA over one block of steps: `blocks` holds each chain's rows of the steps first_step,
+    first_step + 1, ... (chains on the leading axis, padded to a multiple of the mesh's devices), `carry`
+    each chain's (h, resets); returns the carries after those steps and each chain's ||h_t||. The recursion
+    is `_lissa_chain`'s; on a mesh the chains are split over its devices (`chains_split_over_devices`:
+    batch 1 always splits by chains), and the carries stay there between blocks."""
+    settings = dict(depth=depth, batch_size=1, chunk_size=chunk_size, mesh=None, nan_reset=nan_reset, order="loader",
+                    repeats=repeats)
+
+    def chains(blocks, carry, params, v, damping, scales, l2, num_examples, first_step):
+        def chain(rows, state):
+            return _lissa_chain(loss_fn, params, rows, v, damping, scales, l2, num_examples, jax.random.PRNGKey(0),
+                                start=(first_step, state), **settings)
+
+        return jax.vmap(chain)(blocks, carry)
+
+    args = (blocks, carry, params, v, damping, scales, l2, num_examples, first_step)
+    if mesh is None:
+        return chains(*args)
+    split, whole = P(parallel.DATA_AXIS), P()
+    return jax.shard_map(chains, mesh=mesh, in_specs=(split, split) + (whole,) * 7, out_specs=(split, split),
+                         check_vma=False)(*args)
 
 
 _lissa_jit = jax.jit(_lissa_chains, static_argnames=("loss_fn", "depth", "repeats", "batch_size", "chunk_size", "mesh",
@@ -846,11 +886,13 @@ def check_lissa(result: LissaResult, loss_fn: LossFn, params: PyTree, data: PyTr
                 num_examples: int | None = None, l2: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
     """The divergence check of `lissa` on a `LissaResult` (a host sync): raises
     `LissaDivergenceError` with a suggested scale. `loss_fn`, `params` and `data` serve only to
-    estimate lambda_max for that message (compiled only when it is raised)."""
+    estimate lambda_max for that message (compiled only when it is raised; `data` may be a function
+    returning the data, called only then)."""
     norms = np.asarray(result.norms, dtype=np.float64)
     depth = norms.shape[1] - 1
     bound = _divergence_bound(float(norms[0, 0]), damping, depth)
     if not np.isfinite(norms).all() or (norms > divergence_factor * bound).any():
+        data = data() if callable(data) else data
         raise LissaDivergenceError(_divergence_message(loss_fn, params, data, rng, damping, scale, batch_size, norms,
                                                        bound, num_examples, l2, chunk_size))
 
@@ -1082,6 +1124,111 @@ def _solve_body(static: _Settings, variables, data, num_examples, v, rng, dampin
 _solve = jax.jit(_solve_body, static_argnums=0)
 
 
+class LoaderRows(NamedTuple):
+    """A labelled set the solve reads from the host, block by block (`inverse_hvp` with LiSSA's loader
+    order): `read(rows)` returns the examples of `rows` (host int64 indices into the set, in that order,
+    possibly repeated) as a pytree of NumPy arrays with `len(rows)` rows, e.g. images read from disk."""
+
+    num_rows: int
+    read: Callable[[np.ndarray], PyTree]
+
+
+# Loader-order LiSSA steps per block read from the host (each block holds repeats x this many examples).
+DEFAULT_LOADER_BLOCK_STEPS = 8
+
+
+class _BlockSettings(NamedTuple):
+    """The static settings of `_loader_block` (hashable)."""
+
+    example_loss: Callable
+    subset: Any
+    depth: int
+    repeats: int
+    chunk_size: int
+    precision: str
+    mesh: Any
+    nan_reset: bool
+
+
+def _loader_block_body(static: _BlockSettings, variables, blocks, num_examples, v, carry, first_step, damping, scale,
+                       l2):
+    """One block of loader-order LiSSA steps (`_loader_block_chains`), the loss built from the traced
+    variables; `blocks = (examples, weights)` with the chains on the leading axis."""
+    loss, selected = _subset_loss(static.example_loss, static.subset, variables)
+    with precision_lib.scope(static.precision):
+        return _loader_block_chains(weighted_mean_loss(loss), selected, blocks, v, damping, tensor_scales(scale, v),
+                                    l2, num_examples, carry, first_step, depth=static.depth, repeats=static.repeats,
+                                    chunk_size=static.chunk_size, mesh=static.mesh, nan_reset=static.nan_reset)
+
+
+_loader_block = jax.jit(_loader_block_body, static_argnums=0)
+
+
+def loader_block_rows(num_rows: int, repeats: int, first_step: int, block_steps: int, steps: int) -> np.ndarray:
+    """(repeats, real steps) row indices of a block: chain r at step t reads row (r + t repeats) mod n (what
+    `_lissa_chain` reads from the whole set in loader order), for the block's steps before `steps`."""
+    t = np.arange(first_step, min(first_step + block_steps, steps))
+    return (np.arange(repeats)[:, None] + t[None, :] * repeats) % num_rows
+
+
+def _read_block(rows: LoaderRows, index: np.ndarray, block_steps: int, chains: int):
+    """`(examples, weights)` of a block, shaped (chains, block_steps, ...): the rows of `index` (repeats, real
+    steps) read in one call; the steps past the real ones (skipped by the recursion) and the chains past
+    `repeats` (padding for the mesh, left out of the result) repeat the last ones."""
+    repeats, real = index.shape
+    examples = rows.read(index.reshape(-1))
+    take_steps = np.minimum(np.arange(block_steps), real - 1)
+    take_chains = np.minimum(np.arange(chains), repeats - 1)
+
+    def shape(a):
+        a = np.asarray(a).reshape(repeats, real, *np.shape(a)[1:])  # a view: no copy of a full block
+        return a if (repeats, real) == (chains, block_steps) else a[take_chains][:, take_steps]
+
+    return jax.tree.map(shape, examples), np.ones((chains, block_steps), np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _streamed_estimate(repeats, precision, hs, v, scale):
+    """(estimate, cosine to v, ||v|| in the chains' norm) from the chains' h_depth (the padded ones dropped)."""
+    scales = tensor_scales(scale, v)
+    with precision_lib.scope(precision):
+        total = jax.tree.map(lambda x: jnp.sum(x[:repeats], axis=0), hs)
+        return (*_chains_estimate(total, v, scales, repeats), _scaled_norm(v, scales))
+
+
+def _streamed_lissa(static: _BlockSettings, variables, rows: LoaderRows, v, damping, scale, l2, block_steps: int):
+    """LiSSA in loader order over a labelled set read from the host one block of `block_steps` steps at a
+    time: device memory holds one block (chains x block_steps examples) and the chains' carries, whatever
+    the set's size; the result is `_lissa_chains`' (the same recursion, `_lissa_chain`, the same steps)."""
+    n, repeats, depth, mesh = rows.num_rows, static.repeats, static.depth, static.mesh
+    steps = min(depth, -(-n // repeats))
+    chains = parallel.round_up(repeats, parallel.mesh_size(mesh)) if mesh is not None else repeats
+    variables, v = parallel.replicate((variables, v), mesh)
+    scale = parallel.replicate(scale, mesh)
+    carry = jax.tree.map(lambda x: jnp.broadcast_to(x, (chains, *x.shape)), (v, jnp.zeros((), jnp.int32)))
+    carry = parallel.shard_batch(carry, mesh)
+    block_norms = []
+    for first in range(0, steps, block_steps):
+        index = loader_block_rows(n, repeats, first, block_steps, steps)
+        blocks = parallel.shard_batch(_read_block(rows, index, block_steps, chains), mesh)
+        carry, norms = _loader_block(static, variables, blocks, n, v, carry, first, damping, scale, l2)
+        # The device runs this block while the host reads the next one; waiting for the previous block here
+        # keeps at most two blocks alive (without it the host would read every block ahead of the device).
+        if block_norms:
+            jax.block_until_ready(block_norms[-1][0])
+        block_norms.append((norms, index.shape[1]))
+    # the chains' h (the size of v each) and norms, split over the mesh: replicated, then read on this process
+    gather = (lambda x: x) if mesh is None else jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))
+    hs, resets = parallel.local(gather(carry))
+    estimate, cosine, first_norm = _streamed_estimate(repeats, static.precision, hs, *parallel.local((v, scale)))
+    done = np.concatenate([np.asarray(parallel.local(gather(norms)))[:repeats, :real] for norms, real in block_norms],
+                          axis=1)
+    # the steps past the set's end change nothing (`_lissa_chain`'s cond): their norms are the last one's
+    norms = np.concatenate([np.full((repeats, 1), np.asarray(first_norm), done.dtype), done,
+                            np.repeat(done[:, -1:], depth - steps, axis=1)], axis=1)
+    return LissaResult(estimate, norms, cosine, np.asarray(resets)[:repeats])
+
+
 class InverseHVP(NamedTuple):
     solution: PyTree  # s, with the structure of `v` (the subset's tensors, None elsewhere)
     info: dict  # JSON-able: the solver's own numbers (LiSSA's norms and resets, CG's iterations and residual)
@@ -1090,7 +1237,7 @@ class InverseHVP(NamedTuple):
 def inverse_hvp(example_loss: Callable, variables: dict, data: PyTree, v: PyTree, *, options: SolverOptions,
                 rng: jax.Array, l2: float = 0.0, scale=None, subset=None, capacity: Optional[int] = None,
                 mesh=None, precision: str = precision_lib.SOLVERS_DEFAULT, flags: str = "--influence.",
-                ) -> InverseHVP:
+                block_steps: int = DEFAULT_LOADER_BLOCK_STEPS) -> InverseHVP:
     """`s = (H + l2*I + damping*scale*I)^-1 v` by `options.solver`, H the Hessian of the mean of
     `example_loss(variables, z)` over the labelled set `data` (rows on the leading axis, e.g. `(x, y)`)
     with respect to the tensors of `subset` (default `options.params`; a name or a function
@@ -1108,6 +1255,10 @@ def inverse_hvp(example_loss: Callable, variables: dict, data: PyTree, v: PyTree
       them, with the same draws as on the unpadded set): with `capacity` the run's largest labelled set,
       the solve compiles once per run whatever the weights and the set's size. Every product over the
       set is a sum over chunks of `options.hvp_chunk_size` rows (`set_hvp`).
+    - `data` may be a `LoaderRows` (LiSSA in loader order only): the set stays on the host and is read
+      `block_steps` steps at a time (repeats x block_steps examples, in the order the chains read them),
+      each block run by one compiled program that carries the chains from block to block
+      (`_streamed_lissa`): the device holds one block whatever the set's size, for the same result.
     - Host checks after the solve: LiSSA's divergence (`LissaDivergenceError`), CG's curvature
       (ValueError) and tolerance (a warning), worded in the caller's flags (`flags` + field name).
     Returns `InverseHVP(solution, info)`."""
@@ -1124,22 +1275,36 @@ def inverse_hvp(example_loss: Callable, variables: dict, data: PyTree, v: PyTree
     if options.solver == "exact":
         check_exact_memory(selected, max_bytes=int(options.exact_max_gib * 2**30), block_size=options.exact_block_size,
                            flag=f"{flags}exact_max_gib")
-    n = parallel.num_examples(data)
-    padded = pad_rows(data, parallel.bucket(n, capacity))
     if options.solver != "lissa":
         scale = float(jax.tree.leaves(scale)[0])
-    static = _Settings(example_loss, subset, options.solver, options.depth, options.repeats, options.batch_size,
-                       options.cg_maxiter, options.hvp_chunk_size, options.exact_block_size, precision, mesh,
-                       options.nan_reset, options.order)
-    result = _solve(static, *parallel.replicate((variables, padded, n, v, rng), mesh), options.damping,
-                    parallel.replicate(scale, mesh), options.cg_tol, l2)
-    result = result if mesh is None else parallel.local(result)
+    if isinstance(data, LoaderRows):
+        if options.solver != "lissa" or options.order != "loader":
+            raise ValueError(f"a labelled set read by blocks (LoaderRows) needs {flags}solver lissa with "
+                             f"{flags}order loader, got {options.solver} with order {options.order}")
+        if data.num_rows < 1 or block_steps < 1:
+            raise ValueError(f"the streamed solve needs at least one labelled example and one step per block, got "
+                             f"{data.num_rows} and {block_steps}")
+        n = data.num_rows
+        static = _BlockSettings(example_loss, subset, options.depth, options.repeats, options.hvp_chunk_size,
+                                precision, mesh, options.nan_reset)
+        result = _streamed_lissa(static, variables, data, v, options.damping, scale, l2, block_steps)
+        sample = min(n, 32)  # read (from the host) only to word a divergence error
+        padded = lambda: (data.read(np.arange(sample)), np.ones(sample, np.float32))  # noqa: E731
+    else:
+        n = parallel.num_examples(data)
+        padded = pad_rows(data, parallel.bucket(n, capacity))
+        static = _Settings(example_loss, subset, options.solver, options.depth, options.repeats, options.batch_size,
+                           options.cg_maxiter, options.hvp_chunk_size, options.exact_block_size, precision, mesh,
+                           options.nan_reset, options.order)
+        result = _solve(static, *parallel.replicate((variables, padded, n, v, rng), mesh), options.damping,
+                        parallel.replicate(scale, mesh), options.cg_tol, l2)
+        result = result if mesh is None else parallel.local(result)
     info = {}
     if options.solver == "lissa":
         loss, _ = _subset_loss(example_loss, subset, variables)  # for the divergence message only
         check_lissa(result, weighted_mean_loss(loss), selected, padded, rng=rng, damping=options.damping,
-                    scale=scale, batch_size=options.batch_size, num_examples=n, l2=l2,
-                    chunk_size=options.hvp_chunk_size)
+                    scale=scale, batch_size=options.batch_size, num_examples=None if callable(padded) else n,
+                    l2=l2, chunk_size=options.hvp_chunk_size)
         norms = np.asarray(result.norms, np.float64)
         info.update(lissa_final_norm=float(norms[:, -1].mean()), lissa_max_norm=float(norms.max()),
                     lissa_depth=int(options.depth), lissa_repeats=int(options.repeats))

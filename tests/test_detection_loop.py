@@ -12,19 +12,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from detection_folders import make_voc_pool
 from jaxal import checkpoint, cli, query, run, workdir as workdir_lock
-from jaxal.detection import evaluate, strategies
+from jaxal.detection import evaluate, strategies, training
 from jaxal.strategies.base import Selection
 from toy_detection_run import use_toy_detector
 
 TOY_FLAGS = ["--task", "detection", "--boxes.canvas", "64", "--detection.channels", "32",
              "--detection.iterations", "2", "--detection.warmup_iters", "1", "--batch_size", "2",
              "--eval_batch_size", "4", "--initial_size", "3", "--budget", "2", "--cycles", "3", "--progress", "false",
-             "--num_devices", "1"]  # one device, as the killed subprocess has (the mesh: test_detection_parallel)
+             "--num_devices", "1",  # one device, as the killed subprocess has (the mesh: test_detection_parallel)
+             "--detection.grad_clip", "1"]  # clipping active (the toy's gradient norm is about 7)
 TIMINGS = ("train_seconds", "train_cpu_seconds", "evaluate_seconds", "selection_seconds")
 
 
@@ -105,6 +107,52 @@ def test_images_without_boxes_are_never_in_the_pool_and_strategy_info_is_recorde
     assert [r["num_labeled"] for r in records] == [3, 5, 7, 9]
     assert all(not empty & set(c.tolist()) for c in seen)
     assert [r["strategy_info"] for r in records[:-1]] == [{"candidates": n} for n in (7, 5, 3)]
+
+
+def test_ll4al_trains_its_module_without_changing_the_detector_and_selects_the_highest_predicted_losses(
+        voc, tmp_path, monkeypatch):
+    """ll4al in the loop: each cycle's detector trains LL4AL's module beside it, and trains to the weights a run
+    without the module (random, the same seed: the same initial set, key and batches) trains to, with the
+    gradient clipping active (ISAL D.2: the module's loss is not back-propagated into the detector); the
+    selection is the highest predicted losses."""
+    root, _ = voc
+    ll4al, train, trained, seen = strategies.DETECTION_STRATEGIES["ll4al"], training.train, [], []
+
+    def spy_train(detector, variables, *a, **k):
+        out = train(detector, variables, *a, **k)
+        trained.append((jax.device_get(variables["params"]), jax.device_get(out[0])))
+        return out
+
+    def spy_select(ctx, k):
+        selection = ll4al(ctx, k)
+        seen.append((ctx.candidates.copy(), selection))
+        return selection
+
+    monkeypatch.setattr(training, "train", spy_train)
+    monkeypatch.setitem(strategies.DETECTION_STRATEGIES, "ll4al", spy_select)
+    # TOY_FLAGS clip the gradient (the module's must not enter the detector's norm); lambda 1000 makes any leak
+    # of the ranking loss into the detector's update (through the levels or the clipping) show
+    assert run.main(args(root, tmp_path / "off", "--strategy", "random", "--cycles", "1")) == 0
+    lambda_1000 = ["--lossnet.weight", "1000"]
+    assert run.main(args(root, tmp_path / "on", "--strategy", "ll4al", "--cycles", "2", *lambda_1000)) == 0
+    ((initial, off), (initial_on, on), _), records = trained, read_records(tmp_path / "on")
+    assert "lossnet" not in off and sorted(on) == ["batch_stats", "lossnet", "params"]
+    flat = lambda tree: {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}  # noqa: E731
+    start, start_on, without, with_module = flat(initial), flat(initial_on), flat(off["params"]), flat(on["params"])
+    assert with_module.keys() == without.keys() == start.keys()
+    for k in without:  # the same start, and the same update (the update's, not the weights', precision)
+        np.testing.assert_array_equal(start_on[k], start[k])
+        np.testing.assert_allclose(with_module[k] - start[k], without[k] - start[k], rtol=1e-5, atol=1e-9, err_msg=k)
+    assert sum(np.any(without[k] != start[k]) for k in start) > len(start) // 2  # the detector trained
+    (record_off,) = read_records(tmp_path / "off")
+    for field in ("first_loss", "final_loss", "test_ap"):
+        assert records[0][field] == pytest.approx(record_off[field], rel=1e-6, abs=1e-7)
+    assert [r["num_labeled"] for r in records] == [3, 5] and len(seen) == 1
+    assert all(np.isfinite(r["final_ranking_loss"]) and r["final_ranking_loss"] >= 0 for r in records)
+    (candidates, selection), = seen
+    assert len(selection.scores) == len(candidates) and np.ptp(selection.scores) > 0
+    np.testing.assert_array_equal(selection.chosen, np.argsort(-selection.scores, kind="stable")[:2])
+    assert records[0]["selected"] == candidates[selection.chosen].tolist()
 
 
 def test_stop_at_metric_ends_the_trial_without_a_selection(voc, tmp_path, monkeypatch):
@@ -227,7 +275,8 @@ def test_isal2021_coco_runs_a_cycle_at_1333x800_on_a_coco_folder(tmp_path, capsy
 
 QUERY_FLAGS = ["--task", "detection", "--preset", "bccd_fcos", "--strategy", "random", "--boxes.canvas", "64",
                "--detection.channels", "32", "--detection.iterations", "2", "--detection.warmup_iters", "1",
-               "--batch_size", "2", "--eval_batch_size", "4", "--budget", "2"]
+               "--batch_size", "2", "--eval_batch_size", "4", "--budget", "2",
+               "--num_devices", "1"]  # one device (the mesh: test_detection_parallel)
 
 
 def write_pool(folder: Path, count: int = 10) -> dict:

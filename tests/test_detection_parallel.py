@@ -2,8 +2,10 @@
 loop): on a mesh of 4 of conftest's 8 CPU devices the toy FCOS trains to the parameters one device trains to
 (float32 to ~1e-6, the same batches and flips, each split over the devices) and detects what one device
 detects; a short batch is replicated; a batch size that does not split is refused; the loop and the strategies
-that run on the mesh (entropy, coreset, ent_gn) select what one device selects."""
+that run on the mesh (entropy, coreset, ent_gn, isal, grad_sim, localization_stability) select what one device
+selects."""
 
+import csv
 import dataclasses
 import json
 
@@ -117,22 +119,74 @@ def test_the_detection_loop_trains_and_evaluates_on_num_devices(voc, data, tmp_p
     assert "--num_devices: asked for 99 devices, 8 available" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["entropy", "coreset", "ent_gn"])
+def test_an_annotation_round_with_boxes_runs_on_num_devices(data, tmp_path, monkeypatch, capsys):
+    """`jaxal.query --task detection --num_devices 4`: the round trains, scores (entropy) and draws its sheet on
+    a mesh of 4 (this module's toy detector and programs: the pool has the module's classes and canvas), and
+    config.json records 4; 99 devices are refused, nothing written."""
+    from test_detection_loop import export_labels, write_pool
+
+    from jaxal import query
+
+    monkeypatch.setattr(active, "build_detector", lambda config, num_classes: toy(data))
+    calls = {"train": [], "detect": []}
+    for name in calls:
+        def spy(*args, _wrapped=getattr(training, name), _name=name, **kwargs):
+            calls[_name].append((kwargs.get("mesh"), args[4].batch_size if _name == "train" else None))
+            return _wrapped(*args, **kwargs)
+
+        monkeypatch.setattr(training, name, spy)
+    from jaxal.detection import strategies
+    selections = []
+
+    def recorded_select(*args, _select=strategies.select):
+        selections.append(_select(*args))
+        return selections[-1]
+
+    monkeypatch.setattr(strategies, "select", recorded_select)
+    truth = write_pool(tmp_path / "photos", 6)
+    labels = export_labels("coco", tmp_path / "labels.json", {n: truth[n] for n in ("photo_0.png", "photo_1.png")})
+    argv = ["--pool", str(tmp_path / "photos"), "--labels", str(labels), "--task", "detection", "--strategy",
+            "entropy", "--boxes.canvas", "32", "--detection.iterations", "2", "--detection.warmup_iters", "1",
+            "--eval_batch_size", "3", "--batch_size", "2", "--budget", "2"]
+    assert query.main([*argv, "--workdir", str(tmp_path / "bad"), "--num_devices", "99"]) == 2
+    assert "--num_devices: asked for 99 devices, 8 available" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not calls["train"]
+    assert query.main([*argv, "--workdir", str(tmp_path / "al"), "--num_devices", "4"]) == 0
+    assert "4 cpu devices, mesh (data=4)" in capsys.readouterr().out
+    (train_mesh, batch_size), = calls["train"]
+    assert train_mesh.shape == {"data": 4} and batch_size == 4
+    assert calls["detect"] and all(mesh.shape == {"data": 4} for mesh, _ in calls["detect"])
+    assert json.loads((tmp_path / "al" / "config.json").read_text())["num_devices"] == 4
+    assert len(json.loads((tmp_path / "al" / "rounds.json").read_text())["rounds"][0]["proposal"]) == 2
+    # the proposal lists the chosen images' own scores (the strategy scores every candidate), best first
+    (selection,) = selections
+    rows = list(csv.DictReader((tmp_path / "al" / "round_000" / "to_label.csv").open()))
+    np.testing.assert_allclose([float(r["score"]) for r in rows], np.asarray(selection.scores)[selection.chosen])
+    assert float(rows[0]["score"]) >= float(rows[1]["score"])
+
+
+@pytest.mark.parametrize("name", ["entropy", "coreset", "ent_gn", "isal", "grad_sim", "localization_stability"])
 def test_strategies_on_the_mesh_select_what_one_device_selects(name, data):
     """The strategies whose per-image passes go through `parallel.map_chunks` (`detect`, the towers' features,
-    the gradient norms), batches of 3 padded to 4 on the mesh: the same values and the same choice."""
+    the gradient norms, the reference gradient and the pool's influence, the noisy detections), batches of 3
+    padded to 4 on the mesh, and isal's s_test with its 2 LiSSA chains (padded to 4) split over the devices:
+    the same values and the same choice."""
     from jaxal import config as config_lib
     from jaxal.detection import strategies
     from jaxal.tasks import Detection
 
     detector = toy(data)
     variables = training.init_detector(detector, jax.random.PRNGKey(0), data.canvases[0])
-    config = config_lib.build_config("bccd_fcos", eval_batch_size=3, boxal=dict(top_k=20))
+    # every detection a pseudo-box (an untrained detector scores low), s_test 2 chains x 2 steps, 2 noise levels
+    config = config_lib.build_config("bccd_fcos", eval_batch_size=3, influence=dict(repeats=2),
+                                     boxal=dict(top_k=20, pseudo_score=0.0, s_test_images=2,
+                                                stability_noise=(0.1, 0.3)))
     task = Detection(data.num_classes, config=detector.config)
 
     def select(mesh):
         ctx = strategies.DetectionContext(detector, variables, data.train, np.arange(3, 10), np.arange(3), task,
-                                          config, np.random.default_rng(0), mesh=mesh)
+                                          config, np.random.default_rng(0), reference=(data.val, np.arange(2)),
+                                          mesh=mesh)
         return strategies.select(name, ctx, 3)
 
     one, four = select(None), select(parallel.make_mesh(4))
@@ -140,3 +194,6 @@ def test_strategies_on_the_mesh_select_what_one_device_selects(name, data):
     if one.scores is not None:
         assert np.isfinite(one.scores).any()
         np.testing.assert_allclose(four.scores, one.scores, rtol=1e-5, atol=1e-7)
+    if name == "isal":  # the solve ran: 2 steps per chain, and its s_test is the same
+        assert one.info["lissa_depth"] == 2 and one.info["num_scored"] == 7
+        assert four.info["s_test_norm"] == pytest.approx(one.info["s_test_norm"], rel=1e-5)

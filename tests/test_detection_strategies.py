@@ -188,6 +188,42 @@ def test_per_tensor_lissa_reaches_the_dense_solve(world, labeled_hessians):
     np.testing.assert_allclose(flat(result.solution), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
+def test_streamed_loader_lissa_equals_isals_recursion_and_the_solve_on_the_whole_set(world, labeled_hessians):
+    """The labelled images read from disk one block of steps at a time (`LoaderRows`; blocks of 1 step, so
+    chain 1's wrap-around to row 0 is in the second block, and depth 3 > the 2 steps that read the set once):
+    ISAL's recursion on the dense per-image Hessians, and the solve on the set held whole (its norms too)."""
+    _, detector, variables, data, task, _ = world
+    params = variables["params"]
+    v_tree = influence_lib.select(params, isal_lib.last_convs)
+    v_tree = jax.tree.map(lambda x: jnp.sin(1.0 + jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape), v_tree)
+    v = flat(v_tree)
+    scales = (100.0, 8000.0, 5000.0)
+    options = config_lib.SolverOptions(solver="lissa", params=isal_lib.last_convs, depth=3, repeats=2,
+                                       batch_size=1, order="loader", nan_reset=True)
+    solve = functools.partial(influence_lib.inverse_hvp, isal_lib.BoxLoss(detector, task), variables, v=v_tree,
+                              options=options, rng=jax.random.PRNGKey(0), scale=isal_lib.layer_scale(scales))
+    streamed = solve(isal_lib.labelled_rows(data.train, LABELED), block_steps=1)
+    rows = isal_lib.read_padded(data.train, LABELED)
+    whole = solve((rows["images"], {k: rows[k] for k in ("boxes", "classes", "difficult")}))
+
+    sizes = [int(np.prod(k.shape)) for k in kernels(params)]
+    d = np.concatenate([np.full(n, s) for n, s in zip(sizes, scales)])
+    chains = []
+    for r in range(2):
+        h = v.copy()
+        for t in range(2):  # min(depth 3, ceil(3 / 2)) steps; chain 1 reads rows 1, then (1 + 2) % 3 = 0
+            h = v + 0.99 * h - labeled_hessians[(r + t * 2) % 3] @ h / d
+        chains.append(h)
+    want = np.mean(chains, axis=0) / d
+    np.testing.assert_allclose(flat(streamed.solution), want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(flat(streamed.solution), flat(whole.solution), rtol=1e-12)
+    assert streamed.info.keys() == whole.info.keys()
+    for key, value in whole.info.items():
+        assert streamed.info[key] == pytest.approx(value, rel=1e-12), key
+    with pytest.raises(ValueError, match="--influence.order loader"):
+        solve(isal_lib.labelled_rows(data.train, LABELED), options=dataclasses.replace(options, order="random"))
+
+
 def test_loader_order_lissa_resets_a_nan_tensor_to_v():
     """Loader order with ISAL's NaN rule: a row whose product is NaN restarts the tensor from v (a loop)."""
     a = np.array([[2.0, 0.5], [0.5, 1.0]])

@@ -88,6 +88,9 @@ def test_sgd_step_is_torch_sgd_as_mmcv_drives_it():
     (["--detection.config", "yolo"], "unknown FCOS config"),
     (["--warm_start", "true"], "fresh detector"),
     (["--boxes.cache_bytes", "-1"], "cache_bytes must be >= 0"),
+    (["--strategy", "ll4al", "--lossnet.width", "0"], "--lossnet.width must be at least 1"),
+    (["--strategy", "ll4al", "--lossnet.weight", "nan"], "--lossnet.weight finite and > 0"),
+    (["--strategy", "ll4al", "--lossnet.detach_epoch", "5"], "do not apply to --task detection"),
 ])
 def test_bad_detection_flags_exit_2(flags, message, tmp_path, capsys):
     code = run.main(["--task", "detection", "--dataset", str(tmp_path), "--workdir", str(tmp_path / "run"), *flags])

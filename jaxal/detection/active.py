@@ -204,26 +204,39 @@ def describe(run: DetectionRun) -> str:
             + f"; {parallel.describe_mesh(run.mesh)}")
 
 
+def loss_prediction_for(config: Config, strategy: str) -> Optional[training.LossPrediction]:
+    """LL4AL's module (`--lossnet.*`) if `strategy` needs it trained with the detector (ll4al), else None."""
+    return strategies.ll4al.loss_prediction(config) if strategies.trains_loss_prediction(strategy) else None
+
+
 def train_fresh(detector: training.Detector, config: Config, split, labeled: np.ndarray, key, rng: np.random.Generator,
-                backbone_variables: Optional[dict], mesh=None) -> tuple[dict, list, training.Schedule]:
+                backbone_variables: Optional[dict], mesh=None,
+                loss_prediction: Optional[training.LossPrediction] = None) -> tuple[dict, list, training.Schedule]:
     """A FRESH detector (ISAL retrains from scratch each step) trained on `labeled` (indices into `split`) for
-    the config's schedule, data parallel on `mesh`: (variables, per-iteration losses, schedule)."""
+    the config's schedule, data parallel on `mesh`: (variables, per-iteration losses, schedule). With
+    `loss_prediction`, a fresh LL4AL module trains beside it (`variables["lossnet"]`); the detector's own
+    weights are drawn from `key` as without it."""
     plan = schedule(config, len(labeled), mesh)
     variables = fresh_variables(detector, config, key, split.canvases[0], backbone_variables)
+    if loss_prediction is not None:
+        variables["lossnet"] = training.init_loss_prediction(detector, loss_prediction, variables,
+                                                             jax.random.fold_in(key, 1), split.canvases[0])
     variables, history = training.train(detector, variables, split, labeled, plan, rng, flip=config.boxes.flip,
-                                        trainable=trainable_mask(variables["params"]), mesh=mesh)
+                                        trainable=trainable_mask(variables["params"]), mesh=mesh,
+                                        loss_prediction=loss_prediction)
     return variables, history, plan
 
 
 def train_and_evaluate(run: DetectionRun, trial: int, cycle: int, labeled: np.ndarray,
-                       rng: np.random.Generator) -> dict:
-    """A fresh detector trained on `labeled` (ISAL retrains from scratch each step), its test metrics; returns
-    the record's fields and the trained variables under "variables"."""
+                       rng: np.random.Generator, loss_prediction: Optional[training.LossPrediction] = None) -> dict:
+    """A fresh detector trained on `labeled` (ISAL retrains from scratch each step; with `loss_prediction`,
+    LL4AL's module beside it), its test metrics; returns the record's fields and the trained variables
+    under "variables"."""
     config, data = run.config, run.data
     start, cpu = time.perf_counter(), time.process_time()
     key = jax.random.PRNGKey(config.seed * 1000 + trial * 100 + cycle)
     variables, history, plan = train_fresh(run.detector, config, data.train, labeled, key, rng,
-                                           run.backbone_variables, run.mesh)
+                                           run.backbone_variables, run.mesh, loss_prediction)
     train_seconds, train_cpu = time.perf_counter() - start, time.process_time() - cpu
     start = time.perf_counter()
     test_indices = np.arange(len(data.test))
@@ -233,6 +246,7 @@ def train_and_evaluate(run: DetectionRun, trial: int, cycle: int, labeled: np.nd
     return {"num_labeled": int(len(labeled)), "num_boxes": int(data.train.num_boxes(labeled).sum()),
             "iterations": plan.iterations, "first_loss": float(history[0]["loss"]),
             "final_loss": float(history[-1]["loss"]),
+            **({"final_ranking_loss": float(history[-1]["ranking_loss"])} if loss_prediction is not None else {}),
             **{f"test_{k}": float(coco[k]) for k in evaluate.COCO_KEYS},
             "test_map50": float(voc["map50"]),
             "test_per_class_ap": [None if np.isnan(v) else float(v) for v in coco["per_class_ap"]],
@@ -245,7 +259,7 @@ def run_cycle(run: DetectionRun, strategy: str, trial: int, cycle: int, labeled:
     """Train, evaluate and (but in the last cycle, or once --stop_at_metric is reached) select. Returns the
     cycle's record and the next labelled set (pool indices, in the order they were labelled)."""
     config, pool = run.config, run.data.train
-    fields = train_and_evaluate(run, trial, cycle, labeled, rng)
+    fields = train_and_evaluate(run, trial, cycle, labeled, rng, loss_prediction_for(config, strategy))
     variables = fields.pop("variables")
     record = {"strategy": strategy, "trial": trial, "cycle": cycle, **fields, "selection_seconds": 0.0,
               "num_scored": 0, "num_selected": 0, "boxes_selected": 0, "selected": []}

@@ -110,11 +110,17 @@ def image_loss(outputs, label, config: FCOSConfig):
     return parts["cls"] + parts["box"] + parts["ctr"]
 
 
-def batch_parts(outputs, labels, config: FCOSConfig):
-    """A batch's losses (dict cls, box, ctr), each normalised by the counts of the whole batch."""
+def batch_parts(outputs, labels, config: FCOSConfig, image_losses: bool = False):
+    """A batch's losses (dict cls, box, ctr), each normalised by the counts of the whole batch. With
+    `image_losses`, also "image": (n,) each image's `image_loss` from the same per-image terms (LL4AL's
+    target on detection, `jaxal.detection.training.LossPrediction`)."""
     terms = jax.vmap(lambda o, l: image_terms(o, l, config))(outputs, labels)
     sums = jax.tree.map(jnp.sum, terms)
-    return normalised(sums, labels["classes"].shape[0], config)
+    parts = normalised(sums, labels["classes"].shape[0], config)
+    if image_losses:  # `normalised` is elementwise: on the (n,) terms it normalises each image by its own counts
+        own = normalised(terms, 1, config)
+        parts["image"] = own["cls"] + own["box"] + own["ctr"]
+    return parts
 
 
 def batch_loss(outputs, labels, config: FCOSConfig):

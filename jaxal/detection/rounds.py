@@ -9,7 +9,9 @@ the last round (or there is no round yet) trains a FRESH detector on the labelle
 with the strategy (`jaxal.detection.strategies`) and writes `round_NNN/to_label.csv` (path, score, rank:
 best first) and `round_NNN/contact_sheet.png`, the proposed images with the detector's boxes drawn (score
 >= DRAW_SCORE). Label them in the tool, export again, and run the same command for the next round. A run
-whose labels did not change shows the last round's proposal again, without training.
+whose labels did not change shows the last round's proposal again, without training. `--num_devices N`
+(default: every device) trains, scores and detects data parallel on a mesh of N devices, as `jaxal.run`'s
+detection loop; the resolved count is part of config.json.
 
 Bad input -- a label for an image that is not in the pool, a box outside its image (or of zero area), a
 class name outside the set (--classes, or the first round's) -- ends with a message naming it and exit
@@ -34,7 +36,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxal import folders, loop, results, workdir as workdir_lock
+from jaxal import folders, loop, parallel, results, workdir as workdir_lock
 from jaxal.config import Config
 from jaxal.data import boxes as boxes_lib
 from jaxal.detection import active, strategies, training
@@ -189,6 +191,7 @@ def detection_round(config: Config, pool: str, label_source: str, classes: Optio
     if not root.is_dir():
         raise ValueError(f"--task detection takes a folder of images as --pool; {root} is not one")
     active.check(config)
+    config, mesh = active.device_mesh(config)  # --num_devices resolved (and recorded) as the simulated loop does
     ids = folders.list_images(root)
     labels, declared = read_labels(source, ids)
     workdir = Path(config.workdir or "al")
@@ -215,7 +218,7 @@ def detection_round(config: Config, pool: str, label_source: str, classes: Optio
                 f"{workdir / last['folder'] / 'to_label.csv'}")
             return
         number = len(state["rounds"])
-        proposal, sheet = propose(config, root, ids, labels, sizes, names, number, log)
+        proposal, sheet = propose(config, root, ids, labels, sizes, names, number, log, mesh)
         folder = workdir / f"round_{number:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         table = io.StringIO()
@@ -236,9 +239,10 @@ def detection_round(config: Config, pool: str, label_source: str, classes: Optio
 
 
 def propose(config: Config, root: Path, ids: list[str], labels: Labels, sizes: dict, classes: tuple[str, ...],
-            number: int, log) -> tuple[list[tuple[str, Optional[float]]], bytes]:
+            number: int, log, mesh=None) -> tuple[list[tuple[str, Optional[float]]], bytes]:
     """Train a fresh detector on the labelled images, select `config.budget` of the others: ([(path, score)]
-    best first, the contact sheet's PNG)."""
+    best first, the contact sheet's PNG). Training, the strategy's passes and the sheet's detections run data
+    parallel on `mesh` (None: one device)."""
     with tempfile.TemporaryDirectory() as view:
         view = Path(view)
         (view / "annotations").mkdir()
@@ -257,15 +261,20 @@ def propose(config: Config, root: Path, ids: list[str], labels: Labels, sizes: d
         backbone = active.backbone_weights(config)
         key = jax.random.PRNGKey(config.seed * 1000 + number)
         log(f"round {number}: training a fresh detector on {len(labelled)} labelled images "
-            f"({int(split.num_boxes(labelled).sum())} boxes), {len(candidates)} to score")
-        variables, _, _ = active.train_fresh(detector, config, split, labelled, key, rng, backbone)
+            f"({int(split.num_boxes(labelled).sum())} boxes), {len(candidates)} to score; "
+            f"{parallel.describe_mesh(mesh)}")
+        variables, _, _ = active.train_fresh(detector, config, split, labelled, key, rng, backbone, mesh,
+                                             loss_prediction=active.loss_prediction_for(config, config.strategy))
         task = active.detection_task(config, data.num_classes)
         k = min(config.budget, len(candidates))
-        ctx = strategies.DetectionContext(detector, variables, split, candidates, labelled, task, config, rng)
+        ctx = strategies.DetectionContext(detector, variables, split, candidates, labelled, task, config, rng,
+                                          mesh=mesh)
         selection = strategies.select(config.strategy, ctx, k)
         chosen = candidates[selection.chosen]
-        scores = [None] * k if selection.scores is None else [float(s) for s in np.asarray(selection.scores)]
-        found = training.detect(detector, variables, split, chosen, config.eval_batch_size)
+        # a detection strategy scores every candidate; the proposal lists the chosen ones' scores
+        scores = ([None] * k if selection.scores is None
+                  else [float(s) for s in np.asarray(selection.scores)[selection.chosen]])
+        found = training.detect(detector, variables, split, chosen, config.eval_batch_size, mesh=mesh)
         sheet = results.contact_sheet(sheet_images(split, chosen, found, classes),
                                       [f"{r}: {Path(ids[i]).name}" for r, i in enumerate(chosen, start=1)],
                                       columns=5, cell=256)

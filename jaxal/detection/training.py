@@ -22,6 +22,21 @@ normalises by each GPU's own positives (`avg_factor=num_pos + num_imgs`, no `red
 which later versions added) and DDP averages the GPUs' gradients; we follow the whole-batch count, so the
 result does not depend on the device count. A bucket's last, smaller batch that does not split evenly runs
 replicated (every device computes it whole): the same numbers, no padding that would change its loss.
+
+LL4AL's loss-prediction module (`LossPrediction`, strategy `ll4al`; ISAL's appendix D.2: on the five FPN
+levels, trained with the detector, its loss not back-propagated into the detector, lambda 1) trains beside
+the detector when `train` is given one: jaxal's `LossNet` (Yoo & Kweon's module: per level global average
+pool -> FC(128) -> ReLU, concatenated -> FC(1)) reads the FPN levels through `stop_gradient`, and its target
+is each image's own detection loss (`losses.image_loss`, normalised by the image's own positives: LL4AL's
+target is the per-example loss, `reduction='none'`, and this is ISAL's per-image FCOS loss), ranked by
+jaxal's `train.loss_prediction_loss` (LL4AL's `LossPredLoss`: margin 1, the batch against its reverse).
+Neither the reference nor ISAL's released code (which holds no LL4AL for detection) says how the module is
+optimised beside mmdetection's runner; here it is an optimiser of its own, as LL4AL's code has
+(`Mephisto405/Learning-Loss-for-Active-Learning` main.py:239-244: two SGDs with the same lr, momentum and
+decay, two MultiStepLRs stepped together), that follows the detector's: the same learning rate at each
+iteration (warm-up and steps), momentum and weight decay, the bias multipliers mmdet's
+`paramwise_cfg` gives every `bias` of a model, and gradient clipping at the same norm but over the module's
+own gradient, so that the detector's step is exactly that of a run without the module.
 """
 
 from __future__ import annotations
@@ -41,7 +56,9 @@ from jaxal import parallel
 from jaxal.data import Normalization
 from jaxal.data import boxes as boxes_lib
 from jaxal.detection import decode, losses
+from jaxal.models import LossNet
 from jaxal.models.fcos import FCOSConfig
+from jaxal.train import loss_prediction_loss
 
 # torchvision's ImageNet statistics (jaxal.models.resnet's weights expect them); ISAL's caffe-style
 # weights used BGR means without std -- a documented deviation.
@@ -117,23 +134,40 @@ def init_detector(detector: Detector, rng, canvas) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossPrediction:
+    """LL4AL's loss-prediction module as the detector's training runs it (module docstring): the net, the
+    ranking loss's margin and its weight lambda in `detection loss + lambda * ranking loss`."""
+
+    net: LossNet = LossNet()
+    margin: float = 1.0   # LL4AL config.py MARGIN
+    weight: float = 1.0   # LL4AL config.py WEIGHT; ISAL appendix D.2: lambda = 1
+
+
+def init_loss_prediction(detector: Detector, module: LossPrediction, variables: dict, rng, canvas) -> dict:
+    """Fresh weights of the module for the detector's FPN levels on `canvas` (torch's Linear init aside:
+    Flax's defaults, as jaxal's classification LossNet); the levels' shapes without running the detector."""
+    images = jax.ShapeDtypeStruct((1, *tuple(canvas), 3), jnp.float32)
+    levels = jax.eval_shape(lambda v, x: detector.apply(v, x)["blocks"], variables, images)
+    return module.net.init(rng, [jnp.zeros(level.shape, jnp.float32) for level in levels])["params"]
+
+
+def predicted_losses(detector: Detector, module: LossPrediction, variables: dict, images) -> jax.Array:
+    """(n,) losses the module predicts from the detector's FPN levels (inference mode)."""
+    levels = detector.apply(variables, images)["blocks"]
+    return module.net.apply({"params": variables["lossnet"]}, list(levels))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Step:
     detector: Detector
     schedule: Schedule
     mesh: Optional[jax.sharding.Mesh] = None
+    loss_prediction: Optional[LossPrediction] = None
 
 
-def _train_step(static: _Step, state, batch, lr, multipliers):
-    detector, schedule = static.detector, static.schedule
-    params, momentum, batch_stats = state
+def _sgd(schedule: Schedule, params, momentum, grads, lr, multipliers):
+    """mmcv's OptimizerHook + torch SGD on one parameter set (module docstring): (params, momentum)."""
     lr_mult, decay_mult = multipliers
-
-    def loss_fn(p):
-        out = detector.apply({"params": p, "batch_stats": batch_stats}, batch["images"], train=False)
-        parts = losses.batch_parts(out["logits"], batch, detector.config)
-        return parts["cls"] + parts["box"] + parts["ctr"], parts
-
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = jax.tree.map(lambda g, m: g * (m > 0), grads, lr_mult)  # frozen: not in the optimiser
     if schedule.grad_clip is not None:  # torch clip_grad_norm_: scale by max_norm / (norm + 1e-6) if larger
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -141,7 +175,40 @@ def _train_step(static: _Step, state, batch, lr, multipliers):
     d = jax.tree.map(lambda g, p, m: g + schedule.weight_decay * m * p, grads, params, decay_mult)
     momentum = jax.tree.map(lambda b, di: schedule.momentum * b + di, momentum, d)
     params = jax.tree.map(lambda p, b, m: p - lr * m * b, params, momentum, lr_mult)
-    return parallel.constrain_replicated(((params, momentum, batch_stats), {"loss": loss, **parts}), static.mesh)
+    return params, momentum
+
+
+def _train_step(static: _Step, state, batch, lr, multipliers):
+    detector, schedule, module = static.detector, static.schedule, static.loss_prediction
+    params, momentum, batch_stats = state[:3]
+
+    def loss_fn(p, module_params=None):
+        out = detector.apply({"params": p, "batch_stats": batch_stats}, batch["images"], train=False)
+        parts = losses.batch_parts(out["logits"], batch, detector.config, image_losses=module is not None)
+        image = parts.pop("image", None)  # each image's own loss (`losses.image_loss`): the module's target
+        loss = parts["cls"] + parts["box"] + parts["ctr"]
+        if module is None:
+            return loss, parts
+        # LL4AL main.py:103-114 with the features always detached (ISAL D.2): the ranking loss reaches the
+        # module only; the per-image targets are detached in `loss_prediction_loss` (main.py:67)
+        levels = [jax.lax.stop_gradient(level) for level in out["blocks"]]
+        predicted = module.net.apply({"params": module_params}, levels)
+        ranking = loss_prediction_loss(predicted, image, module.margin)
+        return loss + module.weight * ranking, {**parts, "detection_loss": loss, "ranking_loss": ranking}
+
+    if module is None:
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        params, momentum = _sgd(schedule, params, momentum, grads, lr, multipliers)
+        return parallel.constrain_replicated(((params, momentum, batch_stats), {"loss": loss, **parts}), static.mesh)
+    module_params, module_momentum = state[3:]
+    (_, parts), (grads, module_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, module_params)
+    params, momentum = _sgd(schedule, params, momentum, grads, lr, multipliers)
+    # mmdet paramwise_cfg on the module's layers too: its biases 2x lr, no decay (constants of the tree's paths)
+    module_params, module_momentum = _sgd(schedule, module_params, module_momentum, module_grads, lr,
+                                          param_groups(module_params))
+    metrics = {"loss": parts.pop("detection_loss"), **parts}  # "loss": the detector's, as without the module
+    return parallel.constrain_replicated(((params, momentum, batch_stats, module_params, module_momentum), metrics),
+                                         static.mesh)
 
 
 _train_step_jit = jax.jit(_train_step, static_argnums=0, donate_argnums=1)
@@ -149,23 +216,33 @@ _train_step_jit = jax.jit(_train_step, static_argnums=0, donate_argnums=1)
 
 def train(detector: Detector, variables: dict, split, indices, schedule: Schedule, rng: np.random.Generator, *,
           trainable=None, flip: bool = True, log_every: int = 0, workers: Optional[int] = None,
-          mesh: Optional[jax.sharding.Mesh] = None) -> tuple[dict, list]:
+          mesh: Optional[jax.sharding.Mesh] = None,
+          loss_prediction: Optional[LossPrediction] = None) -> tuple[dict, list]:
     """`schedule.iterations` SGD steps on batches of `indices` (reshuffled each epoch, flipped at random),
     from `variables`. BatchNorm statistics stay frozen (mmdet `norm_eval=True`; GroupNorm has none).
     With a `mesh`: data parallel (module docstring); the batch size must be a multiple of its device count.
-    Returns the trained variables (replicated over the mesh) and the per-iteration losses."""
+    With `loss_prediction`: LL4AL's module trains beside the detector (module docstring) from
+    `variables["lossnet"]` (`init_loss_prediction`); the detector trains as without it.
+    Returns the trained variables (replicated over the mesh; with the module's under "lossnet") and the
+    per-iteration losses (with the module: its "ranking_loss" too)."""
     indices = np.asarray(indices)
     if len(indices) == 0:
         raise ValueError("no labelled images to train the detector on")
     check_batch_size(schedule.batch_size, mesh)
+    if loss_prediction is not None and "lossnet" not in variables:
+        raise ValueError("training the loss-prediction module needs its initial weights in variables['lossnet'] "
+                         "(training.init_loss_prediction)")
     params = variables["params"]
     # torch's first momentum step is buf = d; starting from buf = 0 with `momentum * 0 + d` is the same.
     # (a copy: the step donates its state, and the caller keeps `variables`)
     state = (jax.tree.map(jnp.copy, params), jax.tree.map(jnp.zeros_like, params), variables["batch_stats"])
+    if loss_prediction is not None:
+        module_params = variables["lossnet"]
+        state += (jax.tree.map(jnp.copy, module_params), jax.tree.map(jnp.zeros_like, module_params))
     state = parallel.replicate(state, mesh)
     multipliers = param_groups(params, trainable)
     history = []
-    static = _Step(detector, schedule, mesh)
+    static = _Step(detector, schedule, mesh, loss_prediction)
     for it, batch in enumerate(training_batches(split, indices, schedule, rng, flip=flip, workers=workers)):
         batch = place_batch({k: batch[k] for k in ("images", "boxes", "classes", "difficult")}, mesh)
         state, metrics = _train_step_jit(static, state, batch, jnp.float32(learning_rate(schedule, it)),
@@ -176,7 +253,8 @@ def train(detector: Detector, variables: dict, split, indices, schedule: Schedul
         if log_every and it % log_every == 0:
             print(f"  iteration {it}: loss {loss:.4f} lr {learning_rate(schedule, it):.2e}", flush=True)
         history.append(metrics)
-    return {"params": state[0], "batch_stats": state[2]}, history
+    trained = {"params": state[0], "batch_stats": state[2]}
+    return (trained if loss_prediction is None else {**trained, "lossnet": state[3]}), history
 
 
 def training_batches(split, indices, schedule: Schedule, rng: np.random.Generator, *, flip: bool = True,

@@ -35,8 +35,9 @@ whose `logits` is a pytree): maps are per-level (tuples over levels, finest firs
 logits, "reg" (n, h, w, 4) distances (left, top, right, bottom) IN PIXELS (both configs: mmdet's exp is
 in pixels; torchvision's relu output is multiplied by the stride here, where its box coder would),
 "ctr" (n, h, w) centerness logits; "features" is the mean over levels of the two towers' global average
-pools (n, 2 x channels) (ISAL's coreset features, its appendix D.2). `jaxal.detection` holds the targets,
-losses and decoding that read the maps.
+pools (n, 2 x channels) (ISAL's coreset features, its appendix D.2); "blocks" the FPN levels P3-P7 (n, h, w,
+channels) each, what LL4AL's loss-prediction module reads on detection (ISAL's appendix D.2).
+`jaxal.detection` holds the targets, losses and decoding that read the maps.
 
 The head's convolutions are applied once per level with shared weights: their gradient is the sum of
 the per-level gradients (what `jaxal.gradnorm` handles for a layer called several times).
@@ -208,7 +209,7 @@ class FCOS(nn.Module):
         outs = [head(p, i) for i, p in enumerate(levels)]
         cls, reg, ctr, pooled = zip(*outs)
         return {"logits": {"cls": tuple(cls), "reg": tuple(reg), "ctr": tuple(ctr)},
-                "features": jnp.mean(jnp.stack(pooled), 0)}
+                "features": jnp.mean(jnp.stack(pooled), 0), "blocks": tuple(levels)}
 
 
 def flatten_levels(outputs: dict):

@@ -140,7 +140,7 @@ def _greedy_k_center(pool_features, valid, labeled_features, num_labeled, k, mes
             distances, chosen = carry
             j = jnp.argmax(distances)
             new = jnp.sum((pool_features - parallel.select_row(pool_features, j)[None, :]) ** 2, axis=-1)
-            return jnp.where(rows == j, -1.0, jnp.minimum(distances, new)), chosen.at[i].set(j)
+            return jnp.where(rows == j, -1.0, jnp.minimum(distances, new)), chosen.at[i].set(j.astype(chosen.dtype))  # argmax is int64 under x64
 
         _, chosen = jax.lax.fori_loop(0, k, pick, (distances, jnp.zeros((k,), jnp.int32)))
         return parallel.constrain_replicated(chosen, mesh)

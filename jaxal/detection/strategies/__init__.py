@@ -11,7 +11,9 @@ Strategies (options in `--boxal.*`, `jaxal.config.BoxStrategyOptions`):
 - `entropy`, `least_confidence`, `margin` (`.uncertainty`): ISAL's uncertainty miners on post-NMS scores;
 - `ent_gn`, `exp_gn` (`.gradient`): the gradient norm of the top-k binary entropy;
 - `coreset` (`.coreset`): greedy k-center on the towers' pooled features (ISAL's appendix D.2);
-- `localization_stability` (`.stability`): Kao et al.'s stability of the boxes under image noise.
+- `localization_stability` (`.stability`): Kao et al.'s stability of the boxes under image noise;
+- `ll4al` (`.ll4al`): LL4AL's loss-prediction module on the FPN levels, trained with the detector
+  (detached); the loop trains the module for the strategies registered with `trains_loss_prediction`.
 An image a strategy cannot score (no pseudo-box, no detection) is ranked after every scored one, in
 random order, as ISAL's miners fill in their unscored images (`rank`); the count is in `info`.
 """
@@ -42,21 +44,30 @@ class DetectionContext:
     rng: np.random.Generator
     # ISAL's reference set R: (split, indices), by default the whole validation split; None if absent
     reference: Optional[tuple[Any, np.ndarray]] = None
-    # the run's device mesh: the per-image passes of `detect`, coreset's features and the gradient norms are
-    # split over its `data` axis (`jaxal.parallel.map_chunks`); None: one device
+    # the run's device mesh: every strategy's per-image passes are split over its `data` axis
+    # (`jaxal.parallel.map_chunks`), isal's s_test chains too; None: one device
     mesh: Optional[jax.sharding.Mesh] = None
 
 
-# name -> select(ctx, k) -> Selection, `chosen` being positions in ctx.candidates, best first
+# name -> select(ctx, k) -> Selection, `chosen` being positions in ctx.candidates, best first, and `scores`
+# (where the strategy has them) one per candidate, in ctx.candidates' order
 DETECTION_STRATEGIES: dict[str, Callable[[DetectionContext, int], Selection]] = {}
+# the strategies whose detector trains LL4AL's loss-prediction module beside it (ctx.variables["lossnet"])
+LOSS_PREDICTION: set[str] = set()
 
 
-def register(name: str):
+def register(name: str, *, trains_loss_prediction: bool = False):
     def decorate(select):
         DETECTION_STRATEGIES[name] = select
+        if trains_loss_prediction:
+            LOSS_PREDICTION.add(name)
         return select
 
     return decorate
+
+
+def trains_loss_prediction(name: str) -> bool:
+    return name in LOSS_PREDICTION
 
 
 def check_names(names) -> None:
@@ -90,11 +101,25 @@ def check_options(config: Config) -> None:
         raise ValueError(f"--boxal.top_k must be at least 1, got {o.top_k}")
     if not o.stability_noise or not all(np.isfinite(s) and s > 0 for s in o.stability_noise):
         raise ValueError(f"--boxal.stability_noise must be one or more finite numbers > 0, got {o.stability_noise}")
+    if LOSS_PREDICTION & set(config.strategies):
+        check_loss_prediction_options(config)
     if {"isal", "grad_sim"} & set(config.strategies):  # the solve's --influence.* settings (damping, repeats, ...)
         from jaxal import influence as influence_lib
         from jaxal.detection.strategies.influence import solver_options
 
         influence_lib.check_solver_options(solver_options(config), "--influence.")
+
+
+def check_loss_prediction_options(config: Config) -> None:
+    """ll4al's `--lossnet.*`: margin, weight and width apply; the classification-only ones are refused."""
+    o, default = config.lossnet, type(config.lossnet)()
+    if o.width < 1 or not (np.isfinite(o.margin) and o.margin >= 0) or not (np.isfinite(o.weight) and o.weight > 0):
+        raise ValueError(f"--lossnet.width must be at least 1, --lossnet.margin finite and >= 0 and --lossnet.weight "
+                         f"finite and > 0; got {o.width}, {o.margin} and {o.weight}")
+    if o.detach_epoch != default.detach_epoch or o.lr_decay != default.lr_decay:
+        raise ValueError("--lossnet.detach_epoch and --lossnet.lr_decay do not apply to --task detection: the "
+                         "module's features are always detached (ISAL's appendix D.2) and it follows the "
+                         "detector's schedule")
 
 
 def select(name: str, ctx: DetectionContext, k: int) -> Selection:
@@ -176,4 +201,4 @@ def rank(values, scored, k: int, rng: np.random.Generator, *, descending: bool) 
 
 
 # register the strategies of the submodules (they import the helpers above)
-from jaxal.detection.strategies import coreset, gradient, influence, stability, uncertainty  # noqa: E402,F401
+from jaxal.detection.strategies import coreset, gradient, influence, ll4al, stability, uncertainty  # noqa: E402,F401

@@ -28,8 +28,9 @@ image whose score is not finite is unscored (filled at random, counted). Pseudo-
 canvas (the code decodes in the original image and maps back: the same boxes up to the resize).
 Images of different canvases (portrait and landscape buckets) enter the s_test solve padded to the
 largest one. The labelled images the solve reads (at most `repeats x s_test_images`, the first ones in
-loader order) are held on the device for the solve: its memory does not grow with the labelled set
-beyond that, nor with the pool (read per batch).
+loader order) are read from disk block by block (`jaxal.influence.LoaderRows`, `labelled_rows`): the
+device holds one block of `repeats x DEFAULT_LOADER_BLOCK_STEPS` images and the chains, whatever the
+labelled set's size, and the pool is read per batch.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ import numpy as np
 from flax import traverse_util
 
 from jaxal import influence as influence_lib
+from jaxal import parallel
 from jaxal import precision as precision_lib
-from jaxal.config import Config, SolverOptions, max_labeled
+from jaxal.config import Config, SolverOptions
 from jaxal.data import boxes as boxes_lib
 from jaxal.detection import decode
 from jaxal.detection.strategies import LABEL_KEYS, DetectionContext, one_image, rank, register, stream
@@ -96,12 +98,13 @@ def _labels(batch):
 
 
 def reference_gradient(ctx: DetectionContext, loss: BoxLoss, variables, batch_size: int, precision: str):
-    """v = the SUM over the reference set of each image's gradient, read per batch."""
+    """v = the SUM over the reference set of each image's gradient, read per batch (each split over the mesh)."""
     split, indices = ctx.reference
     total = None
     for batch in boxes_lib.batches(split, indices, batch_size):
         part = influence_lib.reference_gradient(loss, variables, (batch["images"], _labels(batch)), subset=last_convs,
-                                                chunk_size=batch_size, reduce="sum", precision=precision)
+                                                chunk_size=batch_size, reduce="sum", mesh=ctx.mesh,
+                                                precision=precision)
         total = part if total is None else jax.tree.map(jnp.add, total, part)
     return total
 
@@ -116,11 +119,17 @@ def solve_images(ctx: DetectionContext, repeats: int, depth: int) -> np.ndarray:
     return labeled[:repeats * depth]
 
 
-def read_padded(split, indices) -> dict:
-    """Images (uint8, padded to the largest canvas among them) and labels of `indices`, in order."""
+def largest_canvas(split, indices) -> tuple[int, int]:
+    """(H, W) that holds the canvas of every image of `indices` (portrait and landscape buckets)."""
+    buckets = np.unique(split.buckets[np.asarray(indices)])
+    return max(split.canvases[b][0] for b in buckets), max(split.canvases[b][1] for b in buckets)
+
+
+def read_padded(split, indices, canvas=None) -> dict:
+    """Images (uint8, padded to `canvas`, by default the largest canvas among them) and labels of
+    `indices`, in order."""
     indices = np.asarray(indices)
-    height = max(split.canvases[b][0] for b in split.buckets[indices])
-    width = max(split.canvases[b][1] for b in split.buckets[indices])
+    height, width = largest_canvas(split, indices) if canvas is None else canvas
     images = np.zeros((len(indices), height, width, 3), np.uint8)
     for bucket in np.unique(split.buckets[indices]):
         rows = np.flatnonzero(split.buckets[indices] == bucket)
@@ -130,9 +139,23 @@ def read_padded(split, indices) -> dict:
     return {"images": images, **labels}
 
 
-def _pool_scores(static, variables, s, images):
+def labelled_rows(split, indices) -> influence_lib.LoaderRows:
+    """The solve's labelled images as `jaxal.influence.LoaderRows`: read from disk block by block, each
+    padded to the largest canvas among all of them (one shape, one compiled block program)."""
+    indices = np.asarray(indices)
+    canvas = largest_canvas(split, indices)
+
+    def read(rows):
+        batch = read_padded(split, indices[rows], canvas)
+        return batch["images"], {k: batch[k] for k in LABEL_KEYS}
+
+    return influence_lib.LoaderRows(len(indices), read)
+
+
+def _pool_scores(static, consts, images):
     """`s . g_z` of each image of a batch (one jvp) and its number of pseudo-boxes (same forward pass)."""
     detector, task, precision = static
+    variables, s = consts
 
     def loss(params, image):
         maps = one_image(detector.apply({**variables, "params": params}, image[None])["logits"])
@@ -142,9 +165,6 @@ def _pool_scores(static, variables, s, images):
     with precision_lib.scope(precision):
         restricted, selected = restrict(loss, variables["params"], last_convs)
         return influence_lib.jvp_scores(restricted, selected, s, images, has_aux=True)
-
-
-_pool_scores_jit = jax.jit(_pool_scores, static_argnums=0)
 
 
 def solver_options(config: Config) -> SolverOptions:
@@ -177,19 +197,19 @@ def influence_selection(ctx: DetectionContext, k: int, *, hessian: bool) -> Sele
     if hessian:
         options = solver_options(config)
         rows = solve_images(ctx, options.repeats, options.depth)
-        data = read_padded(ctx.pool, rows)
         scale_fn = layer_scale(config.boxal.isal_scales)
-        capacity = min(max_labeled(config), options.repeats * options.depth)
         key = jax.random.PRNGKey(int(ctx.rng.integers(2**31)))
         solution, solver_info = influence_lib.inverse_hvp(
-            loss, variables, (data["images"], {k_: data[k_] for k_ in LABEL_KEYS}), v, options=options, rng=key,
-            scale=scale_fn, capacity=capacity, precision=precision, flags="--influence.")
+            loss, variables, labelled_rows(ctx.pool, rows), v, options=options, rng=key, scale=scale_fn,
+            precision=precision, flags="--influence.", mesh=ctx.mesh)
         s = times_scales(solution, scale_fn)
         info.update(solver_info, s_test_images=int(len(rows)), s_test_norm=_finite(tree_norm(s)),
                     cosine_s_test_v=_finite(tree_dot(s, v) / (tree_norm(s) * tree_norm(v))))
     static = (ctx.detector, task, precision)
+    consts = parallel.replicate((variables, s), ctx.mesh)
     result = stream(ctx.pool, ctx.candidates, batch_size,
-                    lambda batch: _pool_scores_jit(static, variables, s, jnp.asarray(batch["images"])))
+                    lambda batch: parallel.map_chunks(_pool_scores, static, consts, batch["images"],
+                                                      chunk_size=batch_size, mesh=ctx.mesh))
     dots, boxes = result
     influence = -dots.astype(np.float64)
     scored = (boxes > 0) & np.isfinite(influence)

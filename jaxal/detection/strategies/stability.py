@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxal import parallel
 from jaxal.detection import training
 from jaxal.detection.strategies import DetectionContext, rank, register, stream
 from jaxal.strategies.base import Selection
@@ -58,31 +59,33 @@ def stability(reference: dict, levels: list[dict]) -> tuple[np.ndarray, np.ndarr
     return values, scored
 
 
-def _detect_noisy(detector, variables, images, sizes, indices, key, std):
+def _detect_noisy(detector, consts, chunk):
     """Detections of the images with imagecorruptions' Gaussian noise of `std` (uint8 again, as mmdet's);
-    each image's noise drawn from its own index, whatever batch it is in."""
+    each image's noise drawn from its own index, whatever batch (or device) it is in."""
+    variables, key, std = consts
+    images, sizes, indices = chunk
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), images.shape[1:]))(indices)
     x = images.astype(jnp.float32) / 255.0 + std * noise
     noisy = jnp.floor(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
     return training._detect_batch(detector, variables, noisy, sizes)
 
 
-_detect_noisy_jit = jax.jit(_detect_noisy, static_argnums=0)
-
-
 @register("localization_stability")
 def localization_stability(ctx: DetectionContext, k: int) -> Selection:
     """The least stable boxes under Gaussian image noise (Kao et al.), weighted by their confidence."""
     keys = ("boxes", "scores", "valid")
-    reference = training.detect(ctx.detector, ctx.variables, ctx.pool, ctx.candidates, ctx.config.eval_batch_size)
+    batch_size = ctx.config.eval_batch_size
+    reference = training.detect(ctx.detector, ctx.variables, ctx.pool, ctx.candidates, batch_size, mesh=ctx.mesh)
     seed = int(ctx.rng.integers(2**31))
+    variables = parallel.replicate(ctx.variables, ctx.mesh)
     levels = []
     for level, std in enumerate(ctx.config.boxal.stability_noise):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), level)
 
-        def detect(batch, key=key, std=std):
-            arrays = (jnp.asarray(batch[k_]) for k_ in ("images", "sizes", "indices"))
-            found = _detect_noisy_jit(ctx.detector, ctx.variables, *arrays, key, float(std))
+        def detect(batch, consts=(variables, key, float(std))):
+            found = parallel.map_chunks(_detect_noisy, ctx.detector, consts,
+                                        tuple(batch[k_] for k_ in ("images", "sizes", "indices")),
+                                        chunk_size=batch_size, mesh=ctx.mesh)
             return {k_: found[k_] for k_ in keys}
 
         levels.append(stream(ctx.pool, ctx.candidates, ctx.config.eval_batch_size, detect))
