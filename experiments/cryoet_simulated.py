@@ -35,25 +35,7 @@ STRATEGIES = "ent_gn,entropy,coreset,bald,random"
 
 
 def table(records: list[dict]) -> str:
-    by = defaultdict(lambda: defaultdict(list))
-    seconds = defaultdict(list)
-    for r in records:
-        by[r["strategy"]][r["num_labeled"]].append(r["test_accuracy"])
-        if r.get("num_scored"):
-            seconds[r["strategy"]].append(r["selection_seconds"])
-    sizes = sorted({n for per_size in by.values() for n in per_size})
-    order = [s for s in STRATEGIES.split(",") if s in by] + sorted(set(by) - set(STRATEGIES.split(",")))
-    lines = ["| strategy | " + " | ".join(f"{n} labelled" for n in sizes) + " | selection s/cycle |",
-             "|---" * (len(sizes) + 2) + "|"]
-    for s in order:
-        cells = []
-        for n in sizes:
-            values = np.array(by[s].get(n, []))
-            cells.append(f"{100 * values.mean():.1f} +- {100 * values.std():.1f}" if len(values) else "")
-        selection = f"{np.mean(seconds[s]):.1f}" if seconds[s] else "-"
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {selection} |")
-    trials = max(len(v) for per_size in by.values() for v in per_size.values())
-    return "\n".join(lines) + f"\n\nTest accuracy (%) over {trials} trial(s): mean +- standard deviation.\n"
+    return results.curve_table(records, "accuracy", tuple(STRATEGIES.split(",")))
 
 
 def plot(path: Path, records: list[dict]) -> None:
