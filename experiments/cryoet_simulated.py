@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 import time
 from collections import defaultdict
@@ -38,7 +39,7 @@ def table(records: list[dict]) -> str:
     return results.curve_table(records, "accuracy", tuple(STRATEGIES.split(",")))
 
 
-def plot(path: Path, records: list[dict]) -> None:
+def plot(path: Path, records: list[dict], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +57,7 @@ def plot(path: Path, records: list[dict]) -> None:
         ax.fill_between(sizes, 100 * (mean - std), 100 * (mean + std), alpha=0.15)
     ax.set_xlabel("labelled volumes")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("simulated subtomograms, SNR 0.1 (CPU size)")
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -82,26 +83,31 @@ def parse_overrides(items: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/cryoet_simulated", help="run folder(s), comma-separated")
+    parser.add_argument("--preset", default="wang2022_cryoet_simulated",
+                        help="wang2022_cryoet_simulated (AITom's model and training) or cryoet_simulated_cpu")
     parser.add_argument("--strategy", default=STRATEGIES)
     parser.add_argument("--override", nargs="*", default=[], help="config fields as key=value")
     parser.add_argument("--summary-only", action="store_true", help="summarise existing runs; train nothing")
     args = parser.parse_args(argv)
     workdirs = [Path(w) for w in args.workdir.split(",")]
     if not args.summary_only:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
-            config = build_config("wang2022_cryoet_simulated", strategy=args.strategy,
+            config = build_config(args.preset, strategy=args.strategy,
                                   **parse_overrides(args.override))
             loop.run_experiment(config, workdir=workdirs[0])
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        (workdirs[0] / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
+        (workdirs[0] / "seconds.txt").write_text(f"{time.perf_counter() - start:.0f} {time.process_time() - cpu:.0f}\n")
     records = [r for w in workdirs for r in results.read_jsonl(w / "results.jsonl")]
-    walls = [float((w / "wall_seconds.txt").read_text()) for w in workdirs if (w / "wall_seconds.txt").exists()]
+    seconds = [(w.name, *(w / "seconds.txt").read_text().split()) for w in workdirs if (w / "seconds.txt").exists()]
+    first = json.loads((workdirs[0] / "config.json").read_text())
+    title = f"{first['dataset']}, {first['model']}"
+
     text = table(records)
     print(text)
-    plot(HERE / "cryoet_simulated.png", records)
+    plot(HERE / "cryoet_simulated.png", records, title)
     fields = ["strategy", "trial", "cycle", "num_labeled", "test_accuracy", "selection_seconds", "train_seconds"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\n")
@@ -110,10 +116,10 @@ def main(argv=None) -> int:
     (HERE / "cryoet_simulated.csv").write_text(buffer.getvalue())
     command = " ".join(["python experiments/cryoet_simulated.py", *(sys.argv[1:] if argv is None else argv)])
     (HERE / "cryoet_simulated.md").write_text(
-        "# Simulated subtomograms (SNR 0.1): accuracy vs labelled volumes, CPU size\n\n"
+        f"# Simulated subtomograms: accuracy vs labelled volumes, CPU size ({title})\n\n"
         f"`{command}`\n\n" + text
-        + (f"\nWall time: {', '.join(f'{w:.0f} s' for w in walls)} (one process per run folder, on a shared "
-           "2-core machine).\n" if walls else "")
+        + (f"\nWall / CPU seconds per run folder (one process each, side by side on a shared 2-core machine): "
+           f"{', '.join(f'{name} {wall} / {cpu}' for name, wall, cpu in seconds)}.\n" if seconds else "")
         + "\n![learning curve](cryoet_simulated.png)\n")
     return 0
 
