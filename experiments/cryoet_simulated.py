@@ -1,6 +1,7 @@
-"""Simulated cryo-ET subtomograms (SNR 0.1): test accuracy vs labelled volumes of ent_gn, entropy, coreset,
-BALD and random, on a CPU: the `wang2022_cryoet_simulated` preset (24^3 volumes, DSRF3D-v2 at half width),
-with the sizes given on the command line where the shared machine cannot afford the preset's.
+"""Simulated cryo-ET subtomograms: test accuracy vs labelled volumes of ent_gn, entropy, coreset, BALD and
+random, on a CPU: the `wang2022_cryoet_simulated` preset (24^3 volumes, SNR 0.1, DSRF3D-v2 at half width,
+AITom's training) or `--preset cryoet_simulated_cpu` (its CPU variant: the model and training that leave
+chance in a CPU's steps), with --override for the sizes the machine affords.
 
 Runs (or resumes) `jaxal.loop` in each --workdir (one per process: strategies can be split over processes
 and their records merged here), then writes the table (mean +- std of the test accuracy over the trials,
@@ -9,9 +10,9 @@ per strategy and labelled-set size; mean selection seconds per cycle; wall time)
 `experiments/cryoet_simulated.csv`.
 
     python experiments/cryoet_simulated.py                       # the preset as it is: 3 trials, 100 -> 500
-    python experiments/cryoet_simulated.py --strategy ent_gn,entropy,bald --workdir runs/cryo_a \\
-        --override trials=1 initial_size=30 budget=30 cycles=3 epochs=10 ...   # what fitted (see the .md)
-    python experiments/cryoet_simulated.py --summary-only --workdir runs/cryo_a,runs/cryo_b
+    python experiments/cryoet_simulated.py --preset cryoet_simulated_cpu --strategy bald --workdir runs/cpu_d
+        # the CPU variant, one process per strategy side by side (the README's table)
+    python experiments/cryoet_simulated.py --summary-only --workdir runs/cpu_a,runs/cpu_b
 The full size (40^3, dsrf3d, SNR 0.1 and 0.5) is experiments/cryoet_gpu.sh.
 """
 
