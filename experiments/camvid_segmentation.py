@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 
 from jaxal import loop, results
 from jaxal.config import build_config
@@ -29,24 +27,7 @@ STRATEGIES = "ent_gn,entropy,random,coreset"
 
 
 def table(records: list[dict]) -> str:
-    by = defaultdict(lambda: defaultdict(list))
-    seconds = defaultdict(list)
-    for r in records:
-        by[r["strategy"]][r["num_labeled"]].append(r["test_miou"])
-        if r["num_scored"]:
-            seconds[r["strategy"]].append(r["selection_seconds"])
-    sizes = sorted({n for per_size in by.values() for n in per_size})
-    strategies = [s for s in STRATEGIES.split(",") if s in by] + sorted(set(by) - set(STRATEGIES.split(",")))
-    lines = ["| strategy | " + " | ".join(f"{n} labelled" for n in sizes) + " | selection s/cycle |",
-             "|---" * (len(sizes) + 2) + "|"]
-    for s in strategies:
-        cells = []
-        for n in sizes:
-            values = np.array(by[s].get(n, []))
-            cells.append(f"{100 * values.mean():.1f} +- {100 * values.std():.1f}" if len(values) else "")
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {np.mean(seconds[s]):.1f} |")
-    trials = max(len(v) for per_size in by.values() for v in per_size.values())
-    return "\n".join(lines) + f"\n\nTest mIoU (%) over {trials} trial(s): mean +- standard deviation.\n"
+    return results.curve_table(records, "miou", tuple(STRATEGIES.split(",")))
 
 
 def main(argv=None) -> int:

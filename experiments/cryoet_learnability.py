@@ -10,6 +10,7 @@ volume's rotation-invariant radial power spectrum (log of |F|^2 averaged over sh
 makes it only nearly invariant), trained on the same volumes.
 
     python experiments/cryoet_learnability.py --snr none,0.5,0.1 --train 500 --epochs 30 --every 5
+    python experiments/cryoet_learnability.py --preset cryoet_simulated_cpu --snr none --train 200 --epochs 8 --every 1
 """
 
 from __future__ import annotations
@@ -57,9 +58,11 @@ def curve(snr: str, args) -> list[tuple[int, float, float, float]]:
           f"{100 * spectrum_accuracy(data):.1f}%", flush=True)
     if args.epochs == 0:
         return []
-    config = build_config("wang2022_cryoet_simulated", model=args.model, lr=args.lr, batch_size=args.batch_size)
+    fields = ("model", "lr", "batch_size", "optimizer", "dropout")
+    chosen = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    config = build_config(args.preset, **chosen)
     task = tasks.create_task("classification", data.num_classes)
-    model = adapt(create_model(config.model, data.num_classes, args.dropout), data.normalization)
+    model = adapt(create_model(config.model, data.num_classes, config.dropout), data.normalization)
     options = train_options(config, data, task)
     state = create_train_state(model, None, jax.random.key(args.seed), data.image_shape, options)
     labeled = np.arange(len(data.y_train))
@@ -83,14 +86,17 @@ def main(argv=None) -> int:
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=30, help="0: the power-spectrum classifier only")
     parser.add_argument("--every", type=int, default=5)
-    parser.add_argument("--model", default="dsrf3d_half")
-    parser.add_argument("--dropout", type=float, default=None, help="the model's rate (AITom's 0.7) if not given")
-    parser.add_argument("--lr", type=float, default=0.005)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--preset", default="wang2022_cryoet_simulated",
+                        help="the model and training of this preset (or cryoet_simulated_cpu), changed by the "
+                             "options below")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dropout", type=float, default=None, help="the preset's, else the model's rate (AITom's 0.7)")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--optimizer", default=None, help="sgd or adam")
+    parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(f"{args.model}, {args.size}^3, {args.train} training volumes all labelled, {args.test} test, "
-          f"lr {args.lr}, batch {args.batch_size}, dropout {'as the model' if args.dropout is None else args.dropout}", flush=True)
+    print(f"{args.size}^3, {args.train} training volumes all labelled, {args.test} test; {args}", flush=True)
     wall, cpu = time.perf_counter(), time.process_time()
     for snr in args.snr.split(","):
         curve(snr, args)

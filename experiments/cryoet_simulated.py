@@ -1,6 +1,7 @@
-"""Simulated cryo-ET subtomograms (SNR 0.1): test accuracy vs labelled volumes of ent_gn, entropy, coreset,
-BALD and random, on a CPU: the `wang2022_cryoet_simulated` preset (24^3 volumes, DSRF3D-v2 at half width),
-with the sizes given on the command line where the shared machine cannot afford the preset's.
+"""Simulated cryo-ET subtomograms: test accuracy vs labelled volumes of ent_gn, entropy, coreset, BALD and
+random, on a CPU: the `wang2022_cryoet_simulated` preset (24^3 volumes, SNR 0.1, DSRF3D-v2 at half width,
+AITom's training) or `--preset cryoet_simulated_cpu` (its CPU variant: the model and training that leave
+chance in a CPU's steps), with --override for the sizes the machine affords.
 
 Runs (or resumes) `jaxal.loop` in each --workdir (one per process: strategies can be split over processes
 and their records merged here), then writes the table (mean +- std of the test accuracy over the trials,
@@ -9,9 +10,9 @@ per strategy and labelled-set size; mean selection seconds per cycle; wall time)
 `experiments/cryoet_simulated.csv`.
 
     python experiments/cryoet_simulated.py                       # the preset as it is: 3 trials, 100 -> 500
-    python experiments/cryoet_simulated.py --strategy ent_gn,entropy,bald --workdir runs/cryo_a \\
-        --override trials=1 initial_size=30 budget=30 cycles=3 epochs=10 ...   # what fitted (see the .md)
-    python experiments/cryoet_simulated.py --summary-only --workdir runs/cryo_a,runs/cryo_b
+    python experiments/cryoet_simulated.py --preset cryoet_simulated_cpu --strategy bald --workdir runs/cpu_d
+        # the CPU variant, one process per strategy side by side (the README's table)
+    python experiments/cryoet_simulated.py --summary-only --workdir runs/cpu_a,runs/cpu_b
 The full size (40^3, dsrf3d, SNR 0.1 and 0.5) is experiments/cryoet_gpu.sh.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 import time
 from collections import defaultdict
@@ -35,28 +37,10 @@ STRATEGIES = "ent_gn,entropy,coreset,bald,random"
 
 
 def table(records: list[dict]) -> str:
-    by = defaultdict(lambda: defaultdict(list))
-    seconds = defaultdict(list)
-    for r in records:
-        by[r["strategy"]][r["num_labeled"]].append(r["test_accuracy"])
-        if r.get("num_scored"):
-            seconds[r["strategy"]].append(r["selection_seconds"])
-    sizes = sorted({n for per_size in by.values() for n in per_size})
-    order = [s for s in STRATEGIES.split(",") if s in by] + sorted(set(by) - set(STRATEGIES.split(",")))
-    lines = ["| strategy | " + " | ".join(f"{n} labelled" for n in sizes) + " | selection s/cycle |",
-             "|---" * (len(sizes) + 2) + "|"]
-    for s in order:
-        cells = []
-        for n in sizes:
-            values = np.array(by[s].get(n, []))
-            cells.append(f"{100 * values.mean():.1f} +- {100 * values.std():.1f}" if len(values) else "")
-        selection = f"{np.mean(seconds[s]):.1f}" if seconds[s] else "-"
-        lines.append(f"| {s} | " + " | ".join(cells) + f" | {selection} |")
-    trials = max(len(v) for per_size in by.values() for v in per_size.values())
-    return "\n".join(lines) + f"\n\nTest accuracy (%) over {trials} trial(s): mean +- standard deviation.\n"
+    return results.curve_table(records, "accuracy", tuple(STRATEGIES.split(",")))
 
 
-def plot(path: Path, records: list[dict]) -> None:
+def plot(path: Path, records: list[dict], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +58,7 @@ def plot(path: Path, records: list[dict]) -> None:
         ax.fill_between(sizes, 100 * (mean - std), 100 * (mean + std), alpha=0.15)
     ax.set_xlabel("labelled volumes")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("simulated subtomograms, SNR 0.1 (CPU size)")
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -100,26 +84,31 @@ def parse_overrides(items: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/cryoet_simulated", help="run folder(s), comma-separated")
+    parser.add_argument("--preset", default="wang2022_cryoet_simulated",
+                        help="wang2022_cryoet_simulated (AITom's model and training) or cryoet_simulated_cpu")
     parser.add_argument("--strategy", default=STRATEGIES)
     parser.add_argument("--override", nargs="*", default=[], help="config fields as key=value")
     parser.add_argument("--summary-only", action="store_true", help="summarise existing runs; train nothing")
     args = parser.parse_args(argv)
     workdirs = [Path(w) for w in args.workdir.split(",")]
     if not args.summary_only:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
-            config = build_config("wang2022_cryoet_simulated", strategy=args.strategy,
+            config = build_config(args.preset, strategy=args.strategy,
                                   **parse_overrides(args.override))
             loop.run_experiment(config, workdir=workdirs[0])
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        (workdirs[0] / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
+        (workdirs[0] / "seconds.txt").write_text(f"{time.perf_counter() - start:.0f} {time.process_time() - cpu:.0f}\n")
     records = [r for w in workdirs for r in results.read_jsonl(w / "results.jsonl")]
-    walls = [float((w / "wall_seconds.txt").read_text()) for w in workdirs if (w / "wall_seconds.txt").exists()]
+    seconds = [(w.name, *(w / "seconds.txt").read_text().split()) for w in workdirs if (w / "seconds.txt").exists()]
+    first = json.loads((workdirs[0] / "config.json").read_text())
+    title = f"{first['dataset']}, {first['model']}"
+
     text = table(records)
     print(text)
-    plot(HERE / "cryoet_simulated.png", records)
+    plot(HERE / "cryoet_simulated.png", records, title)
     fields = ["strategy", "trial", "cycle", "num_labeled", "test_accuracy", "selection_seconds", "train_seconds"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\n")
@@ -128,10 +117,10 @@ def main(argv=None) -> int:
     (HERE / "cryoet_simulated.csv").write_text(buffer.getvalue())
     command = " ".join(["python experiments/cryoet_simulated.py", *(sys.argv[1:] if argv is None else argv)])
     (HERE / "cryoet_simulated.md").write_text(
-        "# Simulated subtomograms (SNR 0.1): accuracy vs labelled volumes, CPU size\n\n"
+        f"# Simulated subtomograms: accuracy vs labelled volumes, CPU size ({title})\n\n"
         f"`{command}`\n\n" + text
-        + (f"\nWall time: {', '.join(f'{w:.0f} s' for w in walls)} (one process per run folder, on a shared "
-           "2-core machine).\n" if walls else "")
+        + (f"\nWall / CPU seconds per run folder (one process each, side by side on a shared 2-core machine): "
+           f"{', '.join(f'{name} {wall} / {cpu}' for name, wall, cpu in seconds)}.\n" if seconds else "")
         + "\n![learning curve](cryoet_simulated.png)\n")
     return 0
 

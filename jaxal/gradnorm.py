@@ -475,3 +475,74 @@ def layer_engines(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, method: str 
             f = flat[tuple(key.split("/")) + ("kernel",)].shape[-1]
             engines[key] = LayerEngine(t, k, f, uses_gram(t, k, f, method))
     return engines
+
+
+# --------------------------------------------------------------------------- engine and chunk from XLA's memory
+
+
+class EngineChoice(NamedTuple):
+    """`choose_engine`'s answer: the engine and chunk size to score with, and what XLA said of each engine."""
+
+    method: str
+    chunk_size: int
+    fits: bool  # False: nothing fits the budget; the smallest candidate (chunk 1 of the smaller engine)
+    # {method: (temp bytes at chunk 1, extra temp bytes per example, largest chunk under the budget or 0)}
+    engines: dict[str, tuple[int, int, int]]
+
+    def describe(self) -> str:
+        parts = [f"{m} {base / 2**20:.1f} MiB + {per / 2**20:.2f} MiB/example (chunk {chunk or '-'})"
+                 for m, (base, per, chunk) in self.engines.items()]
+        verdict = "" if self.fits else ", none fits the budget"
+        return (f"gradient norms by {self.method}, chunks of {self.chunk_size} (XLA temp memory: {'; '.join(parts)}"
+                f"{verdict})")
+
+
+def compiled_temp_bytes(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, method: str, *, norm: str = "global",
+                        params_filter: ParamsFilter = "all") -> int:
+    """XLA's temporary buffers of the compiled program scoring ONE chunk shaped like `xs` with `method`
+    (`memory_analysis().temp_size_in_bytes`; compiled from shapes, nothing runs: arrays or
+    `jax.ShapeDtypeStruct`s). Remembered per loss, shapes and options: the program depends on nothing else."""
+    leaves, treedef = jax.tree.flatten(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, xs)))
+    return _temp_bytes(loss_fn, treedef, tuple(leaves), method, norm, params_filter)
+
+
+@functools.lru_cache(maxsize=64)
+def _temp_bytes(loss_fn, treedef, leaves, method, norm, params_filter) -> int:
+    def program(p, x):
+        return per_example_grad_norms(loss_fn, p, x, norm=norm, params_filter=params_filter, method=method)
+
+    analysis = jax.jit(program).lower(*jax.tree.unflatten(treedef, leaves)).compile().memory_analysis()
+    if analysis is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis to choose an engine from")
+    return int(analysis.temp_size_in_bytes)
+
+
+def choose_engine(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, budget_bytes: float, *,
+                  methods: tuple[str, ...] = ("vmap", "ghost"), max_chunk: int = 256, norm: str = "global",
+                  params_filter: ParamsFilter = "all") -> EngineChoice:
+    """The engine of `methods` and the chunk size to score examples like `xs` with under `budget_bytes` of
+    XLA temporaries. A chunk's temporaries are affine in its size (the per-example buffers scale with it,
+    the rest does not), so each engine is compiled at chunks of 1 and 2 (shapes of `xs`' examples), the
+    largest chunk up to `max_chunk` within the budget follows, and that chunk is compiled to confirm it
+    (halved until it fits). The choice: the larger chunk (fewer compiled calls over a pool); equal chunks,
+    the engine with the fewer bytes per example. Where no engine fits a chunk of 1: chunk 1 of the engine
+    with the fewer bytes, `fits=False`."""
+    def chunk_of(n):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), xs)
+
+    def temp(method, n):
+        return compiled_temp_bytes(loss_fn, params, chunk_of(n), method, norm=norm, params_filter=params_filter)
+
+    engines = {}
+    for method in methods:
+        one, two = temp(method, 1), temp(method, 2)
+        per_example = max(two - one, 1)
+        chunk = 0 if one > budget_bytes else int(min(max_chunk, 1 + (budget_bytes - one) // per_example))
+        while chunk > 2 and temp(method, chunk) > budget_bytes:  # confirm the extrapolation
+            chunk //= 2
+        engines[method] = (one, per_example, chunk)
+    best = max(methods, key=lambda m: (engines[m][2], -engines[m][1]))
+    if engines[best][2] == 0:
+        smallest = min(methods, key=lambda m: engines[m][0])
+        return EngineChoice(smallest, 1, False, engines)
+    return EngineChoice(best, engines[best][2], True, engines)

@@ -33,7 +33,8 @@ from jaxal.data import Dataset, load_dataset
 from jaxal.models import LossNet, accepted_modes, adapt, base_model, create_model, init_variables
 from jaxal.strategies import StrategyContext, get_strategy
 from jaxal.strategies.base import MODEL_NEEDS
-from jaxal.train import TrainOptions, create_train_state, evaluate, fresh_optimizer, model_variables, train_model
+from jaxal.train import (OPTIMIZERS, TrainOptions, create_train_state, evaluate, fresh_optimizer, model_variables,
+                         train_model)
 
 # Fields that may differ between a run and its resumption: they change no result.
 # Keys of config.json a resumed run need not match: output settings, and the dataset's class names
@@ -91,6 +92,8 @@ def validate_settings(config: Config, task=None) -> None:
             precision.check(getattr(config.precision, field), f"--precision.{field}", allowed)
         except ValueError as error:
             raise RunError(str(error)) from None
+    if config.optimizer not in OPTIMIZERS:
+        raise RunError(f"unknown --optimizer {config.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
     if config.dropout is not None and not 0.0 <= config.dropout < 1.0:
         raise RunError(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.lossnet.width < 1 or config.lossnet.margin < 0:
@@ -374,7 +377,7 @@ def add_selection(labeled: np.ndarray, candidates: np.ndarray, chosen: np.ndarra
 def train_options(config: Config, data: Dataset, task=None) -> TrainOptions:
     return TrainOptions(config.momentum, config.weight_decay, data.augmentation, data.crop_padding,
                         config.lossnet.margin, config.lossnet.weight, task, config.crop_size,
-                        precision.compute_dtype(config.precision.training))
+                        precision.compute_dtype(config.precision.training), config.optimizer)
 
 
 def metric_fields(prefix: str, metrics: dict) -> dict:
@@ -553,6 +556,21 @@ def describe(exp: Experiment) -> str:
             f"workdir {exp.workdir}")
 
 
+def describe_budget_engine(exp: Experiment) -> str:
+    """With --gradnorm.memory_budget_mib and a strategy that ranks by gradient norms: the engine and chunk size
+    chosen from XLA's memory analysis, with both engines' numbers (what the cycles will use); else ""."""
+    from jaxal.strategies.gradient import QUERY_LOSSES, budget_engine
+
+    config = exp.config
+    names = [{"lplgrad": "ent_gn"}.get(s, s) for s in config.strategies]
+    loss_name = next((s for s in names if s in QUERY_LOSSES), None)
+    if config.gradnorm.memory_budget_mib <= 0 or loss_name is None:
+        return ""
+    variables = init_variables(exp.model, jax.random.key(0), exp.dataset.image_shape)
+    choice = budget_engine(exp.model, exp.task, loss_name, config.gradnorm, variables, exp.dataset.x_train[:1])
+    return f"{choice.describe()}, budget {config.gradnorm.memory_budget_mib:g} MiB"
+
+
 def run_experiment(config: Config, *, workdir: Optional[str | Path] = None, overwrite: bool = False,
                    log: Callable[[str], None] = print, observer: Optional[Callable] = None,
                    model=None) -> list[dict]:
@@ -580,6 +598,9 @@ def _run_holding_the_lock(exp: Experiment, overwrite: bool, log: Callable[[str],
     open_workdir(exp, overwrite)
     if parallel.is_primary():
         log(describe(exp))
+        engine = describe_budget_engine(exp)
+        if engine:
+            log(engine)
     # Host arrays in their stored dtype: training sends one batch at a time, scoring one chunk at a time.
     images, labels = exp.dataset.x_train, exp.dataset.y_train
     finished: dict[tuple, list] = {}

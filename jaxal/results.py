@@ -135,6 +135,32 @@ def summary_table(records: list[dict], metric: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
+def curve_table(records: list[dict], metric: str, strategies: tuple[str, ...] = ()) -> str:
+    """A Markdown table of the test `metric` (a record's `test_<metric>`, in %) per strategy (rows:
+    `strategies` first, the rest sorted) and labelled-set size (columns): mean +- std over the trials,
+    with the mean selection seconds per cycle of the cycles that scored candidates."""
+    by: dict = defaultdict(lambda: defaultdict(list))
+    seconds: dict = defaultdict(list)
+    for r in records:
+        by[r["strategy"]][r["num_labeled"]].append(r[f"test_{metric}"])
+        if r.get("num_scored"):
+            seconds[r["strategy"]].append(r["selection_seconds"])
+    sizes = sorted({n for per_size in by.values() for n in per_size})
+    order = [s for s in strategies if s in by] + sorted(set(by) - set(strategies))
+    lines = ["| strategy | " + " | ".join(f"{n} labelled" for n in sizes) + " | selection s/cycle |",
+             "|---" * (len(sizes) + 2) + "|"]
+    for s in order:
+        cells = []
+        for n in sizes:
+            values = np.array(by[s].get(n, []))
+            cells.append(f"{100 * values.mean():.1f} +- {100 * values.std():.1f}" if len(values) else "")
+        selection = f"{np.mean(seconds[s]):.1f}" if seconds[s] else "-"
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {selection} |")
+    trials = max(len(v) for per_size in by.values() for v in per_size.values())
+    label = METRIC_LABELS.get(metric, f"test {metric}").replace("test ", "Test ", 1)
+    return "\n".join(lines) + f"\n\n{label} (%) over {trials} trial(s): mean +- standard deviation.\n"
+
+
 def contact_sheet(images: np.ndarray, captions: list[str], columns: int = 10, cell: int = 96) -> bytes:
     """A PNG of `images` (N, H, W, C) in a grid, `columns` wide, each scaled to about `cell` pixels (nearest
     neighbour, so small images stay sharp) with its caption under it. uint8 pixels are shown as they are;

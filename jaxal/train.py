@@ -74,6 +74,18 @@ class TrainOptions:
     # Mixed precision (`--precision.training bfloat16`, `jaxal.precision`): the dtype of the step's
     # activations and products; the parameters, optimizer state and BatchNorm statistics stay float32.
     compute_dtype: Any = flax.struct.field(pytree_node=False, default=None)
+    optimizer: str = flax.struct.field(pytree_node=False, default="sgd")  # OPTIMIZERS
+
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def optimizer(options: TrainOptions) -> optax.GradientTransformation:
+    """The update direction before the learning rate: `sgd`, or Adam (weight decay added to the gradient
+    first, as torch.optim.Adam)."""
+    if options.optimizer == "adam":
+        return optax.chain(optax.add_decayed_weights(options.weight_decay), optax.scale_by_adam())
+    return sgd(options.momentum, options.weight_decay)
 
 
 def sgd(momentum: float, weight_decay: float) -> optax.GradientTransformation:
@@ -95,7 +107,7 @@ def _create_train_state(model, lossnet, rng, input_shape, options) -> TrainState
     if lossnet is not None:
         blocks = model.apply(variables, jnp.zeros((1, *input_shape)), train=False).blocks
         params["lossnet"] = lossnet.init(lossnet_rng, blocks)["params"]
-    opt_state = sgd(options.momentum, options.weight_decay).init(params)
+    opt_state = optimizer(options).init(params)
     return TrainState(jnp.zeros((), jnp.int32), params, variables["batch_stats"], opt_state)
 
 
@@ -103,7 +115,7 @@ def fresh_optimizer(state: TrainState, options: TrainOptions) -> TrainState:
     """The same weights with a new optimizer (zero momentum, step 0): what the reference codes of Wang
     et al., LL4AL and LPLgrad do at every cycle of a warm-started run (a new `optim.SGD` and scheduler
     per cycle, the model kept)."""
-    opt_state = sgd(options.momentum, options.weight_decay).init(state.params)
+    opt_state = optimizer(options).init(state.params)
     return state.replace(step=jnp.zeros_like(state.step), opt_state=opt_state)
 
 
@@ -188,7 +200,7 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, rng: jax.Array, lr
         return loss, (updates["batch_stats"], metrics)
 
     grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = sgd(options.momentum, options.weight_decay).update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer(options).update(grads, state.opt_state, state.params)
     params = {part: jax.tree.map(lambda p, u: p - lr[part] * u, state.params[part], updates[part])
               for part in state.params}
     return parallel.constrain_replicated((TrainState(state.step + 1, params, batch_stats, opt_state), metrics), mesh)

@@ -298,3 +298,34 @@ def test_layer_rules_give_the_vmap_norms_for_every_layer_kind():
         for method in gradnorm.LAYERWISE_METHODS:
             got = per_example_grad_norms(loss_fn, params, xs, norm=norm, method=method, chunk_size=4)
             np.testing.assert_allclose(got, expected, rtol=RTOL)
+
+
+def test_engine_and_chunk_from_xla_memory_follow_the_budget():
+    """`choose_engine` reads XLA's temporaries of each engine's compiled chunk program: a roomy budget gives
+    the largest chunk and the engine with the fewer bytes per example; a budget between the two engines'
+    chunk-1 programs leaves only the smaller one, at a chunk whose compiled program fits; a budget under
+    both, chunk 1 with fits=False. The chosen engine's norms are the batch-size-one loop's."""
+    model = MLP(NUM_CLASSES, hidden=(32, 32))  # wide enough that the engines' programs differ at chunk 1
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), init_variables(model, jax.random.key(0), (16,)))["params"]
+    xs = jax.random.normal(jax.random.key(1), (N, 16), jnp.float64)
+    loss_fn = example_loss(inference_apply(model, {}), entropy_loss)
+    grad = jax.jit(jax.grad(lambda p, x: entropy_loss(model.apply({"params": p}, x[None]).logits[0])))
+    expected = _hand_norms([grad(params, x) for x in xs], "global")
+    roomy = gradnorm.choose_engine(loss_fn, params, xs, 2**30, max_chunk=2)
+    assert roomy.fits and roomy.chunk_size == 2 and [e[2] for e in roomy.engines.values()] == [2, 2]
+    per_example = {method: e[1] for method, e in roomy.engines.items()}
+    assert roomy.method == min(per_example, key=per_example.get)
+    (smaller, small_bytes), (larger, large_bytes) = sorted(((m, e[0]) for m, e in roomy.engines.items()),
+                                                           key=lambda item: item[1])
+    assert small_bytes < large_bytes, roomy.engines
+    budget = (small_bytes + large_bytes) / 2
+    tight = gradnorm.choose_engine(loss_fn, params, xs, budget, max_chunk=2)
+    assert tight.fits and tight.method == smaller and tight.engines[larger][2] == 0
+    assert gradnorm.compiled_temp_bytes(loss_fn, params, xs[:tight.chunk_size], tight.method) <= budget
+    if tight.chunk_size < 2:  # the budget cut the chunk: the next size up does not fit
+        assert gradnorm.compiled_temp_bytes(loss_fn, params, xs[:tight.chunk_size + 1], tight.method) > budget
+    nothing = gradnorm.choose_engine(loss_fn, params, xs, small_bytes / 2, max_chunk=2)
+    assert (nothing.method, nothing.chunk_size, nothing.fits) == (smaller, 1, False)
+    for method, chunk_size in {(roomy.method, roomy.chunk_size), (tight.method, tight.chunk_size)}:
+        got = per_example_grad_norms(loss_fn, params, xs, method=method, chunk_size=chunk_size)
+        np.testing.assert_allclose(got, expected, rtol=RTOL)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxal import loop
+from jaxal import results as loop_results
 from jaxal.config import build_config
 from jaxal.models import ModelOutput
 from jaxal.strategies import STRATEGIES, StrategyContext, get_strategy
@@ -179,6 +180,22 @@ def test_records_and_outputs_of_a_run(tmp_path):
     assert (tmp_path / "run" / "results.csv").read_text().count("\n") == 1 + len(records)
     assert (tmp_path / "run" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "cnn"
+
+
+def test_curve_table_of_hand_made_records():
+    def record(strategy, trial, labeled, miou, scored, seconds):
+        return dict(strategy=strategy, trial=trial, num_labeled=labeled, test_miou=miou, num_scored=scored,
+                    selection_seconds=seconds)
+
+    records = [record("random", 0, 10, 0.30, 0, 0.0), record("random", 1, 10, 0.50, 0, 0.0),
+               record("random", 0, 20, 0.60, 8, 1.0), record("random", 1, 20, 0.60, 8, 3.0),
+               record("ent_gn", 0, 10, 0.25, 8, 7.0)]
+    assert loop_results.curve_table(records, "miou", ("ent_gn",)) == (
+        "| strategy | 10 labelled | 20 labelled | selection s/cycle |\n"
+        "|---|---|---|---|\n"
+        "| ent_gn | 25.0 +- 0.0 |  | 7.0 |\n"
+        "| random | 40.0 +- 10.0 | 60.0 +- 0.0 | 2.0 |\n"
+        "\nTest mIoU (%) over 2 trial(s): mean +- standard deviation.\n")
 
 
 def test_same_seed_same_selections_other_seed_other_selections(tmp_path):

@@ -99,6 +99,29 @@ def test_a_fresh_optimizer_steps_like_a_new_torch_sgd_on_the_kept_weights(x64):
     assert int(state.step) == 2  # counted from the fresh optimizer
 
 
+def test_adam_steps_like_torch_adam_in_numpy(x64):
+    """--optimizer adam (the cryo-ET CPU preset's) against torch.optim.Adam's update written in NumPy: d = g +
+    wd * p; m, v = moving averages of d and d^2 (0.9, 0.999); p -= lr * m_hat / (sqrt(v_hat) + 1e-8)."""
+    model = MLP(num_classes=3, hidden=(6,), dropout_rate=0.0)
+    options = TrainOptions(weight_decay=WEIGHT_DECAY, augmentation="none", optimizer="adam")
+    state = to64(create_train_state(model, None, jax.random.key(1), (2, 2, 1), options))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 2, 2, 1)), rng.integers(0, 3, 8).astype(np.int32)
+    treedef = jax.tree.structure(state.params["model"])
+    params = leaves(state.params["model"])
+    m, v = [np.zeros_like(p) for p in params], [np.zeros_like(p) for p in params]
+    for t, lr in enumerate([1e-2, 1e-2, 3e-3], start=1):
+        loss = lambda p: jnp.mean(cross_entropy(model.apply({"params": p}, x).logits, y))  # noqa: E731
+        grads = leaves(jax.grad(loss)(jax.tree.unflatten(treedef, params)))
+        directions = [g + WEIGHT_DECAY * p for g, p in zip(grads, params)]
+        m = [0.9 * a + 0.1 * d for a, d in zip(m, directions)]
+        v = [0.999 * a + 0.001 * d * d for a, d in zip(v, directions)]
+        params = [p - lr * (a / (1 - 0.9**t)) / (np.sqrt(b / (1 - 0.999**t)) + 1e-8) for p, a, b in zip(params, m, v)]
+        state = step(state, x, y, {"model": lr, "lossnet": lr}, model=model, options=options)[0]
+        for got, want in zip(leaves(state.params["model"]), params):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("warm_start", [True, False])
 def test_the_loop_starts_every_warm_cycle_from_the_kept_weights_and_zero_momentum(tmp_path, monkeypatch,
                                                                                    warm_start):

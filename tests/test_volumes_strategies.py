@@ -57,6 +57,37 @@ def test_ent_gn_on_volumes_equals_a_per_example_grad_loop_in_float64(x64):
     np.testing.assert_allclose(np.asarray(got), reference["layer_sum"], rtol=1e-9)
 
 
+def test_cpu_variant_averages_the_last_stage_and_its_ghost_norms_equal_the_loop(x64):
+    """dsrf3d_half_cpu's layers at test size (BatchNorm after each convolution, the mean over the last stage's
+    voxels in place of the flatten): the first dense layer reads the NumPy mean of the pooled stage, and the
+    ghost engine (Conv3D and BatchNorm with moved running averages) gives the per-example loop's norms."""
+    model = SubtomogramCNN(3, **TINY_CNN, batch_norm=True, pooling="average")
+    xs = jnp.asarray(volumes(5)[0], jnp.float64)
+    variables = to64(init_variables(model, jax.random.key(0), SHAPE))
+    _, moved = model.apply(variables, 2.0 * xs + 1.0, train=True, mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.key(1)})
+    variables = {"params": variables["params"], "batch_stats": moved["batch_stats"]}
+    assert variables["params"]["fc1"]["kernel"].shape == (TINY_CNN["channels"][-1], TINY_CNN["hidden"][0])
+    output = model.apply(variables, xs, train=False)
+    stage = np.asarray(output.blocks[0])  # (N, D/2, H/2, W/2, C): the pooled stage
+    fc1 = variables["params"]["fc1"]
+    expected = np.maximum(stage.mean(axis=(1, 2, 3)) @ np.asarray(fc1["kernel"]) + np.asarray(fc1["bias"]), 0)
+    np.testing.assert_allclose(np.asarray(output.features), expected, rtol=1e-12, atol=1e-14)
+    task = tasks.Classification(3)
+
+    @jax.jit
+    def gradient_of_entropy(p, x):
+        return jax.grad(lambda q: task.entropy(model.apply({"params": q, "batch_stats": variables["batch_stats"]},
+                                                           x[None], train=False).logits[0]))(p)
+
+    grads = [jax.tree.leaves(gradient_of_entropy(variables["params"], x)) for x in xs]
+    reference = [np.sqrt(sum(np.sum(np.square(g)) for g in leaves)) for leaves in grads]
+    entropy = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]), task.entropy)
+    assert gradnorm.ghost_or_vmap(entropy, variables["params"], xs) == "ghost"
+    got = gradnorm.per_example_grad_norms(entropy, variables["params"], xs, method="ghost", chunk_size=2)
+    np.testing.assert_allclose(np.asarray(got), reference, rtol=1e-9)
+
+
 @pytest.mark.parametrize("size, flat", [((40, 40, 40), 16000), ((24, 24, 24), 3456), ((28, 20, 33), 3 * 2 * 4 * 128)])
 def test_aitom_models_flatten_follows_the_input_size(size, flat):
     assert flatten_size(size) == flat

@@ -49,6 +49,8 @@ def check_options(config: Config) -> None:
                          f"{', '.join(gradnorm.METHODS)}")
     if options.chunk_size < 1:
         raise ValueError("--gradnorm.chunk_size must be at least 1")
+    if not options.memory_budget_mib >= 0:
+        raise ValueError(f"--gradnorm.memory_budget_mib must be 0 (off) or positive, got {options.memory_budget_mib}")
 
 
 def _query_norms(static, variables, xs):
@@ -82,13 +84,38 @@ def engine_method(ctx: StrategyContext, loss: gradnorm.ExampleLoss, examples) ->
     return gradnorm.ghost_or_vmap(loss, ctx.variables["params"], examples, options.params, options.method)
 
 
+_ENGINE_CHOICES: dict = {}
+
+
+def budget_engine(model, task, loss_name: str, options, variables: dict, examples) -> gradnorm.EngineChoice:
+    """With `--gradnorm.memory_budget_mib`: the engine and chunk size that XLA's memory analysis allows
+    (`gradnorm.choose_engine` between vmap and the ghost engine of `--gradnorm.method`, or vmap alone where
+    the ghost engine does not know the model's layers), decided once per model, loss, options and example
+    shape (the compiled programs depend on nothing else), so the run header and every cycle agree."""
+    key = (model, task, loss_name, options, examples.shape[1:], str(examples.dtype))
+    if key not in _ENGINE_CHOICES:
+        loss = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]),
+                                     getattr(task, QUERY_LOSSES[loss_name]))
+        ghost = "auto" if options.method == "auto" else "ghost"
+        layerwise = gradnorm.ghost_or_vmap(loss, variables["params"], examples[:1], options.params, ghost)
+        methods = ("vmap",) if layerwise == "vmap" else ("vmap", layerwise)
+        _ENGINE_CHOICES[key] = gradnorm.choose_engine(
+            loss, variables["params"], examples[:1], options.memory_budget_mib * 2**20, methods=methods,
+            max_chunk=options.chunk_size, norm=options.norm, params_filter=options.params)
+    return _ENGINE_CHOICES[key]
+
+
 def query_gradient_norms(ctx: StrategyContext, loss_name: str) -> jax.Array:
     options = ctx.config.gradnorm
     loss = gradnorm.example_loss(inference_apply(ctx.model, ctx.variables["batch_stats"]),
                                  getattr(ctx.task, QUERY_LOSSES[loss_name]))
-    static = (ctx.model, ctx.task, loss_name, options.norm, options.params, engine_method(ctx, loss, ctx.pool_x))
-    return map_chunks(_query_norms, static, ctx.variables, ctx.pool_x, chunk_size=options.chunk_size,
-                      mesh=ctx.mesh)
+    if options.memory_budget_mib > 0:
+        choice = budget_engine(ctx.model, ctx.task, loss_name, options, ctx.variables, ctx.pool_x)
+        method, chunk_size = choice.method, choice.chunk_size
+    else:
+        method, chunk_size = engine_method(ctx, loss, ctx.pool_x), options.chunk_size
+    static = (ctx.model, ctx.task, loss_name, options.norm, options.params, method)
+    return map_chunks(_query_norms, static, ctx.variables, ctx.pool_x, chunk_size=chunk_size, mesh=ctx.mesh)
 
 
 @register_scorer("exp_gn", check=check_options, tasks=ALL_TASKS)

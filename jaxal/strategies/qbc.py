@@ -124,7 +124,8 @@ def _check(config: Config) -> None:
 def qbc_scores(ctx: StrategyContext):
     """Largest disagreement of a committee of task models, vote entropy by default (QBC; Kuo et al. 2018)."""
     config, options = ctx.config, ctx.config.qbc
-    train_options = ctx.train_options or TrainOptions(config.momentum, config.weight_decay, task=ctx.task)
+    train_options = ctx.train_options or TrainOptions(config.momentum, config.weight_decay, task=ctx.task,
+                                                             optimizer=config.optimizer)
     init_key, step_key, host_key = jax.random.split(ctx.rng, 3)
     states = create_committee(ctx.model, jax.random.split(init_key, options.members), ctx.pool_x.shape[1:],
                               train_options)
