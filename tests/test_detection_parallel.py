@@ -92,18 +92,24 @@ def test_a_batch_size_that_does_not_split_is_refused(data):
                        np.random.default_rng(0), workers=0, mesh=parallel.make_mesh(4))
 
 
-def test_the_detection_loop_trains_and_evaluates_on_num_devices(voc, data, tmp_path, monkeypatch, capsys):
-    """`--num_devices 4`: the loop trains and evaluates on a mesh of 4 (the batch of 2 rounded up to 4, as the
-    classification loop does), and records the resolved count in config.json; 99 devices are refused."""
-    # this module's toy detector: its compiled detection on the mesh is the first test's
+def toy_detector_with_spies(monkeypatch, data) -> dict:
+    """Runs build this module's toy detector (its compiled detection on the mesh is the first test's), and
+    each call of `training.train` / `training.detect` is recorded as (mesh, train batch size or None)."""
     monkeypatch.setattr(active, "build_detector", lambda config, num_classes: toy(data))
-    meshes = {"train": [], "detect": []}
-    for name in meshes:
+    calls = {"train": [], "detect": []}
+    for name in calls:
         def spy(*args, _wrapped=getattr(training, name), _name=name, **kwargs):
-            meshes[_name].append((kwargs.get("mesh"), args[4].batch_size if _name == "train" else None))
+            calls[_name].append((kwargs.get("mesh"), args[4].batch_size if _name == "train" else None))
             return _wrapped(*args, **kwargs)
 
         monkeypatch.setattr(training, name, spy)
+    return calls
+
+
+def test_the_detection_loop_trains_and_evaluates_on_num_devices(voc, data, tmp_path, monkeypatch, capsys):
+    """`--num_devices 4`: the loop trains and evaluates on a mesh of 4 (the batch of 2 rounded up to 4, as the
+    classification loop does), and records the resolved count in config.json; 99 devices are refused."""
+    meshes = toy_detector_with_spies(monkeypatch, data)
     flags = ["--dataset", str(voc), "--task", "detection", "--boxes.canvas", "32", "--detection.iterations", "2",
              "--detection.warmup_iters", "1", "--eval_batch_size", "3", "--initial_size", "4", "--budget", "2",
              "--cycles", "1", "--progress", "false", "--batch_size", "2"]
@@ -127,14 +133,7 @@ def test_an_annotation_round_with_boxes_runs_on_num_devices(data, tmp_path, monk
 
     from jaxal import query
 
-    monkeypatch.setattr(active, "build_detector", lambda config, num_classes: toy(data))
-    calls = {"train": [], "detect": []}
-    for name in calls:
-        def spy(*args, _wrapped=getattr(training, name), _name=name, **kwargs):
-            calls[_name].append((kwargs.get("mesh"), args[4].batch_size if _name == "train" else None))
-            return _wrapped(*args, **kwargs)
-
-        monkeypatch.setattr(training, name, spy)
+    calls = toy_detector_with_spies(monkeypatch, data)
     from jaxal.detection import strategies
     selections = []
 
