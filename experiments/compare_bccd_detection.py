@@ -12,8 +12,8 @@ Then writes experiments/<name>.md (the table: per strategy and cycle images, box
 CPU/wall s; the wall time and load), <name>.csv and the two curves <name>_boxes.png, <name>_images.png.
 
     python experiments/compare_bccd_detection.py --strategy isal,ent_gn,entropy,random \\
-        --override boxes.canvas=256 detection.iterations=150 detection.warmup_iters=30 cycles=3 \\
-        boxal.pseudo_score=0.1      # what ran (README, "BCCD: AP against boxes")
+        --override boxes.canvas=256 detection.iterations=none epochs=30 detection.warmup_iters=30 \\
+        cycles=3 boxal.pseudo_score=0.1      # what ran (README, "BCCD: AP against boxes")
 The full comparison (+ coreset, localization stability; 3 trials; the R50 config) is
 experiments/bccd_detection_gpu.sh.
 """
