@@ -2,8 +2,9 @@
 # BCCD detection, the full comparison, for one GPU (prepared, NOT run: no device was lent when it was
 # written). experiments/compare_bccd_detection.py with isal, ent_gn, entropy, coreset, localization_stability,
 # ll4al and random, 3 trials, at ISAL's R50 config (fcos_isal_r50: FCOS on ResNet-50, 256 channels, 4 convs a
-# tower) on BCCD's own 640x480 images; 20 initial + 20 per cycle, 3 cycles (20, 40, 60 images), 300
-# iterations a cycle (batch 8, warm-up 50), the backbone from scratch (no weights reach the machine), ISAL's
+# tower) on BCCD's own 640x480 images; 20 initial + 20 per cycle, 3 cycles (20, 40, 60 images), 60 epochs a
+# cycle (batch 8: 180, 300, 480 iterations; warm-up 50; a fixed count per cycle gave the larger labelled sets
+# fewer epochs, and the CPU run's AP then collapsed after cycle 0), the backbone from scratch (no weights reach the machine), ISAL's
 # pseudo-boxes at score 0.1 (its README's command). ll4al was added after the sizing below (its cycle 0 trains
 # once more, with the loss-prediction module).
 #
@@ -31,7 +32,7 @@ BUDGET_S=${BUDGET_S:-540}  # seconds for all the seeds (QUICK on a shared CPU ne
 PYTHON=${PYTHON:-python3}  # the GPU machine's python3 holds JAX (CUDA) and Flax
 STRATEGIES=${STRATEGIES:-isal,ent_gn,entropy,coreset,localization_stability,ll4al,random}
 SIZE=(model=fcos_isal_r50 detection.config=fcos_isal detection.channels=256 detection.stacked_convs=4
-      boxes.canvas=640 batch_size=8 detection.iterations=300 detection.warmup_iters=50)
+      boxes.canvas=640 batch_size=8 detection.iterations=none epochs=60 detection.warmup_iters=50)
 if [[ -n "${QUICK:-}" ]]; then  # the script's check: tiny detector, 2 cycles of a few iterations, two seeds
   SIZE=(boxes.canvas=128 detection.channels=32 detection.iterations=4 detection.warmup_iters=1 cycles=2 initial_size=8
         budget=4 boxal.s_test_images=4 influence.repeats=1)
