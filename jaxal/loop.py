@@ -559,11 +559,10 @@ def describe(exp: Experiment) -> str:
 def describe_budget_engine(exp: Experiment) -> str:
     """With --gradnorm.memory_budget_mib and a strategy that ranks by gradient norms: the engine and chunk size
     chosen from XLA's memory analysis, with both engines' numbers (what the cycles will use); else ""."""
-    from jaxal.strategies.gradient import QUERY_LOSSES, budget_engine
+    from jaxal.strategies.gradient import STRATEGY_QUERY_LOSS, budget_engine
 
     config = exp.config
-    names = [{"lplgrad": "ent_gn"}.get(s, s) for s in config.strategies]
-    loss_name = next((s for s in names if s in QUERY_LOSSES), None)
+    loss_name = next((STRATEGY_QUERY_LOSS[s] for s in config.strategies if s in STRATEGY_QUERY_LOSS), None)
     if config.gradnorm.memory_budget_mib <= 0 or loss_name is None:
         return ""
     variables = init_variables(exp.model, jax.random.key(0), exp.dataset.image_shape)

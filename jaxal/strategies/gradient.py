@@ -36,6 +36,8 @@ from jaxal.strategies.base import ALL_TASKS, Scores, StrategyContext, register_s
 # The task method whose gradient norm each strategy ranks by (`jaxal.tasks`: a loss of one example's
 # logits, reduced over its outputs).
 QUERY_LOSSES = {"exp_gn": "expected_loss", "ent_gn": "entropy"}
+# the query loss each gradient-norm strategy ranks by (lplgrad: ent_gn's, on its jointly trained model)
+STRATEGY_QUERY_LOSS = {"exp_gn": "exp_gn", "ent_gn": "ent_gn", "lplgrad": "ent_gn"}
 
 
 def check_options(config: Config) -> None:
@@ -121,19 +123,19 @@ def query_gradient_norms(ctx: StrategyContext, loss_name: str) -> jax.Array:
 @register_scorer("exp_gn", check=check_options, tasks=ALL_TASKS)
 def exp_gn_scores(ctx: StrategyContext):
     """Largest gradient norm of the expected loss (Wang et al.; equals ent_gn, see README)."""
-    return Scores(query_gradient_norms(ctx, "exp_gn"))
+    return Scores(query_gradient_norms(ctx, STRATEGY_QUERY_LOSS["exp_gn"]))
 
 
 @register_scorer("ent_gn", check=check_options, tasks=ALL_TASKS)
 def ent_gn_scores(ctx: StrategyContext):
     """Largest gradient norm of the prediction entropy (Wang et al.)."""
-    return Scores(query_gradient_norms(ctx, "ent_gn"))
+    return Scores(query_gradient_norms(ctx, STRATEGY_QUERY_LOSS["ent_gn"]))
 
 
 @register_scorer("lplgrad", needs_lossnet=True, check=check_options, tasks=ALL_TASKS)
 def lplgrad_scores(ctx: StrategyContext):
     """Entropy gradient norm of a model trained jointly with the LL4AL loss-prediction module."""
-    return Scores(query_gradient_norms(ctx, "ent_gn"))
+    return Scores(query_gradient_norms(ctx, STRATEGY_QUERY_LOSS["lplgrad"]))
 
 
 @register_scorer("egl", check=check_options, task_note=(
