@@ -38,8 +38,8 @@ from jaxal.strategies.gradient import _query_norms
 from timing import num_cores, time_runs
 
 
-def chunk_temp_mib(model, task, variables, xs, method: str) -> float:
-    static = (model, task, "ent_gn", "layer_sum", "all", method, None)
+def chunk_temp_mib(model, task, variables, xs, method: str, ghost_layers=None) -> float:
+    static = (model, task, "ent_gn", "layer_sum", "all", method, ghost_layers)
     compiled = jax.jit(_query_norms, static_argnums=0).lower(static, variables, xs).compile()
     analysis = compiled.memory_analysis()
     return float("nan") if analysis is None else analysis.temp_size_in_bytes / 2**20

@@ -387,18 +387,6 @@ _ghost_squares_jit = jax.jit(_ghost_squares, static_argnums=(0, 3, 4))
 MIXED_GHOST_RULE = "auto"  # the ghost layers' `uses_gram` rule: the smaller per-example intermediate
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerSubset:
-    """A params_filter: the parameters of `params_filter` that belong to one of `layers` (paths "a/b").
-    Hashable, so the compiled programs restricted to one layer are remembered (`compiled_temp_bytes`)."""
-
-    params_filter: ParamsFilter
-    layers: frozenset
-
-    def __call__(self, params: PyTree) -> PyTree:
-        return _mask_layers(_mask(params, self.params_filter), lambda layer: layer in self.layers)
-
-
 def _mask_layers(mask: PyTree, keep: Callable[[str], bool]) -> PyTree:
     """`mask` with False wherever the owning layer's path ("a/b") fails `keep` (same tree structure)."""
     return jax.tree_util.tree_map_with_path(
@@ -459,11 +447,11 @@ def _ghost_supported_layers(loss_fn: ExampleLoss, params: PyTree, one: PyTree, p
 
 
 class LayerCost(NamedTuple):
-    """XLA's extra temporary bytes per example of scoring one layer's selected parameters alone, by each
-    engine (`layer_costs`)."""
+    """XLA's temporary bytes per example of the mixed program with one layer by each engine, every other
+    layer by vmap (`layer_costs`)."""
 
-    vmap: int
-    ghost: Optional[int]  # None: the ghost path does not handle this layer
+    vmap: int  # this layer by vmap too: the all-vmap program, the same for every layer
+    ghost: Optional[int]  # this layer by ghost factors; None: the ghost path does not handle it
 
     @property
     def engine(self) -> str:
@@ -473,26 +461,28 @@ class LayerCost(NamedTuple):
 def layer_costs(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filter: ParamsFilter = "all",
                 norm: str = "global") -> dict[str, LayerCost]:
     """{layer path "a/b": LayerCost} for every layer owning a selected parameter, in the forward pass' order:
-    the program scoring that layer's parameters alone (a `LayerSubset`) by vmap and by the ghost engine
-    (`MIXED_GHOST_RULE`) compiled at chunks of 1 and 2 examples shaped like `xs`' and the difference of
-    XLA's temporaries read (4 compilations per layer the ghost path handles, 2 for the others; remembered
-    per loss, shapes and subset by `compiled_temp_bytes`). The mixed engine scores each layer by its
-    `LayerCost.engine`."""
+    the mixed program with no ghost layer (vmap) and with that layer alone by ghost, each compiled at
+    chunks of 1 and 2 examples shaped like `xs`', and the difference of XLA's temporaries read: what
+    scoring the layer by ghost factors saves or adds per example where everything else is scored by vmap
+    (2 + 2 per layer the ghost path handles compilations; remembered per loss, shapes and subset by
+    `compiled_temp_bytes`). A layer measured within the whole program, not alone: the peak of a program
+    is not the sum of its layers' (a program scoring only a convolution by vmap holds its backward pass,
+    and the patches a ghost layer records stay live through the whole backward pass of the others). The
+    mixed engine scores each layer by its `LayerCost.engine`."""
     one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), xs)
     supported = _ghost_supported_layers(loss_fn, params, one, params_filter)
     selected = _wanted_layers(params, params_filter)
     called = [layer for layer in _zero_perturbations(loss_fn, params, one, None) if layer in selected]
     order = called + sorted(selected - set(called))  # the forward pass's order, then the unsupported layers
 
-    def per_example(method, layer):
-        subset = LayerSubset(params_filter, frozenset({layer}))
+    def per_example(ghost_layers):
         temps = [compiled_temp_bytes(loss_fn, params, jax.tree.map(
-            lambda a, n=n: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), xs), method, norm=norm,
-            params_filter=subset) for n in (1, 2)]
+            lambda a, n=n: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), xs), "mixed", norm=norm,
+            params_filter=params_filter, ghost_layers=ghost_layers) for n in (1, 2)]
         return temps[1] - temps[0]
 
-    return {layer: LayerCost(per_example("vmap", layer),
-                             per_example(MIXED_GHOST_RULE, layer) if layer in supported else None)
+    by_vmap = per_example(frozenset())
+    return {layer: LayerCost(by_vmap, per_example(frozenset({layer})) if layer in supported else None)
             for layer in order}
 
 
@@ -697,7 +687,7 @@ def compiled_temp_bytes(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, method
     return _temp_bytes(loss_fn, treedef, tuple(leaves), method, norm, params_filter, ghost_layers)
 
 
-@functools.lru_cache(maxsize=512)  # the per-layer programs of `layer_costs` too: 4 per layer
+@functools.lru_cache(maxsize=512)  # the programs of `layer_costs` too: 2 per layer
 def _temp_bytes(loss_fn, treedef, leaves, method, norm, params_filter, ghost_layers) -> int:
     def program(p, x):
         return per_example_grad_norms(loss_fn, p, x, norm=norm, params_filter=params_filter, method=method,
