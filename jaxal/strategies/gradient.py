@@ -46,6 +46,10 @@ def check_options(config: Config) -> None:
         raise ValueError(f"unknown --gradnorm.norm {options.norm!r}; choose one of: {', '.join(gradnorm.NORMS)}")
     if options.params not in PARAM_SUBSETS:
         raise ValueError(f"unknown --gradnorm.params {options.params!r}; choose one of: {', '.join(PARAM_SUBSETS)}")
+    if options.method == "mixed":  # its layers come from compiling programs: what the budget's choice does
+        raise ValueError("--gradnorm.method mixed: the mixed engine (each layer by vmap or ghost) is chosen from XLA's "
+                         "memory analysis with --gradnorm.memory_budget_mib M (a large M takes the engine with the "
+                         f"fewest bytes per example); --gradnorm.method is one of: {', '.join(gradnorm.METHODS)}")
     if options.method not in gradnorm.METHODS:
         raise ValueError(f"unknown --gradnorm.method {options.method!r}; choose one of: "
                          f"{', '.join(gradnorm.METHODS)}")
