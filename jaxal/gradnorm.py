@@ -23,7 +23,11 @@ gradient is the sum over the calls, i.e. over the positions of all calls togethe
 for any loss and is the reference the tests compare against. The
 ghost pass honours the parameter subset: only the layers that own a selected parameter get an output
 perturbation and have their inputs recorded, so the backward pass stops at the earliest of them (a
-"last_layer" subset costs a forward pass and the head's backward).
+"last_layer" subset costs a forward pass and the head's backward). `method="mixed"` scores some layers
+(`ghost_layers`) by ghost factors and the others by `vmap(grad)`, in one vmapped pass: a convolution over
+many positions holds less as its (K, F) per-example gradient than as its patches, a wide dense layer less
+as its input and output gradient than as its (K, F) gradient. `layer_costs` measures each layer both ways
+with XLA's memory analysis, and `choose_engine` weighs vmap, ghost and mixed against a memory budget.
 
 Losses are functions of the logits of ONE example (shape (C,)). exp-gn as written equals ent-gn
 (point 2): with the posterior differentiated, `sum_i p_i CE(z, i) = -sum_i p_i log p_i`.
