@@ -4,7 +4,7 @@ The ghost engine forms each Conv3D layer's input patches (27 x the layer's input
 matrices over its output positions; vmap materialises a chunk of per-example gradients (chunk x |theta|,
 16-18M parameters for dsrf3d/hal3d at 40^3, most of them in the first dense layer); the mixed engine
 scores each layer by whichever of the two XLA finds smaller for that layer (`gradnorm.layer_costs`). This
-prints the per-layer choice (XLA's bytes per volume of each layer's program by each engine) and what the
+prints the per-layer choice (XLA's bytes per volume with each layer by each engine) and what the
 choice cost (programs compiled, seconds), the engine a run with `--gradnorm.memory_budget_mib` (`--budget_mib`)
 would take; then, for each engine and two chunk sizes, XLA's analysis of the compiled chunk program
 (temporary buffers; the pool is scored one chunk at a time by `jaxal.parallel.map_chunks`, so the memory is
@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     choice = budget_engine(model, task, "ent_gn", options, variables, data.x_train[:1])
     choice_cost = {"programs": gradnorm._temp_bytes.cache_info().misses - programs,
                    "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1)}
-    print(f"  per layer, XLA temp MiB per volume of the program scoring that layer alone (vmap / ghost):", flush=True)
+    print("  per layer, XLA temp MiB per volume of the program with that layer by vmap / by ghost (the others by vmap):",
+          flush=True)
     for layer, cost in choice.layers.items():
         ghost = "-" if cost.ghost is None else f"{cost.ghost / 2**20:8.2f}"
         print(f"    {layer:<8} {cost.vmap / 2**20:8.2f} / {ghost}  -> {cost.engine}", flush=True)
