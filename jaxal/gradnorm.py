@@ -468,7 +468,7 @@ def layer_costs(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filter:
     the mixed program with no ghost layer (vmap) and with that layer alone by ghost, each compiled at
     chunks of 1 and 2 examples shaped like `xs`', and the difference of XLA's temporaries read: what
     scoring the layer by ghost factors saves or adds per example where everything else is scored by vmap
-    (2 + 2 per layer the ghost path handles compilations; remembered per loss, shapes and subset by
+    (2 compilations, and 2 per layer the ghost path handles; remembered per loss, shapes and subset by
     `compiled_temp_bytes`). A layer measured within the whole program, not alone: the peak of a program
     is not the sum of its layers' (a program scoring only a convolution by vmap holds its backward pass,
     and the patches a ghost layer records stay live through the whole backward pass of the others). The
@@ -714,9 +714,9 @@ def choose_engine(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, budget_bytes
     the engine with the fewer bytes per example; still equal, the earlier of `methods`. Where no engine
     fits a chunk of 1: chunk 1 of the engine with the fewer bytes, `fits=False`.
 
-    "mixed" among `methods`: each layer by the engine XLA finds smaller for it (`layer_costs`: small
-    programs per layer, also reported in `EngineChoice.layers`), then the combined program like the others;
-    dropped where the ghost path handles none of the selected layers (it would be vmap)."""
+    "mixed" among `methods`: each layer by the engine XLA finds smaller for it (`layer_costs`, reported in
+    `EngineChoice.layers`), then the combined program like the others; dropped where the ghost path
+    handles none of the selected layers (it would be vmap)."""
     def chunk_of(n):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), xs)
 

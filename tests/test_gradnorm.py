@@ -411,6 +411,8 @@ def test_mixed_engine_refuses_layers_it_cannot_score():
                                ghost_layers={"conv"})
     with pytest.raises(ValueError, match="method='mixed'"):
         per_example_grad_norms(loss_fn, params, xs, method="vmap", ghost_layers={"head"})
+    with pytest.raises(ValueError, match="inside a jitted function needs ghost_layers"):  # choosing compiles
+        jax.jit(lambda p: per_example_grad_norms(loss_fn, p, xs, method="mixed"))(params)
 
 
 def test_layer_choice_and_budget_follow_xla_memory():
