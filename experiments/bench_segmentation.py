@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     for name, timing in times.items():
         print(f"  {name:<22} first {timing.first:7.2f} s   best {timing.best:7.2f} s", flush=True)
     # The two engines compute the same norms (checked on one chunk; the tests check them against jax.grad).
-    chunk = {m: np.asarray(_query_norms((model, task, "ent_gn", "layer_sum", "all", m, None), variables, pool[:args.chunk]))
+    chunk = {m: np.asarray(_query_norms((model, task, "ent_gn", "layer_sum", "all", m, None), variables,
+                                        pool[:args.chunk]))
              for m in ("vmap", "ghost")}
     agreement = float(np.max(np.abs(chunk["ghost"] - chunk["vmap"]) / np.abs(chunk["vmap"])))
     print(f"  largest relative difference of the two engines' norms on one chunk: {agreement:.1e}")

@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     choice = budget_engine(model, task, "ent_gn", options, variables, data.x_train[:1])
     choice_cost = {"programs": gradnorm._temp_bytes.cache_info().misses - programs,
                    "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(time.process_time() - cpu, 1)}
-    print("  per layer, XLA temp MiB per volume of the program with that layer by vmap / by ghost (the others by vmap):",
-          flush=True)
+    print("  per layer, XLA temp MiB per volume of the program with that layer by vmap / by ghost "
+          "(the others by vmap):", flush=True)
     for layer, cost in choice.layers.items():
         ghost = "-" if cost.ghost is None else f"{cost.ghost / 2**20:8.2f}"
         print(f"    {layer:<8} {cost.vmap / 2**20:8.2f} / {ghost}  -> {cost.engine}", flush=True)
