@@ -38,8 +38,8 @@ from jaxal.strategies.gradient import _query_norms
 from timing import num_cores, time_runs
 
 
-def chunk_temp_mib(model, task, variables, xs, method: str) -> float:
-    static = (model, task, "ent_gn", "layer_sum", "all", method)
+def chunk_temp_mib(model, task, variables, xs, method: str, ghost_layers=None) -> float:
+    static = (model, task, "ent_gn", "layer_sum", "all", method, ghost_layers)
     compiled = jax.jit(_query_norms, static_argnums=0).lower(static, variables, xs).compile()
     analysis = compiled.memory_analysis()
     return float("nan") if analysis is None else analysis.temp_size_in_bytes / 2**20
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     for name, timing in times.items():
         print(f"  {name:<22} first {timing.first:7.2f} s   best {timing.best:7.2f} s", flush=True)
     # The two engines compute the same norms (checked on one chunk; the tests check them against jax.grad).
-    chunk = {m: np.asarray(_query_norms((model, task, "ent_gn", "layer_sum", "all", m), variables, pool[:args.chunk]))
+    chunk = {m: np.asarray(_query_norms((model, task, "ent_gn", "layer_sum", "all", m, None), variables,
+                                        pool[:args.chunk]))
              for m in ("vmap", "ghost")}
     agreement = float(np.max(np.abs(chunk["ghost"] - chunk["vmap"]) / np.abs(chunk["vmap"])))
     print(f"  largest relative difference of the two engines' norms on one chunk: {agreement:.1e}")

@@ -29,9 +29,10 @@ class GradNormOptions:
     # "auto": the ghost engine with Bu et al.'s per-layer rule (Gram matrices where 2T^2 <= K*F, the
     # layer's per-example gradient elsewhere); "ghost" chooses per layer by multiply-adds.
     method: str = "ghost"
-    # > 0: the engine (vmap, or the ghost engine of `method`) and the chunk size (at most `chunk_size`) are
-    # chosen from XLA's memory analysis of the compiled chunk program so that its temporaries stay within
-    # this many MiB (`jaxal.gradnorm.choose_engine`; the run header reports both engines); 0: as set.
+    # > 0: the engine (vmap, the ghost engine of `method`, or "mixed": each layer by whichever of the two
+    # XLA finds smaller for it) and the chunk size (at most `chunk_size`) are chosen from XLA's memory
+    # analysis of the compiled chunk programs so that the temporaries stay within this many MiB
+    # (`jaxal.gradnorm.choose_engine`; the run header reports every engine and mixed's layers); 0: as set.
     memory_budget_mib: float = 0.0
 
 

@@ -23,7 +23,11 @@ gradient is the sum over the calls, i.e. over the positions of all calls togethe
 for any loss and is the reference the tests compare against. The
 ghost pass honours the parameter subset: only the layers that own a selected parameter get an output
 perturbation and have their inputs recorded, so the backward pass stops at the earliest of them (a
-"last_layer" subset costs a forward pass and the head's backward).
+"last_layer" subset costs a forward pass and the head's backward). `method="mixed"` scores some layers
+(`ghost_layers`) by ghost factors and the others by `vmap(grad)`, in one vmapped pass: a convolution over
+many positions holds less as its (K, F) per-example gradient than as its patches, a wide dense layer less
+as its input and output gradient than as its (K, F) gradient. `layer_costs` measures each layer both ways
+with XLA's memory analysis, and `choose_engine` weighs vmap, ghost and mixed against a memory budget.
 
 Losses are functions of the logits of ONE example (shape (C,)). exp-gn as written equals ent-gn
 (point 2): with the posterior differentiated, `sum_i p_i CE(z, i) = -sum_i p_i log p_i`.
@@ -49,6 +53,9 @@ from jaxal.pytree import PARAM_SUBSETS, combine, partition, subset_mask
 
 NORMS = ("global", "layer_sum")
 METHODS = ("vmap", "ghost", "auto")
+# and the per-layer mixture of the two: a library engine and a candidate of `choose_engine` (the budget);
+# not a `--gradnorm.method` of its own, as its layers come from compiling programs (`layer_costs`)
+ENGINES = METHODS + ("mixed",)
 LAYERWISE_METHODS = ("ghost", "auto")  # the methods that run the per-layer (ghost) engine
 
 PyTree = Any
@@ -95,8 +102,8 @@ def _check(norm: str, params_filter: ParamsFilter, method: str = "vmap") -> None
     if not callable(params_filter) and params_filter not in PARAM_SUBSETS:
         raise ValueError(f"unknown parameter subset {params_filter!r}; choose one of: {', '.join(PARAM_SUBSETS)}"
                          " or pass a callable params -> boolean mask")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method not in ENGINES:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(ENGINES)}")
 
 
 def _mask(params: PyTree, params_filter: ParamsFilter) -> PyTree:
@@ -312,10 +319,18 @@ def _ghost_squares(loss: ExampleLoss, params, xs, wanted: Optional[frozenset] = 
     forward pass and the head's backward, not a backward pass through the whole network. `method`: the
     per-layer rule of `uses_gram`."""
     layers: dict[str, _Layer] = {}
+    eps = _zero_perturbations(loss, params, xs, wanted)
+    grad_fn = jax.grad(lambda e: _layer_inputs(params, xs, loss, e, layers, wanted), has_aux=True)
+    deltas, inputs = grad_fn(eps)
+    return _factor_squares(layers, inputs, deltas, method)
+
+
+def _zero_perturbations(loss: ExampleLoss, params, xs, wanted: Optional[frozenset]) -> dict[str, list]:
+    """{layer path: [zeros shaped like the output of each call]} for the supported layers in `wanted`
+    (None: every one): the eps of `_layer_inputs`, shaped by a forward pass whose shapes alone are evaluated."""
     shapes = {}
 
     def output_shapes(p, x):
-        # Record the output shapes (for eps) with a forward pass that only has its shapes evaluated.
         def interceptor(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
             key = "/".join(context.module.path)
@@ -327,10 +342,14 @@ def _ghost_squares(loss: ExampleLoss, params, xs, wanted: Optional[frozenset] = 
             return loss.batch_losses(p, x)
 
     jax.eval_shape(output_shapes, params, xs)
-    eps = {k: [jnp.zeros(s.shape, s.dtype) for s in calls] for k, calls in shapes.items()}
-    grad_fn = jax.grad(lambda e: _layer_inputs(params, xs, loss, e, layers, wanted), has_aux=True)
-    deltas, inputs = grad_fn(eps)
+    return {k: [jnp.zeros(s.shape, s.dtype) for s in calls] for k, calls in shapes.items()}
 
+
+def _factor_squares(layers: dict[str, _Layer], inputs: dict, deltas: dict, method: str
+                    ) -> dict[tuple[str, ...], jax.Array]:
+    """{parameter path: (N,) squared per-example gradient norms} of the recorded layers, from each layer's
+    inputs (`_layer_inputs`) and output gradients (the gradient with respect to its eps); `method`: the
+    per-layer rule of `uses_gram`. Shared by the ghost and the mixed engines."""
     squares = {}
     for key, layer in layers.items():
         path = tuple(key.split("/"))
@@ -360,6 +379,136 @@ def _ghost_squares(loss: ExampleLoss, params, xs, wanted: Optional[frozenset] = 
 
 # One program per loss and set of wanted layers (the subset); both norms reduce the same squares.
 _ghost_squares_jit = jax.jit(_ghost_squares, static_argnums=(0, 3, 4))
+
+
+# --------------------------------------------------------------------------- the mixed path (engine per layer)
+# Each layer scored by the engine that holds less for it (`layer_costs`): vmap for the "vmap" layers (their
+# per-example gradient, small for a convolution: K*F), ghost factors for the others (a dense layer's input
+# and output gradient, K + F, instead of its K x F per-example gradient). One `vmap` over the chunk's
+# examples, each at batch 1 through `_layer_inputs`, differentiated with respect to the vmap layers'
+# selected parameters and the ghost layers' output perturbations together.
+
+MIXED_GHOST_RULE = "auto"  # the ghost layers' `uses_gram` rule: the smaller per-example intermediate
+
+
+def _mask_layers(mask: PyTree, keep: Callable[[str], bool]) -> PyTree:
+    """`mask` with False wherever the owning layer's path ("a/b") fails `keep` (same tree structure)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, m: bool(m) and keep("/".join(str(k.key) for k in keys[:-1])), mask)
+
+
+def _mixed_squares(loss: ExampleLoss, params, xs, params_filter: ParamsFilter, ghost_layers: frozenset
+                   ) -> dict[tuple[str, ...], jax.Array]:
+    """{parameter path: (N,) squared per-example gradient norms} of every selected parameter: those of the
+    `ghost_layers` from their inputs and output gradients (`_factor_squares`), the others from their
+    per-example gradients (`vmap(grad)`), in one vmapped backward pass per example."""
+    by_vmap = _mask_layers(_mask(params, params_filter), lambda layer: layer not in ghost_layers)
+    selected, rest = partition(params, by_vmap)
+    eps = _zero_perturbations(loss, params, jax.tree.map(lambda a: a[:1], xs), ghost_layers)
+    layers: dict[str, _Layer] = {}
+
+    def example_squares(example):
+        batch = jax.tree.map(lambda a: a[None], example)
+        (grads, deltas), inputs = jax.grad(
+            lambda sel, e: _layer_inputs(combine(sel, rest), batch, loss, e, layers, ghost_layers),
+            argnums=(0, 1), has_aux=True)(selected, eps)
+        squares = {path: jnp.sum(jnp.square(g)) for path, g in traverse_util.flatten_dict(grads).items()
+                   if g is not None}
+        squares.update({path: sq[0] for path, sq in _factor_squares(layers, inputs, deltas,
+                                                                    MIXED_GHOST_RULE).items()})
+        return squares
+
+    return jax.vmap(example_squares)(xs)
+
+
+_mixed_squares_jit = jax.jit(_mixed_squares, static_argnums=(0, 3, 4))
+
+
+def _mixed_chunk(static, params, chunk):
+    loss_fn, params_filter, ghost_layers = static
+    return _mixed_squares_jit(loss_fn, params, chunk, params_filter, ghost_layers)
+
+
+def _ghost_supported_layers(loss_fn: ExampleLoss, params: PyTree, one: PyTree, params_filter: ParamsFilter
+                            ) -> frozenset:
+    """The layers owning a selected parameter whose every selected parameter the ghost path covers, from
+    shapes-only traces on one example (layer by layer where the whole model's trace refuses, e.g. a shared
+    BatchNorm)."""
+    mask = traverse_util.flatten_dict(_mask(params, params_filter))
+    wanted = _wanted_layers(params, params_filter)
+
+    def covered_by(layers):
+        try:
+            return set(jax.eval_shape(lambda p, x: _ghost_squares(loss_fn, p, x, layers), params, one))
+        except ValueError:
+            return None
+
+    covered = covered_by(wanted)
+    if covered is None:
+        covered = set().union(*(covered_by(frozenset({layer})) or set() for layer in wanted))
+    return frozenset(layer for layer in wanted
+                     if all(path in covered for path, m in mask.items() if m and "/".join(path[:-1]) == layer))
+
+
+class LayerCost(NamedTuple):
+    """XLA's temporary bytes per example of the mixed program with one layer by each engine, every other
+    layer by vmap (`layer_costs`)."""
+
+    vmap: int  # this layer by vmap too: the all-vmap program, the same for every layer
+    ghost: Optional[int]  # this layer by ghost factors; None: the ghost path does not handle it
+
+    @property
+    def engine(self) -> str:
+        return "ghost" if self.ghost is not None and self.ghost < self.vmap else "vmap"
+
+
+def layer_costs(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filter: ParamsFilter = "all",
+                norm: str = "global") -> dict[str, LayerCost]:
+    """{layer path "a/b": LayerCost} for every layer owning a selected parameter, in the forward pass' order:
+    the mixed program with no ghost layer (vmap) and with that layer alone by ghost, each compiled at
+    chunks of 1 and 2 examples shaped like `xs`', and the difference of XLA's temporaries read: what
+    scoring the layer by ghost factors saves or adds per example where everything else is scored by vmap
+    (2 compilations, and 2 per layer the ghost path handles; remembered per loss, shapes and subset by
+    `compiled_temp_bytes`). A layer measured within the whole program, not alone: the peak of a program
+    is not the sum of its layers' (a program scoring only a convolution by vmap holds its backward pass,
+    and the patches a ghost layer records stay live through the whole backward pass of the others). The
+    mixed engine scores each layer by its `LayerCost.engine`."""
+    one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), xs)
+    supported = _ghost_supported_layers(loss_fn, params, one, params_filter)
+    selected = _wanted_layers(params, params_filter)
+    called = [layer for layer in _zero_perturbations(loss_fn, params, one, None) if layer in selected]
+    order = called + sorted(selected - set(called))  # the forward pass's order, then the unsupported layers
+
+    def per_example(ghost_layers):
+        temps = [compiled_temp_bytes(loss_fn, params, jax.tree.map(
+            lambda a, n=n: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), xs), "mixed", norm=norm,
+            params_filter=params_filter, ghost_layers=ghost_layers) for n in (1, 2)]
+        return temps[1] - temps[0]
+
+    by_vmap = per_example(frozenset())
+    return {layer: LayerCost(by_vmap, per_example(frozenset({layer})) if layer in supported else None)
+            for layer in order}
+
+
+def mixed_ghost_layers(costs: dict[str, LayerCost]) -> frozenset:
+    """The layers the mixed engine scores by ghost factors: those where XLA says ghost holds less."""
+    return frozenset(layer for layer, cost in costs.items() if cost.engine == "ghost")
+
+
+def describe_assignment(costs: dict[str, LayerCost]) -> str:
+    """"vmap for conv1_1..conv3_2, ghost for fc1, fc2": each engine's layers, runs of three or more
+    consecutive layers (in the order of `costs`) written first..last."""
+    runs: list[tuple[str, list[str]]] = []
+    for layer, cost in costs.items():
+        if runs and runs[-1][0] == cost.engine:
+            runs[-1][1].append(layer)
+        else:
+            runs.append((cost.engine, [layer]))
+    parts = {}
+    for engine, layers in runs:
+        text = f"{layers[0]}..{layers[-1]}" if len(layers) >= 3 else ", ".join(layers)
+        parts.setdefault(engine, []).append(text)
+    return ", ".join(f"{engine} for {', '.join(texts)}" for engine, texts in parts.items())
 
 
 def _wanted_layers(params: PyTree, params_filter: ParamsFilter) -> frozenset:
@@ -418,7 +567,7 @@ def ghost_or_vmap(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filte
 
 def per_example_grad_norms(loss_fn: Callable, params: PyTree, xs: PyTree, *, norm: str = "global",
                            params_filter: ParamsFilter = "all", chunk_size: int | None = None,
-                           method: str = "vmap") -> jax.Array:
+                           method: str = "vmap", ghost_layers: Optional[frozenset] = None) -> jax.Array:
     """(N,) norms of `grad_theta loss_fn(params, x)` for every example x of `xs` (a pytree of arrays with
     a leading example axis; `loss_fn` receives one example without it).
 
@@ -427,14 +576,25 @@ def per_example_grad_norms(loss_fn: Callable, params: PyTree, xs: PyTree, *, nor
     chunk_size: examples per compiled call, to bound memory (per-example gradients are chunk x |theta|).
     method: "vmap" (`vmap(grad)`, any loss), or "ghost" or "auto" (`loss_fn` from `example_loss`, models of
       Dense, Conv and BatchNorm layers in inference mode; no per-example gradient of the whole model is
-      materialised; the two differ in the per-layer rule, `uses_gram`).
+      materialised; the two differ in the per-layer rule, `uses_gram`), or "mixed": the layers in
+      `ghost_layers` (paths "a/b") by the ghost engine, every other selected parameter by vmap, in one pass
+      (`_mixed_squares`); `ghost_layers=None`: the layers where XLA's memory analysis finds ghost the
+      smaller (`layer_costs`, which compiles programs: pass `ghost_layers` when calling inside jit).
     The parameters are not modified. `loss_fn` is a static argument of the jitted function, so reuse the
     same object to reuse the compiled code.
     """
     _check(norm, params_filter, method)
-    if method in LAYERWISE_METHODS and not isinstance(loss_fn, ExampleLoss):
+    if method != "vmap" and not isinstance(loss_fn, ExampleLoss):
         raise ValueError(f"method={method!r} needs the loss built by example_loss(apply_fn, loss_of_logits)")
+    if ghost_layers is not None and method != "mixed":
+        raise ValueError(f"ghost_layers is an argument of method='mixed', not {method!r}")
     _check_nonempty(params, params_filter)
+    if method == "mixed":
+        ghost_layers = _checked_ghost_layers(loss_fn, params, xs, params_filter, norm, ghost_layers)
+        squares = parallel.map_chunks(_mixed_chunk, (loss_fn, params_filter, ghost_layers), params, xs,
+                                      chunk_size=chunk_size)
+        selection = [path for path, m in traverse_util.flatten_dict(_mask(params, params_filter)).items() if m]
+        return _reduce(jnp.stack([squares[path] for path in selection], axis=-1), norm)
     if method in LAYERWISE_METHODS:
         # Find unsupported layers before any work, from a shapes-only trace on one example.
         one = jax.tree.map(lambda a: a[:1], xs)
@@ -445,6 +605,27 @@ def per_example_grad_norms(loss_fn: Callable, params: PyTree, xs: PyTree, *, nor
         return _reduce(jnp.stack([squares[path] for path in selection], axis=-1), norm)
     squares = parallel.map_chunks(_vmap_chunk, (loss_fn, params_filter), params, xs, chunk_size=chunk_size)
     return _reduce(squares, norm)
+
+
+def _checked_ghost_layers(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, params_filter: ParamsFilter,
+                          norm: str, ghost_layers: Optional[frozenset]) -> frozenset:
+    """The mixed engine's ghost layers: as given (those owning a selected parameter; an unknown or
+    unsupported layer is refused), or from XLA's per-layer analysis where None."""
+    if ghost_layers is None:
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
+            raise ValueError("method='mixed' inside a jitted function needs ghost_layers (mixed_ghost_layers("
+                             "layer_costs(...)) computed outside it): choosing them compiles programs")
+        return mixed_ghost_layers(layer_costs(loss_fn, params, xs, params_filter, norm))
+    if isinstance(ghost_layers, str):
+        raise ValueError(f"ghost_layers must be a collection of layer paths, not the string {ghost_layers!r}")
+    one = jax.tree.map(lambda a: a[:1], xs)
+    wanted = _wanted_layers(params, params_filter)
+    unsupported = sorted(set(ghost_layers) - _ghost_supported_layers(loss_fn, params, one, params_filter))
+    if unsupported:
+        raise ValueError(f"ghost_layers {unsupported} are not layers owning a selected parameter that the ghost "
+                         f"path handles (flax Dense, plain Conv, BatchNorm, GroupNorm); the selected layers: "
+                         f"{sorted(wanted)}")
+    return frozenset(ghost_layers)
 
 
 class LayerEngine(NamedTuple):
@@ -488,28 +669,33 @@ class EngineChoice(NamedTuple):
     fits: bool  # False: nothing fits the budget; the smallest candidate (chunk 1 of the smaller engine)
     # {method: (temp bytes at chunk 1, extra temp bytes per example, largest chunk under the budget or 0)}
     engines: dict[str, tuple[int, int, int]]
+    # with a "mixed" candidate: its ghost layers (`ghost_layers` of the engine) and each layer's bytes
+    ghost_layers: frozenset = frozenset()
+    layers: Optional[dict[str, LayerCost]] = None
 
     def describe(self) -> str:
         parts = [f"{m} {base / 2**20:.1f} MiB + {per / 2**20:.2f} MiB/example (chunk {chunk or '-'})"
                  for m, (base, per, chunk) in self.engines.items()]
         verdict = "" if self.fits else ", none fits the budget"
+        layers = f"; mixed: {describe_assignment(self.layers)}" if self.layers else ""
         return (f"gradient norms by {self.method}, chunks of {self.chunk_size} (XLA temp memory: {'; '.join(parts)}"
-                f"{verdict})")
+                f"{verdict}{layers})")
 
 
 def compiled_temp_bytes(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, method: str, *, norm: str = "global",
-                        params_filter: ParamsFilter = "all") -> int:
+                        params_filter: ParamsFilter = "all", ghost_layers: Optional[frozenset] = None) -> int:
     """XLA's temporary buffers of the compiled program scoring ONE chunk shaped like `xs` with `method`
     (`memory_analysis().temp_size_in_bytes`; compiled from shapes, nothing runs: arrays or
     `jax.ShapeDtypeStruct`s). Remembered per loss, shapes and options: the program depends on nothing else."""
     leaves, treedef = jax.tree.flatten(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, xs)))
-    return _temp_bytes(loss_fn, treedef, tuple(leaves), method, norm, params_filter)
+    return _temp_bytes(loss_fn, treedef, tuple(leaves), method, norm, params_filter, ghost_layers)
 
 
-@functools.lru_cache(maxsize=64)
-def _temp_bytes(loss_fn, treedef, leaves, method, norm, params_filter) -> int:
+@functools.lru_cache(maxsize=512)  # the programs of `layer_costs` too: 2 per layer
+def _temp_bytes(loss_fn, treedef, leaves, method, norm, params_filter, ghost_layers) -> int:
     def program(p, x):
-        return per_example_grad_norms(loss_fn, p, x, norm=norm, params_filter=params_filter, method=method)
+        return per_example_grad_norms(loss_fn, p, x, norm=norm, params_filter=params_filter, method=method,
+                                      ghost_layers=ghost_layers)
 
     analysis = jax.jit(program).lower(*jax.tree.unflatten(treedef, leaves)).compile().memory_analysis()
     if analysis is None:
@@ -525,13 +711,25 @@ def choose_engine(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, budget_bytes
     the rest does not), so each engine is compiled at chunks of 1 and 2 (shapes of `xs`' examples), the
     largest chunk up to `max_chunk` within the budget follows, and that chunk is compiled to confirm it
     (halved until it fits). The choice: the larger chunk (fewer compiled calls over a pool); equal chunks,
-    the engine with the fewer bytes per example. Where no engine fits a chunk of 1: chunk 1 of the engine
-    with the fewer bytes, `fits=False`."""
+    the engine with the fewer bytes per example; still equal, the earlier of `methods`. Where no engine
+    fits a chunk of 1: chunk 1 of the engine with the fewer bytes, `fits=False`.
+
+    "mixed" among `methods`: each layer by the engine XLA finds smaller for it (`layer_costs`, reported in
+    `EngineChoice.layers`), then the combined program like the others; dropped where the ghost path
+    handles none of the selected layers (it would be vmap)."""
     def chunk_of(n):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), xs)
 
+    costs, ghost_layers = None, frozenset()
+    if "mixed" in methods:
+        costs = layer_costs(loss_fn, params, xs, params_filter, norm)
+        ghost_layers = mixed_ghost_layers(costs)
+        if all(cost.ghost is None for cost in costs.values()):
+            methods, costs = tuple(m for m in methods if m != "mixed"), None
+
     def temp(method, n):
-        return compiled_temp_bytes(loss_fn, params, chunk_of(n), method, norm=norm, params_filter=params_filter)
+        return compiled_temp_bytes(loss_fn, params, chunk_of(n), method, norm=norm, params_filter=params_filter,
+                                   ghost_layers=ghost_layers if method == "mixed" else None)
 
     engines = {}
     for method in methods:
@@ -542,7 +740,8 @@ def choose_engine(loss_fn: ExampleLoss, params: PyTree, xs: PyTree, budget_bytes
             chunk //= 2
         engines[method] = (one, per_example, chunk)
     best = max(methods, key=lambda m: (engines[m][2], -engines[m][1]))
+    mixed = dict(ghost_layers=ghost_layers if costs else frozenset(), layers=costs)
     if engines[best][2] == 0:
         smallest = min(methods, key=lambda m: engines[m][0])
-        return EngineChoice(smallest, 1, False, engines)
-    return EngineChoice(best, engines[best][2], True, engines)
+        return EngineChoice(smallest, 1, False, engines, **mixed)
+    return EngineChoice(best, engines[best][2], True, engines, **mixed)

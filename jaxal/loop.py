@@ -558,7 +558,8 @@ def describe(exp: Experiment) -> str:
 
 def describe_budget_engine(exp: Experiment) -> str:
     """With --gradnorm.memory_budget_mib and a strategy that ranks by gradient norms: the engine and chunk size
-    chosen from XLA's memory analysis, with both engines' numbers (what the cycles will use); else ""."""
+    chosen from XLA's memory analysis, with every engine's numbers and the mixed engine's layers (what the
+    cycles will use); else ""."""
     from jaxal.strategies.gradient import STRATEGY_QUERY_LOSS, budget_engine
 
     config = exp.config

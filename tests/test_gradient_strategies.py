@@ -88,7 +88,8 @@ def test_new_weights_in_a_new_cycle_compile_nothing(digits_pool):
 
 def test_unknown_options_are_refused(tmp_path):
     for options, message in [(dict(norm="l1"), "--gradnorm.norm"), (dict(params="biases"), "--gradnorm.params"),
-                             (dict(method="magic"), "--gradnorm.method")]:
+                             (dict(method="magic"), "--gradnorm.method"),
+                             (dict(method="mixed"), "--gradnorm.memory_budget_mib")]:
         config = build_config(strategy="exp_gn", gradnorm=options, progress=False)
         with pytest.raises(loop.RunError, match=message):
             loop.run_experiment(config, workdir=tmp_path / "run", log=lambda *_: None)

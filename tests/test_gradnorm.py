@@ -329,3 +329,111 @@ def test_engine_and_chunk_from_xla_memory_follow_the_budget():
     for method, chunk_size in {(roomy.method, roomy.chunk_size), (tight.method, tight.chunk_size)}:
         got = per_example_grad_norms(loss_fn, params, xs, method=method, chunk_size=chunk_size)
         np.testing.assert_allclose(got, expected, rtol=RTOL)
+
+
+# ---- the mixed engine: each layer by vmap or by ghost factors, chosen from XLA's memory analysis --------
+
+
+class _Volumes(nn.Module):
+    """A tiny 3-D CNN: a convolution over many voxels (small kernel gradient, large patches), BatchNorm,
+    and a wide dense head on the flattened volume (large kernel gradient, one position)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.Conv(4, (3, 3, 3), padding="SAME", name="conv")(x)
+        h = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(h)).reshape(x.shape[0], -1)
+        return ModelOutput(nn.Dense(NUM_CLASSES, name="head")(h), h, ())
+
+
+class _Images(nn.Module):
+    """A tiny 2-D CNN with GroupNorm and a strided convolution."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.relu(nn.GroupNorm(num_groups=2, name="gn")(nn.Conv(4, (3, 3), name="conv1")(x)))
+        h = nn.relu(nn.Conv(6, (3, 3), strides=2, name="conv2")(h))
+        h = nn.relu(nn.Dense(8, name="dense")(h.reshape(h.shape[0], -1)))
+        return ModelOutput(nn.Dense(NUM_CLASSES, name="head")(h), h, ())
+
+
+@functools.cache
+def _mixed_setup(name):
+    """(loss_fn, params, xs, per-example gradients by a jax.grad loop at batch size 1) in float64, the
+    BatchNorm averages moved by a train-mode pass."""
+    model, shape = {"volumes": (_Volumes(), (5, 5, 5, 1)), "images": (_Images(), (7, 7, 2))}[name]
+    xs = 2.0 * jax.random.normal(jax.random.key(3), (N, *shape), jnp.float64)
+    variables = jax.tree.map(lambda a: a.astype(jnp.float64), jax.jit(model.init)(jax.random.key(4), xs))
+    batch_stats = variables.get("batch_stats", {})
+    if batch_stats:
+        update = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1]["batch_stats"])
+        batch_stats = update(variables, 3.0 * xs + 1.0)
+    params = variables["params"]
+    apply_fn = inference_apply(model, batch_stats)
+    grad = jax.jit(jax.grad(lambda p, x: entropy_loss(apply_fn(p, x[None]).logits[0])))
+    return example_loss(apply_fn, entropy_loss), params, xs, [grad(params, x) for x in xs]
+
+
+def _layer_of(path) -> str:
+    return path[0].key
+
+
+def _conv_and_bn(params):
+    """A callable subset: the parameters of the layers "conv" and "bn"."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _layer_of(path) in ("conv", "bn"), params)
+
+
+@pytest.mark.parametrize("name, ghost_layers, subset", [
+    ("volumes", {"bn", "head"}, _conv_and_bn),
+    ("images", {"gn", "conv2", "head"}, "weights")])
+def test_mixed_engine_equals_batch_size_one_loop(name, ghost_layers, subset):
+    """Some layers by ghost factors, the others by vmap, in one pass: the norms of the per-example loop,
+    for both reductions, every parameter or a subset (a callable mask over two layers; weights only)."""
+    loss_fn, params, xs, grads = _mixed_setup(name)
+    layers = {_layer_of(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+    assert set(ghost_layers) < layers  # both engines in play
+    keep_subset = ((lambda path, leaf: _layer_of(path) in ("conv", "bn")) if callable(subset)
+                   else (lambda path, leaf: leaf.ndim > 1))
+    for subset, keep in {"all": (lambda path, leaf: True), subset: keep_subset}.items():
+        chosen = frozenset(ghost_layers) & gradnorm._wanted_layers(params, subset)
+        for norm in gradnorm.NORMS:
+            got = per_example_grad_norms(loss_fn, params, xs, norm=norm, params_filter=subset, method="mixed",
+                                         ghost_layers=chosen, chunk_size=3)
+            np.testing.assert_allclose(got, _hand_norms(grads, norm, keep), rtol=RTOL, err_msg=f"{subset} {norm}")
+
+
+def test_mixed_engine_refuses_layers_it_cannot_score():
+    loss_fn, params, xs, _ = _mixed_setup("volumes")
+    for ghost_layers, message in [({"nowhere"}, "nowhere"), ("head", "collection of layer paths")]:
+        with pytest.raises(ValueError, match=message):
+            per_example_grad_norms(loss_fn, params, xs, method="mixed", ghost_layers=ghost_layers)
+    with pytest.raises(ValueError, match="ghost_layers"):  # a selected layer only: "conv" is not in "last_layer"
+        per_example_grad_norms(loss_fn, params, xs, method="mixed", params_filter="last_layer",
+                               ghost_layers={"conv"})
+    with pytest.raises(ValueError, match="method='mixed'"):
+        per_example_grad_norms(loss_fn, params, xs, method="vmap", ghost_layers={"head"})
+    with pytest.raises(ValueError, match="inside a jitted function needs ghost_layers"):  # choosing compiles
+        jax.jit(lambda p: per_example_grad_norms(loss_fn, p, xs, method="mixed"))(params)
+
+
+def test_layer_choice_and_budget_follow_xla_memory():
+    """Each layer gets the engine with which XLA gives the program fewer temporary bytes per example (the
+    dense head: ghost factors, 500 + 4 values, instead of its 500 x 4 per-example kernel gradient; the
+    convolution over 125 voxels: vmap, 27 x 4, instead of 125 x 27 patches). Combined, the mixed program
+    needs fewer
+    bytes per example than either engine, so a budget that fits 3 of its examples gives mixed the larger
+    chunk; its norms are the loop's."""
+    loss_fn, params, xs, grads = _mixed_setup("volumes")
+    costs = gradnorm.layer_costs(loss_fn, params, xs)
+    assert list(costs) == ["conv", "bn", "head"]  # the forward pass' order
+    for layer, cost in costs.items():
+        assert cost.engine == ("ghost" if cost.ghost < cost.vmap else "vmap"), (layer, cost)
+    assert costs["head"].ghost < costs["head"].vmap and costs["conv"].vmap < costs["conv"].ghost, costs
+    ghost_layers = gradnorm.mixed_ghost_layers(costs)
+    budget = gradnorm.compiled_temp_bytes(loss_fn, params, xs[:3], "mixed", ghost_layers=ghost_layers)
+    choice = gradnorm.choose_engine(loss_fn, params, xs, budget, methods=("vmap", "ghost", "mixed"), max_chunk=3)
+    assert (choice.method, choice.chunk_size, choice.fits, choice.ghost_layers) == ("mixed", 3, True, ghost_layers)
+    assert choice.layers == costs and max(choice.engines["vmap"][2], choice.engines["ghost"][2]) < 3, choice
+    assert f"mixed: {gradnorm.describe_assignment(costs)}" in choice.describe() and "ghost for " in choice.describe()
+    got = per_example_grad_norms(loss_fn, params, xs, method="mixed", ghost_layers=choice.ghost_layers,
+                                 chunk_size=choice.chunk_size)
+    np.testing.assert_allclose(got, _hand_norms(grads, "global"), rtol=RTOL)

@@ -137,7 +137,7 @@ def test_map_chunks_drops_padding_and_returns_local_arrays():
 def test_sharded_scoring_never_gathers_the_pool(trained):
     """Each device scores its own part of a chunk: the compiled program gathers only the scores."""
     model, _, state = trained
-    static = (model, Classification(10), "ent_gn", "layer_sum", "all", "ghost")
+    static = (model, Classification(10), "ent_gn", "layer_sum", "all", "ghost", None)
     chunk = parallel.shard_batch(jnp.zeros((32, 8, 8, 1)), MESH)
     variables = parallel.replicate(model_variables(state), MESH)
     hlo = parallel._compiled(gradient._query_norms, parallel.replicated(MESH)).lower(static, variables, chunk)

@@ -46,6 +46,10 @@ def check_options(config: Config) -> None:
         raise ValueError(f"unknown --gradnorm.norm {options.norm!r}; choose one of: {', '.join(gradnorm.NORMS)}")
     if options.params not in PARAM_SUBSETS:
         raise ValueError(f"unknown --gradnorm.params {options.params!r}; choose one of: {', '.join(PARAM_SUBSETS)}")
+    if options.method == "mixed":  # its layers come from compiling programs: what the budget's choice does
+        raise ValueError("--gradnorm.method mixed: the mixed engine (each layer by vmap or ghost) is chosen from XLA's "
+                         "memory analysis with --gradnorm.memory_budget_mib M (a large M takes the engine with the "
+                         f"fewest bytes per example); --gradnorm.method is one of: {', '.join(gradnorm.METHODS)}")
     if options.method not in gradnorm.METHODS:
         raise ValueError(f"unknown --gradnorm.method {options.method!r}; choose one of: "
                          f"{', '.join(gradnorm.METHODS)}")
@@ -56,11 +60,11 @@ def check_options(config: Config) -> None:
 
 
 def _query_norms(static, variables, xs):
-    model, task, loss_name, norm, subset, method = static
+    model, task, loss_name, norm, subset, method, ghost_layers = static
     loss = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]),
                                  getattr(task, QUERY_LOSSES[loss_name]))
     return gradnorm.per_example_grad_norms(loss, variables["params"], xs, norm=norm, params_filter=subset,
-                                           method=method)
+                                           method=method, ghost_layers=ghost_layers)
 
 
 def _expected_gradient_length(static, variables, xs):
@@ -91,16 +95,17 @@ _ENGINE_CHOICES: dict = {}
 
 def budget_engine(model, task, loss_name: str, options, variables: dict, examples) -> gradnorm.EngineChoice:
     """With `--gradnorm.memory_budget_mib`: the engine and chunk size that XLA's memory analysis allows
-    (`gradnorm.choose_engine` between vmap and the ghost engine of `--gradnorm.method`, or vmap alone where
-    the ghost engine does not know the model's layers), decided once per model, loss, options and example
-    shape (the compiled programs depend on nothing else), so the run header and every cycle agree."""
+    (`gradnorm.choose_engine` among vmap, the ghost engine of `--gradnorm.method` (left out where it does
+    not know every selected layer) and the mixed engine, each layer by the engine XLA finds smaller for it),
+    decided once per model, loss, options and example shape (the compiled programs depend on nothing
+    else), so the run header and every cycle agree."""
     key = (model, task, loss_name, options, examples.shape[1:], str(examples.dtype))
     if key not in _ENGINE_CHOICES:
         loss = gradnorm.example_loss(inference_apply(model, variables["batch_stats"]),
                                      getattr(task, QUERY_LOSSES[loss_name]))
         ghost = "auto" if options.method == "auto" else "ghost"
         layerwise = gradnorm.ghost_or_vmap(loss, variables["params"], examples[:1], options.params, ghost)
-        methods = ("vmap",) if layerwise == "vmap" else ("vmap", layerwise)
+        methods = ("vmap", "mixed") if layerwise == "vmap" else ("vmap", layerwise, "mixed")
         _ENGINE_CHOICES[key] = gradnorm.choose_engine(
             loss, variables["params"], examples[:1], options.memory_budget_mib * 2**20, methods=methods,
             max_chunk=options.chunk_size, norm=options.norm, params_filter=options.params)
@@ -114,9 +119,10 @@ def query_gradient_norms(ctx: StrategyContext, loss_name: str) -> jax.Array:
     if options.memory_budget_mib > 0:
         choice = budget_engine(ctx.model, ctx.task, loss_name, options, ctx.variables, ctx.pool_x)
         method, chunk_size = choice.method, choice.chunk_size
+        ghost_layers = choice.ghost_layers if method == "mixed" else None
     else:
-        method, chunk_size = engine_method(ctx, loss, ctx.pool_x), options.chunk_size
-    static = (ctx.model, ctx.task, loss_name, options.norm, options.params, method)
+        method, chunk_size, ghost_layers = engine_method(ctx, loss, ctx.pool_x), options.chunk_size, None
+    static = (ctx.model, ctx.task, loss_name, options.norm, options.params, method, ghost_layers)
     return map_chunks(_query_norms, static, ctx.variables, ctx.pool_x, chunk_size=chunk_size, mesh=ctx.mesh)
 
 
