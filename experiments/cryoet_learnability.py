@@ -11,6 +11,14 @@ makes it only nearly invariant), trained on the same volumes.
 
     python experiments/cryoet_learnability.py --snr none,0.5,0.1 --train 500 --epochs 30 --every 5
     python experiments/cryoet_learnability.py --preset cryoet_simulated_cpu --snr none --train 200 --epochs 8 --every 1
+    python experiments/cryoet_learnability.py --preset cryoet_simulated_cpu --snr 0.1 --train 120 --epochs 16 \
+        --every 2 --diagnose     # why the test accuracy falls back to exactly 1/classes (README, "Volumes")
+
+`--diagnose` adds, after each block: the share of test volumes given the most frequent class; the spread of
+the mean logit over classes against the standard deviation of the logits across test volumes (a network
+that puts every volume in one class has the first much larger than the second); and, for a model with
+BatchNorm, the test accuracy with the BatchNorm statistics recomputed on all training volumes with the
+final weights (population statistics in place of the running averages, which lag the weights).
 """
 
 from __future__ import annotations
@@ -27,6 +35,24 @@ from jaxal.data import load_dataset
 from jaxal.loop import train_options
 from jaxal.models import adapt, create_model
 from jaxal.train import create_train_state, evaluate, model_variables, train_model
+
+
+def diagnosis(model, variables, data, task) -> str:
+    """One line: how concentrated the test predictions are, and what population BatchNorm statistics change."""
+    logits = np.concatenate([np.asarray(model.apply(variables, data.x_test[i:i + 100]).logits)
+                             for i in range(0, len(data.x_test), 100)])
+    share = np.bincount(logits.argmax(1), minlength=logits.shape[1]).max() / len(logits)
+    line = (f"most frequent test class {100 * share:.0f}%, mean-logit spread over classes "
+            f"{np.ptp(logits.mean(0)):.2f} vs logit std across volumes {logits.std(0).mean():.2f}")
+    if variables.get("batch_stats"):
+        # Statistics of ONE batch holding every training volume: BatchNorm precedes the dropout, so the
+        # dropout rng changes nothing in them.
+        _, updated = model.apply(variables, data.x_train, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.key(0)})
+        population = {**variables, "batch_stats": updated["batch_stats"]}
+        accuracy = evaluate(model, population, data.x_test, data.y_test, task, 100)["accuracy"]
+        line += f"; test accuracy with population BatchNorm statistics {100 * accuracy:.1f}%"
+    return line
 
 
 def radial_power_spectrum(x: np.ndarray) -> np.ndarray:
@@ -75,6 +101,8 @@ def curve(snr: str, args) -> list[tuple[int, float, float, float]]:
         rows.append(((block + 1) * args.every, accuracy, metrics["loss"], time.perf_counter() - start))
         print(f"  snr {snr}: epoch {rows[-1][0]:3d}  test accuracy {100 * accuracy:5.1f}%  "
               f"train loss {metrics['loss']:.3f}  {rows[-1][3]:6.0f} s", flush=True)
+        if args.diagnose:
+            print(f"      {diagnosis(model, model_variables(state), data, task)}", flush=True)
     return rows
 
 
@@ -95,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer", default=None, help="sgd or adam")
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--diagnose", action="store_true", help="why the accuracy sits at 1/classes (docstring)")
     args = parser.parse_args(argv)
     print(f"{args.size}^3, {args.train} training volumes all labelled, {args.test} test; {args}", flush=True)
     wall, cpu = time.perf_counter(), time.process_time()

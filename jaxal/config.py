@@ -492,12 +492,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the mean over the last stage's voxels in place of the flatten), Adam (lr 1e-3, no weight decay), dropout
     # 0.5 (BALD's MC dropout needs some), batch 8, 6 epochs per cycle, warm start; noise-free volumes (the SNR
     # where this CNN measurably leaves chance on this CPU); 400 in the pool (100 random candidates scored per
-    # cycle), 200 in the test set; 40 initial, +40 per cycle to 120; 1 trial.
+    # cycle), 200 in the test set; 40 initial, +40 per cycle to 120; 3 trials.
     #   python -m jaxal.run --preset cryoet_simulated_cpu --strategy ent_gn,random
     "cryoet_simulated_cpu": dict(strategy="ent_gn", dataset="subtomograms_simulated:size=24,snr=none,train=400,"
                                  "test=200", model="dsrf3d_half_cpu", dropout=0.5, optimizer="adam", lr=1e-3,
                                  momentum=0.9, weight_decay=0.0, lr_milestones=(), initial_size=40, budget=40,
-                                 cycles=3, trials=1, subset_size=100, epochs=6, batch_size=8, warm_start=True,
+                                 cycles=3, trials=3, subset_size=100, epochs=6, batch_size=8, warm_start=True,
                                  eval_batch_size=50, bald_samples=10, gradnorm=dict(method="vmap", chunk_size=16)),
 }
 # The preset of a run that names none: digits_quick, or camvid_segnet for --task segmentation.
