@@ -7,7 +7,7 @@ Runs (or resumes) `jaxal.loop` in each --workdir (one per process: strategies ca
 and their records merged here), then writes the table (mean +- std of the test accuracy over the trials,
 per strategy and labelled-set size; mean selection seconds per cycle; wall time) to
 `experiments/cryoet_simulated.md`, the curve to `experiments/cryoet_simulated.png` and the records to
-`experiments/cryoet_simulated.csv`.
+`experiments/cryoet_simulated.csv` (`--output NAME`: experiments/NAME.md, .png, .csv).
 
     python experiments/cryoet_simulated.py                       # the preset as it is: 3 trials, 100 -> 500
     python experiments/cryoet_simulated.py --preset cryoet_simulated_cpu --strategy bald --workdir runs/cpu_d
@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--strategy", default=STRATEGIES)
     parser.add_argument("--override", nargs="*", default=[], help="config fields as key=value")
     parser.add_argument("--summary-only", action="store_true", help="summarise existing runs; train nothing")
+    parser.add_argument("--output", default="cryoet_simulated",
+                        help="name of the table, figure and records written into experiments/ (.md, .png, .csv)")
     args = parser.parse_args(argv)
     workdirs = [Path(w) for w in args.workdir.split(",")]
     if not args.summary_only:
@@ -108,20 +110,20 @@ def main(argv=None) -> int:
 
     text = table(records)
     print(text)
-    plot(HERE / "cryoet_simulated.png", records, title)
+    plot(HERE / f"{args.output}.png", records, title)
     fields = ["strategy", "trial", "cycle", "num_labeled", "test_accuracy", "selection_seconds", "train_seconds"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)
-    (HERE / "cryoet_simulated.csv").write_text(buffer.getvalue())
+    (HERE / f"{args.output}.csv").write_text(buffer.getvalue())
     command = " ".join(["python experiments/cryoet_simulated.py", *(sys.argv[1:] if argv is None else argv)])
-    (HERE / "cryoet_simulated.md").write_text(
+    (HERE / f"{args.output}.md").write_text(
         f"# Simulated subtomograms: accuracy vs labelled volumes, CPU size ({title})\n\n"
         f"`{command}`\n\n" + text
         + (f"\nWall / CPU seconds per run folder (one process each, side by side on a shared 2-core machine): "
            f"{', '.join(f'{name} {wall} / {cpu}' for name, wall, cpu in seconds)}.\n" if seconds else "")
-        + "\n![learning curve](cryoet_simulated.png)\n")
+        + f"\n![learning curve]({args.output}.png)\n")
     return 0
 
 
